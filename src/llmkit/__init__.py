@@ -1,0 +1,34 @@
+"""llmkit: the whole LLM lifecycle in one readable package.
+
+The public Python API; heavy modules are imported lazily so `import llmkit` is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "ModelConfig": "llmkit.model.config",
+    "Transformer": "llmkit.model.transformer",
+    "BertModel": "llmkit.model.bert",
+    "load_model": "llmkit.model.hf",
+    "load_tokenizer": "llmkit.tokenizer",
+    "Tokenizer": "llmkit.tokenizer",
+    "embed": "llmkit.model.embed",
+    "generate": "llmkit.infer.generate",
+    "generate_text": "llmkit.infer.generate",
+    "SamplingParams": "llmkit.infer.sampling",
+    "LlmkitError": "llmkit.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llmkit' has no attribute {name!r}")
