@@ -1,0 +1,88 @@
+"""Position encodings: RoPE (with linear / dynamic-NTK / llama3 scaling), ALiBi, sinusoidal."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmkit.errors import ConfigError
+from llmkit.model.config import ModelConfig
+
+# ---------------------------------------------------------------- RoPE (Su et al., 2021)
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] for RoPE, after `rope_scaling` (computed in float32)."""
+    d = cfg.head_dim
+    base = cfg.rope_theta
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "dynamic":  # NTK-aware: grow the base once the sequence exceeds the trained length
+        orig = sc.get("original_max_position_embeddings") or cfg.block_size
+        factor = sc["factor"]
+        if seq_len is not None and seq_len > orig:
+            base = base * ((factor * seq_len / orig) - (factor - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if kind in ("default", "dynamic"):
+        return inv_freq
+    if kind == "linear":  # position interpolation: positions / factor
+        return inv_freq / sc["factor"]
+    if kind == "llama3":  # frequency-dependent interpolation (Llama 3.1)
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_len = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ConfigError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, dynamic, llama3")
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape [B, 1, T, head_dim] for positions [B, T] (rotate-half layout)."""
+    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].to(position_ids.device)  # [B,T,D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B,1,T,D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, T, D] by the angles in cos/sin (halves layout, as Hugging Face stores weights)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---------------------------------------------------------------- ALiBi (Press et al., 2022)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head slopes: a geometric sequence 2^(-8/n), interleaved for non-powers of two."""
+
+    def pow2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        return torch.tensor(pow2(n_head))
+    closest = 2 ** math.floor(math.log2(n_head))
+    return torch.tensor(pow2(closest) + pow2(2 * closest)[0::2][: n_head - closest])
+
+
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Additive bias [B, H, T, S] = -slope * (q_pos - k_pos); q_pos [B,T], k_pos [B,S]."""
+    dist = (q_pos[:, :, None] - k_pos[:, None, :]).float()  # [B,T,S]
+    return -slopes.to(dist.device)[None, :, None, None] * dist[:, None]
+
+
+# ---------------------------------------------------------------- sinusoidal (Vaswani et al., 2017)
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...); shape [n_pos, dim]."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(n_pos, dim)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
+    return pe

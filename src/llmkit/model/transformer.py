@@ -1,0 +1,303 @@
+"""The decoder-only Transformer behind every causal-LM family (GPT-2, Llama, Qwen2, Mistral, Mixtral).
+
+One block = pre-norm attention + pre-norm MLP (dense SwiGLU/GELU or sparse MoE). q, k and v come
+from one fused projection and SwiGLU's gate and up from another: fewer, larger matmuls are faster
+in training and decoding alike; `hf.py` splits/concatenates them to and from Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmkit.errors import InputError
+from llmkit.model.config import ModelConfig
+from llmkit.model.masks import build_attn_mask
+from llmkit.model.positions import alibi_bias, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, cfg.norm_eps)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with grouped KV heads (MHA: n_kv_head = n_head, MQA: 1, else GQA)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_out_bias)
+        self.window = cfg.window_for_layer(layer_idx)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, C]
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,  # [B, 1, T, S] bool (True = attend) or float (additive), None = causal
+        kv_cache: Any = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
+        k = k.view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if cos_sin is not None:
+            q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # [B, nkv, S, hd]
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=nkv != nh,
+        )  # [B, nh, T, hd]
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer, 2020): down(act(gate(x)) * up(x)); or the classic fc -> act -> proj."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.act = ACTIVATIONS[cfg.activation]
+        width = 2 * cfg.intermediate_size if self.swiglu else cfg.intermediate_size
+        self.fc = nn.Linear(cfg.n_embd, width, bias=cfg.mlp_bias)  # SwiGLU: [gate; up] fused
+        self.proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(self.act(gate) * up)
+        return self.proj(self.act(h))
+
+
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts SwiGLU MLP with top-k routing (Shazeer et al., 2017; Mixtral).
+
+    Each token goes to its k highest-scoring experts, mixed with the renormalised softmax weights.
+    `stats` keeps what the Switch-Transformer load-balancing loss needs (Fedus et al., 2021).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, C, inter = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
+        self.n_expert, self.top_k = E, cfg.n_expert_per_tok
+        self.act = ACTIVATIONS[cfg.activation]
+        self.router = nn.Linear(C, E, bias=False)
+        self.w_fc = nn.Parameter(torch.empty(E, 2 * inter, C))  # per expert [gate; up]
+        self.w_proj = nn.Parameter(torch.empty(E, C, inter))
+        self.stats: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        xf = x.reshape(-1, C)  # [N, C]
+        probs = F.softmax(self.router(xf).float(), dim=-1)  # [N, E]
+        top_w, top_i = probs.topk(self.top_k, dim=-1)  # [N, k]
+        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(xf)
+        counts = torch.bincount(top_i.flatten(), minlength=self.n_expert)
+        for e in counts.nonzero().flatten().tolist():
+            tok, slot = (top_i == e).nonzero(as_tuple=True)
+            gate, up = (xf[tok] @ self.w_fc[e].T).chunk(2, dim=-1)
+            h = (self.act(gate) * up) @ self.w_proj[e].T
+            out.index_add_(0, tok, h * top_w[tok, slot, None])
+        self.stats = (counts.float(), probs.sum(0), xf.shape[0])
+        return out.view(B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MoE(cfg) if cfg.n_expert > 0 else MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos_sin, mask, kv_cache=None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), cos_sin, mask, kv_cache))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: `model(input_ids) -> logits [B, T, vocab]`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        if cfg.model_type == "bert":
+            raise InputError("model_type 'bert' is an encoder: build llmkit.model.bert.BertModel instead")
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.check_inputs = True  # range-check token ids each forward (one tiny host sync)
+        self.aux_loss = torch.zeros(())
+        self.init_buffers()
+        if self.wte.weight.device.type != "meta":
+            self.apply(self._init_weights)
+
+    # ------------------------------------------------------------------ set-up
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the non-learned tables: RoPE frequencies, ALiBi slopes, sinusoids."""
+        cfg = self.config
+        device = torch.device(device) if device is not None else self.wte.weight.device
+        with torch.device("cpu"):  # also when built under a meta-device context (the loader)
+            inv_freq = rope_inv_freq(cfg) if cfg.pos == "rope" else None
+            slopes = alibi_slopes(cfg.n_head) if cfg.pos == "alibi" else None
+            pe = sinusoidal_table(cfg.block_size, cfg.n_embd) if cfg.pos == "sinusoidal" else None
+        for name, t in (("inv_freq", inv_freq), ("alibi_slopes", slopes), ("pe", pe)):
+            self.register_buffer(name, None if t is None or device.type == "meta" else t.to(device), False)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        if isinstance(module, MoE):
+            nn.init.normal_(module.w_fc, 0.0, std)
+            nn.init.normal_(module.w_proj, 0.0, std / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, Block):  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            nn.init.normal_(module.attn.proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            if isinstance(module.mlp, MLP):
+                nn.init.normal_(module.mlp.proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor | None = None,  # [B, S] 1 = token, 0 = padding (S = past + T)
+        position_ids: torch.Tensor | None = None,  # [B, T]
+        kv_cache: Any = None,
+        attn_mask: torch.Tensor | None = None,  # [B, 1, T, S] bool, overrides the built mask
+        num_logits_to_keep: int = 0,  # > 0: only the last positions' logits (generation)
+    ) -> torch.Tensor:
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be 2-D [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if self.check_inputs and input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            if int(lo) < 0 or int(hi) >= cfg.vocab_size:
+                raise InputError(f"token ids must be in [0, {cfg.vocab_size}), got min {int(lo)}, max {int(hi)}")
+        past = kv_cache.get_seq_length() if kv_cache is not None and hasattr(kv_cache, "get_seq_length") else 0
+        S = past + T
+        if position_ids is None:
+            position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
+
+        x = self.wte(input_ids)  # [B, T, C]
+        if self.wpe is not None or self.pe is not None:
+            if self.check_inputs and int(position_ids.max()) >= cfg.block_size:
+                raise InputError(f"sequence of {int(position_ids.max()) + 1} positions exceeds the context "
+                                 f"length block_size={cfg.block_size} of this model")
+            x = x + (self.wpe(position_ids) if self.wpe is not None else self.pe[position_ids].to(x.dtype))
+        x = self.drop(x)
+
+        cos_sin = None
+        if self.inv_freq is not None:
+            inv_freq = self.inv_freq
+            if (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type")) == "dynamic":
+                inv_freq = rope_inv_freq(cfg, seq_len=int(position_ids.max()) + 1).to(x.device)
+            cos_sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
+
+        masks = self._masks(attention_mask, attn_mask, B, T, S, x)
+        for block in self.blocks:
+            x = block(x, cos_sin, masks[block.attn.window], kv_cache)
+        x = self.ln_f(x)
+        if num_logits_to_keep:
+            x = x[:, -num_logits_to_keep:]
+        logits = self.lm_head(x)
+        if cfg.n_expert > 0:
+            self.aux_loss = self._load_balancing_loss()
+        return logits
+
+    def _masks(self, attention_mask, attn_mask, B, T, S, x) -> dict[int | None, torch.Tensor | None]:
+        """One mask per distinct sliding window; None where plain causal attention is exact."""
+        out: dict[int | None, torch.Tensor | None] = {}
+        for w in {blk.attn.window for blk in self.blocks}:
+            if attn_mask is not None:
+                m = attn_mask
+            elif attention_mask is None and self.alibi_slopes is None and (w is None or S <= w) and (T == 1 or T == S):
+                out[w] = None
+                continue
+            else:
+                m = build_attn_mask(attention_mask, T, S, w, device=x.device, batch_size=B)
+            if self.alibi_slopes is not None:
+                q_pos = torch.arange(S - T, S, device=x.device)[None]
+                k_pos = torch.arange(S, device=x.device)[None]
+                bias = alibi_bias(self.alibi_slopes, q_pos, k_pos).to(x.dtype)  # [1, H, T, S]
+                m = bias.masked_fill(~m, float("-inf"))
+            out[w] = m
+        return out
+
+    def _load_balancing_loss(self) -> torch.Tensor:
+        """Switch-Transformer auxiliary loss E * sum_e f_e * P_e over all MoE layers (unscaled)."""
+        stats = [blk.mlp.stats for blk in self.blocks if isinstance(blk.mlp, MoE) and blk.mlp.stats]
+        counts = sum(s[0] for s in stats)
+        probs = sum(s[1] for s in stats)
+        rows = sum(s[2] for s in stats)
+        return self.config.n_expert * torch.sum((counts / rows) * (probs / rows))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
+        """Write a Hugging Face folder (config.json + safetensors) atomically."""
+        from llmkit.model.hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str | None = None):
+        from llmkit.model.hf import load_model
+
+        return load_model(path, dtype=dtype, device=device)
