@@ -19,6 +19,7 @@ _LAZY = {
     "load_tokenizer": "llmkit.tokenizer",
     "Tokenizer": "llmkit.tokenizer",
     "embed": "llmkit.model.embed",
+    "load_llama2c": "llmkit.model.llama2c",
     "generate": "llmkit.infer.generate",
     "generate_text": "llmkit.infer.generate",
     "SamplingParams": "llmkit.infer.sampling",
