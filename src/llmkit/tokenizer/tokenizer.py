@@ -1,0 +1,281 @@
+"""`Tokenizer`: a Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json) in llmkit.
+
+The `tokenizers` library does the encoding; this class adds what a folder's config files say:
+special tokens, the chat template, stop ids. Ids equal `transformers.AutoTokenizer` on the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from llmkit.errors import CheckpointError, InputError
+from llmkit.tokenizer.chat_template import render_chat_template
+from llmkit.tokenizer.class_rules import apply_class_rules
+
+# Named special tokens a tokenizer_config.json may define; all are passed to chat templates.
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# End-of-turn tokens of common chat formats: stop ids when the chat template uses them.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or a serialised AddedToken."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _clean_up_tokenization(text: str) -> str:
+    # The same replacements as transformers' `clean_up_tokenization` (used when a config asks for it).
+    return (
+        text.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
+    )
+
+
+class Tokenizer:
+    """A text <-> token-id codec with special tokens and a chat template.
+
+    `vocab_size` counts added tokens too (it is the embedding size a model needs, `len(hf_tokenizer)`).
+    """
+
+    def __init__(
+        self,
+        backend: _HFTokenizer,
+        config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+        extra_eos_token_ids: list[int] | None = None,
+    ):
+        self.backend = backend
+        # transformers turns off the padding / truncation a tokenizer.json may carry; so do we.
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.config: dict[str, Any] = dict(config or {})
+        self.chat_template = chat_template
+        self.special_tokens: dict[str, str] = {}
+        for key in SPECIAL_TOKEN_KEYS:
+            tok = _token_content(self.config.get(key))
+            if tok is not None:
+                self.special_tokens[key] = tok
+        self._extra_eos = list(extra_eos_token_ids or [])
+
+    # ---- special tokens ---------------------------------------------------------------------
+    def _special_id(self, key: str) -> int | None:
+        tok = self.special_tokens.get(key)
+        return None if tok is None else self.backend.token_to_id(tok)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._special_id("unk_token")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a generation: eos, generation_config eos ids, the chat end-of-turn token."""
+        ids: list[int] = []
+        candidates = [self.eos_token_id, *self._extra_eos]
+        for tok in END_OF_TURN_TOKENS:
+            if self.chat_template and tok in self.chat_template:
+                candidates.append(self.backend.token_to_id(tok))
+        for i in candidates:
+            if i is not None and i not in ids:
+                ids.append(i)
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # ---- encode / decode ---------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (with the post-processor's special tokens, e.g. BOS, when asked)."""
+        if not isinstance(text, str):
+            raise InputError(f"encode expects a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of many texts, encoded in parallel by the `tokenizers` library."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise InputError("encode_batch expects a list of str")
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def pad(
+        self, batch: list[list[int]], padding_side: str = "right", pad_to: int | None = None
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Pad id lists to one length; returns (input_ids, attention_mask) like a HF tokenizer call."""
+        if padding_side not in ("left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        pad_id = self.pad_token_id
+        if pad_id is None:
+            raise InputError("this tokenizer has no pad_token; set one in tokenizer_config.json to pad batches")
+        length = max([len(x) for x in batch] + [pad_to or 0])
+        ids, mask = [], []
+        for x in batch:
+            n = length - len(x)
+            if padding_side == "right":
+                ids.append(list(x) + [pad_id] * n)
+                mask.append([1] * len(x) + [0] * n)
+            else:
+                ids.append([pad_id] * n + list(x))
+                mask.append([0] * n + [1] * len(x))
+        return ids, mask
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`."""
+        if hasattr(ids, "tolist"):  # a tensor or numpy array
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InputError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self.config.get("clean_up_tokenization_spaces"):
+            text = _clean_up_tokenization(text)
+        return text
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(int(i))
+
+    def token_to_id(self, s: str) -> int | None:
+        return self.backend.token_to_id(s)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    # ---- chat ------------------------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render `messages` with the chat template; token ids (no extra specials) when `tokenize`."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise InputError(
+                "this tokenizer has no chat_template (tokenizer_config.json 'chat_template' or "
+                "chat_template.jinja); pass chat_template=... or use llmkit's ChatML default"
+            )
+        text = render_chat_template(
+            template, messages, add_generation_prompt=add_generation_prompt, **{**self.special_tokens, **kwargs}
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    # ---- save ------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tokenizer.json + tokenizer_config.json (atomically, file by file) into folder `path`."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(out / "tokenizer.json", self.backend.to_str(pretty=True))
+        config = {k: v for k, v in self.config.items() if k not in ("chat_template",)}
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        config.update(self.special_tokens)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        _atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        if (out / "chat_template.jinja").exists():
+            # A stale template file would shadow the one we just wrote into the config.
+            os.unlink(out / "chat_template.jinja")
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos={self.special_tokens.get('bos_token')!r}, "
+            f"eos={self.special_tokens.get('eos_token')!r}, chat_template={self.chat_template is not None})"
+        )
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer from a Hugging Face folder (tokenizer.json required) or a tokenizer.json file."""
+    p = Path(path)
+    if p.is_file() and p.name.endswith(".json"):
+        folder, tok_file = p.parent, p
+    else:
+        folder, tok_file = p, p / "tokenizer.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"tokenizer folder {folder} does not exist; expected a folder with tokenizer.json")
+    if not tok_file.is_file():
+        raise CheckpointError(
+            f"{folder} has no tokenizer.json; expected a Hugging Face fast-tokenizer file "
+            f"(train one with `llmkit tokenizer train`)"
+        )
+    tok_json = _read_json(tok_file)  # a clear error for corrupt JSON before the Rust parser's terse one
+    try:
+        backend = _HFTokenizer.from_file(str(tok_file))
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise CheckpointError(f"{tok_file} is not a valid tokenizer.json: {e}") from None
+
+    config: dict[str, Any] = {}
+    if (folder / "special_tokens_map.json").is_file():
+        config.update(_read_json(folder / "special_tokens_map.json"))
+    if (folder / "tokenizer_config.json").is_file():
+        config.update(_read_json(folder / "tokenizer_config.json"))
+
+    apply_class_rules(backend, config, tok_json)
+
+    chat_template = config.get("chat_template")
+    if isinstance(chat_template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
+        chat_template = named.get("default")
+    if (folder / "chat_template.jinja").is_file():  # transformers >= 4.43 saves it beside the config
+        chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+
+    extra_eos: list[int] = []
+    if (folder / "generation_config.json").is_file():
+        eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        extra_eos = [eos] if isinstance(eos, int) else [int(i) for i in eos or []]
+    return Tokenizer(backend, config, chat_template=chat_template, extra_eos_token_ids=extra_eos)
