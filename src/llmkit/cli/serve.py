@@ -1,0 +1,50 @@
+"""`llmkit serve`: an OpenAI-compatible server (completions, chat, embeddings, metrics, web chat)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model folder over an OpenAI-compatible API with continuous batching. "
+        "Example: llmkit serve --model out/my-model --port 8000",
+    )
+    p.add_argument("--model", required=True, help="model folder (Hugging Face or llmkit format, with tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LLMKIT_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name)")
+    p.add_argument("--embedding-model", default=None, help="encoder folder for /v1/embeddings")
+    p.add_argument("--embedding-model-name", default=None, help="id of the embedding model (default: folder name)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="max concurrent sequences in the running batch")
+    p.add_argument("--max-queue", type=int, default=64, help="max queued requests before answering 429")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--max-tokens", type=int, default=None, help="max tokens one request may generate")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is cut off")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmkit.serve import load_state, serve
+
+    state = load_state(
+        args.model,
+        embedding_model=args.embedding_model,
+        served_model_name=args.served_model_name,
+        embedding_model_name=args.embedding_model_name,
+        api_key=args.api_key,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_seq_len=args.max_seq_len,
+        max_tokens=args.max_tokens,
+        request_timeout=args.request_timeout,
+        device=args.device,
+    )
+    print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
+    serve(state, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,174 @@
+"""`POST /v1/chat/completions`: messages rendered with the model's chat template, streamed or not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from llmkit.serve.errors import APIError
+from llmkit.serve.protocol import ChatCompletionRequest
+from llmkit.serve.sequences import (
+    EventStreamResponse,
+    SequenceState,
+    merged_events,
+    observe_all,
+    raise_if_unfinished,
+    record,
+    submit_all,
+)
+from llmkit.serve.sse import DONE, sse, sse_error
+from llmkit.serve.state import ServerState, check_logit_bias, new_id, sampling_params
+
+router = APIRouter()
+
+
+def render_messages(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    """Prompt token ids: the conversation through the chat template, with the assistant turn opened."""
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return state.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _check_response_format(body: ChatCompletionRequest) -> None:
+    # OpenAI's rule for JSON mode: the conversation itself must ask for JSON.
+    if body.response_format is not None and body.response_format.type == "json_object":
+        if not any("json" in m.text().lower() for m in body.messages):
+            raise APIError(
+                "response_format json_object requires the word 'JSON' in some message "
+                "(instruct the model to produce JSON)",
+                400,
+                param="response_format",
+            )
+
+
+def _logprob_entry(
+    state: ServerState, tok: int, lp: float, top: list[tuple[int, float]] | None, top_n: int
+) -> dict[str, Any]:
+    def item(t: int, v: float) -> dict[str, Any]:
+        s = state.token_text(t)
+        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+
+    return {**item(tok, lp), "top_logprobs": [item(t, v) for t, v in (top or [])[:top_n]]}
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state: ServerState = request.app.state.llmkit
+    state.require_generator(body.model)
+    _check_response_format(body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError("top_logprobs requires logprobs=true", 400, param="top_logprobs")
+    check_logit_bias(body, state.tokenizer.vocab_size)
+    t_start = time.monotonic()
+    prompt_ids = render_messages(state, body)
+    requested = body.max_completion_tokens or body.max_tokens
+    max_tokens = state.check_context(len(prompt_ids), requested)
+    top_n = body.top_logprobs or 0
+    n = body.n
+    states = [SequenceState(index=j, prompt_ids=prompt_ids) for j in range(n)]
+    jobs = [(prompt_ids, sampling_params(body, max_tokens, top_n if body.logprobs else None, j)) for j in range(n)]
+    rid, created = new_id("chatcmpl"), int(time.time())
+    handles = submit_all(state.engine, jobs, rid)
+    state.metrics.prompt_tokens.inc(len(prompt_ids))
+    fingerprint = f"llmkit-{state.model_name}"[:64]
+
+    def usage() -> dict[str, int]:
+        gen = sum(len(s.token_ids) for s in states)
+        return {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": gen,
+            "total_tokens": len(prompt_ids) + gen,
+        }
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(index: int, delta: dict, logprobs: dict | None, finish: str | None) -> dict[str, Any]:
+            c = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": state.model_name,
+                "system_fingerprint": fingerprint,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            }
+            if include_usage:
+                c["usage"] = None
+            return c
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                for s in states:
+                    yield sse(chunk(s.index, {"role": "assistant", "content": ""}, None, None))
+                async with aclosing(merged_events(handles, request, state.deadline())) as events:
+                    async for i, ev in events:
+                        s = states[i]
+                        record(s, ev)
+                        lp = None
+                        if body.logprobs:
+                            lp = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs, top_n)]}
+                        if ev.text or lp is not None:
+                            yield sse(chunk(i, {"content": ev.text}, lp, None))
+                        if ev.finish_reason is not None:
+                            yield sse(chunk(i, {}, None, ev.finish_reason))
+                if include_usage:
+                    yield sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": state.model_name,
+                            "system_fingerprint": fingerprint,
+                            "choices": [],
+                            "usage": usage(),
+                        }
+                    )
+                yield DONE
+            except APIError as e:
+                yield sse_error(e.body())
+            except Exception as e:  # noqa: BLE001 - a stream must end with an error event, not a dead socket
+                yield sse_error(APIError(f"internal error: {e}", 500).body())
+            finally:
+                observe_all(state, states, t_start)
+
+        return EventStreamResponse(stream(), handles)
+
+    try:
+        async with aclosing(merged_events(handles, request, state.deadline())) as events:
+            async for i, ev in events:
+                record(states[i], ev)
+    finally:
+        observe_all(state, states, t_start)
+    await raise_if_unfinished(states, request)
+
+    choices = []
+    for s in states:
+        lp = None
+        if body.logprobs:
+            lp = {
+                "content": [
+                    _logprob_entry(state, t, v, top, top_n)
+                    for t, v, top in zip(s.token_ids, s.logprobs, s.top_logprobs)
+                ]
+            }
+        choices.append(
+            {
+                "index": s.index,
+                "message": {"role": "assistant", "content": s.text},
+                "logprobs": lp,
+                "finish_reason": s.finish_reason,
+            }
+        )
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": state.model_name,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+        "usage": usage(),
+    }

@@ -1,0 +1,64 @@
+"""Prometheus metrics of one server, in its own registry (several apps can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    """Request counts by status, queue depth, running sequences, token counters, latency histograms."""
+
+    def __init__(self, stats: Callable[[], dict] | None = None):
+        self.registry = CollectorRegistry()
+        self._stats = stats
+        r = self.registry
+        self.requests = Counter(
+            "llmkit_requests",
+            "HTTP API requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("llmkit_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("llmkit_generation_tokens", "Tokens generated", registry=r)
+        self.queue_depth = Gauge("llmkit_queue_depth", "Requests waiting for a batch slot", registry=r)
+        self.running = Gauge("llmkit_running_sequences", "Sequences in the running batch", registry=r)
+        self.ttft = Histogram(
+            "llmkit_time_to_first_token_seconds",
+            "Time from request to its first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "llmkit_time_per_output_token_seconds",
+            "Mean time between output tokens of a request",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "llmkit_e2e_request_latency_seconds",
+            "Time from request to its last token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def observe_sequence(self, t_start: float, t_first: float | None, t_end: float, n_tokens: int) -> None:
+        """Record one finished sequence: TTFT, TPOT (over tokens after the first), end-to-end latency."""
+        self.generation_tokens.inc(n_tokens)
+        self.e2e.observe(t_end - t_start)
+        if t_first is not None:
+            self.ttft.observe(t_first - t_start)
+            if n_tokens > 1:
+                self.tpot.observe((t_end - t_first) / (n_tokens - 1))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric, gauges refreshed from the engine."""
+        if self._stats is not None:
+            s = self._stats()
+            self.queue_depth.set(s.get("queued", 0))
+            self.running.set(s.get("running", 0))
+        return generate_latest(self.registry)

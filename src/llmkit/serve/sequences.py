@@ -1,0 +1,168 @@
+"""Run the sequences of one HTTP request on the engine and merge their token streams.
+
+One request can ask for several sequences (a list of prompts, `n` choices). They are
+submitted together, so they join the running batch together; their events arrive through
+one queue, tagged with the choice index. While waiting, the request watches for a client
+that went away and for its deadline, and in every case cancels what is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from llmkit.errors import InputError
+from llmkit.infer.engine import EngineClosedError, QueueFullError, RequestHandle, TokenEvent
+from llmkit.infer.sampling import SamplingParams
+from llmkit.serve.errors import APIError
+from llmkit.serve.sse import SSE_HEADERS
+
+POLL_S = 0.25  # how often a waiting request checks for a disconnect and its deadline
+
+
+@dataclass
+class SequenceState:
+    """What one choice produced so far, plus its timing for the metrics."""
+
+    index: int
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    t_first: float | None = None
+    t_end: float | None = None
+
+
+def submit_all(engine: Any, jobs: list[tuple[list[int], SamplingParams]], request_id: str) -> list[RequestHandle]:
+    """Submit every (prompt_ids, params) job; all or none (a refusal cancels the ones already queued)."""
+    handles: list[RequestHandle] = []
+    try:
+        for i, (ids, params) in enumerate(jobs):
+            handles.append(engine.submit(ids, params, request_id=f"{request_id}-{i}"))
+    except QueueFullError as e:
+        for h in handles:
+            h.cancel()
+        raise APIError(str(e), 429, code="queue_full", headers={"Retry-After": "1"}) from None
+    except EngineClosedError as e:
+        for h in handles:
+            h.cancel()
+        raise APIError(str(e), 503, code="shutting_down", headers={"Retry-After": "5"}) from None
+    except InputError as e:
+        for h in handles:
+            h.cancel()
+        raise APIError(str(e), 400) from None
+    return handles
+
+
+async def merged_events(
+    handles: list[RequestHandle],
+    request: Request | None,
+    deadline: float | None,
+) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Yield (choice index, event) from every handle as events arrive.
+
+    Stops early, cancelling every handle, when the client disconnects (the iterator just ends)
+    or the deadline passes (raises a 504 `APIError`). Handles are always cancelled on exit,
+    which is a no-op for finished ones, so an abandoned request never keeps its batch slot.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        try:
+            async for ev in handle:
+                queue.put_nowait((i, ev))
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            queue.put_nowait((i, e))
+            return
+        queue.put_nowait((i, done))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    open_count = len(handles)
+    last_check = time.monotonic()
+    try:
+        while open_count:
+            try:
+                i, item = queue.get_nowait()  # fast path: no timer task when events are waiting
+            except asyncio.QueueEmpty:
+                try:
+                    i, item = await asyncio.wait_for(queue.get(), timeout=POLL_S)
+                except asyncio.TimeoutError:
+                    i, item = -1, None
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
+                raise APIError("the request timed out before generation finished", 504, code="timeout")
+            if item is None or now - last_check >= POLL_S:
+                last_check = now
+                if request is not None and await request.is_disconnected():
+                    return
+            if item is None:
+                continue
+            if item is done:
+                open_count -= 1
+            elif isinstance(item, BaseException):
+                if isinstance(item, asyncio.CancelledError):
+                    raise item
+                raise APIError(f"generation failed: {item}", 500, code="engine_error")
+            else:
+                yield i, item
+    finally:
+        for h in handles:
+            h.cancel()
+        for t in tasks:
+            t.cancel()
+
+
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that cancels its handles however it ends, even if the body never started
+    (a client gone before the headers were sent)."""
+
+    def __init__(self, content: AsyncIterator[str], handles: list[RequestHandle]):
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.handles = handles
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for h in self.handles:
+                h.cancel()
+
+
+def record(state: SequenceState, ev: TokenEvent) -> None:
+    """Fold one event into a choice's state."""
+    now = time.monotonic()
+    if state.t_first is None:
+        state.t_first = now
+    state.token_ids.append(ev.token_id)
+    state.text += ev.text
+    state.logprobs.append(ev.logprob)
+    state.top_logprobs.append(ev.top_logprobs)
+    if ev.finish_reason is not None:
+        state.finish_reason = ev.finish_reason
+        state.t_end = now
+
+
+def observe_all(server: Any, states: list[SequenceState], t_start: float) -> None:
+    """Record TTFT / TPOT / latency / token counts of every choice that produced tokens."""
+    now = time.monotonic()
+    for s in states:
+        if s.token_ids:
+            server.metrics.observe_sequence(t_start, s.t_first, s.t_end or now, len(s.token_ids))
+
+
+async def raise_if_unfinished(states: list[SequenceState], request: Request) -> None:
+    """A sequence without a finish reason was cut off: the client left (499) or the engine stopped (503)."""
+    if all(s.finish_reason is not None for s in states):
+        return
+    if await request.is_disconnected():
+        raise APIError("client disconnected", 499, code="client_closed_request")
+    raise APIError("generation was aborted before it finished (is the server shutting down?)", 503, code="aborted")

@@ -1,0 +1,150 @@
+"""Load a model folder into a server and run it with uvicorn (in the foreground or a background thread)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from llmkit.errors import CheckpointError, ConfigError
+from llmkit.serve.app import create_app
+from llmkit.serve.embeddings import Embedder
+from llmkit.serve.state import ServerState
+
+API_KEY_ENV = "LLMKIT_API_KEY"
+
+
+def _is_encoder(model: Any) -> bool:
+    from llmkit.model.bert import BertModel
+
+    return isinstance(model, BertModel)
+
+
+def load_state(
+    model: str | os.PathLike,
+    *,
+    embedding_model: str | os.PathLike | None = None,
+    served_model_name: str | None = None,
+    embedding_model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    max_seq_len: int | None = None,
+    max_tokens: int | None = None,
+    request_timeout: float | None = None,
+    dtype: Any = None,
+    device: str | None = None,
+) -> ServerState:
+    """Load `model` (a Hugging Face or llmkit folder) and its tokenizer into a `ServerState`.
+
+    A decoder gets a continuous-batching `Engine`; an encoder (BERT) serves embeddings only.
+    `api_key` defaults to $LLMKIT_API_KEY.
+    """
+    from llmkit.infer.engine import Engine
+    from llmkit.model.hf import load_model
+    from llmkit.tokenizer import load_tokenizer
+
+    path = Path(model)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"model folder {path} does not exist; expected a folder with config.json, model weights and tokenizer.json"
+        )
+    if max_batch_size < 1 or max_queue < 0:
+        raise ConfigError(f"--max-batch-size must be >= 1 and --max-queue >= 0, got {max_batch_size}, {max_queue}")
+    net = load_model(path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(path)
+    name = served_model_name or path.resolve().name
+    engine = embedder = None
+    emb_name = None
+    if _is_encoder(net):
+        embedder, emb_name = Embedder(net, tokenizer), name
+        ctx = int(net.config.block_size)
+    else:
+        engine = Engine(net, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue)
+        ctx = engine.max_seq_len
+    if embedding_model is not None:
+        if embedder is not None:
+            raise ConfigError("--embedding-model was given but the main model is already an embedding model")
+        epath = Path(embedding_model)
+        enet = load_model(epath, dtype=dtype, device=device)
+        if not _is_encoder(enet):
+            raise ConfigError(f"--embedding-model {epath} is not an encoder (BERT-style) model")
+        embedder = Embedder(enet, load_tokenizer(epath))
+        emb_name = embedding_model_name or epath.resolve().name
+    return ServerState(
+        engine=engine,
+        tokenizer=tokenizer if engine is not None else None,
+        model_name=name,
+        max_seq_len=ctx,
+        embedder=embedder,
+        embedding_model_name=emb_name,
+        api_key=api_key or os.environ.get(API_KEY_ENV) or None,
+        max_tokens=max_tokens,
+        request_timeout=request_timeout,
+    )
+
+
+def serve(
+    state: ServerState,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    graceful_timeout: float | None = 30.0,
+) -> None:
+    """Run the server in the foreground until Ctrl-C / SIGTERM, then drain in-flight requests."""
+    app = create_app(state)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """A uvicorn server in a daemon thread (tests, benchmarks, notebooks).
+
+    with BackgroundServer(create_app(state)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"):
+        self.app = app
+        self.host = host
+        self.port = port or free_port(host)
+        config = uvicorn.Config(
+            app, host=host, port=self.port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="llmkit-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Graceful: stop accepting, let in-flight requests finish, drain the engine."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

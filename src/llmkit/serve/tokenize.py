@@ -1,0 +1,61 @@
+"""The server's tokenizer over HTTP (vLLM's shape): GET /tokenizer_info, POST /tokenize, POST /detokenize.
+
+lm-evaluation-harness's `tokenizer_backend=remote` uses these to tokenize exactly as the server does.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from llmkit.serve.errors import APIError
+from llmkit.serve.protocol import DetokenizeRequest, TokenizeRequest
+from llmkit.serve.state import ServerState, check_token_ids
+
+router = APIRouter()
+
+
+def _tokenizer(request: Request):
+    state: ServerState = request.app.state.llmkit
+    if state.tokenizer is None:
+        raise APIError("this server has no generative model tokenizer", 404)
+    return state, state.tokenizer
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    state, tok = _tokenizer(request)
+    special = getattr(tok, "special_tokens", {})
+    return {
+        "tokenizer_class": "llmkit.Tokenizer",
+        "vocab_size": tok.vocab_size,
+        "eos_token": special.get("eos_token"),
+        "eos_token_id": tok.eos_token_id,
+        "bos_token": special.get("bos_token"),
+        "bos_token_id": tok.bos_token_id,
+        "pad_token": special.get("pad_token"),
+        "pad_token_id": tok.pad_token_id,
+        "stop_token_ids": list(tok.eos_token_ids),
+        "chat_template": tok.chat_template,
+        "model_max_length": state.max_seq_len,
+    }
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request):
+    state, tok = _tokenizer(request)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError("give exactly one of 'prompt' (text) or 'messages' (a chat)", 400, param="prompt")
+    if body.messages is not None:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.max_seq_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    state, tok = _tokenizer(request)
+    check_token_ids(body.tokens, tok.vocab_size, param="tokens")
+    return {"prompt": tok.decode(body.tokens)}
