@@ -1,0 +1,34 @@
+"""`llmkit generate --model DIR --prompt TEXT`: stream a completion to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llmkit.infer.cli_args import add_model_args, add_sampling_args, load_model_and_tokenizer, sampling_kwargs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete a prompt with a model, streaming the text to stdout")
+    add_model_args(p)
+    p.add_argument("--prompt", help="the prompt text (default: read stdin)")
+    p.add_argument("--no-special-tokens", action="store_true", help="do not add BOS etc. to the prompt")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    add_sampling_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmkit.infer.generate import stream_text
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    model, tokenizer = load_model_and_tokenizer(args)
+    if args.echo:
+        sys.stdout.write(prompt)
+    for delta in stream_text(
+        model, tokenizer, prompt, add_special_tokens=not args.no_special_tokens, **sampling_kwargs(args)
+    ):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,580 @@
+"""Continuous-batching generation engine (Orca-style iteration-level scheduling over a paged KV cache).
+
+A background thread runs the loop: at every step it admits queued requests into the running batch
+(one prefill forward each, chunked for long prompts), then decodes one token for every running
+sequence in a single batched forward. Sequences leave the batch as soon as they finish or are
+cancelled, and their KV blocks return to the pool, so requests join and leave at every step.
+
+    engine = Engine(model, tokenizer).start()
+    handle = engine.submit(tokenizer.encode("Hello"), SamplingParams(max_new_tokens=32))
+    for event in handle:            # or `async for event in handle` inside an event loop
+        print(event.text, end="")
+    engine.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import dataclasses
+import itertools
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmkit.errors import InputError, LlmkitError
+from llmkit.infer.detok import IncrementalDetokenizer
+from llmkit.infer.generate import _fast_decoder, eos_token_ids
+from llmkit.infer.paged_cache import PagedKVCache
+from llmkit.infer.sampling import SamplingParams, sample_next
+from llmkit.infer.stopping import StopChecker
+
+
+class QueueFullError(LlmkitError):
+    """The engine's waiting queue is full; retry later (the server answers 429/503)."""
+
+
+class EngineClosedError(LlmkitError):
+    """The engine is shutting down (or shut down) and accepts no new requests."""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token as it is streamed to the caller.
+
+    `text` is the new text this token made visible (UTF-8 safe, stop strings removed; may be "").
+    `logprob` is log p(token) under the model's distribution (after logit bias/penalties);
+    `top_logprobs` lists (token_id, logprob) of the top-N alternatives when `params.logprobs` is set.
+    `finish_reason` is set on the last event: "stop" (EOS, stop token or stop string) or "length".
+    """
+
+    token_id: int
+    text: str
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """Everything a finished request produced (see `RequestHandle.result`)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[float]
+
+
+_END = object()  # end-of-stream marker in a handle's queue
+
+
+class RequestHandle:
+    """A submitted request: iterate it (blocking or `async for`) to receive `TokenEvent`s.
+
+    Iteration ends after the event carrying `finish_reason`, or right away after `cancel()`
+    (then `finish_reason` is "cancelled") or an engine abort ("abort"). If the engine failed
+    while running the request, iteration raises that error.
+    """
+
+    def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        self.engine = engine
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.token_ids: list[int] = []  # generated so far (the stop token included)
+        self.text = ""  # emitted so far
+        self.finish_reason: str | None = None
+        # time.monotonic() stamps, for latency metrics (time to first token, total)
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._lock = threading.Lock()
+        self._queue: deque[Any] = deque()  # events until someone iterates
+        self._ready = threading.Condition(self._lock)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue | None = None
+        self._done = False
+        self._cancelled = False
+
+    # ---- producer side (engine thread, or cancel()) -----------------------------------------
+    def _push(self, item: Any) -> None:
+        with self._lock:
+            if self._done:
+                return
+            if item is _END or isinstance(item, BaseException):
+                self._done = True
+                self.finished_at = time.monotonic()
+            elif self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+                except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+                    pass
+            else:
+                self._queue.append(item)
+                self._ready.notify_all()
+
+    # ---- consumer side ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._ready.wait()
+                item = self._queue.popleft()
+            if item is _END or self._cancelled:  # after cancel() nothing more is delivered
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[TokenEvent]:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+                self._aqueue = asyncio.Queue()
+                while self._queue:
+                    self._aqueue.put_nowait(self._queue.popleft())
+        while True:
+            item = await self._aqueue.get()
+            if item is _END or self._cancelled:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def result(self) -> GenerationResult:
+        """Block until the request finishes; return its tokens, text and finish reason."""
+        logprobs = [ev.logprob for ev in self]
+        return GenerationResult(self.request_id, list(self.token_ids), self.text, self.finish_reason, logprobs)
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client disconnected): iteration ends now, the slot and KV blocks
+        are freed at the engine's next step boundary."""
+        self.engine._cancel(self)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+
+@dataclass
+class _Sequence:
+    """Engine-thread state of one request."""
+
+    handle: RequestHandle
+    seq_id: int
+    tokens: list[int]  # prompt + generated
+    prompt_len: int
+    generator: torch.Generator | None
+    checker: StopChecker
+    detok: IncrementalDetokenizer | None
+    raw_text: str = ""  # decoded text so far, held-back part included
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache, run by a background thread.
+
+    `max_batch_size` sequences decode together; up to `max_queue` more wait. `max_seq_len`
+    (default: the model's context) bounds prompt + max_new_tokens. The KV pool has `num_blocks`
+    blocks of `block_size` tokens (default: enough for a full batch at `max_seq_len`). Prompts
+    longer than `prefill_chunk` tokens are prefilled in chunks. `fast_decode` runs the forwards
+    through `infer/fast_decode.py` (the decode-specialised path `generate` uses) where the model
+    supports it, else through `model.forward`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        max_batch_size: int = 8,
+        max_seq_len: int | None = None,
+        max_queue: int = 64,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        prefill_chunk: int = 512,
+        fast_decode: bool = True,
+    ):
+        cfg = model.config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = cfg
+        self.max_batch_size = int(max_batch_size)
+        self.max_seq_len = int(max_seq_len or cfg.block_size)
+        if self.max_batch_size < 1 or self.max_seq_len < 2:
+            raise InputError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+        if self.max_seq_len > cfg.block_size:
+            raise InputError(f"max_seq_len={self.max_seq_len} exceeds the model's context of {cfg.block_size} tokens")
+        self.max_queue = int(max_queue)
+        self.prefill_chunk = int(prefill_chunk)
+        self.fast_decode = fast_decode
+        self._fast: Any = None  # the FastDecoder, False when the model has none
+        if self.prefill_chunk < 1 or block_size < 1:
+            raise InputError(f"prefill_chunk and block_size must be >= 1, got {prefill_chunk}, {block_size}")
+        if num_blocks is None:
+            num_blocks = self.max_batch_size * -(-self.max_seq_len // block_size)
+        windows = {cfg.window_for_layer(i) for i in range(cfg.n_layer)}
+        if len(windows) > 1:  # the model takes one attn_mask for every layer
+            raise InputError(
+                "the engine needs every layer to use the same attention window, but this model mixes "
+                f"sliding-window and full-attention layers ({sorted(windows, key=str)})"
+            )
+        p = next(model.parameters())
+        self.device = p.device
+        head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
+        self.cache = PagedKVCache(
+            n_layer=cfg.n_layer,
+            n_kv_head=cfg.n_kv_head or cfg.n_head,
+            head_dim=head_dim,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            dtype=p.dtype,
+            device=p.device,
+            sliding_window=windows.pop(),
+            max_chunk=self.prefill_chunk,
+        )
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+
+        self._lock = threading.Lock()  # guards the queue, the running list and the block pool
+        self._wake = threading.Condition(self._lock)
+        self._model_lock = threading.Lock()  # one forward at a time (engine step or prompt_logprobs)
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._drain = True
+        self.counters = {"requests_finished": 0, "tokens_generated": 0, "steps": 0, "prefill_tokens": 0}
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the background loop (idempotent); returns self."""
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine was shut down; create a new Engine")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
+                self._thread.start()
+                _LIVE_ENGINES.add(self)
+        return self
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Reject new requests; with `drain` finish the queued and running ones, else abort them."""
+        with self._lock:
+            self._closed = True
+            self._drain = drain
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is None:
+            if drain and self._waiting:  # never started: run the queue to completion now
+                self._thread = thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
+                thread.start()
+            else:
+                self._abort_all()
+                return
+        thread.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(drain=exc[0] is None)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestHandle:
+        """Queue a request; raises `QueueFullError` when `max_queue` requests already wait and
+        `InputError` for bad ids or when prompt + max_new_tokens exceed `max_seq_len`."""
+        ids = self._check_ids(prompt_ids)
+        params = dataclasses.replace(params) if params is not None else SamplingParams()
+        params.validate(self.config.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise InputError("stop strings need a tokenizer: pass tokenizer= to Engine or use stop_token_ids")
+        need = len(ids) + params.max_new_tokens
+        if need > self.max_seq_len:
+            raise InputError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} exceeds the "
+                f"context of {self.max_seq_len} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        if self.cache.blocks_to_reserve(need) > self.cache.num_blocks:
+            raise InputError(
+                f"a request of {need} tokens needs more KV blocks than the pool has ({self.cache.num_blocks})"
+            )
+        seq_id = next(self._ids)
+        handle = RequestHandle(self, request_id or f"req-{seq_id}", ids, params)
+        stop_ids = set(params.stop_token_ids or ())
+        seq = _Sequence(
+            handle=handle,
+            seq_id=seq_id,
+            tokens=list(ids),
+            prompt_len=len(ids),
+            generator=params.make_generator(),
+            checker=StopChecker(params.stop, stop_ids, self.eos_token_ids, params.ignore_eos),
+            detok=IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None,
+        )
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shutting down and accepts no new requests")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"the request queue is full ({self.max_queue} waiting, {len(self._running)} running); retry later"
+                )
+            self._waiting.append(seq)
+            self._wake.notify()
+        return handle
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[GenerationResult]:
+        """Submit every prompt at once and wait for all results (starts the engine if needed)."""
+        self.start()
+        handles = [self.submit(p, params) for p in prompts]
+        return [h.result() for h in handles]
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt_ids: list[int], top_n: int = 0) -> list[tuple[float | None, list | None]]:
+        """log p(token_i | tokens_<i) for every prompt token, with the top-N (token_id, logprob)
+        alternatives at each position; position 0 has no prefix and gets (None, None)."""
+        ids = self._check_ids(prompt_ids)
+        if len(ids) > self.max_seq_len:
+            raise InputError(f"prompt has {len(ids)} tokens but the context is {self.max_seq_len}")
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with self._model_lock:
+            logits = self.model(x)[0].float()  # [T, V]
+        lp = torch.log_softmax(logits[:-1], dim=-1)  # [T-1, V]: prediction for token i+1
+        target = x[0, 1:]
+        chosen = lp.gather(1, target[:, None]).squeeze(1).tolist()
+        out: list[tuple[float | None, list | None]] = [(None, None)]
+        if top_n > 0:
+            top_lp, top_ids = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_lp.tolist())]
+        else:
+            tops = [[] for _ in chosen]
+        out += list(zip(chosen, tops))
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Running and queued request counts, KV block usage and lifetime counters."""
+        with self._lock:
+            return {
+                "running": len(self._running),
+                "queued": len(self._waiting),
+                "free_blocks": self.cache.num_free_blocks,
+                "total_blocks": self.cache.num_blocks,
+                "block_size": self.cache.block_size,
+                "max_batch_size": self.max_batch_size,
+                **self.counters,
+            }
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _check_ids(self, prompt_ids: list[int]) -> list[int]:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.tolist()
+        try:
+            ids = [int(t) for t in prompt_ids]
+        except (TypeError, ValueError) as e:
+            raise InputError(f"prompt_ids must be a list of ints, got {type(prompt_ids).__name__}") from e
+        if not ids:
+            raise InputError("prompt_ids is empty: expected at least one token id")
+        V = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise InputError(f"prompt token id {bad[0]} is out of range: expected 0 <= id < {V}")
+        return ids
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._lock:
+            if handle._done or handle.finish_reason is not None:
+                return
+            handle._cancelled = True
+            handle.finish_reason = "cancelled"
+            for seq in self._waiting:
+                if seq.handle is handle:
+                    self._waiting.remove(seq)
+                    break
+            self._wake.notify()
+        handle._push(_END)
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        """Remove a sequence from the batch and return its blocks (caller holds no lock)."""
+        with self._lock:
+            if seq in self._running:
+                self._running.remove(seq)
+            self.cache.free_sequence(seq.seq_id)
+            self.counters["requests_finished"] += 1
+        if seq.handle.finish_reason is None:
+            seq.handle.finish_reason = reason
+        seq.handle._push(_END)
+
+    def _abort_all(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            seqs = list(self._waiting) + list(self._running)
+            self._waiting.clear()
+            self._running.clear()
+            for seq in seqs:
+                self.cache.free_sequence(seq.seq_id)
+        for seq in seqs:
+            if seq.handle.finish_reason is None:
+                seq.handle.finish_reason = "abort" if error is None else "error"
+            seq.handle._push(error if error is not None else _END)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not (self._waiting or self._running or self._closed):
+                        self._wake.wait()
+                    if self._closed and (not self._drain or not (self._waiting or self._running)):
+                        break
+                    # cancelled sequences leave the batch and free their blocks
+                    for seq in [s for s in self._running if s.handle._cancelled]:
+                        self._running.remove(seq)
+                        self.cache.free_sequence(seq.seq_id)
+                    admitted = self._admit()
+                try:
+                    with self._model_lock:
+                        for seq in admitted:
+                            self._prefill(seq)
+                        if self._running:
+                            self._decode_step()
+                except Exception as e:  # a failed forward must not hang the callers
+                    err = e if isinstance(e, LlmkitError) else LlmkitError(f"engine step failed: {e!r}")
+                    with self._lock:
+                        seqs = list(self._running)
+                        self._running.clear()
+                        for seq in seqs + admitted:
+                            self.cache.free_sequence(seq.seq_id)
+                    for seq in seqs + [s for s in admitted if s not in seqs]:
+                        seq.handle.finish_reason = "error"
+                        seq.handle._push(err)
+        if not self._drain:
+            self._abort_all()
+
+    def _admit(self) -> list[_Sequence]:
+        """Move queued requests into the batch while slots and KV blocks allow (FCFS, lock held)."""
+        admitted = []
+        while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+            seq = self._waiting[0]
+            need = seq.prompt_len + seq.handle.params.max_new_tokens
+            if not self.cache.can_allocate(need):
+                break  # wait for blocks; never skip the head of the queue (no starvation)
+            self._waiting.popleft()
+            self.cache.add_sequence(seq.seq_id, need)
+            admitted.append(seq)
+        return admitted
+
+    def _forward(self, seqs: list[_Sequence], chunks: list[list[int]]) -> torch.Tensor:
+        """Append `chunks[b]` to sequence b's cache; return the logits of each chunk's last token [B, V]."""
+        batch = self.cache.batch([s.seq_id for s in seqs], [len(c) for c in chunks])
+        T = max(len(c) for c in chunks)
+        x = torch.tensor([c + [c[-1]] * (T - len(c)) for c in chunks], dtype=torch.long, device=self.device)
+        same_len = all(len(c) == T for c in chunks)
+        if self._fast is None and self.fast_decode:  # built once: weights are frozen while serving
+            self._fast = _fast_decoder(self.model) or False
+        fast = self._fast if same_len else None
+        if fast:  # same math, fewer ops and pre-packed weights (infer/fast_decode.py)
+            logits = fast(x, batch.position_ids, batch, {self.cache.sliding_window: batch.attn_mask})  # [B, V]
+            batch.commit()
+            return logits.float()
+        logits = self.model(
+            x,
+            position_ids=batch.position_ids,
+            kv_cache=batch,
+            attn_mask=batch.attn_mask,
+            num_logits_to_keep=1 if same_len else 0,
+        )  # [B, 1 or T, V]
+        batch.commit()
+        if same_len:
+            return logits[:, -1].float()
+        last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
+        return logits[torch.arange(len(chunks), device=self.device), last].float()  # [B, V]
+
+    def _prefill(self, seq: _Sequence) -> None:
+        if seq.handle._cancelled:
+            with self._lock:
+                self.cache.free_sequence(seq.seq_id)
+            return
+        prompt = seq.tokens[: seq.prompt_len]
+        for start in range(0, len(prompt), self.prefill_chunk):
+            logits = self._forward([seq], [prompt[start : start + self.prefill_chunk]])
+        self.counters["prefill_tokens"] += len(prompt)
+        with self._lock:
+            self._running.append(seq)
+        self._sample_and_emit([seq], logits)
+
+    def _decode_step(self) -> None:
+        seqs = list(self._running)
+        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs])
+        self.counters["steps"] += 1
+        self._sample_and_emit(seqs, logits)
+
+    def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        out = sample_next(
+            logits,
+            [s.handle.params for s in seqs],
+            [s.tokens for s in seqs],
+            [s.generator for s in seqs],
+            prompt_lens=[s.prompt_len for s in seqs],
+        )
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for b, seq in enumerate(seqs):
+            n_top = seq.handle.params.logprobs
+            top = list(zip(top_ids[b][:n_top], top_lps[b][:n_top])) if n_top and top_ids is not None else None
+            self._emit(seq, token_ids[b], logprobs[b], top)
+
+    def _emit(self, seq: _Sequence, token: int, logprob: float, top: list | None) -> None:
+        """Append a sampled token, work out its text and whether the sequence is finished, stream it."""
+        handle = seq.handle
+        seq.tokens.append(token)
+        handle.token_ids.append(token)
+        self.counters["tokens_generated"] += 1
+        finish = seq.checker.check_token(token)  # stop token / EOS: its text is not shown
+        text = ""
+        stop_string_hit = False
+        if finish is None and seq.detok is not None:
+            stop_string_hit, text = self._text_step(seq, seq.detok.add(token))
+            finish = "stop" if stop_string_hit else None
+        if finish is None and len(seq.tokens) - seq.prompt_len >= handle.params.max_new_tokens:
+            finish = "length"
+        if finish is not None and not stop_string_hit and seq.detok is not None:
+            # release what the detokenizer and the stop checker were still holding back
+            hit, more = self._text_step(seq, seq.detok.flush())
+            text += more if hit else more + seq.checker.flush(seq.raw_text)
+        if handle._cancelled:
+            return
+        handle.text += text
+        if finish is not None:
+            handle.finish_reason = finish  # before the event, so a late cancel() is a no-op
+        handle._push(TokenEvent(token, text, logprob, top, finish))
+        if finish is not None:
+            self._finish(seq, finish)
+
+    @staticmethod
+    def _text_step(seq: _Sequence, delta: str) -> tuple[bool, str]:
+        """Run a detokenized delta through the stop-string checker: (stop string hit, text to show)."""
+        hit, emit = seq.checker.check_text(seq.raw_text, delta)
+        seq.raw_text += delta
+        return hit, emit
+
+
+# An engine thread killed mid-OpenMP at interpreter exit aborts the process ("terminate called
+# without an active exception"), so engines nobody shut down are stopped before that.
+_LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_engines() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.shutdown(drain=False, timeout=10)

@@ -1,0 +1,310 @@
+"""Batched autoregressive generation: prefill once, then one-token decode steps over a static KV cache.
+
+`generate` works on token ids; `generate_text` / `stream_text` add a tokenizer, UTF-8-safe
+streaming and stop strings. Prompts of different lengths are left-padded; the attention mask
+hides the padding and position ids start at 0 at each prompt's first real token, so a row's
+output does not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmkit.errors import InputError
+from llmkit.infer.detok import IncrementalDetokenizer
+from llmkit.infer.kv_cache import StaticKVCache
+from llmkit.infer.sampling import SamplingParams, sample_next
+from llmkit.infer.stopping import StopChecker
+from llmkit.model.masks import build_attn_mask
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+@dataclass
+class StepOutput:
+    """One decode step for the whole batch: the token of each row (None once a row has finished)."""
+
+    token_ids: list[int | None]
+    logprobs: list[float | None]
+    finish_reasons: list[str | None]  # "stop" | "length" on the step a row finishes
+
+
+def make_params(params: SamplingParams | None = None, **kw: Any) -> SamplingParams:
+    """A `SamplingParams` from an existing one and/or keyword overrides (None values are ignored)."""
+    kw = {k: v for k, v in kw.items() if v is not None}
+    unknown = sorted(set(kw) - SAMPLING_FIELDS)
+    if unknown:
+        raise InputError(
+            f"unknown sampling argument(s) {', '.join(unknown)}; expected some of {', '.join(sorted(SAMPLING_FIELDS))}"
+        )
+    base = {f: getattr(params, f) for f in SAMPLING_FIELDS} if params is not None else {}
+    return SamplingParams(**{**base, **kw})
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any = None) -> set[int]:
+    """Stop ids: the model config's eos, generation_config.json's eos (when the model records its
+    folder in `model.name_or_path`) and the tokenizer's `eos_token_ids`/`eos_token_id`."""
+    ids: set[int] = set(getattr(model.config, "eos_token_ids", None) or [])
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    folder = getattr(model, "name_or_path", None)
+    if gen_eos is None and folder and (Path(folder) / "generation_config.json").is_file():
+        gen_eos = json.loads((Path(folder) / "generation_config.json").read_text()).get("eos_token_id")
+    if gen_eos is not None:
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    if tokenizer is not None:
+        tok_ids = getattr(tokenizer, "eos_token_ids", None)
+        if tok_ids is None:
+            tok_ids = [getattr(tokenizer, "eos_token_id", None)]
+        ids.update(int(i) for i in tok_ids if i is not None)
+    return ids
+
+
+def _check_prompts(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> None:
+    cfg = model.config
+    if not prompts:
+        raise InputError("no prompts given: expected a list of token ids or a list of such lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise InputError(f"prompt {i} is empty: expected at least one token id")
+        bad = [t for t in p if not isinstance(t, int) or not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise InputError(f"prompt {i} has token id(s) {bad[:5]} outside [0, {cfg.vocab_size})")
+        if len(p) + max_new_tokens > cfg.block_size:
+            raise InputError(
+                f"prompt {i} has {len(p)} tokens and max_new_tokens={max_new_tokens}: together more than "
+                f"the model's context length of {cfg.block_size} tokens; shorten the prompt or lower "
+                "max_new_tokens"
+            )
+
+
+class Generator:
+    """Step-by-step batched generation for one batch of prompts (the loop behind `generate`).
+
+    Iterating yields one `StepOutput` per decode step until every row has finished.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        eos_ids: set[int],
+        use_cache: bool = True,
+        fast: bool = True,
+    ):
+        self.model, self.params, self.use_cache = model, params, use_cache
+        self.B = B = len(prompts)
+        self.max_new = max(p.max_new_tokens for p in params)
+        _check_prompts(model, prompts, self.max_new)
+        self.device = next(model.parameters()).device
+        self.prompt_lens = [len(p) for p in prompts]
+        L = max(self.prompt_lens)
+        self.L = L
+        pad = 0
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        mask = torch.zeros((B, L + self.max_new), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p) :] = torch.tensor(p)
+            mask[i, L - len(p) :] = 1  # generated positions are real tokens too
+        self.padded = any(n != L for n in self.prompt_lens)
+        self.input_ids = ids.to(self.device)  # [B, L]
+        self.mask = mask.to(self.device)  # [B, L + max_new]
+        # position of each prompt's first real token is 0
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # [B, L + max_new]
+        self.history = [list(p) for p in prompts]
+        self.generators = [p.make_generator(self.device) for p in params]
+        self.checkers = [StopChecker(None, set(p.stop_token_ids or ()), eos_ids, p.ignore_eos) for p in params]
+        self.finished = [False] * B
+        self.n_generated = 0
+        self.cache = StaticKVCache.for_model(model, B, L + self.max_new) if use_cache else None
+        self.fast = _fast_decoder(model) if (fast and use_cache) else None
+        self.windows = {b.attn.window for b in model.blocks} if self.fast is not None else set()
+
+    def _forward(self, ids: Tensor, start: int) -> Tensor:
+        """Logits [B, V] of the last position for tokens ids [B, T] that sit at columns start..start+T."""
+        T = ids.shape[1]
+        end = start + T
+        if self.fast is not None:
+            masks = {}
+            for w in self.windows:  # None = plain causal attention is exact
+                exact = not self.padded and (w is None or end <= w) and (T == 1 or T == end)
+                m2d = self.mask[:, :end] if self.padded else None
+                masks[w] = None if exact else build_attn_mask(m2d, T, end, w, self.device, self.B)
+            return self.fast(ids, self.positions[:, start:end], self.cache, masks).float()
+        kw: dict[str, Any] = {"position_ids": self.positions[:, start:end], "num_logits_to_keep": 1}
+        if self.padded:
+            kw["attention_mask"] = self.mask[:, :end]
+        if self.cache is not None:
+            kw["kv_cache"] = self.cache
+        return self.model(ids, **kw)[:, -1].float()
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[StepOutput]:
+        logits = self._forward(self.input_ids, 0)  # prefill: the whole prompt in one pass
+        seq = self.input_ids
+        for step in range(self.max_new):
+            out = sample_next(logits, self.params, self.history, self.generators, self.prompt_lens)
+            tokens = out.token_ids.tolist()
+            lps = out.logprobs.tolist()
+            res = StepOutput([None] * self.B, [None] * self.B, [None] * self.B)
+            for i, t in enumerate(tokens):
+                if self.finished[i]:
+                    continue
+                self.history[i].append(t)
+                res.token_ids[i], res.logprobs[i] = t, lps[i]
+                reason = self.checkers[i].check_token(t)
+                if reason is None and step + 1 >= self.params[i].max_new_tokens:
+                    reason = "length"
+                if reason is not None:
+                    self.finished[i] = True
+                    res.finish_reasons[i] = reason
+            self.n_generated = step + 1
+            yield res
+            if all(self.finished):
+                return
+            nxt = out.token_ids.to(self.device)[:, None]  # [B, 1]
+            if self.cache is not None:
+                logits = self._forward(nxt, self.L + step)
+            else:  # recompute the whole sequence (reference path for tests)
+                seq = torch.cat([seq, nxt], dim=1)
+                logits = self._forward(seq, 0)
+
+    def finish(self, i: int) -> None:
+        """Stop row i early (e.g. a stop string matched); its slot keeps running but is ignored."""
+        self.finished[i] = True
+
+
+def _fast_decoder(model: torch.nn.Module):
+    """The model's cached `FastDecoder`, or None when the model is not one it covers."""
+    from llmkit.infer import fast_decode
+
+    if not fast_decode.supports(model):
+        return None
+    dec = model.__dict__.get("_llmkit_fast_decoder")
+    if dec is None or dec.version != fast_decode.weights_version(model):  # weights changed: rebuild
+        dec = fast_decode.FastDecoder(model)
+        model.__dict__["_llmkit_fast_decoder"] = dec
+    return dec
+
+
+def _as_batch(prompt_ids: list[int] | list[list[int]] | Tensor) -> tuple[list[list[int]], bool]:
+    if isinstance(prompt_ids, Tensor):
+        prompt_ids = prompt_ids.tolist()
+    if not isinstance(prompt_ids, list | tuple) or len(prompt_ids) == 0:
+        raise InputError("prompt_ids must be a non-empty list of token ids or a list of such lists")
+    if all(isinstance(x, list | tuple) for x in prompt_ids):
+        return [list(p) for p in prompt_ids], True
+    if any(isinstance(x, list | tuple) for x in prompt_ids):
+        raise InputError("prompt_ids mixes token ids and lists: expected list[int] or list[list[int]]")
+    return [list(prompt_ids)], False
+
+
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: list[int] | list[list[int]],
+    max_new_tokens: int | None = None,
+    *,
+    params: SamplingParams | list[SamplingParams] | None = None,
+    eos_token_ids: set[int] | list[int] | None = None,
+    use_cache: bool = True,
+    fast: bool = True,
+    **sampling: Any,
+) -> list[int] | list[list[int]]:
+    """Generate new tokens after each prompt; return only the new ids (list, or list of lists).
+
+    `prompt_ids` is a list of ints or a list of lists (different lengths are fine). Sampling
+    keywords are `SamplingParams` fields (temperature, top_k, top_p, min_p, seed, ...); without
+    them decoding is greedy (temperature=0). `params` may instead give one `SamplingParams` per
+    prompt (used as is). A row stops at EOS (model config and generation_config.json, or
+    `eos_token_ids`), a stop token id, or `max_new_tokens`; like transformers, the EOS/stop token
+    that ended a row is the last id of its output.
+    `use_cache=False` recomputes the whole sequence every step (slow; a reference for tests);
+    `fast=False` uses the model's own forward instead of the decode fast path.
+    """
+    prompts, batched = _as_batch(prompt_ids)
+    if params is None:
+        sampling.setdefault("temperature", 0.0)  # the Python API is greedy unless asked to sample
+    plist = _params_list(params, len(prompts), max_new_tokens=max_new_tokens, **sampling)
+    vocab = model.config.vocab_size
+    for p in plist:
+        p.validate(vocab_size=vocab)
+    eos = set(eos_token_ids) if eos_token_ids is not None else _eos_from(model)
+    gen = Generator(model, prompts, plist, eos, use_cache=use_cache, fast=fast)
+    outs: list[list[int]] = [[] for _ in prompts]
+    for step in gen:
+        for i, t in enumerate(step.token_ids):
+            if t is not None:
+                outs[i].append(t)
+    return outs if batched else outs[0]
+
+
+def _eos_from(model: torch.nn.Module) -> set[int]:
+    return eos_token_ids(model, None)
+
+
+def _params_list(params: SamplingParams | list[SamplingParams] | None, n: int, **kw: Any) -> list[SamplingParams]:
+    if isinstance(params, list):
+        if len(params) != n:
+            raise InputError(f"got {len(params)} SamplingParams for {n} prompts; expected one per prompt")
+        return [make_params(p) for p in params]
+    return [make_params(params, **kw) for _ in range(n)]
+
+
+def stream_text(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str | list[int],
+    max_new_tokens: int | None = None,
+    *,
+    params: SamplingParams | None = None,
+    add_special_tokens: bool = True,
+    **sampling: Any,
+) -> Iterator[str]:
+    """Yield the completion of `prompt` as text deltas that never split a UTF-8 character.
+
+    Greedy unless sampling keywords say otherwise (see `generate`). Stop strings (`stop=[...]`)
+    are honoured across token boundaries and never emitted; EOS ids come from the model and the
+    tokenizer; the EOS/stop token's text is not emitted.
+    """
+    if params is None:
+        sampling.setdefault("temperature", 0.0)
+    if isinstance(prompt, str):
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        prompt_ids = getattr(prompt_ids, "ids", prompt_ids)  # a raw `tokenizers.Tokenizer` returns Encoding
+    else:
+        prompt_ids = list(prompt)
+    p = make_params(params, max_new_tokens=max_new_tokens, **sampling).validate(model.config.vocab_size)
+    gen = Generator(model, [prompt_ids], [p], eos_token_ids(model, tokenizer))
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids)
+    stopper = StopChecker(p.stop)
+    text = ""
+    for step in gen:
+        t, reason = step.token_ids[0], step.finish_reasons[0]
+        if t is None:
+            break
+        delta = "" if reason == "stop" else detok.add(t)
+        if reason is not None:
+            delta += detok.flush()
+        done, emit = stopper.check_text(text, delta)
+        text += delta
+        if emit:
+            yield emit
+        if done:
+            return
+        if reason is not None:
+            break
+    tail = stopper.flush(text)
+    if tail:
+        yield tail
+
+
+def generate_text(model: torch.nn.Module, tokenizer: Any, prompt: str | list[int], **kw: Any) -> str:
+    """The completion of `prompt` as one string (see `stream_text` for the arguments)."""
+    return "".join(stream_text(model, tokenizer, prompt, **kw))

@@ -1,0 +1,71 @@
+"""Static (preallocated) key/value cache for batched generation.
+
+Every layer gets two buffers of fixed shape [B, Hkv, max_len, D] allocated once; each forward
+writes its new keys/values in place at the current length and attends over the prefix.
+Grouped-query and multi-query attention just mean Hkv < H; sliding-window models keep all keys
+and get the window from the attention mask (`model/masks.py`), which is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llmkit.errors import InputError
+
+
+class StaticKVCache:
+    """Preallocated per-sequence KV cache implementing the model's `update(layer_idx, k, v)` hook.
+
+    All rows share one length (prompts are left-padded to a common length); the cache advances
+    by T after the last layer's update, so a plain `model(ids, kv_cache=cache, ...)` loop works.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.n_layer = n_layer
+        self.max_len = max_len
+        self.length = 0  # tokens stored so far (per row, including left padding)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> StaticKVCache:
+        """A cache sized for `model` (a `Transformer`), in the dtype/device of its weights."""
+        cfg = model.config
+        w = next(model.parameters())
+        return cls(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len, w.dtype, w.device)
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, Hkv, T, D] at the current length; return all keys/values [B, Hkv, S, D]."""
+        T = k.shape[2]
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise InputError(
+                f"KV cache holds {self.max_len} positions but {end} are needed; "
+                "allocate a longer cache (max_len) or generate fewer tokens"
+            )
+        self.k[layer_idx][:, :, start:end] = k
+        self.v[layer_idx][:, :, start:end] = v
+        if layer_idx == self.n_layer - 1:
+            self.length = end
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        """Forget every stored position (buffers are reused)."""
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

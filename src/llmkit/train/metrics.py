@@ -1,0 +1,66 @@
+"""Training logs: `metrics.jsonl` (one JSON object per evaluation) and the `loss.png` plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRIC_KEYS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file (an empty list when it does not exist)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Appends eval records to `out_dir/metrics.jsonl` and redraws `out_dir/loss.png`."""
+
+    def __init__(self, out_dir: str | Path, plot: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.plot_path = Path(out_dir) / "loss.png"
+        self.plot = plot
+        self.records = read_metrics(self.path)
+
+    def truncate(self, step: int) -> None:
+        """Forget records after `step` (a resumed run redoes them)."""
+        self.records = [r for r in self.records if r["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.plot:
+            plot_losses(self.records, self.plot_path)
+
+
+def plot_losses(records: list[dict[str, Any]], path: str | Path) -> None:
+    """Train and val loss against step, written atomically to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key, style in (("train_loss", "-o"), ("val_loss", "-s")):
+        pts = [(s, r[key]) for s, r in zip(steps, records) if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, markersize=3, label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

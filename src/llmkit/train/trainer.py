@@ -1,0 +1,512 @@
+"""The pretraining loop: causal-LM loss, AdamW, warmup + cosine, accumulation, clipping, eval,
+atomic checkpoints with exact resume, metrics.jsonl + loss.png, DDP / FSDP2."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from llmkit.errors import CheckpointError, ConfigError
+from llmkit.train import distributed as D
+from llmkit.train.batches import RandomWindowSampler, eval_starts, windows
+from llmkit.train.checkpoint import (
+    CKPT_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from llmkit.train.config import TrainConfig
+from llmkit.train.metrics import MetricsLog
+from llmkit.train.optim import build_adamw
+from llmkit.train.prepare import TokenData, resolve_data
+from llmkit.train.schedule import cosine_lr, cosine_lr_fraction
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run leaves behind."""
+
+    out_dir: Path
+    step: int
+    val_loss: float | None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    wall_time: float = 0.0
+    train_time: float = 0.0
+    tokens: int = 0
+
+
+def lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy; logits [B, T, V], targets [B, T]."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        targets.reshape(-1),
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it, fp32 elsewhere (CPUs here have no fast bf16)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"train.dtype={name!r}; expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _set_threads(cfg_threads: int | None, local_world: int) -> None:
+    """CPU threads: the config's, else OMP_NUM_THREADS, else the cores shared among local ranks."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    default = int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 1) // max(1, local_world))
+    n = cfg_threads or default
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def autotune_threads(model: nn.Module, batch_size: int, block_size: int, steps: int = 2) -> int:
+    """Time forward+backward of a copy of `model` with 1 thread and with all cores; keep the faster.
+
+    On a CPU shared with other jobs, idle OpenMP workers spin and N threads can be many times
+    slower than 1. RNG states are restored, so training is unaffected.
+    """
+    import copy
+
+    cores = os.cpu_count() or 1
+    if cores == 1:
+        return 1
+    rng = torch.get_rng_state()
+    probe = copy.deepcopy(model).train()
+    x = torch.randint(0, probe.config.vocab_size, (batch_size, block_size), generator=torch.Generator().manual_seed(0))
+    timings = {}
+    for n in (cores, 1, cores):  # cores twice: the first round also warms up the allocator
+        torch.set_num_threads(n)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            lm_loss(probe(x), x).backward()
+        timings[n] = min(timings.get(n, float("inf")), time.perf_counter() - t0)
+    torch.set_rng_state(rng)
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _keep_tied_head(folder: Path, config) -> None:
+    """Store the tied `lm_head.weight` too for `model_type: llmkit` folders.
+
+    Workaround: `model/hf.py` drops the tied head when saving this family but its loader still
+    requires it (every other family is unaffected); the loader ignores the extra copy otherwise.
+    """
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    if config.model_type != "llmkit" or not config.tie_embeddings or not f.is_file():
+        return
+    sd = load_file(f)
+    if "lm_head.weight" not in sd and "wte.weight" in sd:
+        sd["lm_head.weight"] = sd["wte.weight"].clone()
+        save_file(sd, f, metadata={"format": "pt"})
+
+
+class Trainer:
+    """One pretraining run. `Trainer(cfg).fit()`; see `pretrain` for the one-call form."""
+
+    def __init__(
+        self, cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool = False, stop_after: int | None = None
+    ):
+        self.cfg, self.t = cfg, cfg.train
+        self.out_dir = Path(cfg.out_dir)
+        self.resume, self.overwrite, self.stop_after = resume, overwrite, stop_after
+        t = self.t
+        for name in ("batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "log_interval"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(t, name)} must be a positive integer")
+        if not 0.0 <= t.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+
+    # ------------------------------------------------------------------ set-up
+    def _check_out_dir(self) -> dict[str, Any] | None:
+        """Load the checkpoint to resume from, or make sure a fresh run overwrites nothing."""
+        if self.resume:
+            src = self.out_dir if self.resume is True else Path(self.resume)
+            if self.resume is True and latest_checkpoint(self.out_dir) is None:
+                raise CheckpointError(
+                    f"--resume: {str(self.out_dir)!r} has no checkpoint "
+                    f"({CKPT_DIR}/latest); run without --resume to start"
+                )
+            return load_checkpoint(src)
+        existing = latest_checkpoint(self.out_dir)
+        if existing is not None and not self.overwrite:
+            raise CheckpointError(
+                f"{str(self.out_dir)!r} already holds a checkpoint ({existing.name}); pass --resume to "
+                "continue it, --overwrite to start over, or choose another --out_dir"
+            )
+        return None
+
+    def _setup(self) -> None:
+        cfg, t = self.cfg, self.t
+        self.dist = D.setup(t.strategy, t.device)
+        info = self.dist
+        _set_threads(t.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+        self.state = self._check_out_dir()  # every rank reads it (single node, shared disk)
+        if self.state is None and info.is_main and self.overwrite:
+            shutil.rmtree(self.out_dir / CKPT_DIR, ignore_errors=True)
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        D.barrier(info)
+
+        # data (rank 0 prepares raw text; the others then open what it wrote)
+        d = cfg.data
+        if info.is_main:
+            self.data = resolve_data(
+                d.path, self.out_dir, d.tokenizer, d.vocab_size, d.val_fraction, progress=t.progress
+            )
+        D.barrier(info)
+        if not info.is_main:
+            self.data = resolve_data(d.path, self.out_dir, d.tokenizer, d.vocab_size, d.val_fraction, progress=False)
+        from llmkit.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.data.tokenizer_dir)
+
+        # model: every rank initialises identically from `seed`, then gets its own dropout stream
+        self.model_config = cfg.model_config(self.tokenizer.vocab_size)
+        if self.model_config.block_size < t.block_size:
+            raise ConfigError(
+                f"train.block_size={t.block_size} exceeds model.block_size={self.model_config.block_size}"
+            )
+        _seed_all(t.seed)
+        from llmkit.model.transformer import Transformer
+
+        raw = Transformer(self.model_config)
+        raw.check_inputs = False  # token ids were checked once against the vocabulary below
+        self._check_tokens(self.data)
+        raw.to(info.device)
+        self.raw_model = raw
+        if t.num_threads == 0 and info.device.type == "cpu" and info.world_size == 1:
+            n = autotune_threads(raw, t.batch_size, t.block_size)
+            if info.is_main and t.progress:
+                tqdm.write(f"threads: {n} (the faster of 1 and {os.cpu_count()} on this machine right now)")
+        self.model: nn.Module = D.wrap_model(raw, info)
+        if t.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_adamw(raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, info.device.type)
+        self.amp_dtype = autocast_dtype(t.dtype, info.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.sampler = RandomWindowSampler(
+            self.data.train, t.block_size, t.batch_size, t.seed, info.rank, info.world_size
+        )
+        _seed_all(t.seed + info.rank)
+        self.step, self.tokens = 0, 0
+        self.metrics = MetricsLog(self.out_dir, plot=info.is_main) if info.is_main else None
+        if self.state is not None:
+            self._restore(self.state)
+        elif self.metrics is not None and self.metrics.records:
+            self.metrics.truncate(-1)
+
+    def _check_tokens(self, data: TokenData) -> None:
+        V = self.model_config.vocab_size
+        for name, arr in (("train", data.train), ("val", data.val)):
+            hi = int(np.max(arr[: 1 << 24])) if len(arr) else 0
+            if hi >= V:
+                raise ConfigError(
+                    f"the {name} tokens go up to id {hi} but model.vocab_size is {V}; "
+                    "expected the tokenizer the data was prepared with"
+                )
+
+    def _autocast(self):
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        if self.dist.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.raw_model, options=opts)
+        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+
+    def _optim_state(self) -> dict[str, Any]:
+        if self.dist.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.raw_model, self.optimizer, options=opts)
+        return self.optimizer.state_dict()
+
+    def _save(self) -> None:
+        """Collective: gather states (FSDP), then rank 0 writes checkpoint + HF folder atomically."""
+        info = self.dist
+        model_sd, optim_sd = self._model_state(), self._optim_state()
+        rngs = [rng_state()]
+        if info.strategy != "single":  # every rank's RNG streams, gathered as bytes
+            buf = io.BytesIO()
+            torch.save(rngs[0], buf)
+            gathered: list[Any] = [None] * info.world_size
+            torch.distributed.all_gather_object(gathered, buf.getvalue())
+            rngs = [torch.load(io.BytesIO(b), weights_only=False) for b in gathered]
+        if info.is_main:
+            state = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "model": model_sd,
+                "optimizer": optim_sd,
+                "sampler": self.sampler.state_dict(),
+                "rng": rngs,
+                "world_size": info.world_size,
+                "config": self.cfg.to_dict(),
+                "model_config": self.model_config.to_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+            }
+            if self.t.checkpoint:
+                save_checkpoint(self.out_dir, self.step, state, keep=self.t.keep_checkpoints)
+            self._export(model_sd)
+        D.barrier(info)
+
+    def _export(self, model_sd: dict[str, torch.Tensor]) -> None:
+        """Write the Hugging Face folder (config.json, model.safetensors, tokenizer files) in out_dir."""
+        from llmkit.model.transformer import Transformer
+
+        if self.dist.strategy == "fsdp":  # the sharded module cannot save itself: use a plain copy
+            model = Transformer(self.model_config)
+            model.load_state_dict(model_sd)
+        else:
+            model = self.raw_model
+        tmp = self.out_dir / ".export.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        _keep_tied_head(tmp, self.model_config)
+        self.tokenizer.save(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, self.out_dir / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        info = self.dist
+        if state.get("world_size", 1) != info.world_size:
+            raise CheckpointError(
+                f"the checkpoint was written by {state.get('world_size')} process(es) and this run has "
+                f"{info.world_size}; exact resume needs the same number of processes"
+            )
+        try:
+            if info.strategy == "fsdp":
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_model_state_dict,
+                    set_optimizer_state_dict,
+                )
+
+                opts = StateDictOptions(full_state_dict=True)
+                set_model_state_dict(self.raw_model, state["model"], options=opts)
+                set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=opts)
+            else:
+                self.raw_model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"the checkpoint does not match this model/optimizer (was the config changed?): {str(e)[:500]}"
+            ) from None
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"][info.rank])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        if self.metrics is not None:
+            self.metrics.truncate(self.step)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str = "val", full: bool = False) -> float:
+        """Mean next-token loss over the whole split (or `eval_iters` batches of it unless `full`)."""
+        t, info = self.t, self.dist
+        tokens = self.data.val if split == "val" else self.data.train
+        sample = t.eval_iters is not None and not full  # eval_iters batches of batch_size, as nanoGPT
+        bs = t.batch_size if sample else 4 * t.batch_size
+        max_windows = t.eval_iters * bs * info.world_size if sample else None
+        mine, per_rank = eval_starts(len(tokens), t.block_size, max_windows, info.rank, info.world_size)
+        if per_rank == 0:
+            return float("nan")
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for b in range(0, per_rank, bs):
+            chunk = mine[b : b + bs]
+            x, y = windows(tokens, chunk or [0], t.block_size)  # [B, T]; [0] keeps FSDP ranks in step
+            x, y = x.to(info.device), y.to(info.device)
+            with self._autocast():
+                logits = self.model(x)
+            if chunk:
+                total[0] += lm_loss(logits, y, reduction="sum").double().cpu()
+                total[1] += y.numel()
+        self.model.train()
+        total = D.all_reduce_sum(total, info)
+        return float(total[0] / total[1])
+
+    # ------------------------------------------------------------------ training
+    def lr_at(self, step: int, elapsed: float) -> float:
+        t = self.t
+        if t.max_minutes:
+            frac = max(step / t.max_iters, elapsed / (60.0 * t.max_minutes))
+            return cosine_lr_fraction(frac, step, t.lr, t.min_lr, t.warmup_iters)
+        return cosine_lr(step, t.lr, t.min_lr, t.warmup_iters, t.lr_decay_iters or t.max_iters)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss (detached)."""
+        t, info, model = self.t, self.dist, self.model
+        loss_sum = torch.zeros((), device=info.device)
+        for micro in range(t.grad_accum):
+            x, y = self.sampler.next_batch()
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            with D.no_grad_sync(model, info, sync=micro == t.grad_accum - 1), self._autocast():
+                logits = model(x)  # [B, T, V]
+                loss = lm_loss(logits, y, t.label_smoothing)
+                if self.model_config.n_expert > 0:
+                    loss = loss + self.model_config.router_aux_loss_coef * self.raw_model.aux_loss
+                scaled = loss / t.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), t.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / t.grad_accum
+
+    def fit(self) -> TrainResult:
+        """Train to `max_iters` (or the time budget), evaluating and checkpointing on the way."""
+        wall0 = time.perf_counter()
+        self._setup()
+        t, info = self.t, self.dist
+        tokens_per_step = t.batch_size * t.block_size * t.grad_accum * info.world_size
+        start = self.step
+        bar = tqdm(
+            total=t.max_iters,
+            initial=start,
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (t.progress and info.is_main),
+            smoothing=0.1,
+        )
+        if info.is_main and start == 0:
+            n = self.raw_model.num_params()
+            tqdm.write(
+                f"model: {n / 1e6:.2f}M parameters, {self.model_config.model_type}; "
+                f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
+                f"{tokens_per_step:,} tokens per step; {info.world_size} process(es), {info.strategy}"
+            )
+        run_loss = torch.zeros((), dtype=torch.float64, device=info.device)  # no host sync per step
+        run_steps, seg_tokens, seg_time = 0, 0, 0.0
+        train_time, val_loss = 0.0, None
+        t_budget0 = time.perf_counter()
+        last_bar_loss = None
+        while self.step < t.max_iters:
+            elapsed = time.perf_counter() - t_budget0
+            if t.max_minutes and elapsed >= 60.0 * t.max_minutes:
+                break
+            lr = self.lr_at(self.step, elapsed)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            self.step += 1
+            self.tokens += tokens_per_step
+            run_loss += loss.double()
+            run_steps += 1
+            dt = time.perf_counter() - t0
+            seg_time, seg_tokens, train_time = seg_time + dt, seg_tokens + tokens_per_step, train_time + dt
+            if self.step % t.log_interval == 0 or self.step == t.max_iters:
+                last_bar_loss = float(loss)
+                if t.max_minutes and self.step > 5:  # a time budget: estimate the final step for the ETA
+                    est = int(self.step / max(1e-9, time.perf_counter() - t_budget0) * 60.0 * t.max_minutes)
+                    bar.total = max(self.step, min(t.max_iters, est))
+                bar.set_postfix(
+                    loss=f"{last_bar_loss:.4f}",
+                    lr=f"{lr:.2e}",
+                    tok_s=f"{seg_tokens / max(seg_time, 1e-9):,.0f}",
+                    refresh=False,
+                )
+            bar.update(1)
+            last = self.step >= t.max_iters or (self.stop_after is not None and self.step >= self.stop_after)
+            budget_done = t.max_minutes and time.perf_counter() - t_budget0 >= 60.0 * t.max_minutes
+            if self.step % t.eval_interval == 0 or last or budget_done:
+                final = self.step >= t.max_iters or bool(budget_done)
+                val_loss = self.evaluate("val", full=final)  # the final eval covers all of val
+                train_loss = float(D.all_reduce_sum(run_loss.clone(), info)) / (run_steps * info.world_size)
+                record = {
+                    "step": self.step,
+                    "tokens": self.tokens,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_ppl": math.exp(min(val_loss, 50.0)),
+                    "lr": lr,
+                    "tokens_per_sec": seg_tokens * info.world_size / max(seg_time, 1e-9),
+                }
+                if self.metrics is not None:
+                    self.metrics.log(record)
+                    bar.write(
+                        f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+                        f"(ppl {record['val_ppl']:.2f}), {record['tokens_per_sec']:,.0f} tok/s"
+                    )
+                run_loss.zero_()
+                run_steps, seg_tokens, seg_time = 0, 0, 0.0
+                self._save()
+            if self.stop_after is not None and self.step >= self.stop_after:
+                break
+        bar.close()
+        if val_loss is None and self.step > start:  # stopped by the time budget right after an eval
+            val_loss = self.evaluate("val", full=True)
+        result = TrainResult(
+            self.out_dir,
+            self.step,
+            val_loss,
+            list(self.metrics.records) if self.metrics else [],
+            time.perf_counter() - wall0,
+            train_time,
+            self.tokens,
+        )
+        D.teardown(info)
+        return result
+
+
+def pretrain(
+    cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool = False, stop_after: int | None = None
+) -> TrainResult:
+    """Pretrain a causal LM as `cfg` says; the out_dir becomes a Hugging Face model folder.
+
+    `resume=True` continues from out_dir's latest checkpoint (or pass a checkpoint path);
+    `stop_after=k` stops after step k as if interrupted (checkpoint written at k).
+    """
+    return Trainer(cfg, resume=resume, overwrite=overwrite, stop_after=stop_after).fit()
