@@ -159,3 +159,17 @@ def test_padding_rows_never_produce_nan(tmp_path):
         logits = model(ids, attention_mask=mask)
     assert torch.isfinite(logits).all()
     assert torch.allclose(F.softmax(logits, -1).sum(-1), torch.ones(2, 6), atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llmkit_family_round_trip(tmp_path, tied):
+    """Architectures no HF family has (here ALiBi) save as model_type 'llmkit' and load back exactly."""
+    cfg = llmkit.ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_embd=32, pos="alibi", tie_embeddings=tied)
+    model = llmkit.Transformer(cfg).eval()
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "llmkit"
+    back = llmkit.load_model(tmp_path / "m")
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids), back(ids))
+    assert (back.lm_head.weight is back.wte.weight) == tied

@@ -270,8 +270,8 @@ def _detect_prefix(cfg: ModelConfig, names: set[str]) -> str:
 
 def hf_to_llmkit(sd: dict[str, torch.Tensor], cfg: ModelConfig, expected: dict[str, torch.Size]) -> dict:
     """Convert a Hugging Face state dict to llmkit names; errors name missing/unexpected/misshapen tensors."""
-    if cfg.model_type == "llmkit":
-        rules = [(k, [k], "id", []) for k in expected]
+    if cfg.model_type == "llmkit":  # our own names; a tied head is not stored
+        rules = [(k, [k], "id", []) for k in expected if not (cfg.tie_embeddings and k == "lm_head.weight")]
     else:
         prefix = _detect_prefix(cfg, set(sd))
         fused = any(k.endswith("mlp.experts.gate_up_proj") for k in sd)

@@ -75,7 +75,8 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     name = f"step_{step:06d}"
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save; never a finished checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     with open(tmp / "state.pt", "wb") as f:
         torch.save(state, f)

@@ -39,7 +39,7 @@ QUICKSTART = {
         "warmup_iters": 50,
         "weight_decay": 0.1,
         "beta2": 0.99,
-        "eval_interval": 200,
+        "eval_interval": 100,
         "eval_iters": 8,
         "log_interval": 10,
         "num_threads": 0,  # pick 1 or all cores by timing (a busy CPU makes extra threads slower)

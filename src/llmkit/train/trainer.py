@@ -118,23 +118,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _keep_tied_head(folder: Path, config) -> None:
-    """Store the tied `lm_head.weight` too for `model_type: llmkit` folders.
-
-    Workaround: `model/hf.py` drops the tied head when saving this family but its loader still
-    requires it (every other family is unaffected); the loader ignores the extra copy otherwise.
-    """
-    from safetensors.torch import load_file, save_file
-
-    f = folder / "model.safetensors"
-    if config.model_type != "llmkit" or not config.tie_embeddings or not f.is_file():
-        return
-    sd = load_file(f)
-    if "lm_head.weight" not in sd and "wte.weight" in sd:
-        sd["lm_head.weight"] = sd["wte.weight"].clone()
-        save_file(sd, f, metadata={"format": "pt"})
-
-
 class Trainer:
     """One pretraining run. `Trainer(cfg).fit()`; see `pretrain` for the one-call form."""
 
@@ -303,7 +286,6 @@ class Trainer:
         tmp = self.out_dir / ".export.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))
-        _keep_tied_head(tmp, self.model_config)
         self.tokenizer.save(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, self.out_dir / f.name)
