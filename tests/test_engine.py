@@ -143,6 +143,25 @@ def test_sliding_window_engine_frees_old_blocks_and_matches_transformers(tmp_pat
     assert handle.token_ids == _hf_greedy(hf, prompt, n)
 
 
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_prompts_admitted_together_share_padded_prefill_forwards(pair, fast_decode):
+    hf, model = pair
+    prompts = [list(range(3 + i, 3 + i + n)) for i, n in enumerate([10, 12, 11, 12])]
+    engine = Engine(model, max_batch_size=4, block_size=4, prefill_chunk=8, fast_decode=fast_decode)
+    handles = [engine.submit(p, _greedy(8)) for p in prompts]  # queued before start: admitted at once
+    engine.start()
+    results = [h.result() for h in handles]
+    engine.shutdown()
+    # chunks of 8,8,8,8 in one forward, then 2,3,4,4 in at most two
+    assert engine.stats()["prefill_forwards"] <= 3
+    for p, r in zip(prompts, results):
+        assert r.token_ids == _hf_greedy(hf, p, 8)
+        with torch.no_grad():  # every step's log-prob, the first (from the padded prefill) included
+            ref = torch.log_softmax(hf(torch.tensor([p + r.token_ids])).logits[0, len(p) - 1 : -1].float(), -1)
+        want = ref.gather(1, torch.tensor(r.token_ids)[:, None]).squeeze(1)
+        assert r.logprobs == pytest.approx(want.tolist(), abs=1e-4)
+
+
 def test_prompt_logprobs_equal_log_softmax_of_a_full_forward(pair):
     hf, model = pair
     ids = PROMPTS[3]
@@ -408,3 +427,21 @@ def test_async_consumer_can_cancel_mid_stream(pair):
         got, reason = asyncio.run(main(engine))
         _wait_idle(engine)
     assert reason == "cancelled" and len(got) == 3
+
+
+def test_streamed_text_is_utf8_safe_and_adds_up_to_the_decoded_tokens():
+    from test_infer_fixtures import byte_level_bpe  # byte-level BPE: CJK and emoji span several tokens
+
+    tok = byte_level_bpe()
+    torch.manual_seed(0)
+    model = llmkit.Transformer(llmkit.ModelConfig.from_preset("tiny", vocab_size=tok.get_vocab_size())).eval()
+    prompts = [tok.encode(t).ids for t in ["你好，世界！", "今天天气🙂", "naïve café"]]
+    with Engine(model, tokenizer=tok, max_batch_size=2) as engine:
+        handles = [
+            engine.submit(p, SamplingParams(max_new_tokens=24, temperature=1.0, seed=i)) for i, p in enumerate(prompts)
+        ]
+        streams = [[ev.text for ev in h] for h in handles]
+    for h, deltas in zip(handles, streams):
+        # a delta that split a character would show U+FFFD where the full decode has the character
+        assert "".join(deltas) == h.text == tok.decode(h.token_ids)
+    assert any(len(d.encode()) > len(d) for deltas in streams for d in deltas)  # multi-byte text was streamed

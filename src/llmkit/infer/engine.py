@@ -1,9 +1,10 @@
 """Continuous-batching generation engine (Orca-style iteration-level scheduling over a paged KV cache).
 
 A background thread runs the loop: at every step it admits queued requests into the running batch
-(one prefill forward each, chunked for long prompts), then decodes one token for every running
-sequence in a single batched forward. Sequences leave the batch as soon as they finish or are
-cancelled, and their KV blocks return to the pool, so requests join and leave at every step.
+(their prompts prefilled in chunks, similar lengths sharing a padded forward), then decodes one
+token for every running sequence in a single batched forward. Sequences leave the batch as soon
+as they finish or are cancelled, and their KV blocks return to the pool, so requests join and
+leave at every step.
 
     engine = Engine(model, tokenizer).start()
     handle = engine.submit(tokenizer.encode("Hello"), SamplingParams(max_new_tokens=32))
@@ -34,6 +35,8 @@ from llmkit.infer.generate import _fast_decoder, eos_token_ids
 from llmkit.infer.paged_cache import PagedKVCache
 from llmkit.infer.sampling import SamplingParams, sample_next
 from llmkit.infer.stopping import StopChecker
+
+PREFILL_PAD = 1.25  # a batched prefill forward may compute at most this many tokens per real one
 
 
 class QueueFullError(LlmkitError):
@@ -254,7 +257,13 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._drain = True
-        self.counters = {"requests_finished": 0, "tokens_generated": 0, "steps": 0, "prefill_tokens": 0}
+        self.counters = {
+            "requests_finished": 0,
+            "tokens_generated": 0,
+            "steps": 0,
+            "prefill_tokens": 0,
+            "prefill_forwards": 0,
+        }
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -442,8 +451,8 @@ class Engine:
                     admitted = self._admit()
                 try:
                     with self._model_lock:
-                        for seq in admitted:
-                            self._prefill(seq)
+                        if admitted:
+                            self._prefill(admitted)
                         if self._running:
                             self._decode_step()
                 except Exception as e:  # a failed forward must not hang the callers
@@ -473,43 +482,65 @@ class Engine:
         return admitted
 
     def _forward(self, seqs: list[_Sequence], chunks: list[list[int]]) -> torch.Tensor:
-        """Append `chunks[b]` to sequence b's cache; return the logits of each chunk's last token [B, V]."""
+        """Append `chunks[b]` to sequence b's cache; return the logits of each chunk's last token [B, V].
+
+        Rows are right-padded by repeating their last token at its own position (see `PagedBatch`):
+        that slot sees the same keys as the real last token, so every row's last slot holds the
+        logits wanted and the padding is never written to the cache.
+        """
         batch = self.cache.batch([s.seq_id for s in seqs], [len(c) for c in chunks])
         T = max(len(c) for c in chunks)
         x = torch.tensor([c + [c[-1]] * (T - len(c)) for c in chunks], dtype=torch.long, device=self.device)
-        same_len = all(len(c) == T for c in chunks)
         if self._fast is None and self.fast_decode:  # built once: weights are frozen while serving
             self._fast = _fast_decoder(self.model) or False
-        fast = self._fast if same_len else None
-        if fast:  # same math, fewer ops and pre-packed weights (infer/fast_decode.py)
-            logits = fast(x, batch.position_ids, batch, {self.cache.sliding_window: batch.attn_mask})  # [B, V]
-            batch.commit()
-            return logits.float()
-        logits = self.model(
-            x,
-            position_ids=batch.position_ids,
-            kv_cache=batch,
-            attn_mask=batch.attn_mask,
-            num_logits_to_keep=1 if same_len else 0,
-        )  # [B, 1 or T, V]
+        if self._fast:  # same math, fewer ops and pre-packed weights (infer/fast_decode.py)
+            logits = self._fast(x, batch.position_ids, batch, {self.cache.sliding_window: batch.attn_mask})
+        else:
+            logits = self.model(
+                x, position_ids=batch.position_ids, kv_cache=batch, attn_mask=batch.attn_mask, num_logits_to_keep=1
+            )[:, -1]
         batch.commit()
-        if same_len:
-            return logits[:, -1].float()
-        last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
-        return logits[torch.arange(len(chunks), device=self.device), last].float()  # [B, V]
+        return logits.float()  # [B, V]
 
-    def _prefill(self, seq: _Sequence) -> None:
-        if seq.handle._cancelled:
-            with self._lock:
-                self.cache.free_sequence(seq.seq_id)
-            return
-        prompt = seq.tokens[: seq.prompt_len]
-        for start in range(0, len(prompt), self.prefill_chunk):
-            logits = self._forward([seq], [prompt[start : start + self.prefill_chunk]])
-        self.counters["prefill_tokens"] += len(prompt)
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """Run the prompts of newly admitted sequences through the model, then sample their first tokens.
+
+        Prompts go in chunks of at most `prefill_chunk` tokens; chunks of similar length share one
+        padded forward (padding at most `PREFILL_PAD` of the real tokens).
+        """
         with self._lock:
-            self._running.append(seq)
-        self._sample_and_emit([seq], logits)
+            for seq in [s for s in seqs if s.handle._cancelled]:
+                self.cache.free_sequence(seq.seq_id)
+        seqs = [s for s in seqs if not s.handle._cancelled]
+        done: dict[int, torch.Tensor] = {}  # seq_id -> logits of the prompt's last token [V]
+        pos = {s.seq_id: 0 for s in seqs}
+        while pending := [s for s in seqs if pos[s.seq_id] < s.prompt_len]:
+            chunks = {
+                s.seq_id: s.tokens[pos[s.seq_id] : min(s.prompt_len, pos[s.seq_id] + self.prefill_chunk)]
+                for s in pending
+            }
+            pending.sort(key=lambda s: len(chunks[s.seq_id]))
+            groups: list[list[_Sequence]] = [[]]
+            real = 0
+            for s in pending:  # ascending length: the newest row sets the padded width
+                n = len(chunks[s.seq_id])
+                if groups[-1] and (len(groups[-1]) + 1) * n > PREFILL_PAD * (real + n):
+                    groups.append([])
+                    real = 0
+                groups[-1].append(s)
+                real += n
+            for group in groups:
+                logits = self._forward(group, [chunks[s.seq_id] for s in group])  # [B, V]
+                self.counters["prefill_forwards"] += 1
+                for b, s in enumerate(group):
+                    pos[s.seq_id] += len(chunks[s.seq_id])
+                    if pos[s.seq_id] == s.prompt_len:
+                        done[s.seq_id] = logits[b]
+        self.counters["prefill_tokens"] += sum(s.prompt_len for s in seqs)
+        if seqs:
+            with self._lock:
+                self._running.extend(seqs)
+            self._sample_and_emit(seqs, torch.stack([done[s.seq_id] for s in seqs]))
 
     def _decode_step(self) -> None:
         seqs = list(self._running)
