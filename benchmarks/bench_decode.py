@@ -4,8 +4,8 @@ Model: Llama-shaped, hidden 512, 8 layers, 8 heads (MHA), intermediate 1376, voc
 init (std 0.05), fp32, CPU. Both run greedy with the KV cache, 128 new tokens, prompts of 32 tokens,
 in the same process and interleaved (the CPU is shared, so the peer ratio is what counts); each
 figure is the best of `--reps` runs. Asserts identical greedy tokens. Reports decode tok/s, time to
-first token (a 1-token generate: prefill + first sample) and peak RSS (each engine alone in a
-child process).
+first token (a 1-token generate: prefill + first sample), peak RSS (each engine alone in a
+child process) and the memory-bandwidth floor (time to read every weight once, measured now).
 
     python benchmarks/bench_decode.py                 # batch 1 and 8, 2 threads
     python benchmarks/bench_decode.py --batch 1 --threads 1 --reps 5
@@ -84,13 +84,16 @@ def speed(hf, ours, batch: int, n: int, reps: int) -> dict:
     run_hf(hf, ids, 4), run_ours(ours, ids, 4)  # warm-up
     best = {"hf": [1e9, 1e9], "llmkit": [1e9, 1e9]}  # [total, ttft]
     outs = {}
+    floor = 1e9
+    weights = torch.randn(ours.num_params())
     for _ in range(reps):
+        floor = min(floor, read_floor_ms(weights))
         for name, fn, model in (("hf", run_hf, hf), ("llmkit", run_ours, ours)):
             ttft, _ = timed(fn, model, ids, 1)
             total, outs[name] = timed(fn, model, ids, n)
             best[name] = [min(best[name][0], total), min(best[name][1], ttft)]
     assert outs["hf"] == outs["llmkit"], "greedy tokens differ between transformers and llmkit"
-    res = {"batch": batch, "new_tokens": n}
+    res = {"batch": batch, "new_tokens": n, "read_floor_ms": floor}
     for name, (total, ttft) in best.items():
         res[name] = {
             "decode_tok_s": batch * (n - 1) / (total - ttft),
@@ -99,6 +102,16 @@ def speed(hf, ours, batch: int, n: int, reps: int) -> dict:
         }
     res["speedup"] = res["llmkit"]["decode_tok_s"] / res["hf"]["decode_tok_s"]
     return res
+
+
+def read_floor_ms(w: torch.Tensor, reps: int = 5) -> float:
+    """Time to read `w` (as many fp32 values as the model has weights) once: a decode step's floor."""
+    best = 1e9
+    for _ in range(reps):
+        t = time.perf_counter()
+        w.sum()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
 
 
 def child_memory(engine: str, folder: str, batch: int, n: int, threads: int) -> None:
@@ -172,6 +185,11 @@ def main() -> None:
                 f"TTFT {h['ttft_ms']:.0f} ms) | llmkit {o['decode_tok_s']:.1f} tok/s "
                 f"({o['ms_per_step']:.1f} ms/step, TTFT {o['ttft_ms']:.0f} ms) | "
                 f"speedup {r['speedup']:.2f}x | tokens identical"
+            )
+            floor = r["read_floor_ms"]
+            print(
+                f"batch {b}: reading every weight once takes {floor:.1f} ms (best, same run): a step costs "
+                f"{o['ms_per_step'] / floor:.2f}x that in llmkit, {h['ms_per_step'] / floor:.2f}x in transformers"
             )
             if "peak_rss_mib" in r:
                 m = r["peak_rss_mib"]

@@ -93,6 +93,8 @@ def test_bad_inputs_raise_input_error(tmp_path):
         generate(model, [[1, 2], []], 4)
     with pytest.raises(InputError, match="temperature"):
         generate(model, [1, 2], 4, temperature=-1)
+    with pytest.raises(InputError, match="stop strings need a tokenizer"):
+        generate(model, [1, 2], 4, stop=["x"])
     with pytest.raises(InputError, match="unknown sampling"):
         generate(model, [1, 2], 4, temprature=0.5)
 

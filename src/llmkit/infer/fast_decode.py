@@ -7,14 +7,16 @@ precomputed cos/sin table (one roll + one fused multiply-add for q and k togethe
 per-step input checks. Models it does not cover (learned/ALiBi/sinusoidal positions, LayerNorm,
 dynamic RoPE, GELU MLPs) use the model's own forward.
 
-Matmul kernels on CPU (measured on the shared 2-core AMD EPYC dev box, fp32):
-- oneDNN with weights pre-packed into its blocked layout is 2-3x faster than MKL's `F.linear` for
-  a few rows (batched decode) and as fast for one row, so every projection uses packed weights.
-- For the 32000x512 lm_head and one row, MKL reading the weight input-major ([in, out]
-  contiguous) beats both (~7-8 ms vs ~10 ms oneDNN, ~17 ms `F.linear` on the row-major weight).
-The packed/transposed copies cost extra memory (about one copy of the weights; see
-docs/benchmarks.md); the model itself is never modified. `packed=False` turns them off. The
-copies are rebuilt when the model's weights change (e.g. sampling during training).
+Matmul kernels on CPU (fp32; measured on the shared 2-core AMD EPYC dev box with 8 layers of
+weights, 101 MB, streamed from memory as in a real decode step):
+- batch 1: `F.linear` on the row-major [out, in] weight that `nn.Linear` keeps runs at ~6 GB/s
+  (MKL), the same weight stored input-major ([in, out] contiguous) at 11-13 GB/s, oneDNN packed at
+  ~8 GB/s; so batch 1 uses input-major copies (the lm_head included);
+- batch > 1: oneDNN with weights pre-packed into its blocked layout is 2-4x faster than MKL
+  either way (8 rows: 12.7 ms vs 23-59 ms), so larger batches use packed copies.
+Each copy is made on first use and costs one extra copy of the weights (see docs/benchmarks.md);
+the model itself is never modified, and the copies are rebuilt when its weights change (e.g.
+sampling during training). `FastDecoder(model, copies=False)` uses the model's weights as they are.
 """
 
 from __future__ import annotations
@@ -59,21 +61,28 @@ def _onednn_ok() -> bool:
 
 
 class Linear:
-    """y = x W^T + b with the fastest kernel for the number of rows (see the module docstring)."""
+    """y = x W^T + b with the faster CPU kernel for the batch size (see the module docstring).
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, packed: bool, single_row_transposed: bool = False):
-        self.weight, self.bias = weight, bias  # the model's parameters
+    The kernel-friendly copies of the weight are made on first use: input-major for batch 1,
+    oneDNN-packed for larger batches.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, enabled: bool, onednn: bool):
+        self.weight, self.bias = weight, bias  # the model's parameters, never modified
         self.out_features, self.in_features = weight.shape
-        w = weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8) if packed else None
-        # [out, in] values with [in, out]-contiguous storage, for MKL's one-row path
-        self.weight_t = w.t().contiguous().t() if packed and single_row_transposed else None
+        self.enabled, self.onednn = enabled, onednn
+        self.input_major: Tensor | None = None  # [out, in] values in [in, out]-contiguous storage
+        self.packed: Tensor | None = None  # oneDNN blocked layout
 
-    def __call__(self, x: Tensor, rows_hint: int) -> Tensor:
-        if rows_hint == 1 and self.weight_t is not None:
-            return F.linear(x, self.weight_t, self.bias)
-        if self.packed is None:
+    def __call__(self, x: Tensor, batch: int) -> Tensor:
+        if not self.enabled:
             return F.linear(x, self.weight, self.bias)
+        if batch == 1 or not self.onednn:
+            if self.input_major is None:
+                self.input_major = self.weight.detach().t().contiguous().t()
+            return F.linear(x, self.input_major, self.bias)
+        if self.packed is None:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -81,11 +90,12 @@ class Linear:
 class FastDecoder:
     """`decoder(ids, positions, cache, masks) -> last-position logits [B, V]` for a supported model."""
 
-    def __init__(self, model: Transformer, packed: bool = True):
+    def __init__(self, model: Transformer, copies: bool = True):
         cfg = model.config
         self.model = model
         self.H, self.Hkv, self.D, self.C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
-        packed = packed and model.device.type == "cpu" and model.dtype == torch.float32 and _onednn_ok()
+        enabled = copies and model.device.type == "cpu" and model.dtype == torch.float32
+        onednn = enabled and _onednn_ok()
         inv_freq = rope_inv_freq(cfg).to(model.device)  # [D/2]
         angles = torch.arange(cfg.block_size, device=model.device).float()[:, None] * inv_freq[None]  # [n, D/2]
         self.cos = torch.cat([angles.cos(), angles.cos()], -1).to(model.dtype)  # [n, D]
@@ -96,27 +106,26 @@ class FastDecoder:
             dense = isinstance(b.mlp, MLP)
             self.layers.append((
                 b.ln_1.weight, b.ln_1.eps,
-                Linear(b.attn.qkv.weight, b.attn.qkv.bias, packed),
-                Linear(b.attn.proj.weight, b.attn.proj.bias, packed),
+                Linear(b.attn.qkv.weight, b.attn.qkv.bias, enabled, onednn),
+                Linear(b.attn.proj.weight, b.attn.proj.bias, enabled, onednn),
                 b.ln_2.weight, b.ln_2.eps,
-                Linear(b.mlp.fc.weight, b.mlp.fc.bias, packed) if dense else None,
-                Linear(b.mlp.proj.weight, b.mlp.proj.bias, packed) if dense else b.mlp,
+                Linear(b.mlp.fc.weight, b.mlp.fc.bias, enabled, onednn) if dense else None,
+                Linear(b.mlp.proj.weight, b.mlp.proj.bias, enabled, onednn) if dense else b.mlp,
                 b.attn.window,
             ))  # fmt: skip
-        self.lm_head = Linear(model.lm_head.weight, None, packed, single_row_transposed=True)
+        self.lm_head = Linear(model.lm_head.weight, None, enabled, onednn)
         self.version = weights_version(model)
 
     def __call__(self, ids: Tensor, positions: Tensor, cache, masks: dict[int | None, Tensor | None]) -> Tensor:
         """ids, positions [B, T]; `cache` has `update(layer, k, v)`; masks per sliding window (None = causal)."""
         B, T = ids.shape
         H, Hkv, D, C = self.H, self.Hkv, self.D, self.C
-        n = B * T  # rows per matmul
         x = F.embedding(ids, self.model.wte.weight)  # [B, T, C]
         cos = self.cos[positions][:, None]  # [B, 1, T, D]
         sin = self.sin_signed[positions][:, None]
         for i, (w1, eps1, qkv_proj, o_proj, w2, eps2, fc, down, window) in enumerate(self.layers):
             h = F.rms_norm(x, (C,), w1, eps1)
-            qkv = qkv_proj(h, n).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # [B, H+2Hkv, T, D]
+            qkv = qkv_proj(h, B).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # [B, H+2Hkv, T, D]
             qk = qkv[:, : H + Hkv]
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)  # RoPE on q and k at once
             k, v = cache.update(i, qk[:, H:], qkv[:, H + Hkv :])  # [B, Hkv, S, D]
@@ -124,11 +133,11 @@ class FastDecoder:
             y = F.scaled_dot_product_attention(
                 qk[:, :H], k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=Hkv != H
             )  # [B, H, T, D]
-            x = x + o_proj(y.transpose(1, 2).reshape(B, T, H * D), n)
+            x = x + o_proj(y.transpose(1, 2).reshape(B, T, H * D), B)
             h = F.rms_norm(x, (C,), w2, eps2)
             if fc is not None:  # dense SwiGLU
-                gate, up = fc(h, n).chunk(2, dim=-1)
-                x = x + down(F.silu(gate) * up, n)
+                gate, up = fc(h, B).chunk(2, dim=-1)
+                x = x + down(F.silu(gate) * up, B)
             else:  # sparse MoE: the model's own module
                 x = x + down(h)
         x = F.rms_norm(x[:, -1], (C,), self.model.ln_f.weight, self.model.ln_f.eps)  # [B, C]

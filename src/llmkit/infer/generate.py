@@ -235,6 +235,8 @@ def generate(
     vocab = model.config.vocab_size
     for p in plist:
         p.validate(vocab_size=vocab)
+        if p.stop:
+            raise InputError("stop strings need a tokenizer: use generate_text/stream_text, or stop_token_ids")
     eos = set(eos_token_ids) if eos_token_ids is not None else _eos_from(model)
     gen = Generator(model, prompts, plist, eos, use_cache=use_cache, fast=fast)
     outs: list[list[int]] = [[] for _ in prompts]
