@@ -34,6 +34,7 @@ from llmkit.data.clean import NORMALIZATIONS, clean_text
 from llmkit.data.dedup import Deduplicator, exact_hash, minhash_signature
 from llmkit.data.sources import DOC_BOUNDARIES, Document, expand_inputs, iter_documents
 from llmkit.errors import InputError
+from llmkit.fsutil import replace_dir, sha256_file
 from llmkit.tokenizer import Tokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -160,12 +161,6 @@ class _Report:
         }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _snippet(text: str, n: int = 80) -> str:
@@ -204,12 +199,7 @@ def _swap_in(stage: Path, out: Path) -> None:
     """Replace `out` by the finished `stage` folder (the old one is removed only after the swap)."""
     if out.exists():
         _check_out(out)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(stage, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, out)
+    replace_dir(stage, out)
 
 
 def prepare(
@@ -334,7 +324,7 @@ def prepare(
             "eos_token_id": eos,
             "tokenizer": {
                 "path": tok_path,
-                "sha256": _sha256(stage / "tokenizer" / "tokenizer.json"),
+                "sha256": sha256_file(stage / "tokenizer" / "tokenizer.json"),
                 "copy": "tokenizer",
             },
             "splits": {s: {"file": f"{s}.bin", **counts[s]} for s in SPLITS},

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from llmkit.errors import CheckpointError, ConfigError
+from llmkit.fsutil import replace_dir
 from llmkit.model.config import ModelConfig
 
 ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -426,11 +427,7 @@ def _atomic_dir_write(path: Path, write, keep_foreign: bool = True) -> None:
             for f in path.iterdir():
                 if not (tmp / f.name).exists() and not _is_weights_file(f.name):
                     (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

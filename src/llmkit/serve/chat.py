@@ -14,13 +14,13 @@ from llmkit.serve.protocol import ChatCompletionRequest
 from llmkit.serve.sequences import (
     EventStreamResponse,
     SequenceState,
+    collect,
+    guarded_stream,
     merged_events,
-    observe_all,
-    raise_if_unfinished,
     record,
     submit_all,
 )
-from llmkit.serve.sse import DONE, sse, sse_error
+from llmkit.serve.sse import sse
 from llmkit.serve.state import ServerState, check_logit_bias, new_id, sampling_params
 
 router = APIRouter()
@@ -101,49 +101,26 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             return c
 
         async def stream() -> AsyncIterator[str]:
-            try:
-                for s in states:
-                    yield sse(chunk(s.index, {"role": "assistant", "content": ""}, None, None))
-                async with aclosing(merged_events(handles, request, state.deadline())) as events:
-                    async for i, ev in events:
-                        s = states[i]
-                        record(s, ev)
-                        lp = None
-                        if body.logprobs:
-                            lp = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs, top_n)]}
-                        if ev.text or lp is not None:
-                            yield sse(chunk(i, {"content": ev.text}, lp, None))
-                        if ev.finish_reason is not None:
-                            yield sse(chunk(i, {}, None, ev.finish_reason))
-                if include_usage:
-                    yield sse(
-                        {
-                            "id": rid,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": state.model_name,
-                            "system_fingerprint": fingerprint,
-                            "choices": [],
-                            "usage": usage(),
-                        }
-                    )
-                yield DONE
-            except APIError as e:
-                yield sse_error(e.body())
-            except Exception as e:  # noqa: BLE001 - a stream must end with an error event, not a dead socket
-                yield sse_error(APIError(f"internal error: {e}", 500).body())
-            finally:
-                observe_all(state, states, t_start)
+            for s in states:
+                yield sse(chunk(s.index, {"role": "assistant", "content": ""}, None, None))
+            async with aclosing(merged_events(handles, request, state.deadline())) as events:
+                async for i, ev in events:
+                    s = states[i]
+                    record(s, ev)
+                    lp = None
+                    if body.logprobs:
+                        lp = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs, top_n)]}
+                    if ev.text or lp is not None:
+                        yield sse(chunk(i, {"content": ev.text}, lp, None))
+                    if ev.finish_reason is not None:
+                        yield sse(chunk(i, {}, None, ev.finish_reason))
+            if include_usage:
+                final = chunk(0, {}, None, None)
+                yield sse({**final, "choices": [], "usage": usage()})
 
-        return EventStreamResponse(stream(), handles)
+        return EventStreamResponse(guarded_stream(stream(), state, states, t_start), handles)
 
-    try:
-        async with aclosing(merged_events(handles, request, state.deadline())) as events:
-            async for i, ev in events:
-                record(states[i], ev)
-    finally:
-        observe_all(state, states, t_start)
-    await raise_if_unfinished(states, request)
+    await collect(handles, request, state, states, t_start)
 
     choices = []
     for s in states:

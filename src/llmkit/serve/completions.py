@@ -21,13 +21,13 @@ from llmkit.serve.protocol import CompletionRequest
 from llmkit.serve.sequences import (
     EventStreamResponse,
     SequenceState,
+    collect,
+    guarded_stream,
     merged_events,
-    observe_all,
-    raise_if_unfinished,
     record,
     submit_all,
 )
-from llmkit.serve.sse import DONE, sse, sse_error
+from llmkit.serve.sse import sse
 from llmkit.serve.state import ServerState, check_logit_bias, check_token_ids, new_id, sampling_params
 
 router = APIRouter()
@@ -172,62 +172,32 @@ async def create_completion(body: CompletionRequest, request: Request):
 
         async def stream() -> AsyncIterator[str]:
             offsets = {}
-            try:
-                if body.echo:
-                    for s in states:
-                        lp = base_logprobs(s) if want_lp else None
-                        offsets[s.index] = lp.offset if lp else len(prompt_text[s.index // n])
-                        yield sse(
-                            chunk(
-                                s.index,
-                                prompt_text[s.index // n],
-                                lp.to_dict() if lp else None,
-                                s.finish_reason,
-                            )
-                        )
-                elif max_tokens == 0:
-                    for s in states:
-                        yield sse(chunk(s.index, "", None, s.finish_reason))
-                async with aclosing(merged_events(handles, request, state.deadline())) as events:
-                    async for i, ev in events:
-                        s = states[i]
-                        record(s, ev)
-                        lp = None
-                        if want_lp:
-                            lp = _LegacyLogprobs(offsets.get(i, 0))
-                            _add_generated(state, lp, s, len(s.token_ids) - 1, top_n)
-                            offsets[i] = lp.offset
-                            lp = lp.to_dict()
-                        if ev.text or lp is not None or ev.finish_reason is not None:
-                            yield sse(chunk(i, ev.text, lp, ev.finish_reason))
-                if include_usage:
-                    yield sse(
-                        {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": state.model_name,
-                            "choices": [],
-                            "usage": usage(),
-                        }
-                    )
-                yield DONE
-            except APIError as e:
-                yield sse_error(e.body())
-            except Exception as e:  # noqa: BLE001 - a stream must end with an error event, not a dead socket
-                yield sse_error(APIError(f"internal error: {e}", 500).body())
-            finally:
-                observe_all(state, states, t_start)
+            if body.echo:
+                for s in states:
+                    lp = base_logprobs(s) if want_lp else None
+                    offsets[s.index] = lp.offset if lp else len(prompt_text[s.index // n])
+                    yield sse(chunk(s.index, prompt_text[s.index // n], lp.to_dict() if lp else None, s.finish_reason))
+            elif max_tokens == 0:
+                for s in states:
+                    yield sse(chunk(s.index, "", None, s.finish_reason))
+            async with aclosing(merged_events(handles, request, state.deadline())) as events:
+                async for i, ev in events:
+                    s = states[i]
+                    record(s, ev)
+                    lp = None
+                    if want_lp:
+                        lp = _LegacyLogprobs(offsets.get(i, 0))
+                        _add_generated(state, lp, s, len(s.token_ids) - 1, top_n)
+                        offsets[i] = lp.offset
+                        lp = lp.to_dict()
+                    if ev.text or lp is not None or ev.finish_reason is not None:
+                        yield sse(chunk(i, ev.text, lp, ev.finish_reason))
+            if include_usage:
+                yield sse({**chunk(0, "", None, None), "choices": [], "usage": usage()})
 
-        return EventStreamResponse(stream(), handles)
+        return EventStreamResponse(guarded_stream(stream(), state, states, t_start), handles)
 
-    try:
-        async with aclosing(merged_events(handles, request, state.deadline())) as events:
-            async for i, ev in events:
-                record(states[i], ev)
-    finally:
-        observe_all(state, states, t_start)
-    await raise_if_unfinished(states, request)
+    await collect(handles, request, state, states, t_start)
 
     choices = []
     for s in states:

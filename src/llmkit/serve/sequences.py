@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from llmkit.errors import InputError
 from llmkit.infer.engine import EngineClosedError, QueueFullError, RequestHandle, TokenEvent
 from llmkit.infer.sampling import SamplingParams
 from llmkit.serve.errors import APIError
-from llmkit.serve.sse import SSE_HEADERS
+from llmkit.serve.sse import DONE, SSE_HEADERS, sse_error
 
 POLL_S = 0.25  # how often a waiting request checks for a disconnect and its deadline
 
@@ -166,3 +167,32 @@ async def raise_if_unfinished(states: list[SequenceState], request: Request) -> 
     if await request.is_disconnected():
         raise APIError("client disconnected", 499, code="client_closed_request")
     raise APIError("generation was aborted before it finished (is the server shutting down?)", 503, code="aborted")
+
+
+async def collect(handles: list[RequestHandle], request: Request, server: Any, states: list[SequenceState],
+                  t_start: float) -> None:
+    """Run a non-streaming request to the end: every event recorded into `states`, metrics observed."""
+    try:
+        async with aclosing(merged_events(handles, request, server.deadline())) as events:
+            async for i, ev in events:
+                record(states[i], ev)
+    finally:
+        observe_all(server, states, t_start)
+    await raise_if_unfinished(states, request)
+
+
+async def guarded_stream(lines: AsyncIterator[str], server: Any, states: list[SequenceState],
+                         t_start: float) -> AsyncIterator[str]:
+    """The SSE `lines` of a streaming request, then `[DONE]`; an error met mid-stream becomes an
+    `error` event instead of a dead socket, and the metrics are observed however it ends."""
+    try:
+        async with aclosing(lines) as inner:
+            async for line in inner:
+                yield line
+        yield DONE
+    except APIError as e:
+        yield sse_error(e.body())
+    except Exception as e:  # noqa: BLE001
+        yield sse_error(APIError(f"internal error: {e}", 500).body())
+    finally:
+        observe_all(server, states, t_start)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from llmkit.errors import CheckpointError, InputError
+from llmkit.fsutil import atomic_write_text
 from llmkit.tokenizer.chat_template import render_chat_template
 from llmkit.tokenizer.class_rules import apply_class_rules
 
@@ -44,16 +44,6 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -221,13 +211,13 @@ class Tokenizer:
         """Write tokenizer.json + tokenizer_config.json (atomically, file by file) into folder `path`."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / "tokenizer.json", self.backend.to_str(pretty=True))
+        atomic_write_text(out / "tokenizer.json", self.backend.to_str(pretty=True))
         config = {k: v for k, v in self.config.items() if k not in ("chat_template",)}
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         config.update(self.special_tokens)
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         if (out / "chat_template.jinja").exists():
             # A stale template file would shadow the one we just wrote into the config.
             os.unlink(out / "chat_template.jinja")

@@ -12,7 +12,6 @@ a crash at any moment leaves the previous good checkpoint intact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from llmkit.errors import CheckpointError
+from llmkit.fsutil import replace_dir, sha256_file
 
 CKPT_DIR = "checkpoints"
 
@@ -47,14 +47,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,16 +74,10 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    meta = {"step": step, "sha256": _sha256(tmp / "state.pt"), "format": 1}
+    meta = {"step": step, "sha256": sha256_file(tmp / "state.pt"), "format": 1}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. the final save after an eval save)
-        old = root / f".old-{name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)  # re-saving a step (the final save after an eval save) swaps it
     latest_tmp = root / f".latest-{os.getpid()}"
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, root / "latest")
@@ -129,7 +115,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable meta.json: {e}") from None
-    digest = _sha256(state_file)
+    digest = sha256_file(state_file)
     if digest != meta.get("sha256"):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt: state.pt has sha256 {digest[:12]}..., "

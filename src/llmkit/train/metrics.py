@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmkit.fsutil import atomic_write_text
+
 METRIC_KEYS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec")
 
 
@@ -30,9 +32,7 @@ class MetricsLog:
     def truncate(self, step: int) -> None:
         """Forget records after `step` (a resumed run redoes them)."""
         self.records = [r for r in self.records if r["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
