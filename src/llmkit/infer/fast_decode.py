@@ -73,10 +73,13 @@ class Linear:
         self.enabled, self.onednn = enabled, onednn
         self.input_major: Tensor | None = None  # [out, in] values in [in, out]-contiguous storage
         self.packed: Tensor | None = None  # oneDNN blocked layout
+        self.blocks: Tensor | None = None  # [nb, in, out/nb]: column blocks for one batched matmul
 
     def __call__(self, x: Tensor, batch: int) -> Tensor:
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
+        if batch == 1 and torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:
+            return self._blocked(x)
         if batch == 1 or not self.onednn:
             if self.input_major is None:
                 self.input_major = self.weight.detach().t().contiguous().t()
@@ -85,6 +88,22 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _n_blocks(self) -> int:
+        return 8 if self.out_features >= 8192 else 2
+
+    def _blocked(self, x: Tensor) -> Tensor:
+        """Batch-1 matmul as `bmm` over column blocks of W^T: MKL parallelises a single-row product
+        poorly across threads, but spreads the blocks of one `bmm` over all of them."""
+        if self.blocks is None:
+            nb = self._n_blocks()
+            w = self.weight.detach()
+            self.blocks = w.view(nb, self.out_features // nb, self.in_features).transpose(1, 2).contiguous()
+        nb = self.blocks.shape[0]
+        rows = x.reshape(-1, self.in_features)  # [M, in]
+        y = torch.bmm(rows.expand(nb, *rows.shape), self.blocks)  # [nb, M, out/nb]
+        y = y.transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
 class FastDecoder:
