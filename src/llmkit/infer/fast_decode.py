@@ -11,7 +11,9 @@ Matmul kernels on CPU (fp32; measured on the shared 2-core AMD EPYC dev box with
 weights, 101 MB, streamed from memory as in a real decode step):
 - batch 1: `F.linear` on the row-major [out, in] weight that `nn.Linear` keeps runs at ~6 GB/s
   (MKL), the same weight stored input-major ([in, out] contiguous) at 11-13 GB/s, oneDNN packed at
-  ~8 GB/s; so batch 1 uses input-major copies (the lm_head included);
+  ~8 GB/s; so batch 1 uses input-major copies (the lm_head included). With more than one thread,
+  a single row goes through one `bmm` over column blocks of W^T instead: MKL runs a single-row
+  product on one core, `bmm` spreads the blocks over all of them (lm_head 5.1 -> 2.2 ms, 2 threads);
 - batch > 1: oneDNN with weights pre-packed into its blocked layout is 2-4x faster than MKL
   either way (8 rows: 12.7 ms vs 23-59 ms), so larger batches use packed copies.
 Each copy is made on first use and costs one extra copy of the weights (see docs/benchmarks.md);
