@@ -173,3 +173,20 @@ def test_llmkit_family_round_trip(tmp_path, tied):
     with torch.no_grad():
         assert torch.equal(model(ids), back(ids))
     assert (back.lm_head.weight is back.wte.weight) == tied
+
+
+def test_layernorm_without_bias(tmp_path):
+    """norm_bias=False (nanoGPT's bias=False) drops LayerNorm's bias and round-trips as model_type 'llmkit'."""
+    kw = dict(vocab_size=30, n_layer=1, n_head=2, n_embd=16, norm="layernorm", mlp="gelu", activation="gelu",
+              pos="learned", block_size=16)
+    model = llmkit.Transformer(llmkit.ModelConfig(**kw, norm_bias=False)).eval()
+    assert model.ln_f.bias is None
+    x = torch.randn(2, 16)
+    assert torch.allclose(model.ln_f(x), F.layer_norm(x, (16,)) * model.ln_f.weight, atol=1e-6)
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 30, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(llmkit.load_model(tmp_path / "m")(ids), model(ids))
+    with pytest.raises(ConfigError, match="LayerNorm biases"):
+        llmkit.Transformer(llmkit.ModelConfig(**{**kw, "model_type": "gpt2"}, norm_bias=False)).save_pretrained(
+            tmp_path / "g")

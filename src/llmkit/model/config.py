@@ -29,6 +29,7 @@ class ModelConfig:
     block_size: int = 2048  # max positions (learned/sinusoidal tables, context limit)
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm's additive bias (nanoGPT's bias=False drops it)
     mlp: str = "swiglu"  # swiglu | gelu (2-layer MLP)
     activation: str = "silu"  # silu | gelu | gelu_tanh | relu
     pos: str = "rope"  # rope | learned | alibi | sinusoidal | none

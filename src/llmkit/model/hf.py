@@ -117,6 +117,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             d.update(num_local_experts=cfg.n_expert, num_experts_per_tok=cfg.n_expert_per_tok,
                      router_aux_loss_coef=cfg.router_aux_loss_coef)
         return d
+    if mt in ("gpt2", "bert") and not cfg.norm_bias:
+        raise ConfigError(f"model_type {mt!r} has LayerNorm biases; use model_type 'llmkit' for norm_bias=False")
     if mt == "gpt2":
         d.update(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_positions=cfg.block_size,
                  n_inner=cfg.intermediate_size, activation_function=ACT_TO_HF[cfg.activation],
