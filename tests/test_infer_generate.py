@@ -110,3 +110,24 @@ def test_fast_path_follows_weight_updates():
     after = generate(model, [1, 2, 3], 10)
     assert after == generate(model, [1, 2, 3], 10, fast=False)
     assert after != before
+
+
+def test_generate_returns_logprobs_of_a_plain_forward():
+    """return_logprobs: chosen and top-N log-probs equal log_softmax of one forward over prompt + output."""
+    import llmkit
+
+    cfg = llmkit.ModelConfig(model_type="llama", vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                             block_size=64)
+    model = llmkit.Transformer(cfg).eval()
+    prompt = [3, 9, 27, 5]
+    out = llmkit.generate(model, prompt, max_new_tokens=6, temperature=0.7, seed=1, logprobs=3,
+                          return_logprobs=True)
+    assert out.token_ids == llmkit.generate(model, prompt, max_new_tokens=6, temperature=0.7, seed=1, logprobs=3)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt + out.token_ids]))[0].float(), -1)
+    for j, t in enumerate(out.token_ids):
+        row = ref[len(prompt) - 1 + j]
+        assert out.logprobs[j] == pytest.approx(row[t].item(), abs=1e-4)
+        top = row.topk(3)
+        assert [i for i, _ in out.top_logprobs[j]] == top.indices.tolist()
+        assert [v for _, v in out.top_logprobs[j]] == pytest.approx(top.values.tolist(), abs=1e-4)

@@ -34,6 +34,16 @@ class StepOutput:
     token_ids: list[int | None]
     logprobs: list[float | None]
     finish_reasons: list[str | None]  # "stop" | "length" on the step a row finishes
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None  # rows' top-N (id, logprob)
+
+
+@dataclass
+class Generation:
+    """One row's output of `generate(..., return_logprobs=True)`."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # log p(chosen token), from the model's distribution after penalties/bias
+    top_logprobs: list[list[tuple[int, float]]] | None  # per step, the top-N alternatives (SamplingParams.logprobs)
 
 
 def make_params(params: SamplingParams | None = None, **kw: Any) -> SamplingParams:
@@ -154,6 +164,10 @@ class Generator:
             tokens = out.token_ids.tolist()
             lps = out.logprobs.tolist()
             res = StepOutput([None] * self.B, [None] * self.B, [None] * self.B)
+            if out.top_ids is not None:
+                ids_, lps_ = out.top_ids.tolist(), out.top_logprobs.tolist()
+                res.top_logprobs = [list(zip(ids_[i], lps_[i]))[: self.params[i].logprobs or 0] or None
+                                    for i in range(self.B)]
             for i, t in enumerate(tokens):
                 if self.finished[i]:
                     continue
@@ -215,8 +229,9 @@ def generate(
     eos_token_ids: set[int] | list[int] | None = None,
     use_cache: bool = True,
     fast: bool = True,
+    return_logprobs: bool = False,
     **sampling: Any,
-) -> list[int] | list[list[int]]:
+) -> list[int] | list[list[int]] | Generation | list[Generation]:
     """Generate new tokens after each prompt; return only the new ids (list, or list of lists).
 
     `prompt_ids` is a list of ints or a list of lists (different lengths are fine). Sampling
@@ -227,6 +242,8 @@ def generate(
     that ended a row is the last id of its output.
     `use_cache=False` recomputes the whole sequence every step (slow; a reference for tests);
     `fast=False` uses the model's own forward instead of the decode fast path.
+    `return_logprobs=True` returns `Generation`s: ids, the chosen tokens' log-probabilities and,
+    with `logprobs=N`, the top-N alternatives of every step.
     """
     prompts, batched = _as_batch(prompt_ids)
     if params is None:
@@ -239,11 +256,15 @@ def generate(
             raise InputError("stop strings need a tokenizer: use generate_text/stream_text, or stop_token_ids")
     eos = set(eos_token_ids) if eos_token_ids is not None else _eos_from(model)
     gen = Generator(model, prompts, plist, eos, use_cache=use_cache, fast=fast)
-    outs: list[list[int]] = [[] for _ in prompts]
+    rows = [Generation([], [], [] if p.logprobs else None) for p in plist]
     for step in gen:
         for i, t in enumerate(step.token_ids):
             if t is not None:
-                outs[i].append(t)
+                rows[i].token_ids.append(t)
+                rows[i].logprobs.append(step.logprobs[i])
+                if rows[i].top_logprobs is not None:
+                    rows[i].top_logprobs.append(step.top_logprobs[i] if step.top_logprobs else [])
+    outs = rows if return_logprobs else [r.token_ids for r in rows]
     return outs if batched else outs[0]
 
 
