@@ -14,6 +14,8 @@ FAMILIES = {
     "llama-mqa-tied": (T.LlamaConfig, T.LlamaForCausalLM, dict(_DEC, num_key_value_heads=1, tie_word_embeddings=True)),
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(_DEC, num_key_value_heads=2, rope_theta=1e6)),
     "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(_DEC, num_key_value_heads=2, sliding_window=5)),
+    "qwen2-mixed-window": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(_DEC, num_key_value_heads=2, use_sliding_window=True,
+                                                                   sliding_window=4, max_window_layers=1)),
     "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(_DEC, num_key_value_heads=2, num_local_experts=4)),
     "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, dict(n_embd=64, n_layer=2, n_head=4, vocab_size=V, n_positions=64)),
 }

@@ -224,7 +224,7 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [B, S] 1 = token, 0 = padding (S = past + T)
         position_ids: torch.Tensor | None = None,  # [B, T]
         kv_cache: Any = None,
-        attn_mask: torch.Tensor | None = None,  # [B, 1, T, S] bool, overrides the built mask
+        attn_mask: torch.Tensor | dict | None = None,  # [B, 1, T, S] bool (or {window: mask}), overrides the built mask
         num_logits_to_keep: int = 0,  # > 0: only the last positions' logits (generation)
     ) -> torch.Tensor:
         cfg = self.config
@@ -267,17 +267,18 @@ class Transformer(nn.Module):
         return logits
 
     def _masks(self, attention_mask, attn_mask, B, T, S, x) -> dict[int | None, torch.Tensor | None]:
-        """One mask per distinct sliding window; None where plain causal attention is exact."""
+        """One mask per distinct sliding window; None where plain causal attention is exact.
+
+        `attn_mask` from the caller wins: one tensor for every layer, or a dict {window: mask}.
+        """
         out: dict[int | None, torch.Tensor | None] = {}
         for w in {blk.attn.window for blk in self.blocks}:
-            if attn_mask is not None:
-                m = attn_mask
-            elif attention_mask is None and self.alibi_slopes is None and (w is None or S <= w) and (T == 1 or T == S):
-                out[w] = None
-                continue
-            else:
-                m = build_attn_mask(attention_mask, T, S, w, device=x.device, batch_size=B)
-            if self.alibi_slopes is not None:
+            m = attn_mask.get(w) if isinstance(attn_mask, dict) else attn_mask
+            if m is None:  # a dict's None means plain causal attention is exact
+                plain = attn_mask is not None or (attention_mask is None and (w is None or S <= w) and T in (1, S))
+                if not plain or self.alibi_slopes is not None:  # ALiBi always needs its bias
+                    m = build_attn_mask(attention_mask, T, S, w, device=x.device, batch_size=B)
+            if m is not None and self.alibi_slopes is not None:
                 q_pos = torch.arange(S - T, S, device=x.device)[None]
                 k_pos = torch.arange(S, device=x.device)[None]
                 bias = alibi_bias(self.alibi_slopes, q_pos, k_pos).to(x.dtype)  # [1, H, T, S]
