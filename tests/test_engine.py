@@ -25,6 +25,11 @@ HF_CONFIGS = {
     "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=1)),  # MQA + qkv bias
     "mistral": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=8)),  # window < output
     "mixtral": (transformers.MixtralConfig, dict(num_key_value_heads=2, num_local_experts=4)),
+    # layer 0 full attention, layer 1 a window of 6: per-window masks, no block freeing
+    "qwen2-mixed-window": (
+        transformers.Qwen2Config,
+        dict(num_key_value_heads=1, use_sliding_window=True, sliding_window=6, max_window_layers=1),
+    ),
 }
 
 

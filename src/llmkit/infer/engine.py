@@ -227,11 +227,8 @@ class Engine:
         if num_blocks is None:
             num_blocks = self.max_batch_size * -(-self.max_seq_len // block_size)
         windows = {cfg.window_for_layer(i) for i in range(cfg.n_layer)}
-        if len(windows) > 1:  # the model takes one attn_mask for every layer
-            raise InputError(
-                "the engine needs every layer to use the same attention window, but this model mixes "
-                f"sliding-window and full-attention layers ({sorted(windows, key=str)})"
-            )
+        # one window for all layers: blocks that leave it are freed; mixed sliding/full layers keep all
+        free_window = next(iter(windows)) if len(windows) == 1 else None
         p = next(model.parameters())
         self.device = p.device
         head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
@@ -243,8 +240,9 @@ class Engine:
             block_size=block_size,
             dtype=p.dtype,
             device=p.device,
-            sliding_window=windows.pop(),
+            sliding_window=free_window,
             max_chunk=self.prefill_chunk,
+            mask_windows=windows,
         )
         self.eos_token_ids = eos_token_ids(model, tokenizer)
 
@@ -494,10 +492,10 @@ class Engine:
         if self._fast is None and self.fast_decode:  # built once: weights are frozen while serving
             self._fast = _fast_decoder(self.model) or False
         if self._fast:  # same math, fewer ops and pre-packed weights (infer/fast_decode.py)
-            logits = self._fast(x, batch.position_ids, batch, {self.cache.sliding_window: batch.attn_mask})
+            logits = self._fast(x, batch.position_ids, batch, batch.attn_masks)
         else:
             logits = self.model(
-                x, position_ids=batch.position_ids, kv_cache=batch, attn_mask=batch.attn_mask, num_logits_to_keep=1
+                x, position_ids=batch.position_ids, kv_cache=batch, attn_mask=batch.attn_masks, num_logits_to_keep=1
             )[:, -1]
         batch.commit()
         return logits.float()  # [B, V]

@@ -67,11 +67,15 @@ class PagedKVCache:
         device: torch.device | str | None = None,
         sliding_window: int | None = None,
         max_chunk: int = 512,
+        mask_windows: set[int | None] | None = None,
     ):
         if block_size < 1:
             raise InputError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
-        self.sliding_window = sliding_window
+        self.sliding_window = sliding_window  # blocks out of this window are freed
+        # the attention windows masks are built for (models that mix sliding-window and full-attention
+        # layers keep every block: sliding_window=None, mask_windows={None, w})
+        self.mask_windows = set(mask_windows) if mask_windows is not None else {sliding_window}
         self.max_chunk = max_chunk
         shape = (num_blocks, n_kv_head, block_size, head_dim)
         self.k_pool = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
@@ -218,15 +222,18 @@ class PagedBatch:
         # its last real key), optionally a sliding window. None when that is plain causal attention
         # over all S keys for every row, which the model then does without a mask.
         uniform = all(tot == S for tot in totals) and self._all_real and T in (1, S)
-        if uniform and cache.sliding_window is None:
-            self.attn_mask = None
-        else:
+        self.attn_masks: dict[int | None, torch.Tensor | None] = {}  # per attention window
+        for w in cache.mask_windows:
+            if uniform and w is None:
+                self.attn_masks[w] = None
+                continue
             k_idx = torch.arange(S, device=device)[None, None, :]  # [1, 1, S]
             q_pos = self.position_ids[:, :, None]  # [B, T, 1]
             mask = k_idx <= q_pos
-            if cache.sliding_window is not None:
-                mask &= k_idx > q_pos - cache.sliding_window
-            self.attn_mask = mask[:, None]  # [B, 1, T, S]
+            if w is not None:
+                mask &= k_idx > q_pos - w
+            self.attn_masks[w] = mask[:, None]  # [B, 1, T, S]
+        self.attn_mask = self.attn_masks[cache.sliding_window] if len(self.attn_masks) == 1 else None
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values ([B, Hkv, T, D]) and return all keys/values ([B, Hkv, S, D])."""
