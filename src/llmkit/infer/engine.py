@@ -31,7 +31,8 @@ import torch
 
 from llmkit.errors import InputError, LlmkitError
 from llmkit.infer.detok import IncrementalDetokenizer
-from llmkit.infer.generate import _fast_decoder, eos_token_ids
+from llmkit.infer.fast_decode import cached_decoder
+from llmkit.infer.generate import eos_token_ids
 from llmkit.infer.paged_cache import PagedKVCache
 from llmkit.infer.sampling import SamplingParams, sample_next
 from llmkit.infer.stopping import StopChecker
@@ -490,7 +491,7 @@ class Engine:
         T = max(len(c) for c in chunks)
         x = torch.tensor([c + [c[-1]] * (T - len(c)) for c in chunks], dtype=torch.long, device=self.device)
         if self._fast is None and self.fast_decode:  # built once: weights are frozen while serving
-            self._fast = _fast_decoder(self.model) or False
+            self._fast = cached_decoder(self.model) or False
         if self._fast:  # same math, fewer ops and pre-packed weights (infer/fast_decode.py)
             logits = self._fast(x, batch.position_ids, batch, batch.attn_masks)
         else:

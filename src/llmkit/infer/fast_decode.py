@@ -36,10 +36,9 @@ def supports(model: torch.nn.Module) -> bool:
     if not isinstance(model, Transformer):
         return False
     cfg = model.config
-    sc = cfg.rope_scaling or {}
     return (
         cfg.pos == "rope"
-        and sc.get("rope_type", sc.get("type")) != "dynamic"
+        and cfg.rope_type != "dynamic"
         and all(isinstance(b.ln_1, RMSNorm) and isinstance(b.ln_2, RMSNorm) for b in model.blocks)
         and isinstance(model.ln_f, RMSNorm)
         and all(not isinstance(b.mlp, MLP) or b.mlp.swiglu for b in model.blocks)
@@ -163,3 +162,15 @@ class FastDecoder:
                 x = x + down(h)
         x = F.rms_norm(x[:, -1], (C,), self.model.ln_f.weight, self.model.ln_f.eps)  # [B, C]
         return self.lm_head(x, B)  # [B, V]
+
+
+def cached_decoder(model: torch.nn.Module) -> FastDecoder | None:
+    """The model's `FastDecoder`, built once and rebuilt when its weights change; None when the
+    model is not one it covers."""
+    if not supports(model):
+        return None
+    dec = model.__dict__.get("_llmkit_fast_decoder")
+    if dec is None or dec.version != weights_version(model):
+        dec = FastDecoder(model)
+        model.__dict__["_llmkit_fast_decoder"] = dec
+    return dec

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from llmkit.errors import InputError
+from llmkit.infer import fast_decode
 from llmkit.infer.detok import IncrementalDetokenizer
 from llmkit.infer.kv_cache import StaticKVCache
 from llmkit.infer.sampling import SamplingParams, sample_next
@@ -134,7 +135,7 @@ class Generator:
         self.finished = [False] * B
         self.n_generated = 0
         self.cache = StaticKVCache.for_model(model, B, L + self.max_new) if use_cache else None
-        self.fast = _fast_decoder(model) if (fast and use_cache) else None
+        self.fast = fast_decode.cached_decoder(model) if (fast and use_cache) else None
         self.windows = {b.attn.window for b in model.blocks} if self.fast is not None else set()
 
     def _forward(self, ids: Tensor, start: int) -> Tensor:
@@ -166,8 +167,9 @@ class Generator:
             res = StepOutput([None] * self.B, [None] * self.B, [None] * self.B)
             if out.top_ids is not None:
                 ids_, lps_ = out.top_ids.tolist(), out.top_logprobs.tolist()
-                res.top_logprobs = [list(zip(ids_[i], lps_[i]))[: self.params[i].logprobs or 0] or None
-                                    for i in range(self.B)]
+                res.top_logprobs = [
+                    list(zip(ids_[i], lps_[i]))[: self.params[i].logprobs or 0] or None for i in range(self.B)
+                ]
             for i, t in enumerate(tokens):
                 if self.finished[i]:
                     continue
@@ -193,19 +195,6 @@ class Generator:
     def finish(self, i: int) -> None:
         """Stop row i early (e.g. a stop string matched); its slot keeps running but is ignored."""
         self.finished[i] = True
-
-
-def _fast_decoder(model: torch.nn.Module):
-    """The model's cached `FastDecoder`, or None when the model is not one it covers."""
-    from llmkit.infer import fast_decode
-
-    if not fast_decode.supports(model):
-        return None
-    dec = model.__dict__.get("_llmkit_fast_decoder")
-    if dec is None or dec.version != fast_decode.weights_version(model):  # weights changed: rebuild
-        dec = fast_decode.FastDecoder(model)
-        model.__dict__["_llmkit_fast_decoder"] = dec
-    return dec
 
 
 def _as_batch(prompt_ids: list[int] | list[list[int]] | Tensor) -> tuple[list[list[int]], bool]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from llmkit.errors import InputError
 from llmkit.model.config import ModelConfig
-from llmkit.model.transformer import ACTIVATIONS
+from llmkit.model.transformer import ACTIVATIONS, check_token_ids
 
 
 class BertLayer(nn.Module):
@@ -79,10 +79,8 @@ class BertModel(nn.Module):
     ) -> torch.Tensor:
         cfg = self.config
         B, T = input_ids.shape
-        if self.check_inputs and input_ids.numel():
-            lo, hi = torch.aminmax(input_ids)
-            if int(lo) < 0 or int(hi) >= cfg.vocab_size:
-                raise InputError(f"token ids must be in [0, {cfg.vocab_size}), got min {int(lo)}, max {int(hi)}")
+        if self.check_inputs:
+            check_token_ids(input_ids, cfg.vocab_size)
         if T > cfg.block_size:
             raise InputError(f"sequence of {T} tokens exceeds the encoder's {cfg.block_size} positions")
         if token_type_ids is None:

@@ -81,6 +81,12 @@ class ModelConfig:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, list | tuple) else [self.eos_token_id]
 
+    @property
+    def rope_type(self) -> str:
+        """The RoPE scaling kind: default, linear, dynamic or llama3 (HF's old key `type` accepted)."""
+        sc = self.rope_scaling or {}
+        return sc.get("rope_type", sc.get("type", "default"))
+
     def window_for_layer(self, i: int) -> int | None:
         """Sliding-window size of layer `i`, or None for full attention."""
         if self.sliding_window is None:

@@ -247,7 +247,7 @@ def _combine(ts: list[torch.Tensor], op: str) -> torch.Tensor:
     raise AssertionError(op)
 
 
-def _split(t: torch.Tensor, op: str, n: int, sizes: list[int]) -> list[torch.Tensor]:
+def _split(t: torch.Tensor, op: str, sizes: list[int]) -> list[torch.Tensor]:
     if op == "id":
         return [t]
     if op == "cat":
@@ -313,7 +313,7 @@ def llmkit_to_hf(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     prefix = {"gpt2": "transformer.", "bert": ""}.get(cfg.model_type, "model.")
     out = {}
     for ours, hf, op, sizes in _rules(cfg, prefix):
-        for name, t in zip(hf, _split(sd[ours], op, len(hf), sizes)):
+        for name, t in zip(hf, _split(sd[ours], op, sizes)):
             out[name] = t
     return out
 
@@ -417,7 +417,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     return model.eval()
 
 
-def _atomic_dir_write(path: Path, write, keep_foreign: bool = True) -> None:
+def _atomic_dir_write(path: Path, write) -> None:
     """Write a folder via `write(tmp_dir)`, then swap it in; files we do not own are carried over."""
     path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -425,7 +425,7 @@ def _atomic_dir_write(path: Path, write, keep_foreign: bool = True) -> None:
     tmp.mkdir()
     try:
         write(tmp)
-        if path.exists() and keep_foreign:  # keep tokenizer files, READMEs, training state...
+        if path.exists():  # keep tokenizer files, READMEs, training state...
             for f in path.iterdir():
                 if not (tmp / f.name).exists() and not _is_weights_file(f.name):
                     (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)

@@ -17,7 +17,7 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
     d = cfg.head_dim
     base = cfg.rope_theta
     sc = cfg.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
+    kind = cfg.rope_type
     if kind == "dynamic":  # NTK-aware: grow the base once the sequence exceeds the trained length
         orig = sc.get("original_max_position_embeddings") or cfg.block_size
         factor = sc["factor"]

@@ -43,6 +43,14 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise InputError unless every id is in [0, vocab_size) (before any embedding lookup sees it)."""
+    if input_ids.numel():
+        lo, hi = torch.aminmax(input_ids)
+        if int(lo) < 0 or int(hi) >= vocab_size:
+            raise InputError(f"token ids must be in [0, {vocab_size}), got min {int(lo)}, max {int(hi)}")
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -231,10 +239,8 @@ class Transformer(nn.Module):
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be 2-D [batch, seq], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        if self.check_inputs and input_ids.numel():
-            lo, hi = torch.aminmax(input_ids)
-            if int(lo) < 0 or int(hi) >= cfg.vocab_size:
-                raise InputError(f"token ids must be in [0, {cfg.vocab_size}), got min {int(lo)}, max {int(hi)}")
+        if self.check_inputs:
+            check_token_ids(input_ids, cfg.vocab_size)
         past = kv_cache.get_seq_length() if kv_cache is not None and hasattr(kv_cache, "get_seq_length") else 0
         S = past + T
         if position_ids is None:
@@ -251,7 +257,7 @@ class Transformer(nn.Module):
         cos_sin = None
         if self.inv_freq is not None:
             inv_freq = self.inv_freq
-            if (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type")) == "dynamic":
+            if cfg.rope_type == "dynamic":
                 inv_freq = rope_inv_freq(cfg, seq_len=int(position_ids.max()) + 1).to(x.device)
             cos_sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
 
