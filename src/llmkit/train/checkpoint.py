@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from llmkit.errors import CheckpointError
-from llmkit.fsutil import replace_dir, sha256_file
+from llmkit.fsutil import atomic_write_text, replace_dir, sha256_file
 
 CKPT_DIR = "checkpoints"
 
@@ -78,9 +78,7 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _fsync_dir(tmp)
     replace_dir(tmp, final)  # re-saving a step (the final save after an eval save) swaps it
-    latest_tmp = root / f".latest-{os.getpid()}"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, root / "latest")
+    atomic_write_text(root / "latest", name + "\n")
     _fsync_dir(root)
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p != final)
     for old in done[: max(0, len(done) - keep)]:
