@@ -40,9 +40,11 @@ class StaticKVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> StaticKVCache:
-        """A cache sized for `model` (a `Transformer`), in the dtype/device of its weights."""
+        """A cache sized for `model` (a `Transformer`), in the dtype/device of its weights; a
+        prompt-tuned model gets room for its virtual tokens too."""
         cfg = model.config
         w = next(model.parameters())
+        max_len += getattr(model, "num_virtual_tokens", 0)
         return cls(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len, w.dtype, w.device)
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

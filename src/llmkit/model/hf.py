@@ -380,10 +380,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+def load_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    adapter: str | os.PathLike | None = None,
+):
     """Load a Hugging Face model folder (or hub id) as an llmkit model in eval mode.
 
     dtype defaults to float32 on CPU and to the checkpoint's dtype on an accelerator.
+    `adapter`: a PEFT adapter folder (LoRA or prompt tuning) applied on top of the base weights.
     """
     from llmkit.model.bert import BertModel
     from llmkit.model.transformer import Transformer
@@ -414,6 +420,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
         model.lm_head.weight = model.wte.weight
     model.init_buffers(device)
     model.name_or_path = str(p)
+    if adapter is not None:
+        from llmkit.model.adapters import load_adapter
+
+        model = load_adapter(model, adapter)
+        model.name_or_path = str(p)
     return model.eval()
 
 
