@@ -110,7 +110,6 @@ def save_lora(model: nn.Module, out: str | Path, cfg: LoRAConfig, name: str = "d
         "use_dora": False,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "llmkit_targets": cfg.targets,
     }
     _atomic_write(Path(out), config, tensors)
 

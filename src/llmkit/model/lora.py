@@ -240,3 +240,22 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def lora_parameters(model: nn.Module, name: str = "default") -> dict[str, nn.Parameter]:
     """The adapter's parameters by module name: {'blocks.0.attn.qkv.adapters.default.lora_A.q': ...}."""
     return {n: p for n, p in model.named_parameters() if f".adapters.{name}." in n}
+
+
+def merge_adapter(base: str, adapter: str, out: str) -> nn.Module:
+    """Load `base` with LoRA folder `adapter`, merge, and write a plain model folder (tokenizer included)."""
+    from llmkit.errors import CheckpointError
+    from llmkit.model.adapters import adapter_type
+    from llmkit.model.hf import load_model
+
+    if adapter_type(adapter) != "LORA":
+        raise CheckpointError(f"{adapter} is not a LoRA adapter; only LoRA folds into the weights")
+    model = merge_lora(load_model(base, adapter=adapter))
+    model.save_pretrained(out)
+    try:
+        from llmkit.tokenizer import load_tokenizer
+
+        load_tokenizer(base).save(out)
+    except Exception:  # noqa: BLE001 - a base folder without tokenizer files still merges
+        pass
+    return model
