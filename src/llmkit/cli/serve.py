@@ -25,13 +25,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="max tokens one request may generate")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is cut off")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter folder under model name NAME (repeatable; one shared batch)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmkit.errors import ConfigError
     from llmkit.serve import load_state, serve
 
+    lora = {}
+    for spec in args.lora:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--lora {spec!r}: expected NAME=DIR (a model name and a LoRA adapter folder)")
+        lora[name] = folder
     state = load_state(
         args.model,
         embedding_model=args.embedding_model,
@@ -44,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         request_timeout=args.request_timeout,
         device=args.device,
+        lora=lora,
     )
     print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
     serve(state, host=args.host, port=args.port, log_level=args.log_level)

@@ -199,6 +199,14 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the LoRA adapters loaded into `model`, in the order they were added."""
+    names: dict[str, None] = {}
+    for m in lora_modules(model).values():
+        names.update(dict.fromkeys(m.adapters))
+    return list(names)
+
+
 def add_lora(model: nn.Module, cfg: LoRAConfig, name: str = "default") -> nn.Module:
     """Wrap the targeted projections of `model` in LoRALinear (once) and add adapter `name`; activate it."""
     added = 0

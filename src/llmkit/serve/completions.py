@@ -111,7 +111,8 @@ def _add_generated(state: ServerState, lp: _LegacyLogprobs, s: SequenceState, st
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request):
     state: ServerState = request.app.state.llmkit
-    state.require_generator(body.model)
+    adapter = state.require_generator(body.model)
+    served = adapter or state.model_name
     if body.best_of is not None and body.best_of != body.n:
         raise APIError("best_of is not supported (only best_of == n)", 400, param="best_of")
     if body.suffix:
@@ -129,7 +130,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     scored: list[list[tuple[float | None, list | None]]] = []
     if body.echo and want_lp:
         for ids in prompt_ids:
-            scored.append(await asyncio.to_thread(state.engine.prompt_logprobs, ids, top_n))
+            scored.append(await asyncio.to_thread(state.engine.prompt_logprobs, ids, top_n, adapter))
 
     rid, created = new_id("cmpl"), int(time.time())
     n = body.n
@@ -139,7 +140,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         jobs = [
             (s.prompt_ids, sampling_params(body, max_tokens, top_n if want_lp else None, s.index % n)) for s in states
         ]
-        handles = submit_all(state.engine, jobs, rid)
+        handles = submit_all(state.engine, jobs, rid, adapter)
     else:
         for s in states:
             s.finish_reason = "length"
@@ -152,7 +153,7 @@ async def create_completion(body: CompletionRequest, request: Request):
             "id": rid,
             "object": "text_completion",
             "created": created,
-            "model": state.model_name,
+            "model": served,
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         }
 
@@ -212,7 +213,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         "id": rid,
         "object": "text_completion",
         "created": created,
-        "model": state.model_name,
+        "model": served,
         "choices": choices,
         "usage": usage(),
     }

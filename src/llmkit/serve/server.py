@@ -40,11 +40,13 @@ def load_state(
     request_timeout: float | None = None,
     dtype: Any = None,
     device: str | None = None,
+    lora: dict[str, str] | None = None,
 ) -> ServerState:
     """Load `model` (a Hugging Face or llmkit folder) and its tokenizer into a `ServerState`.
 
     A decoder gets a continuous-batching `Engine`; an encoder (BERT) serves embeddings only.
-    `api_key` defaults to $LLMKIT_API_KEY.
+    `api_key` defaults to $LLMKIT_API_KEY. `lora` maps request model names to LoRA adapter folders:
+    requests for them and for the base share one continuous batch (multi-LoRA).
     """
     from llmkit.infer.engine import Engine
     from llmkit.model.hf import load_model
@@ -60,6 +62,15 @@ def load_state(
     net = load_model(path, dtype=dtype, device=device)
     tokenizer = load_tokenizer(path)
     name = served_model_name or path.resolve().name
+    for adapter_name, folder in (lora or {}).items():
+        from llmkit.model.adapters import load_lora
+        from llmkit.model.lora import set_active_adapter
+
+        if adapter_name == name or not adapter_name:
+            raise ConfigError(f"--lora {adapter_name}={folder}: the name must be non-empty and differ from the "
+                              f"base model's '{name}'")
+        load_lora(net, folder, adapter_name)
+        set_active_adapter(net, None)  # requests choose their adapter
     engine = embedder = None
     emb_name = None
     if _is_encoder(net):
@@ -87,6 +98,7 @@ def load_state(
         api_key=api_key or os.environ.get(API_KEY_ENV) or None,
         max_tokens=max_tokens,
         request_timeout=request_timeout,
+        adapters=list(lora or {}),
     )
 
 

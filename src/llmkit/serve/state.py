@@ -30,6 +30,7 @@ class ServerState:
     max_tokens: int | None = None
     request_timeout: float | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters served beside the base (multi-LoRA)
     metrics: ServerMetrics = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -37,13 +38,15 @@ class ServerState:
             self.metrics = ServerMetrics(self.engine.stats if self.engine is not None else None)
 
     def model_names(self) -> list[str]:
-        names = [self.model_name] if self.engine is not None else []
+        names = [self.model_name, *self.adapters] if self.engine is not None else []
         if self.embedder is not None:
             names.append(self.embedding_model_name or self.model_name)
         return names
 
-    def require_generator(self, name: str) -> None:
-        """404 unless `name` is the generative model served here."""
+    def require_generator(self, name: str) -> str | None:
+        """The LoRA adapter `name` selects (None: the base model); 404 unless it is served here."""
+        if self.engine is not None and name in self.adapters:
+            return name
         if self.engine is None or name != self.model_name:
             hint = (
                 f"; this server generates with '{self.model_name}'"
@@ -58,6 +61,7 @@ class ServerState:
                     code="model_not_supported",
                 )
             raise APIError(f"the model '{name}' does not exist{hint}", 404, param="model", code="model_not_found")
+        return None
 
     def deadline(self) -> float | None:
         return time.monotonic() + self.request_timeout if self.request_timeout else None
