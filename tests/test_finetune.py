@@ -185,7 +185,7 @@ def test_prompt_tuning_round_trips_with_peft(base, tmp_path):
 
 
 METHOD_OPTS = {
-    "lora": dict(lora_r=4, lora_targets="q,v,down"),
+    "lora": dict(lora_r=4, lora_targets="q,v,down", activation_checkpointing=True),
     "prompt-tuning": dict(num_virtual_tokens=4, prompt_tuning_init_text="sort the words"),
     "full": dict(),
     "freeze": dict(freeze_layers=1),

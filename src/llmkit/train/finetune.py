@@ -140,6 +140,8 @@ class Finetuner(Trainer):
                  eval_interval: int | None = None, warmup_steps: int | None = None) -> None:
         """`max_steps`, `eval_interval`, `warmup_steps` left None are derived from the data size."""
         ft.check()
+        if opt.strategy == "fsdp":
+            raise ConfigError("finetune runs single-process or DDP (torchrun); FSDP is for pretraining")
         self.ft = ft
         self.t_max_steps, self.t_eval_interval, self.t_warmup = max_steps, eval_interval, warmup_steps
         cfg = TrainConfig(model={"preset": None}, train=opt, out_dir=str(out_dir))
