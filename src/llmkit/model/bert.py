@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from llmkit.errors import InputError
 from llmkit.model.config import ModelConfig
-from llmkit.model.transformer import ACTIVATIONS, check_token_ids
+from llmkit.model.layers import ACTIVATIONS, check_token_ids
 
 
 class BertLayer(nn.Module):

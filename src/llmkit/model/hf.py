@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmkit.errors import CheckpointError, ConfigError
-from llmkit.fsutil import replace_dir
+from llmkit.fsutil import write_dir
 from llmkit.model.config import ModelConfig
 
 ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -417,23 +415,6 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     return model.eval()
 
 
-def _atomic_dir_write(path: Path, write) -> None:
-    """Write a folder via `write(tmp_dir)`, then swap it in; files we do not own are carried over."""
-    path = path.resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if path.exists():  # keep tokenizer files, READMEs, training state...
-            for f in path.iterdir():
-                if not (tmp / f.name).exists() and not _is_weights_file(f.name):
-                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _is_weights_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin")) or name in ("model.safetensors.index.json", "config.json")
 
@@ -476,4 +457,4 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_s
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    _atomic_dir_write(Path(path), write)
+    write_dir(Path(path), write, carry_over=lambda name: not _is_weights_file(name))

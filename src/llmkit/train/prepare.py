@@ -62,7 +62,7 @@ def _fingerprint(files: list[Path], tokenizer: str, vocab_size: int, val_fractio
 
 
 def _texts(files: list[Path]):
-    from llmkit.data.sources import iter_documents
+    from llmkit.text.sources import iter_documents
 
     for doc in iter_documents(files):
         yield doc.text
@@ -93,7 +93,7 @@ def prepare_text(
 ) -> TokenData:
     """Tokenize raw text into `out_dir` (reused when prepared from the same files and settings)."""
     from llmkit.data.prepare import prepare
-    from llmkit.data.sources import expand_inputs
+    from llmkit.text.sources import expand_inputs
 
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={val_fraction} must be in [0, 1)")
