@@ -33,7 +33,6 @@ def embed(model_or_path, texts: list[str], tokenizer=None, batch_size: int = 32,
 
     `model_or_path` is a model folder (loaded with its tokenizer) or a loaded encoder plus `tokenizer`.
     """
-
     if isinstance(texts, str):
         texts = [texts]
     if not texts:

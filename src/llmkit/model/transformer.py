@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import InputError
+from llmkit.model import hf
 from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
 from llmkit.model.layers import ACTIVATIONS, check_token_ids, make_norm
@@ -275,12 +276,11 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
         """Write a Hugging Face folder (config.json + safetensors) atomically."""
-        from llmkit.model.hf import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        hf.save_pretrained(self, path, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str | None = None):
-        from llmkit.model.hf import load_model
+        return hf.load_model(path, dtype=dtype, device=device)
 
-        return load_model(path, dtype=dtype, device=device)
+
+hf.MODEL_CLASSES["decoder"] = Transformer
