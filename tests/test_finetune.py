@@ -16,7 +16,7 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.lora import LoRAConfig, add_lora, merge_lora
 from llmkit.model.prompt_tuning import PromptTuningModel
 from llmkit.model.transformer import Transformer
-from llmkit.train.finetune import finetune
+from llmkit.train.finetune import finetune, sft_forward
 from llmkit.train.metrics import read_metrics
 from llmkit.train.trainer import lm_loss
 
@@ -102,8 +102,7 @@ def test_packed_and_unpacked_losses_agree(base):
     loss_a = lm_loss(model(a["input_ids"]), a["targets"], reduction="sum")
     b = collate_packed([exs[:3], exs[3:]])
     assert b["input_ids"].shape[0] == 2
-    loss_b = lm_loss(model(b["input_ids"], position_ids=b["position_ids"], attn_mask=b["attn_mask"]),
-                     b["targets"], reduction="sum")
+    loss_b = lm_loss(sft_forward(model, b), b["targets"], reduction="sum")
     assert int((a["targets"] != IGNORE).sum()) == int((b["targets"] != IGNORE).sum())
     torch.testing.assert_close(loss_a, loss_b, atol=1e-4, rtol=1e-5)
 
@@ -181,7 +180,9 @@ def test_prompt_tuning_round_trips_with_peft(base, tmp_path):
         # generation with the KV cache matches recomputing the whole sequence
         fast = llmkit.generate(lk, x[0].tolist(), max_new_tokens=4)
         slow = llmkit.generate(lk, x[0].tolist(), max_new_tokens=4, use_cache=False)
-    assert fast == slow
+        batched = llmkit.generate(lk, [x[0].tolist(), x[1, :3].tolist()], max_new_tokens=4)  # left-padded
+        alone = llmkit.generate(lk, x[1, :3].tolist(), max_new_tokens=4)
+    assert fast == slow == batched[0] and batched[1] == alone
 
 
 METHOD_OPTS = {

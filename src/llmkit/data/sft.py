@@ -228,8 +228,8 @@ def pack_rows(examples: list[SFTExample], max_seq_len: int) -> list[list[SFTExam
 
 
 def collate_packed(rows: list[list[SFTExample]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Packed batch: examples side by side in a row, positions restarting at 0 for each, and a
-    block-diagonal causal attn_mask [B, 1, T, T] so no token attends across examples."""
+    """Packed batch: examples side by side in a row, positions restarting at 0 for each, and
+    segment_ids [B, T] (k for the row's k-th example, -1 padding): attention stays inside a segment."""
     T = max(sum(len(e.input_ids) - 1 for e in row) for row in rows)
     B = len(rows)
     x = torch.full((B, T), pad_id, dtype=torch.long)
@@ -245,10 +245,7 @@ def collate_packed(rows: list[list[SFTExample]], pad_id: int = 0) -> dict[str, t
             pos[b, c : c + n] = torch.arange(n)
             seg[b, c : c + n] = k
             c += n
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    same = seg[:, :, None] == seg[:, None, :]  # [B, T, T]
-    mask = (same & causal) | torch.eye(T, dtype=torch.bool)  # padding attends to itself only (no NaN)
-    return {"input_ids": x, "targets": y, "position_ids": pos, "attn_mask": mask[:, None]}
+    return {"input_ids": x, "targets": y, "position_ids": pos, "segment_ids": seg}
 
 
 class SFTBatches:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from llmkit.errors import CheckpointError
+from llmkit.fsutil import write_dir
 from llmkit.model.lora import LoRAConfig, LoRALinear, lora_modules, projection_sites, set_active_adapter
 from llmkit.model.prompt_tuning import PromptTuningModel
 
@@ -48,14 +49,12 @@ def _module_map(model: nn.Module) -> dict[str, tuple[str, str]]:
 def _atomic_write(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    from llmkit.model.hf import _atomic_dir_write
-
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_NAME,
                   metadata={"format": "pt"})
 
-    _atomic_dir_write(Path(out), write)
+    write_dir(Path(out), write, carry_over=lambda name: name not in (CONFIG_NAME, WEIGHTS_NAME))
 
 
 # ---------------------------------------------------------------------------- LoRA

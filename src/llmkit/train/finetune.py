@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from llmkit.errors import CheckpointError, ConfigError
+from llmkit.model.attention import AttnMeta
 from llmkit.train.config import OptimConfig, TrainConfig
 from llmkit.train.trainer import Trainer, TrainResult, lm_loss
 
@@ -244,8 +245,7 @@ class Finetuner(Trainer):
         b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         y = b.pop("targets")
         self.step_tokens += int((b["input_ids"] != self.pad_id).sum()) * self.dist.world_size
-        logits = self.model(**b)  # [B, T, V]
-        return lm_loss(logits, y, self.t.label_smoothing)
+        return lm_loss(sft_forward(self.model, b), y, self.t.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", full: bool = False) -> float:
@@ -307,6 +307,15 @@ class Finetuner(Trainer):
         result.total_params = sum(p.numel() for p in self.raw_model.parameters())
         result.truncated = self.truncated
         return result
+
+
+def sft_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, T, V] of a collated SFT batch; a packed one (segment_ids) attends within each example."""
+    if "segment_ids" not in batch:
+        return model(batch["input_ids"])
+    pos, seg = batch["position_ids"], batch["segment_ids"]
+    meta = AttnMeta(pos, pos.shape[1], segment_ids=seg)
+    return model(batch["input_ids"], position_ids=pos, attn_meta=meta)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
