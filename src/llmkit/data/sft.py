@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from llmkit.errors import InputError
+from llmkit.tokenizer.chat_template import CHATML_TEMPLATE
 
 IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ignore_index)
 FORMATS = ("chat", "alpaca", "prompt_completion")
@@ -126,8 +127,6 @@ def read_sft_jsonl(path: str | Path) -> Iterator[tuple[list[dict[str, Any]], dic
 
 def chat_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, **kw: Any) -> list[int]:
     """Token ids of a chat rendered with the tokenizer's chat template (ChatML when it has none)."""
-    from llmkit.tokenizer.chat_template import CHATML_TEMPLATE
-
     template = tokenizer.chat_template or CHATML_TEMPLATE
     if hasattr(tokenizer, "encode_chat"):  # message contents encoded as plain text (no forged turns)
         return tokenizer.encode_chat(messages, add_generation_prompt, chat_template=template, **kw)

@@ -244,7 +244,7 @@ def load_model(
     model.init_buffers(device)
     model.name_or_path = str(p)
     if adapter is not None:
-        from llmkit.model.adapters import load_adapter
+        from llmkit.model.adapters import load_adapter  # adapters build on this module's loader
 
         model = load_adapter(model, adapter)
         model.name_or_path = str(p)

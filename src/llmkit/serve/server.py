@@ -49,7 +49,9 @@ def load_state(
     requests for them and for the base share one continuous batch (multi-LoRA).
     """
     from llmkit.infer.engine import Engine
+    from llmkit.model.adapters import load_lora
     from llmkit.model.hf import load_model
+    from llmkit.model.lora import set_active_adapter
     from llmkit.tokenizer import load_tokenizer
 
     path = Path(model)
@@ -63,9 +65,6 @@ def load_state(
     tokenizer = load_tokenizer(path)
     name = served_model_name or path.resolve().name
     for adapter_name, folder in (lora or {}).items():
-        from llmkit.model.adapters import load_lora
-        from llmkit.model.lora import set_active_adapter
-
         if adapter_name == name or not adapter_name:
             raise ConfigError(f"--lora {adapter_name}={folder}: the name must be non-empty and differ from the "
                               f"base model's '{name}'")
