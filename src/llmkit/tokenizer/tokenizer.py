@@ -49,8 +49,6 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-
-
 def _encode(backend: _HFTokenizer, text: str, add_special_tokens: bool):
     """One `tokenizers.Encoding` (ids and character offsets); long texts through the GIL-free path."""
     if len(text) >= GIL_FREE_CHARS:
