@@ -118,12 +118,11 @@ async def create_completion(body: CompletionRequest, request: Request):
         raise APIError("suffix (insertion) is not supported by this model", 400, param="suffix")
     t_start = time.monotonic()
     check_logit_bias(body, state.tokenizer.vocab_size)
-    n_prompts = (
-        len(body.prompt) if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) else 1
-    )
+    p = body.prompt
+    n_prompts = len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
     echo_only = body.echo and body.max_tokens == 0
-    if not echo_only:
-        state.admit(n_prompts * body.n)  # before tokenizing: a request that can never run costs nothing
+    if not echo_only:  # admitted before tokenizing: a request that can never run costs nothing
+        state.admit(n_prompts * body.n, param="n" if body.n > 1 else "prompt")
     prompt_ids, prompt_texts = await asyncio.to_thread(normalize_prompts, state, body.prompt)  # off the event loop
     allowed = [state.check_context(len(ids), body.max_tokens, echo_only=echo_only) for ids in prompt_ids]
     max_tokens = min(allowed) if body.max_tokens is None else body.max_tokens

@@ -44,7 +44,7 @@ class ScoringQueue:
     async def score(self, state: ServerState, prompts: list[list[int]], top_n: int) -> list[list]:
         """Per-prompt `Engine.prompt_logprobs`, after `state.admit(len(prompts))`."""
         k = len(prompts)
-        state.admit(k)
+        state.admit(k, param="prompt")
         if self._lock is None:
             self._lock = asyncio.Lock()
         self.queued += k
@@ -100,16 +100,16 @@ class ServerState:
         s["queued"] += self.scoring.queued
         return s
 
-    def admit(self, k: int) -> None:
-        """Admission control for a request of `k` sequences: 400 if it can never be queued, 429
-        (retry later) if the queue cannot take it now."""
+    def admit(self, k: int, param: str = "n") -> None:
+        """Admission control for a request of `k` sequences: 400 (naming `param`) if it can never
+        be queued, 429 (retry later) if the queue cannot take it now."""
         cap = self.engine.max_queue
         if k > cap:
             raise APIError(
                 f"this request needs {k} sequences (prompts x n) but the server queues at most {cap} at once "
                 f"(--max-queue); lower n or send fewer prompts per request",
                 400,
-                param="n",
+                param=param,
             )
         queued = self.engine.stats()["queued"] + self.scoring.queued
         if queued + k > cap:

@@ -303,12 +303,13 @@ class Tokenizer:
         variables = {**self.special_tokens, **kwargs}
         text, spans = _render_with_spans(template, messages, add_generation_prompt, variables)
         enc = _encode(self.backend, text, add_special_tokens=False)
-        special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        special = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
 
         def in_message(a: int, b: int) -> bool:
             return any(a < e and s < b for s, e in spans)
 
-        marks = [(i, a, b) for i, (a, b) in zip(enc.ids, enc.offsets) if i in special]
+        # special ids matched from their string in the text (not e.g. byte-fallback pieces of a character)
+        marks = [(i, a, b) for i, (a, b) in zip(enc.ids, enc.offsets) if i in special and special[i] in text[a:b]]
         if not any(in_message(a, b) for _, a, b in marks):
             return enc.ids  # nothing typed inside a message looked like a special token
         ids: list[int] = []
