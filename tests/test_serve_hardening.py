@@ -283,7 +283,7 @@ def test_large_prompt_does_not_stall_health(srv):
 
     def big():
         t0 = time.monotonic()
-        result["r"] = _post(srv, "/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 1}, timeout=120)
+        result["r"] = _post(srv, "/tokenize", {"prompt": text}, timeout=120)
         result["t"] = time.monotonic() - t0
 
     t = threading.Thread(target=big)
@@ -295,9 +295,12 @@ def test_large_prompt_does_not_stall_health(srv):
         latencies.append(time.monotonic() - t0)
         time.sleep(0.05)
     t.join()
-    _error(result["r"], 400, "messages/prompt")  # too long for the context, found by tokenizing
+    assert result["r"].json()["count"] == len(srv.state.tokenizer.encode(text))
     print(f"big request {result['t']:.2f}s, /health max {max(latencies):.3f}s over {len(latencies)} calls")
     assert len(latencies) >= 3 and max(latencies) < max(0.5 * result["t"], 0.3), (latencies, result["t"])
+    # a completion prompt far beyond the context is refused after tokenizing a prefix only
+    err = _error(_post(srv, "/v1/completions", {"model": MODEL, "prompt": text * 5, "max_tokens": 1}), 400)
+    assert err["code"] == "context_length_exceeded" and "more than" in err["message"]
     _healthy(srv)
 
 

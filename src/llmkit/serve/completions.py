@@ -44,7 +44,7 @@ def normalize_prompts(state: ServerState, prompt: Any) -> tuple[list[list[int]],
     ids, texts = [], []
     for p in prompt:
         if isinstance(p, str):
-            ids.append(state.tokenizer.encode(p, add_special_tokens=True))
+            ids.append(state.encode_prompt(p, add_special_tokens=True))
             texts.append(p)
         else:
             check_token_ids(p, state.tokenizer.vocab_size)

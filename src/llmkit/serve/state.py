@@ -13,6 +13,9 @@ from llmkit.serve.errors import APIError
 from llmkit.serve.metrics import ServerMetrics
 
 
+PROMPT_CHARS_PER_TOKEN = 32  # a text prompt longer than (context + 2) * this is checked on a prefix first
+
+
 @dataclass
 class ServerLimits:
     """What one client may ask of the server (docs/serving.md, "Limits and security").
@@ -188,6 +191,22 @@ class ServerState:
                 code="context_length_exceeded",
             )
         return max_tokens
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt. A text far longer than the context is rejected after
+        tokenizing a prefix only, so a megabyte prompt costs milliseconds, not seconds."""
+        cap = (self.max_seq_len + 2) * PROMPT_CHARS_PER_TOKEN
+        if len(text) > cap:
+            head = self.tokenizer.encode(text[:cap], add_special_tokens=add_special_tokens)
+            if len(head) > self.max_seq_len + 1:  # cutting the text changes at most one token
+                raise APIError(
+                    f"this model's maximum context length is {self.max_seq_len} tokens, but the prompt has more "
+                    f"than {len(head) - 1} tokens ({len(text)} characters); shorten the prompt",
+                    400,
+                    param="messages/prompt",
+                    code="context_length_exceeded",
+                )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token, as the `tokens` / `top_logprobs` keys show it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from llmkit.serve.errors import APIError
 from llmkit.serve.protocol import DetokenizeRequest, TokenizeRequest
@@ -52,7 +53,8 @@ async def tokenize(body: TokenizeRequest, request: Request):
         ids = await asyncio.to_thread(tok.encode_chat, messages, body.add_generation_prompt)
     else:
         ids = await asyncio.to_thread(tok.encode, body.prompt, body.add_special_tokens)
-    return {"tokens": ids, "count": len(ids), "max_model_len": state.max_seq_len}
+    # a JSONResponse skips FastAPI's per-item encoding: a long token list serializes in milliseconds
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.max_seq_len})
 
 
 @router.post("/detokenize")
