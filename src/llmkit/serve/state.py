@@ -12,7 +12,6 @@ from llmkit.infer.sampling import SamplingParams
 from llmkit.serve.errors import APIError
 from llmkit.serve.metrics import ServerMetrics
 
-
 PROMPT_CHARS_PER_TOKEN = 32  # a text prompt longer than (context + 2) * this is checked on a prefix first
 
 
