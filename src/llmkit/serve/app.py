@@ -67,13 +67,16 @@ class AuthAndMetricsMiddleware:
 
         body_left = True
         received = 0
+        body_deadline: float | None = None  # the whole body must arrive within body_timeout
 
         async def limited_receive():
-            nonlocal body_left, received
+            nonlocal body_left, received, body_deadline
             if not body_left or rejected:  # the body is in: the app may wait for a disconnect
                 return await receive()
+            now = asyncio.get_running_loop().time()
+            body_deadline = body_deadline or now + limits.body_timeout
             try:
-                message = await asyncio.wait_for(receive(), timeout=limits.body_timeout)
+                message = await asyncio.wait_for(receive(), timeout=max(body_deadline - now, 0.0))
             except asyncio.TimeoutError:
                 await reject(408, f"the request body did not arrive within {limits.body_timeout:g} s", "timeout")
                 return {"type": "http.disconnect"}

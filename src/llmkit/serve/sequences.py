@@ -72,7 +72,7 @@ async def merged_events(
 
     Stops early, cancelling every handle, when the client disconnects (the iterator just ends),
     the deadline passes (raises a 504 `APIError`) or the server's shutdown deadline passes
-    (`server.shutdown_deadline`, a 503). Handles are always cancelled on exit, which is a no-op
+    (`server.check_shutdown()`, a 503). Handles are always cancelled on exit, which is a no-op
     for finished ones, so an abandoned request never keeps its batch slot.
     """
     queue: asyncio.Queue = asyncio.Queue()
@@ -102,14 +102,8 @@ async def merged_events(
             now = time.monotonic()
             if deadline is not None and now > deadline:
                 raise APIError("the request timed out before generation finished", 504, code="timeout")
-            stop_at = getattr(server, "shutdown_deadline", None)
-            if stop_at is not None and now > stop_at:
-                raise APIError(
-                    "the server is shutting down and its graceful timeout ran out before generation finished; "
-                    "retry on another replica or later",
-                    503,
-                    code="shutting_down",
-                )
+            if server is not None:
+                server.check_shutdown()  # 503 once the graceful timeout is about to run out
             if item is None or now - last_check >= POLL_S:
                 last_check = now
                 if request is not None and await request.is_disconnected():

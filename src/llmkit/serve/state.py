@@ -50,19 +50,25 @@ class ScoringQueue:
         if self._lock is None:
             self._lock = asyncio.Lock()
         self.queued += k
-        waiting = True
         try:
-            async with self._lock:
-                self.queued -= k
-                waiting = False
-                self.running += k
+            while True:  # wait for our turn, but not past the server's shutdown deadline
                 try:
-                    return [await asyncio.to_thread(state.engine.prompt_logprobs, ids, top_n) for ids in prompts]
-                finally:
-                    self.running -= k
+                    await asyncio.wait_for(self._lock.acquire(), timeout=0.25)
+                    break
+                except asyncio.TimeoutError:
+                    state.check_shutdown()
         finally:
-            if waiting:
-                self.queued -= k
+            self.queued -= k
+        self.running += k
+        try:
+            out = []
+            for ids in prompts:
+                state.check_shutdown()
+                out.append(await asyncio.to_thread(state.engine.prompt_logprobs, ids, top_n))
+            return out
+        finally:
+            self.running -= k
+            self._lock.release()
 
 
 @dataclass
@@ -120,6 +126,16 @@ class ServerState:
                 429,
                 code="queue_full",
                 headers={"Retry-After": "1"},
+            )
+
+    def check_shutdown(self) -> None:
+        """503 once the shutdown deadline has passed (see `begin_shutdown`)."""
+        if self.shutdown_deadline is not None and time.monotonic() > self.shutdown_deadline:
+            raise APIError(
+                "the server is shutting down and its graceful timeout ran out before this request finished; "
+                "retry on another replica or later",
+                503,
+                code="shutting_down",
             )
 
     def begin_shutdown(self) -> None:
