@@ -126,11 +126,10 @@ def read_sft_jsonl(path: str | Path) -> Iterator[tuple[list[dict[str, Any]], dic
 
 
 def chat_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, **kw: Any) -> list[int]:
-    """Token ids of a chat rendered with the tokenizer's chat template (ChatML when it has none)."""
+    """Token ids of a chat rendered with the tokenizer's chat template (ChatML when it has none);
+    message contents are encoded as plain text, so no example can forge a turn (`encode_chat`)."""
     template = tokenizer.chat_template or CHATML_TEMPLATE
-    if hasattr(tokenizer, "encode_chat"):  # message contents encoded as plain text (no forged turns)
-        return tokenizer.encode_chat(messages, add_generation_prompt, chat_template=template, **kw)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt, tokenize=True, chat_template=template, **kw)
+    return tokenizer.encode_chat(messages, add_generation_prompt, chat_template=template, **kw)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
