@@ -325,7 +325,7 @@ class Parallel:
         coord = self.mesh.get_coordinate()
         self.pp_rank, self.tp_rank = coord[0], coord[3]
         self.dp_rank = coord[1] * lay.dp_shard + coord[2]
-        self.grad_accum, self.label_smoothing = grad_accum, label_smoothing
+        self.grad_accum, self.label_smoothing, self.batch_size = grad_accum, label_smoothing, batch_size
         self.zero = pc.zero or 3
         self.use_fsdp = lay.dp > 1 or pc.zero is not None or pc.offload
         self.loss_parallel = lay.tp > 1 and lay.pp == 1
@@ -418,9 +418,8 @@ class Parallel:
     def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """Summed next-token loss and target count of a batch (0, 0 on ranks without the loss)."""
         if self.schedule is not None:
-            B = x.shape[0]
-            if B % self.n_microbatches:  # pad with ignored rows: the stages expect fixed shapes
-                pad = self.n_microbatches - B % self.n_microbatches
+            pad = self.batch_size - x.shape[0]
+            if pad > 0:  # pad with ignored rows: the stages were built for one micro-batch shape
                 x = torch.cat([x, x[:1].expand(pad, -1)])
                 y = torch.cat([y, torch.full_like(y[:1], -100).expand(pad, -1)])
             losses: list[torch.Tensor] = []

@@ -1,0 +1,250 @@
+"""Scale on paper: memory per GPU, communication per step and MFU for a model and a parallel layout.
+
+The same formulas are checked in tests/test_train_parallel.py against the bytes each rank really
+holds on small models. Counts follow llmkit's training recipe: fp32 parameters and gradients,
+AdamW's two fp32 moments, autocast activations (`act_bytes`: 2 for bf16, 4 for fp32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmkit.errors import ConfigError
+
+# Reference shapes (Llama 2 7B / 70B; a Kimi-K2-like 1T-parameter MoE) for `--params`
+SHAPES: dict[str, dict[str, Any]] = {
+    "7b": dict(n_layer=32, n_embd=4096, n_head=32, n_kv_head=32, intermediate_size=11008, vocab_size=32000),
+    "70b": dict(n_layer=80, n_embd=8192, n_head=64, n_kv_head=8, intermediate_size=28672, vocab_size=32000),
+    "1t-moe": dict(n_layer=61, n_embd=7168, n_head=64, n_kv_head=8, intermediate_size=2048, vocab_size=163840,
+                   n_expert=384, n_expert_per_tok=8),
+}
+
+
+@dataclass
+class Layout:
+    """A parallel layout as `train.parallel` spells it, plus the batch shape per data-parallel rank."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int | None = None
+    zero: int = 3
+    offload: bool = False
+    activation_checkpoint: str = "none"
+    micro_batch: int = 1  # sequences per data-parallel rank per forward (split into pp micro-batches)
+    seq_len: int = 4096
+    ep: int = 1  # expert parallel degree (MoE experts spread over the data-parallel ranks)
+
+    @property
+    def gpus(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    @property
+    def stages_per_rank(self) -> int:
+        return 2 if self.pp_schedule == "interleaved_1f1b" and self.pp > 1 else 1
+
+
+@dataclass
+class ModelShape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    intermediate_size: int
+    vocab_size: int
+    n_expert: int = 0
+    n_expert_per_tok: int = 2
+    tie_embeddings: bool = False
+    swiglu: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelShape:
+        """From a ModelConfig (or anything with its field names)."""
+        return cls(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.intermediate_size, cfg.vocab_size,
+                   cfg.n_expert, cfg.n_expert_per_tok, cfg.tie_embeddings, cfg.mlp == "swiglu")
+
+    @classmethod
+    def from_params(cls, n_params: float) -> ModelShape:
+        """The reference shape closest (in log-parameters) to `n_params`."""
+        best = min(SHAPES, key=lambda k: abs(math.log(cls(**SHAPES[k]).params()["total"] / n_params)))
+        return cls(**SHAPES[best])
+
+    # --------------------------------------------------------------- parameter counts
+    def params(self) -> dict[str, int]:
+        C, hd, nh, nkv, inter = self.n_embd, self.head_dim, self.n_head, self.n_kv_head, self.intermediate_size
+        attn = C * (nh + 2 * nkv) * hd + nh * hd * C
+        width = (2 if self.swiglu else 1) * inter
+        mlp = C * width + inter * C
+        if self.n_expert:
+            mlp = self.n_expert * mlp + C * self.n_expert
+        block = attn + mlp + 2 * C
+        embed = self.vocab_size * C
+        head = 0 if self.tie_embeddings else self.vocab_size * C
+        active = block - (mlp - (self.n_expert_per_tok * (C * width + inter * C)) if self.n_expert else 0)
+        return {"block": block, "block_norms": 2 * C, "embed": embed, "head": head, "final_norm": C,
+                "total": self.n_layer * block + embed + head + C,
+                "active": self.n_layer * active + embed + head + C, "mlp": mlp}
+
+
+def rank_params(m: ModelShape, lay: Layout) -> float:
+    """Parameters on the most loaded rank before data-parallel sharding: its pipeline stage(s), split by tp."""
+    p = m.params()
+    n_stages = lay.pp * lay.stages_per_rank
+    blocks = math.ceil(m.n_layer / n_stages) * lay.stages_per_rank
+    tp = lay.tp
+    mlp_split = tp * (lay.ep if m.n_expert else 1)
+    block = (p["block"] - p["block_norms"] - p["mlp"]) / tp + p["mlp"] / mlp_split + p["block_norms"]
+    first = p["embed"] / tp
+    last = p["head"] / tp + p["final_norm"]
+    ends = first + last if lay.pp == 1 else max(first, last)
+    return blocks * block + ends
+
+
+def act_per_token(m: ModelShape, tp: int, act_bytes: int) -> float:
+    """Bytes autograd keeps per token per block (no activation checkpointing).
+
+    Sharded by tp: the residual stream and norm inputs (sequence parallel), q/k/v, the attention
+    output and its log-sum-exp, the projection input, the MLP's 4 x intermediate; not sharded: the
+    two all-gathered inputs of the column-parallel projections (DTensor keeps them for backward,
+    where Megatron re-gathers). GQA keeps k and v expanded to all heads."""
+    C, hd, nh, nkv, inter = m.n_embd, m.head_dim, m.n_head, m.n_kv_head, m.intermediate_size
+    kv = 2 * nh * hd if nkv != nh else nkv * hd  # MHA: v stays a view of the fused qkv output
+    mlp = 4 * inter if m.swiglu else 3 * inter
+    if m.n_expert:
+        mlp = mlp * m.n_expert_per_tok + m.n_expert
+    sharded = 2 * C + (nh + 2 * nkv) * hd + 3 * nh * hd + kv + nh + mlp + 2
+    return act_bytes * (sharded / tp + 2 * C)
+
+
+def memory(m: ModelShape, lay: Layout, act_bytes: int = 2) -> dict[str, float]:
+    """Bytes per GPU: weights, gradients, optimizer state (AdamW), activations; peak = their sum."""
+    P = rank_params(m, lay)
+    d = lay.dp_shard
+    z = lay.zero
+    weights = 4 * P / (d if z == 3 else 1)
+    grads = 4 * P / (d if z >= 2 else 1)
+    optim = 8 * P / d
+    if lay.offload:  # parameters, gradients and optimizer state live in host memory
+        host = 4 * P / d + 4 * P / d + optim
+        weights, grads, optim = 0.0, 0.0, 0.0
+    else:
+        host = 0.0
+    n_stages = lay.pp * lay.stages_per_rank
+    layers = math.ceil(m.n_layer / n_stages) * lay.stages_per_rank
+    n_mb = lay.pp_microbatches or n_stages
+    mb = lay.micro_batch / n_mb if lay.pp > 1 else lay.micro_batch
+    if lay.pp == 1:
+        in_flight = 1
+    elif lay.pp_schedule == "gpipe":
+        in_flight = n_mb
+    else:  # 1F1B: the first stage holds pp micro-batches; interleaved: a stage's worth more per chunk
+        in_flight = min(n_mb * lay.stages_per_rank, lay.pp + (lay.stages_per_rank - 1) * lay.pp)
+    tokens = mb * lay.seq_len * in_flight
+    per_layer = act_per_token(m, lay.tp, act_bytes)
+    if lay.activation_checkpoint == "full":  # block inputs kept, one block recomputed at a time
+        acts = tokens * layers * act_bytes * m.n_embd / lay.tp + mb * lay.seq_len * per_layer
+    else:
+        acts = tokens * layers * per_layer
+    if lay.activation_checkpoint == "selective":  # pointwise ops recomputed: about a third less
+        acts *= 2 / 3
+    V = m.vocab_size
+    loss_par = lay.tp if lay.pp == 1 else 1
+    head = mb * lay.seq_len * (4 * V / loss_par + act_bytes * 2 * m.n_embd)  # fp32 log-softmax + inputs
+    acts += head
+    return {"params_per_rank": P, "weights": weights, "grads": grads, "optimizer": optim, "activations": acts,
+            "total": weights + grads + optim + acts, "host": host}
+
+
+def communication(m: ModelShape, lay: Layout, act_bytes: int = 2) -> dict[str, float]:
+    """Bytes each GPU sends per optimizer step (ring collectives: all-reduce = 2x, gather/scatter = 1x)."""
+    P = rank_params(m, lay)
+    d, r = lay.dp_shard, lay.dp_replicate
+    n_stages = lay.pp * lay.stages_per_rank
+    layers = math.ceil(m.n_layer / n_stages) * lay.stages_per_rank
+    tokens = lay.micro_batch * lay.seq_len
+    out: dict[str, float] = {}
+    frac = (d - 1) / d if d > 1 else 0.0
+    gathers = 2 if lay.zero == 3 else 1  # ZeRO-3 gathers parameters again for backward
+    out["fsdp"] = 4 * P * frac * gathers + 4 * P * frac  # all-gathers + gradient reduce-scatter (fp32)
+    out["ddp"] = 2 * 4 * P / d * (r - 1) / r if r > 1 else 0.0  # all-reduce of the shard across replicas
+    # TP + SP: per block 2 all-gathers + 2 reduce-scatters of [tokens, C] forward, the same backward
+    tf = (lay.tp - 1) / lay.tp if lay.tp > 1 else 0.0
+    out["tp"] = layers * 8 * tokens * m.n_embd * act_bytes * tf
+    # PP: each micro-batch's activations cross every stage boundary forward and back
+    out["pp"] = 2 * tokens * m.n_embd * act_bytes / lay.tp * lay.stages_per_rank if lay.pp > 1 else 0.0
+    out["total"] = sum(out.values())
+    return out
+
+
+def step_flops(m: ModelShape, tokens: float, seq_len: int) -> float:
+    """Training FLOPs: 6 N_active per token + attention 12 L C T (Chowdhery et al., 2022, appendix B)."""
+    return tokens * (6 * m.params()["active"] + 12 * m.n_layer * m.n_embd * seq_len)
+
+
+MFU_RANGES = {  # what published runs of each kind reach on H100-class GPUs
+    "dp": (0.45, 0.60), "tp": (0.40, 0.55), "pp": (0.35, 0.50), "moe": (0.20, 0.40),
+}
+
+
+def expected_mfu(m: ModelShape, lay: Layout) -> tuple[float, float]:
+    """A range from published runs (torchtitan, Megatron-LM, Llama 3, DeepSeek-V3): MoE and deep
+    pipelines lose to all-to-all and bubbles; the bubble (pp - 1) / (n_mb + pp - 1) is taken off."""
+    kind = "moe" if m.n_expert else "pp" if lay.pp > 1 else "tp" if lay.tp > 1 else "dp"
+    lo, hi = MFU_RANGES[kind]
+    if lay.pp > 1:
+        n_mb = max(lay.pp_microbatches or lay.pp * lay.stages_per_rank, lay.micro_batch)
+        bubble = (lay.pp - 1) / (lay.pp - 1 + n_mb * lay.stages_per_rank)
+        lo, hi = lo * (1 - bubble), hi * (1 - bubble)
+    return lo, hi
+
+
+def default_layouts(gpus: int, m: ModelShape, seq_len: int) -> list[Layout]:
+    """The layouts the table compares: FSDP, HSDP, FSDP+TP (2D), FSDP+TP+PP (3D)."""
+    tp = min(8, gpus)
+    out = [Layout(dp_shard=gpus, seq_len=seq_len)]
+    if gpus >= 16:
+        out.append(Layout(dp_replicate=gpus // 8, dp_shard=8, seq_len=seq_len))
+    if gpus >= tp * 2:
+        out.append(Layout(dp_shard=gpus // tp, tp=tp, seq_len=seq_len))
+    for pp in (4, 8, 16):
+        if gpus >= tp * pp * 2 and m.n_layer >= pp:
+            out.append(Layout(dp_shard=gpus // (tp * pp), tp=tp, pp=pp, micro_batch=2 * pp, seq_len=seq_len))
+    return out
+
+
+def table(m: ModelShape, layouts: list[Layout], act_bytes: int = 2) -> str:
+    """The memory / communication / MFU table `llmkit plan` prints (GiB per GPU, GiB sent per step)."""
+    G = 2**30
+    head = (f"{'layout':<34} {'params/GPU':>10} {'weights':>8} {'grads':>8} {'optim':>8} {'acts':>8} "
+            f"{'total':>8} {'host':>8} {'comm/step':>10} {'MFU':>9}")
+    rows = [head, "-" * len(head)]
+    for lay in layouts:
+        mem, comm = memory(m, lay, act_bytes), communication(m, lay, act_bytes)
+        lo, hi = expected_mfu(m, lay)
+        name = (f"dp{lay.dp_replicate}x{lay.dp_shard} tp{lay.tp} pp{lay.pp} z{lay.zero}"
+                + (" off" if lay.offload else "") + (f" ac:{lay.activation_checkpoint}"
+                                                    if lay.activation_checkpoint != "none" else "")
+                + f" mb{lay.micro_batch}")
+        rows.append(
+            f"{name:<34} {mem['params_per_rank'] / 1e9:>9.2f}B {mem['weights'] / G:>8.1f} {mem['grads'] / G:>8.1f} "
+            f"{mem['optimizer'] / G:>8.1f} {mem['activations'] / G:>8.1f} {mem['total'] / G:>8.1f} "
+            f"{mem['host'] / G:>8.1f} {comm['total'] / G:>10.1f} {lo:>4.0%}-{hi:.0%}"
+        )
+    return "\n".join(rows)
+
+
+def check_layout(lay: Layout, gpus: int) -> None:
+    if lay.gpus != gpus:
+        raise ConfigError(
+            f"dp_replicate {lay.dp_replicate} x dp_shard {lay.dp_shard} x tp {lay.tp} x pp {lay.pp} = {lay.gpus}, "
+            f"but --gpus is {gpus}; expected the product to equal the GPU count"
+        )
