@@ -34,18 +34,18 @@ def measure(tr: Trainer) -> dict:
     params = {id(p): p for p in tr.raw_model.parameters()}.values()
     optim = sum(_nbytes(v) for st in tr.optimizer.state.values() for v in st.values() if v.dim() > 0)
     saved: dict[int, int] = {}
-    pids = {_local(p).untyped_storage().data_ptr() for p in params}
 
     def pack(t):
-        base = t._base if t._base is not None else t
-        if base.is_leaf and base.requires_grad:  # a parameter (or FSDP's gathered copy), not an activation
-            return t
+        # parameters (and FSDP's gathered copies, whose views share one buffer) are not activations
+        pids = {_local(p).untyped_storage().data_ptr() for p in tr.raw_model.parameters()}
         st = _local(t).untyped_storage()
         if st.data_ptr() not in pids and st.nbytes() > 0:
             saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), st.nbytes())
         return t
 
     x, y = tr.sampler.next_batch()
+    tr.par.forward_backward(x, y, last_micro=True)  # after eval a pipeline re-plans its first train step
+    tr.optimizer.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         tr.par.forward_backward(x, y, last_micro=True)
     grads = sum(_nbytes(p.grad) for p in params if p.grad is not None)
@@ -55,9 +55,11 @@ def measure(tr: Trainer) -> dict:
 
 
 def _local(t):
+    """The plain tensor under a DTensor or an async-collective wrapper."""
     from torch.distributed.tensor import DTensor
 
-    return t.to_local() if isinstance(t, DTensor) else t
+    t = t._local_tensor if isinstance(t, DTensor) else t
+    return getattr(t, "elem", t)  # AsyncCollectiveTensor keeps its result in .elem
 
 
 def main() -> None:

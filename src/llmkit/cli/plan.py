@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, help="pipeline stages")
     p.add_argument("--dp", type=int, help="FSDP sharding degree (dp_shard); default: what is left")
     p.add_argument("--dp_replicate", "--dp-replicate", type=int, default=1, help="replicas (HSDP)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel degree (MoE; on paper only)")
     p.add_argument("--zero", type=int, choices=[1, 2, 3], default=3)
     p.add_argument("--offload", action="store_true", help="FSDP2 CPU offload")
     p.add_argument("--ac", choices=["none", "full", "selective"], default="none", help="activation checkpointing")
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         tp, pp, rep = args.tp or 1, args.pp or 1, args.dp_replicate
         dp = args.dp or max(1, args.gpus // (tp * pp * rep))
         mb = args.micro_batch or (2 * pp if pp > 1 else 1)
-        layouts = [Layout(rep, dp, tp, pp, args.pp_schedule, None, args.zero, args.offload, args.ac, mb, args.seq_len)]
+        layouts = [Layout(rep, dp, tp, pp, args.pp_schedule, None, args.zero, args.offload, args.ac, mb, args.seq_len,
+                          args.ep)]
         check_layout(layouts[0], args.gpus)
     else:
         layouts = default_layouts(args.gpus, shape, args.seq_len)

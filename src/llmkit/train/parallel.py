@@ -86,9 +86,12 @@ def resolve_layout(pc: ParallelConfig, world: int) -> Layout:
     return Layout(pc.pp, pc.dp_replicate, shard, pc.tp)
 
 
-def check_model(cfg: Any, layout: Layout, pc: ParallelConfig, batch_size: int) -> None:
+def check_model(cfg: Any, layout: Layout, pc: ParallelConfig, batch_size: int, seq_len: int) -> None:
     """Raise ConfigError when the model cannot be split as asked (before any collective runs)."""
     if layout.tp > 1:
+        if seq_len % layout.tp:
+            raise ConfigError(f"train.block_size={seq_len} must be a multiple of train.parallel.tp={layout.tp} "
+                              "(sequence parallel shards the sequence)")
         for name in ("n_head", "n_kv_head", "intermediate_size", "vocab_size"):
             n = getattr(cfg, name)
             if n % layout.tp:
@@ -314,13 +317,13 @@ class Parallel:
     """A Transformer spread over a DeviceMesh: forward/backward, eval, clipping and checkpoints."""
 
     def __init__(self, model: nn.Module, pc: ParallelConfig, device: torch.device, batch_size: int,
-                 grad_accum: int, label_smoothing: float = 0.0) -> None:
+                 seq_len: int, grad_accum: int = 1, label_smoothing: float = 0.0) -> None:
         from llmkit.train.trainer import lm_loss
 
         world = dist.get_world_size()
         self.pc, self.device, self.cfg = pc, device, model.config
         self.layout = lay = resolve_layout(pc, world)
-        check_model(self.cfg, lay, pc, batch_size)
+        check_model(self.cfg, lay, pc, batch_size, seq_len)
         self.mesh = build_mesh(lay, device.type)
         coord = self.mesh.get_coordinate()
         self.pp_rank, self.tp_rank = coord[0], coord[3]
@@ -548,3 +551,35 @@ def load_dcp_model(path: str | Path, model: nn.Module) -> None:
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{str(path)!r} is not a distributed checkpoint of this model: {str(e)[:500]}") from None
     model.load_state_dict(sd["model"])
+
+
+def dcp_to_hf(src: str | Path, out: str | Path) -> nn.Module:
+    """A training checkpoint written under train.parallel (any layout) -> one Hugging Face folder
+    (config.json, model.safetensors and, when the run's out_dir has them, the tokenizer files)."""
+    import shutil
+
+    from llmkit.fsutil import replace_dir
+    from llmkit.model.config import ModelConfig
+    from llmkit.model.transformer import Transformer
+    from llmkit.train.checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint
+
+    src = Path(src)
+    folder = src if (src / "state.pt").is_file() else latest_checkpoint(src.parent if src.name == CKPT_DIR else src)
+    state = load_checkpoint(src)
+    if state.get("format") != "dcp" or folder is None or not (folder / "dcp").is_dir():
+        raise CheckpointError(
+            f"{str(src)!r} is not a distributed checkpoint (expected checkpoints/step_N with dcp/ inside, "
+            "written by a run with train.parallel settings)"
+        )
+    model = Transformer(ModelConfig.from_dict(state["model_config"]))
+    load_dcp_model(folder / "dcp", model)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    run_dir = folder.parent.parent
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, tmp / name)
+    replace_dir(tmp, out)
+    return model

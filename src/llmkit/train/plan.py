@@ -7,6 +7,7 @@ AdamW's two fp32 moments, autocast activations (`act_bytes`: 2 for bf16, 4 for f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,14 +96,20 @@ class ModelShape:
                 "active": self.n_layer * active + embed + head + C, "mlp": mlp}
 
 
+def block_params(m: ModelShape, lay: Layout) -> float:
+    """One block's parameters on a rank after tp (and ep for experts): what ZeRO-3 gathers at a time."""
+    p = m.params()
+    mlp_split = lay.tp * (lay.ep if m.n_expert else 1)
+    return (p["block"] - p["block_norms"] - p["mlp"]) / lay.tp + p["mlp"] / mlp_split + p["block_norms"]
+
+
 def rank_params(m: ModelShape, lay: Layout) -> float:
     """Parameters on the most loaded rank before data-parallel sharding: its pipeline stage(s), split by tp."""
     p = m.params()
     n_stages = lay.pp * lay.stages_per_rank
     blocks = math.ceil(m.n_layer / n_stages) * lay.stages_per_rank
     tp = lay.tp
-    mlp_split = tp * (lay.ep if m.n_expert else 1)
-    block = (p["block"] - p["block_norms"] - p["mlp"]) / tp + p["mlp"] / mlp_split + p["block_norms"]
+    block = block_params(m, lay)
     first = p["embed"] / tp
     last = p["head"] / tp + p["final_norm"]
     ends = first + last if lay.pp == 1 else max(first, last)
@@ -126,8 +133,11 @@ def act_per_token(m: ModelShape, tp: int, act_bytes: int) -> float:
 
 
 def memory(m: ModelShape, lay: Layout, act_bytes: int = 2) -> dict[str, float]:
-    """Bytes per GPU: weights, gradients, optimizer state (AdamW), activations; peak = their sum."""
-    P = rank_params(m, lay)
+    """Bytes per GPU: weights, gradients, optimizer state (AdamW), activations, and ZeRO-3's working
+    set (`gathered`: the block being computed and the one prefetched, unsharded); peak = their sum.
+    With expert parallelism (ep) the experts are split over ep of the data-parallel ranks instead of
+    being sharded by FSDP there."""
+    P = rank_params(m, dataclasses.replace(lay, ep=1))  # ep moves experts, FSDP still shards them d ways
     d = lay.dp_shard
     z = lay.zero
     weights = 4 * P / (d if z == 3 else 1)
@@ -160,13 +170,14 @@ def memory(m: ModelShape, lay: Layout, act_bytes: int = 2) -> dict[str, float]:
     loss_par = lay.tp if lay.pp == 1 else 1
     head = mb * lay.seq_len * (4 * V / loss_par + act_bytes * 2 * m.n_embd)  # fp32 log-softmax + inputs
     acts += head
+    gathered = 2 * 4 * block_params(m, lay) if lay.zero == 3 and d > 1 else 0.0
     return {"params_per_rank": P, "weights": weights, "grads": grads, "optimizer": optim, "activations": acts,
-            "total": weights + grads + optim + acts, "host": host}
+            "gathered": gathered, "total": weights + grads + optim + acts + gathered, "host": host}
 
 
 def communication(m: ModelShape, lay: Layout, act_bytes: int = 2) -> dict[str, float]:
     """Bytes each GPU sends per optimizer step (ring collectives: all-reduce = 2x, gather/scatter = 1x)."""
-    P = rank_params(m, lay)
+    P = rank_params(m, dataclasses.replace(lay, ep=1))
     d, r = lay.dp_shard, lay.dp_replicate
     n_stages = lay.pp * lay.stages_per_rank
     layers = math.ceil(m.n_layer / n_stages) * lay.stages_per_rank
@@ -174,12 +185,15 @@ def communication(m: ModelShape, lay: Layout, act_bytes: int = 2) -> dict[str, f
     out: dict[str, float] = {}
     frac = (d - 1) / d if d > 1 else 0.0
     gathers = 2 if lay.zero == 3 else 1  # ZeRO-3 gathers parameters again for backward
-    out["fsdp"] = 4 * P * frac * gathers + 4 * P * frac  # all-gathers + gradient reduce-scatter (fp32)
+    Pg = rank_params(m, lay)  # under ep a rank gathers only its own experts' weights
+    out["fsdp"] = 4 * Pg * frac * gathers + 4 * Pg * frac  # all-gathers + gradient reduce-scatter (fp32)
     out["ddp"] = 2 * 4 * P / d * (r - 1) / r if r > 1 else 0.0  # all-reduce of the shard across replicas
     # TP + SP: per block 2 all-gathers + 2 reduce-scatters of [tokens, C] forward, the same backward
     tf = (lay.tp - 1) / lay.tp if lay.tp > 1 else 0.0
     out["tp"] = layers * 8 * tokens * m.n_embd * act_bytes * tf
     # PP: each micro-batch's activations cross every stage boundary forward and back
+    if m.n_expert and lay.ep > 1:  # all-to-all dispatch + combine of top-k token copies, forward and back
+        out["ep"] = layers * 4 * tokens * m.n_expert_per_tok * m.n_embd * act_bytes * (lay.ep - 1) / lay.ep
     out["pp"] = 2 * tokens * m.n_embd * act_bytes / lay.tp * lay.stages_per_rank if lay.pp > 1 else 0.0
     out["total"] = sum(out.values())
     return out
@@ -218,6 +232,9 @@ def default_layouts(gpus: int, m: ModelShape, seq_len: int) -> list[Layout]:
     for pp in (4, 8, 16):
         if gpus >= tp * pp * 2 and m.n_layer >= pp:
             out.append(Layout(dp_shard=gpus // (tp * pp), tp=tp, pp=pp, micro_batch=2 * pp, seq_len=seq_len))
+    if m.n_expert:  # expert parallelism: experts split over up to 64 of the sharding ranks
+        for lay in out:
+            lay.ep = max(e for e in (1, 2, 4, 8, 16, 32, 64) if e <= lay.dp_shard and m.n_expert % e == 0)
     return out
 
 
@@ -225,7 +242,7 @@ def table(m: ModelShape, layouts: list[Layout], act_bytes: int = 2) -> str:
     """The memory / communication / MFU table `llmkit plan` prints (GiB per GPU, GiB sent per step)."""
     G = 2**30
     head = (f"{'layout':<34} {'params/GPU':>10} {'weights':>8} {'grads':>8} {'optim':>8} {'acts':>8} "
-            f"{'total':>8} {'host':>8} {'comm/step':>10} {'MFU':>9}")
+            f"{'gather':>8} {'total':>8} {'host':>8} {'comm/step':>10} {'MFU':>9}")
     rows = [head, "-" * len(head)]
     for lay in layouts:
         mem, comm = memory(m, lay, act_bytes), communication(m, lay, act_bytes)
@@ -233,10 +250,11 @@ def table(m: ModelShape, layouts: list[Layout], act_bytes: int = 2) -> str:
         name = (f"dp{lay.dp_replicate}x{lay.dp_shard} tp{lay.tp} pp{lay.pp} z{lay.zero}"
                 + (" off" if lay.offload else "") + (f" ac:{lay.activation_checkpoint}"
                                                     if lay.activation_checkpoint != "none" else "")
-                + f" mb{lay.micro_batch}")
+                + (f" ep{lay.ep}" if lay.ep > 1 else "") + f" mb{lay.micro_batch}")
         rows.append(
             f"{name:<34} {mem['params_per_rank'] / 1e9:>9.2f}B {mem['weights'] / G:>8.1f} {mem['grads'] / G:>8.1f} "
-            f"{mem['optimizer'] / G:>8.1f} {mem['activations'] / G:>8.1f} {mem['total'] / G:>8.1f} "
+            f"{mem['optimizer'] / G:>8.1f} {mem['activations'] / G:>8.1f} {mem['gathered'] / G:>8.1f} "
+            f"{mem['total'] / G:>8.1f} "
             f"{mem['host'] / G:>8.1f} {comm['total'] / G:>10.1f} {lo:>4.0%}-{hi:.0%}"
         )
     return "\n".join(rows)
