@@ -45,7 +45,7 @@ TRAIN = {
     "min_lr": 3e-4,
     "warmup_iters": 2,
     "eval_interval": 10,
-    "eval_iters": 2,
+    "eval_iters": None,  # every eval covers the whole val split (eval_iters counts per-rank batches)
     "log_interval": 10,
     "checkpoint": False,
     "progress": False,

@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq_len", "--seq-len", type=int, default=4096)
     p.add_argument("--micro_batch", "--micro-batch", type=int, default=None, help="sequences per dp rank per step")
     p.add_argument("--act_bytes", "--act-bytes", type=int, default=2, help="2 (bf16 autocast) or 4 (fp32)")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.set_defaults(func=run)
 
 
@@ -63,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
         layouts = default_layouts(args.gpus, shape, args.seq_len)
     print(f"{args.gpus} GPUs, sequence {args.seq_len}; memory in GiB per GPU, communication in GiB sent per GPU "
           "per step (fp32 weights/grads, AdamW fp32 moments)")
-    print(table(shape, layouts, args.act_bytes))
+    print(table(shape, layouts, args.act_bytes, markdown=args.markdown))
     return 0

@@ -72,7 +72,8 @@ class OptimConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast dtype)
     compile: bool = False
     seed: int = 1337
-    strategy: str = "auto"  # auto (ddp under torchrun; parallel when train.parallel asks) | single | ddp | fsdp | parallel
+    strategy: str = "auto"  # auto (ddp under torchrun; parallel if train.parallel is set) | single | ddp | fsdp
+    # | parallel (N-D layouts, docs/distributed.md)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | None = None  # CPU threads; None = OMP_NUM_THREADS or all cores; 0 = time 1 vs all
     progress: bool = True  # tqdm bar

@@ -366,7 +366,8 @@ class Parallel:
 
         self.n_microbatches = self.pc.pp_microbatches or self.n_stages
         group = self.mesh["pp"].get_group()
-        stages = [PipelineStage(p, s, self.n_stages, self.device, group=group) for p, s in zip(self.parts, self.stage_ids)]
+        stages = [PipelineStage(p, s, self.n_stages, self.device, group=group)
+                  for p, s in zip(self.parts, self.stage_ids)]
         self._loss_mode = "train"
         cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
         kind = cls[self.pc.pp_schedule]
@@ -495,7 +496,9 @@ class Parallel:
         try:
             dcp.load(sd, checkpoint_id=str(path))
         except Exception as e:  # noqa: BLE001 - a missing key or shape: the wrong model
-            raise CheckpointError(f"the distributed checkpoint {str(path)!r} does not match this model: {str(e)[:500]}") from None
+            raise CheckpointError(
+                f"the distributed checkpoint {str(path)!r} does not match this model: {str(e)[:500]}"
+            ) from None
         for prefix, part in (("", sd["model"]), ("state.", sd["optimizer"])):
             for key in list(part):
                 rows = self._fused_rows(key, prefix)

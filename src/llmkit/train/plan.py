@@ -218,7 +218,9 @@ def expected_mfu(m: ModelShape, lay: Layout) -> tuple[float, float]:
         n_mb = max(lay.pp_microbatches or lay.pp * lay.stages_per_rank, lay.micro_batch)
         bubble = (lay.pp - 1) / (lay.pp - 1 + n_mb * lay.stages_per_rank)
         lo, hi = lo * (1 - bubble), hi * (1 - bubble)
-    return lo, hi
+    # MFU counts model FLOPs only: recomputation and host-side optimizer steps are lost time (rough factors)
+    f = {"full": 0.75, "selective": 0.9}.get(lay.activation_checkpoint, 1.0) * (0.6 if lay.offload else 1.0)
+    return lo * f, hi * f
 
 
 def default_layouts(gpus: int, m: ModelShape, seq_len: int) -> list[Layout]:
@@ -227,8 +229,10 @@ def default_layouts(gpus: int, m: ModelShape, seq_len: int) -> list[Layout]:
     out = [Layout(dp_shard=gpus, seq_len=seq_len)]
     if gpus >= 16:
         out.append(Layout(dp_replicate=gpus // 8, dp_shard=8, seq_len=seq_len))
+    out.append(Layout(dp_shard=gpus, offload=True, activation_checkpoint="full", seq_len=seq_len))
     if gpus >= tp * 2:
         out.append(Layout(dp_shard=gpus // tp, tp=tp, seq_len=seq_len))
+        out.append(Layout(dp_shard=gpus // tp, tp=tp, activation_checkpoint="full", seq_len=seq_len))
     for pp in (4, 8, 16):
         if gpus >= tp * pp * 2 and m.n_layer >= pp:
             out.append(Layout(dp_shard=gpus // (tp * pp), tp=tp, pp=pp, micro_batch=2 * pp, seq_len=seq_len))
@@ -238,26 +242,32 @@ def default_layouts(gpus: int, m: ModelShape, seq_len: int) -> list[Layout]:
     return out
 
 
-def table(m: ModelShape, layouts: list[Layout], act_bytes: int = 2) -> str:
+def layout_name(lay: Layout) -> str:
+    return (f"dp{lay.dp_replicate}x{lay.dp_shard} tp{lay.tp} pp{lay.pp} z{lay.zero}"
+            + (" off" if lay.offload else "")
+            + (f" ac:{lay.activation_checkpoint}" if lay.activation_checkpoint != "none" else "")
+            + (f" ep{lay.ep}" if lay.ep > 1 else "") + f" mb{lay.micro_batch}")
+
+
+def table(m: ModelShape, layouts: list[Layout], act_bytes: int = 2, markdown: bool = False) -> str:
     """The memory / communication / MFU table `llmkit plan` prints (GiB per GPU, GiB sent per step)."""
     G = 2**30
-    head = (f"{'layout':<34} {'params/GPU':>10} {'weights':>8} {'grads':>8} {'optim':>8} {'acts':>8} "
-            f"{'gather':>8} {'total':>8} {'host':>8} {'comm/step':>10} {'MFU':>9}")
-    rows = [head, "-" * len(head)]
+    cols = ["layout", "params/GPU", "weights", "grads", "optim", "acts", "gather", "total", "host", "comm/step", "MFU"]
+    rows = []
     for lay in layouts:
         mem, comm = memory(m, lay, act_bytes), communication(m, lay, act_bytes)
         lo, hi = expected_mfu(m, lay)
-        name = (f"dp{lay.dp_replicate}x{lay.dp_shard} tp{lay.tp} pp{lay.pp} z{lay.zero}"
-                + (" off" if lay.offload else "") + (f" ac:{lay.activation_checkpoint}"
-                                                    if lay.activation_checkpoint != "none" else "")
-                + (f" ep{lay.ep}" if lay.ep > 1 else "") + f" mb{lay.micro_batch}")
-        rows.append(
-            f"{name:<34} {mem['params_per_rank'] / 1e9:>9.2f}B {mem['weights'] / G:>8.1f} {mem['grads'] / G:>8.1f} "
-            f"{mem['optimizer'] / G:>8.1f} {mem['activations'] / G:>8.1f} {mem['gathered'] / G:>8.1f} "
-            f"{mem['total'] / G:>8.1f} "
-            f"{mem['host'] / G:>8.1f} {comm['total'] / G:>10.1f} {lo:>4.0%}-{hi:.0%}"
-        )
-    return "\n".join(rows)
+        rows.append([layout_name(lay), f"{mem['params_per_rank'] / 1e9:.2f}B"]
+                    + [f"{mem[k] / G:.1f}" for k in ("weights", "grads", "optimizer", "activations", "gathered",
+                                                     "total", "host")]
+                    + [f"{comm['total'] / G:.1f}", f"{lo:.0%}-{hi:.0%}"])
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [34] + [10 if c in ("params/GPU", "comm/step") else 8 for c in cols[1:-1]] + [9]
+    fmt = lambda r: " ".join(f"{v:<{w}}" if i == 0 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+    head = fmt(cols)
+    return "\n".join([head, "-" * len(head)] + [fmt(r) for r in rows])
 
 
 def check_layout(lay: Layout, gpus: int) -> None:

@@ -147,7 +147,8 @@ class Trainer:
                 )
             state = load_checkpoint(src)
             if state.get("format") == "dcp":  # the shards sit beside state.pt
-                folder = src if (src / "state.pt").is_file() else latest_checkpoint(src.parent if src.name == CKPT_DIR else src)
+                run_dir = src.parent if src.name == CKPT_DIR else src
+                folder = src if (src / "state.pt").is_file() else latest_checkpoint(run_dir)
                 state["path"] = str(folder)
             return state
         existing = latest_checkpoint(self.out_dir)
