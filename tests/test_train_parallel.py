@@ -68,12 +68,14 @@ RUNS_8 = [  # 3D: FSDP + TP + PP, 1F1B over 2 micro-batches; its step-10 checkpo
 ]
 RUNS_4 = [
     {"name": "fsdp_tp", "measure": True, "overrides": P(dp_shard=2, tp=2, batch_size=4)},  # 2D, ZeRO-3
-    {"name": "pp_gpipe", "measure": True, "overrides": P(pp=2, dp_shard=2, pp_schedule="gpipe", batch_size=4)},
+    {"name": "pp_gpipe_zero2", "measure": True,
+     "overrides": P(pp=2, dp_shard=2, pp_schedule="gpipe", zero=2, batch_size=4)},
     {"name": "pp_interleaved_tp", "overrides": P(pp=2, tp=2, pp_schedule="interleaved_1f1b", pp_microbatches=2,
                                                  activation_checkpoint="selective")},
-    {"name": "hsdp_zero1_offload", "overrides": P(dp_replicate=2, dp_shard=2, zero=1, offload=True,
-                                                  activation_checkpoint="full", batch_size=1, grad_accum=2)},
-    {"name": "tp_zero2", "overrides": P(dp_shard=2, tp=2, zero=2, batch_size=4, checkpoint=True)},
+    {"name": "hsdp_zero3_offload", "measure": True,  # ZeRO-3 + CPU offload + full checkpointing, accumulation
+     "overrides": P(dp_replicate=2, dp_shard=2, zero=3, offload=True, activation_checkpoint="full",
+                    batch_size=1, grad_accum=2)},
+    {"name": "tp_zero1", "overrides": P(dp_shard=2, tp=2, zero=1, batch_size=2, grad_accum=2, checkpoint=True)},
 ]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -155,7 +157,7 @@ def test_resume_tp_checkpoint_in_one_process(launched, reference, tmp_path):
     """Save 2 x TP (with FSDP), resume 1 process: the distributed checkpoint is resharded on load."""
     cfg = TrainConfig.from_dict({**_base(launched), "out_dir": str(tmp_path / "one")})
     cfg.train.strategy = "parallel"
-    pretrain(cfg, resume=str(launched / "tp_zero2/checkpoints/step_000010"))
+    pretrain(cfg, resume=str(launched / "tp_zero1/checkpoints/step_000010"))
     _same_curve(reference, tmp_path / "one", steps=(20,))
 
 
@@ -166,17 +168,28 @@ def test_measured_memory_per_rank_matches_plan(launched):
 
     vocab = json.loads((launched / "fsdp_tp" / "config.json").read_text())["vocab_size"]
     shape = ModelShape.from_config(ModelConfig(**MODEL, vocab_size=vocab))
-    layouts = {
-        "fsdp_tp": Layout(dp_shard=2, tp=2, micro_batch=4, seq_len=16),
-        "pp_gpipe": Layout(dp_shard=2, pp=2, pp_schedule="gpipe", micro_batch=4, seq_len=16),
+    checks = {  # run: (layout, {measured key: formula key})
+        "fsdp_tp": (Layout(dp_shard=2, tp=2, micro_batch=4, seq_len=16),
+                    {"params": "weights", "grads": "grads", "optimizer": "optimizer", "activations": "activations"}),
+        # ZeRO-2: parameters are whole from forward to backward only, sharded at rest (what is measured)
+        "pp_gpipe_zero2": (Layout(dp_shard=2, pp=2, pp_schedule="gpipe", zero=2, micro_batch=4, seq_len=16),
+                           {"grads": "grads", "optimizer": "optimizer", "activations": "activations"}),
+        # offload: all state in host memory (on a CPU-only machine the host is the device)
+        "hsdp_zero3_offload": (Layout(dp_replicate=2, dp_shard=2, offload=True, micro_batch=1, seq_len=16),
+                               {"state": "host"}),
     }
-    for name, lay in layouts.items():
+    for name, (lay, keys) in checks.items():
         measured = json.loads((launched / name / "memory.json").read_text())
+        for m in measured:
+            m["state"] = m["params"] + m["grads"] + m["optimizer"]
         plan = memory(shape, lay, act_bytes=4)
-        for key, formula in (("params", "weights"), ("grads", "grads"), ("optimizer", "optimizer"),
-                             ("activations", "activations")):
+        for key, formula in keys.items():
             got = max(m[key] for m in measured)
             assert got == pytest.approx(plan[formula], rel=0.15), (name, key, got, plan[formula])
+    # the memory limit: AdamW training of this model needs 16 bytes per parameter in one process;
+    # under ZeRO-3 over dp_shard 2 each rank holds half, and shows it
+    full = 16 * shape.params()["total"]
+    assert max(m["state"] for m in json.loads((launched / "hsdp_zero3_offload/memory.json").read_text())) < 0.55 * full
 
 
 def test_plan_cli_prints_the_table():
@@ -204,3 +217,18 @@ def test_bad_layouts_are_config_errors():
         check_model(cfg, resolve_layout(ParallelConfig(tp=2), 2), ParallelConfig(tp=2), 8, 16)
     with pytest.raises(ConfigError, match="unknown config key 'train.parallel.tpp'"):
         TrainConfig().apply_overrides(["--train.parallel.tpp", "2"])
+
+
+def test_convert_dcp_checkpoint_to_one_hf_folder(launched, tmp_path):
+    """`llmkit convert dcp` (the 3-D run's latest checkpoint) = the folder the run exported; transformers loads it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.cli import main
+
+    assert main(["convert", "dcp", str(launched / "3d"), str(tmp_path / "hf")]) == 0
+    wa, wb = load_file(launched / "3d" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.num_hidden_layers == MODEL["n_layer"] and (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert main(["convert", "dcp", str(tmp_path / "hf"), str(tmp_path / "x")]) == 2  # not a checkpoint: an error

@@ -80,8 +80,8 @@ def save_checkpoint(
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    for name, folder in (move_in or {}).items():
-        os.replace(folder, tmp / name)
+    for sub, folder in (move_in or {}).items():
+        os.replace(folder, tmp / sub)
     meta = {"step": step, "sha256": sha256_file(tmp / "state.pt"), "format": 1}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _fsync_dir(tmp)

@@ -305,7 +305,7 @@ class Trainer:
         D.barrier(info)
 
     def _export_dcp(self, dcp_dir: Path) -> None:
-        """Rank 0 turns the distributed checkpoint into the Hugging Face folder (`export_dcp`)."""
+        """Rank 0 turns the distributed checkpoint it just wrote into the Hugging Face folder."""
         from llmkit.model.transformer import Transformer
         from llmkit.train.parallel import load_dcp_model
 
