@@ -21,6 +21,7 @@ for checkpoints and exports (`FusedRows`).
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,8 @@ class Parallel:
         from llmkit.train.trainer import lm_loss
 
         world = dist.get_world_size()
+        # DTensor warns at every step that a 2-D (dp x tp) norm reduction runs as two collectives: expected here
+        logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
         self.pc, self.device, self.cfg = pc, device, model.config
         self.layout = lay = resolve_layout(pc, world)
         check_model(self.cfg, lay, pc, batch_size, seq_len)
