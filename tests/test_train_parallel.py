@@ -88,7 +88,7 @@ def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("parallel")
     text = root / "corpus.txt"
     if SHAKESPEARE.is_file():
-        text.write_text(SHAKESPEARE.read_text()[:12_000])
+        text.write_text(SHAKESPEARE.read_text()[:8_000])
     else:
         text.write_text("".join(f"line {i % 37} of the play, act {i % 5}.\n" for i in range(500)))
     prepare_text(text, root / "data", tokenizer="char", progress=False)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +109,8 @@ def check_model(cfg: Any, layout: Layout, pc: ParallelConfig, batch_size: int, s
             raise ConfigError(f"model.n_layer={cfg.n_layer} is fewer than the {n_stages} pipeline stages")
         if cfg.tie_embeddings:
             raise ConfigError("pipeline parallel needs untied embeddings (model.tie_embeddings: false)")
-        if cfg.pos not in ("rope", "none") or cfg.sliding_window is not None or cfg.n_expert > 0:
+        if cfg.pos not in ("rope", "none") or cfg.rope_type == "dynamic" or cfg.sliding_window is not None \
+                or cfg.n_expert > 0:
             raise ConfigError("pipeline parallel supports dense RoPE models without sliding windows")
         n_mb = pc.pp_microbatches or n_stages
         if batch_size % n_mb:
@@ -318,9 +321,9 @@ class Parallel:
     """A Transformer spread over a DeviceMesh: forward/backward, eval, clipping and checkpoints."""
 
     def __init__(self, model: nn.Module, pc: ParallelConfig, device: torch.device, batch_size: int,
-                 seq_len: int, grad_accum: int = 1, label_smoothing: float = 0.0) -> None:
-        from llmkit.train.trainer import lm_loss
-
+                 seq_len: int, loss_fn: Callable[..., torch.Tensor], grad_accum: int = 1,
+                 label_smoothing: float = 0.0) -> None:
+        """`loss_fn(logits, targets, label_smoothing=0.0, reduction="mean")`: the trainer's `lm_loss`."""
         world = dist.get_world_size()
         # DTensor warns at every step that a 2-D (dp x tp) norm reduction runs as two collectives: expected here
         logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
@@ -336,7 +339,7 @@ class Parallel:
         self.use_fsdp = lay.dp > 1 or pc.zero is not None or pc.offload
         self.loss_parallel = lay.tp > 1 and lay.pp == 1
         self.fused = fused_params(model, self.cfg, lay.tp) if lay.tp > 1 else {}
-        self._lm_loss = lm_loss
+        self._lm_loss = loss_fn
 
         # 1. pipeline: this rank's stages (the others' blocks are dropped here)
         self.schedule = None
@@ -553,7 +556,9 @@ def load_dcp_model(path: str | Path, model: nn.Module) -> None:
 
     sd = {"model": model.state_dict()}
     try:
-        dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(sd, checkpoint_id=str(path), no_dist=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{str(path)!r} is not a distributed checkpoint of this model: {str(e)[:500]}") from None
     model.load_state_dict(sd["model"])

@@ -201,7 +201,7 @@ class Trainer:
         if info.strategy == "parallel":  # the mesh, the stages and the shards: parallel.py
             from llmkit.train.parallel import Parallel
 
-            self.par = Parallel(raw, t.parallel, info.device, t.batch_size, t.block_size, t.grad_accum,
+            self.par = Parallel(raw, t.parallel, info.device, t.batch_size, t.block_size, lm_loss, t.grad_accum,
                                 t.label_smoothing)
             info.dp_rank, info.dp_size = self.par.dp_rank, self.par.layout.dp
             raw = self.par.view  # this rank's modules (a pipeline stage holds only its blocks)
