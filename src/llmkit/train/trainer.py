@@ -201,6 +201,11 @@ class Trainer:
         if info.strategy == "parallel":  # the mesh, the stages and the shards: parallel.py
             from llmkit.train.parallel import Parallel
 
+            if t.compile or t.dtype == "float16":
+                raise ConfigError(
+                    "train.parallel layouts run without torch.compile and without float16 loss scaling; "
+                    "expected train.compile false and train.dtype auto, float32 or bfloat16"
+                )
             self.par = Parallel(raw, t.parallel, info.device, t.batch_size, t.block_size, lm_loss, t.grad_accum,
                                 t.label_smoothing)
             info.dp_rank, info.dp_size = self.par.dp_rank, self.par.layout.dp
