@@ -545,7 +545,7 @@ class Trainer:
                     "val_loss": val_loss,
                     "val_ppl": math.exp(min(val_loss, 50.0)),
                     "lr": lr,
-                    "tokens_per_sec": seg_tokens / max(seg_time, 1e-9),  # seg_tokens counts the global batch,
+                    "tokens_per_sec": seg_tokens / max(seg_time, 1e-9),  # seg_tokens counts the global batch
                 }
                 if self.metrics is not None:
                     self.metrics.log(record)
