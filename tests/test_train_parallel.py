@@ -200,7 +200,7 @@ def test_plan_cli_prints_the_table():
     proc = subprocess.run([sys.executable, "-m", "llmkit", "plan", "--params", "70e9", "--gpus", "512",
                            "--tp", "8", "--pp", "4", "--dp", "16"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "69.0B parameters" in proc.stdout and "dp1x16 tp8 pp4 z3" in proc.stdout
+    assert "69B parameters" in proc.stdout and "dp1x16 tp8 pp4 z3" in proc.stdout
     assert main(["plan", "--params", "7e9", "--gpus", "8", "--tp", "3"]) == 2  # 3 x 1 x 1 != 8: a clear error
 
 

@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--params", type=float, help="model size, e.g. 7e9, 70e9, 1e12 (nearest reference shape)")
     p.add_argument("--config", help="a training YAML config or a preset name: its model is planned")
+    p.add_argument("--vocab_size", "--vocab-size", type=int, default=32000,
+                   help="with --config: the tokenizer's vocabulary when the config does not fix model.vocab_size")
     p.add_argument("--gpus", type=int, required=True, help="total GPUs")
     p.add_argument("--tp", type=int, help="tensor parallel degree")
     p.add_argument("--pp", type=int, help="pipeline stages")
@@ -48,9 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = TrainConfig.from_yaml(args.config) if Path(args.config).is_file() else TrainConfig.from_dict(
             {"model": args.config})
-        shape = ModelShape.from_config(cfg.model_config(vocab_size=32000))
+        shape = ModelShape.from_config(cfg.model_config(vocab_size=args.vocab_size))
     p = shape.params()
-    print(f"model: {p['total'] / 1e9:.1f}B parameters ({p['active'] / 1e9:.1f}B active), {shape.n_layer} layers, "
+    n = lambda x: f"{x / 1e9:.3g}B" if x >= 1e8 else f"{x / 1e6:.3g}M"  # noqa: E731
+    print(f"model: {n(p['total'])} parameters ({n(p['active'])} active), {shape.n_layer} layers, "
           f"width {shape.n_embd}, {shape.n_head} heads / {shape.n_kv_head} kv, vocab {shape.vocab_size}"
           + (f", {shape.n_expert} experts top-{shape.n_expert_per_tok}" if shape.n_expert else ""))
     if args.tp or args.pp or args.dp or args.dp_replicate > 1:
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         check_layout(layouts[0], args.gpus)
     else:
         layouts = default_layouts(args.gpus, shape, args.seq_len)
-    print(f"{args.gpus} GPUs, sequence {args.seq_len}; memory in GiB per GPU, communication in GiB sent per GPU "
-          "per step (fp32 weights/grads, AdamW fp32 moments)")
+    print(f"{args.gpus} GPUs, sequence {args.seq_len}; memory per GPU, communication = bytes sent per GPU per step "
+          "(fp32 weights/grads, AdamW fp32 moments)")
     print(table(shape, layouts, args.act_bytes, markdown=args.markdown))
     return 0

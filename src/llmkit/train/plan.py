@@ -250,21 +250,25 @@ def layout_name(lay: Layout) -> str:
 
 
 def table(m: ModelShape, layouts: list[Layout], act_bytes: int = 2, markdown: bool = False) -> str:
-    """The memory / communication / MFU table `llmkit plan` prints (GiB per GPU, GiB sent per step)."""
-    G = 2**30
-    cols = ["layout", "params/GPU", "weights", "grads", "optim", "acts", "gather", "total", "host", "comm/step", "MFU"]
+    """The memory / communication / MFU table `llmkit plan` prints: bytes per GPU and bytes sent per
+    step, in GiB (MiB / KiB for small models: the unit is in the header)."""
+    peak = max(memory(m, lay, act_bytes)["total"] for lay in layouts)
+    G, unit = next((2**e, u) for e, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B")) if peak >= 2**e or e == 0)
+    cols = ["layout", "params/GPU", f"weights {unit}", "grads", "optim", "acts", "gather", "total", "host",
+            f"comm {unit}", "MFU"]
     rows = []
     for lay in layouts:
         mem, comm = memory(m, lay, act_bytes), communication(m, lay, act_bytes)
         lo, hi = expected_mfu(m, lay)
-        rows.append([layout_name(lay), f"{mem['params_per_rank'] / 1e9:.2f}B"]
+        P = mem["params_per_rank"]
+        rows.append([layout_name(lay), f"{P / 1e9:.2f}B" if P >= 1e8 else f"{P / 1e6:.3f}M"]
                     + [f"{mem[k] / G:.1f}" for k in ("weights", "grads", "optimizer", "activations", "gathered",
                                                      "total", "host")]
                     + [f"{comm['total'] / G:.1f}", f"{lo:.0%}-{hi:.0%}"])
     if markdown:
         lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [34] + [10 if c in ("params/GPU", "comm/step") else 8 for c in cols[1:-1]] + [9]
+    widths = [34] + [11 if i in (1, 2, 9) else 8 for i in range(1, len(cols) - 1)] + [9]
     fmt = lambda r: " ".join(f"{v:<{w}}" if i == 0 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
     head = fmt(cols)
     return "\n".join([head, "-" * len(head)] + [fmt(r) for r in rows])
