@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from llmkit.errors import CheckpointError, ConfigError
+from llmkit.fsutil import write_dir
+from llmkit.model.config import ModelConfig
+from llmkit.model.positions import rope_cos_sin
+from llmkit.model.transformer import Transformer
+from llmkit.train.checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint
 from llmkit.train.config import ParallelConfig
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -276,8 +282,6 @@ class StageModule(nn.Module):
         self.seq_shards = 1  # tp under sequence parallelism
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        from llmkit.model.positions import rope_cos_sin
-
         if self.wte is not None:
             h = self.wte(h)  # token ids [B, T] -> [B, T, C]
         B, T = h.shape[0], h.shape[1] * self.seq_shards  # under sequence parallelism h holds T / tp
@@ -564,18 +568,18 @@ def load_dcp_model(path: str | Path, model: nn.Module) -> None:
     model.load_state_dict(sd["model"])
 
 
+def checkpoint_folder(src: str | Path) -> Path | None:
+    """The checkpoint folder `src` names: itself, or the latest one of an out_dir or checkpoints/ folder."""
+    src = Path(src)
+    if (src / "state.pt").is_file():
+        return src
+    return latest_checkpoint(src.parent if src.name == CKPT_DIR else src)
+
+
 def dcp_to_hf(src: str | Path, out: str | Path) -> nn.Module:
     """A training checkpoint written under train.parallel (any layout) -> one Hugging Face folder
     (config.json, model.safetensors and, when the run's out_dir has them, the tokenizer files)."""
-    import shutil
-
-    from llmkit.fsutil import replace_dir
-    from llmkit.model.config import ModelConfig
-    from llmkit.model.transformer import Transformer
-    from llmkit.train.checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint
-
-    src = Path(src)
-    folder = src if (src / "state.pt").is_file() else latest_checkpoint(src.parent if src.name == CKPT_DIR else src)
+    folder = checkpoint_folder(src)
     state = load_checkpoint(src)
     if state.get("format") != "dcp" or folder is None or not (folder / "dcp").is_dir():
         raise CheckpointError(
@@ -584,13 +588,13 @@ def dcp_to_hf(src: str | Path, out: str | Path) -> nn.Module:
         )
     model = Transformer(ModelConfig.from_dict(state["model_config"]))
     load_dcp_model(folder / "dcp", model)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
     run_dir = folder.parent.parent
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, tmp / name)
-    replace_dir(tmp, out)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, tmp / name)
+
+    write_dir(out, write)
     return model

@@ -37,6 +37,7 @@ from llmkit.train.checkpoint import (
 from llmkit.train.config import TrainConfig
 from llmkit.train.metrics import MetricsLog
 from llmkit.train.optim import build_adamw
+from llmkit.train.parallel import Parallel, checkpoint_folder, load_dcp_model, save_dcp
 from llmkit.train.prepare import TokenData, resolve_data
 from llmkit.train.schedule import cosine_lr, cosine_lr_fraction
 
@@ -149,9 +150,7 @@ class Trainer:
                 )
             state = load_checkpoint(src)
             if state.get("format") == "dcp":  # the shards sit beside state.pt
-                run_dir = src.parent if src.name == CKPT_DIR else src
-                folder = src if (src / "state.pt").is_file() else latest_checkpoint(run_dir)
-                state["path"] = str(folder)
+                state["path"] = str(checkpoint_folder(src))
             return state
         existing = latest_checkpoint(self.out_dir)
         if existing is not None and not self.overwrite:
@@ -199,8 +198,6 @@ class Trainer:
         self.n_params = raw.num_params()
         self.par = None
         if info.strategy == "parallel":  # the mesh, the stages and the shards: parallel.py
-            from llmkit.train.parallel import Parallel
-
             if t.compile or t.dtype == "float16":
                 raise ConfigError(
                     "train.parallel layouts run without torch.compile and without float16 loss scaling; "
@@ -270,8 +267,6 @@ class Trainer:
         info = self.dist
         dcp_dir = None
         if self.par is not None:  # every rank writes its shards (DCP), rank 0 the rest
-            from llmkit.train.parallel import save_dcp
-
             dcp_dir = self.out_dir / CKPT_DIR / f".dcp-{self.step:06d}"
             save_dcp(self.par.state_dict(self.optimizer), dcp_dir)
             model_sd, optim_sd = None, None
@@ -311,9 +306,6 @@ class Trainer:
 
     def _export_dcp(self, dcp_dir: Path) -> None:
         """Rank 0 turns the distributed checkpoint it just wrote into the Hugging Face folder."""
-        from llmkit.model.transformer import Transformer
-        from llmkit.train.parallel import load_dcp_model
-
         model = Transformer(self.model_config)
         load_dcp_model(dcp_dir, model)
         self._export_model(model)
