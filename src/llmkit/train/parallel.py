@@ -417,9 +417,9 @@ class Parallel:
                 self.schedule.step(x, **kwargs)
             else:
                 self.schedule.step(**kwargs)
-            scale = self.n_microbatches * self.grad_accum
-            loss = torch.stack([lo.detach() for lo in losses]).sum() * scale / self.n_microbatches if losses else (
-                torch.zeros((), device=self.device))
+            loss = torch.zeros((), device=self.device)
+            if losses:  # each is loss / (micro-batches x grad_accum): their sum x grad_accum is the mean
+                loss = torch.stack([lo.detach() for lo in losses]).sum() * self.grad_accum
             dist.all_reduce(loss, group=self.mesh["pp"].get_group())  # only the last stage had it
             return loss
         with self.loss_context():
@@ -445,6 +445,7 @@ class Parallel:
                 self.schedule.eval(**kwargs)
             if not losses:
                 return 0.0, 0
+            # (the tp ranks of the last stage all count it: the trainer's sum / count ratio is unchanged)
             return float(sum(float(lo) for lo in losses)), int((y != -100).sum())
         self.parts[0].eval()
         with self.loss_context():
