@@ -95,6 +95,7 @@ class LlmkitLM(TemplateLM):
 
 def register() -> None:
     """Add `llmkit` to lm-eval's model registry (idempotent)."""
+    import lm_eval.models  # noqa: F401  (fills the registry with lm-eval's own models first)
     from lm_eval.api.registry import MODEL_REGISTRY, register_model
 
     if "llmkit" not in MODEL_REGISTRY:
