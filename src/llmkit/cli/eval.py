@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.errors import InputError
 
     if args.extra and args.extra[0] == "compare":
-        return compare_cmd(args.extra[1:])
+        # `--out` is also an eval flag, so argparse has already taken it from the compare arguments
+        return compare_cmd(args.extra[1:] + (["--out", args.out] if args.out else []))
     if args.extra:
         raise InputError(f"unrecognized arguments: {' '.join(args.extra)}")
     if not args.tasks or not args.out:
