@@ -27,6 +27,8 @@ class LlmkitLM(TemplateLM):
         super().__init__()
         import torch
 
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval's command line passes device=cuda by default
         bs = 32 if str(batch_size).startswith("auto") else int(batch_size)
         self.lm = LocalLM(pretrained, dtype=getattr(torch, dtype) if dtype else None, device=device,
                           batch_size=bs, max_batch_size=int(max_batch_size))
