@@ -125,3 +125,28 @@ def test_mc_matches_lm_eval_hf_backend(tiny, tmp_path, monkeypatch):
     by_id = {s["id"]: s["loglikelihoods"] for s in samples}
     for i, lls in enumerate(ref_lls):
         assert by_id[str(i)] == pytest.approx(lls, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["rope", "alibi", "sliding_window"])
+def test_shared_prefix_scoring_equals_one_forward_per_request(kind):
+    """Packed prefix sharing (and the KV-copy path used for ALiBi) give each request's plain log-likelihood."""
+    from llmkit.eval import score_tokens
+    from llmkit.model.transformer import Transformer
+
+    cfg = llmkit.ModelConfig.from_preset("tiny")
+    if kind == "alibi":
+        cfg.pos = "alibi"
+    if kind == "sliding_window":
+        cfg.sliding_window = 6
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ctxs = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 11, 3)]
+    reqs = [(c, torch.randint(0, cfg.vocab_size, (m,), generator=g).tolist()) for c in ctxs for m in (1, 4, 2)]
+    got = score_tokens(model, reqs, batch_size=2)
+    for (ctx, cont), (lp, greedy) in zip(reqs, got):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ctx + cont]))[0].float(), -1)
+        rows = logp[len(ctx) - 1 : len(ctx) - 1 + len(cont)]
+        assert lp == pytest.approx(float(rows[range(len(cont)), cont].sum()), abs=1e-4)
+        assert greedy == bool((rows.argmax(-1) == torch.tensor(cont)).all())

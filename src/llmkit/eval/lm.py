@@ -42,11 +42,16 @@ def score_tokens(
     requests: Sequence[tuple[list[int], list[int]]],
     batch_size: int = 32,
     progress: bool = False,
+    max_batch_tokens: int = 4096,
 ) -> list[tuple[float, bool]]:
     """log p(continuation | context) and whether greedy decoding reproduces it, per (context_ids, cont_ids).
 
-    Requests with the same context share one prefill: the context's KV is computed once and copied to a
-    batch of continuations (right-padded, so padding never influences a real position).
+    Requests with the same context share its KV: the context is packed once, followed by all its
+    continuations, and an attention mask lets each continuation see the context and itself only (its
+    positions restart where the context ends). Several contexts are batched per forward (right-padded,
+    up to `batch_size` rows and `max_batch_tokens` tokens). ALiBi models, whose bias follows the packed
+    index rather than the position, prefill the context once and score the continuations on copies
+    of its KV cache instead.
     """
     max_len = int(model.config.block_size)
     groups: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
@@ -58,36 +63,97 @@ def score_tokens(
         ctx = ctx[-(max_len + 1 - len(cont)) :]  # left-truncate like lm-eval: the last max_len tokens are fed
         groups.setdefault(tuple(ctx), []).append(i)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
-    device = next(model.parameters()).device
-    for ctx, idxs in tqdm(groups.items(), desc="loglikelihood", disable=not progress, unit="ctx"):
-        Lc = len(ctx)
-        x = torch.tensor([list(ctx)], device=device)
-        cache = StaticKVCache.for_model(model, 1, Lc)
-        last = torch.log_softmax(model(x, kv_cache=cache, num_logits_to_keep=1)[0, -1].float(), -1)  # [V]
-        for b0 in range(0, len(idxs), batch_size):
-            chunk = idxs[b0 : b0 + batch_size]
-            conts = [requests[i][1] for i in chunk]
-            T = max(len(c) for c in conts)
-            rows = torch.zeros(len(chunk), T, dtype=torch.long, device=device)
-            for r, c in enumerate(conts):
-                rows[r, : len(c)] = torch.tensor(c)
-            if T > 1:
-                bc = StaticKVCache.for_model(model, len(chunk), Lc + T - 1)
-                for layer in range(bc.n_layer):  # the shared prefix, copied once per batch row
-                    bc.k[layer][:, :, :Lc] = cache.k[layer]
-                    bc.v[layer][:, :, :Lc] = cache.v[layer]
-                bc.length = Lc
-                pos = torch.arange(Lc, Lc + T - 1, device=device).expand(len(chunk), -1)
-                lp = torch.log_softmax(model(rows[:, :-1], kv_cache=bc, position_ids=pos).float(), -1)  # [b, T-1, V]
-                lp = torch.cat([last.expand(len(chunk), 1, -1), lp], 1)  # [b, T, V]
-            else:
-                lp = last.expand(len(chunk), 1, -1)
-            tok_lp = lp.gather(-1, rows[..., None])[..., 0]  # [b, T]
-            greedy = lp.argmax(-1) == rows  # [b, T]
-            for r, i in enumerate(chunk):
-                n = len(conts[r])
-                out[i] = (float(tok_lp[r, :n].sum()), bool(greedy[r, :n].all()))
+    items = list(groups.items())
+    bar = tqdm(total=len(items), desc="loglikelihood", disable=not progress, unit="ctx")
+    if getattr(model, "alibi_slopes", None) is not None:
+        for ctx, idxs in items:
+            _score_on_cache(model, list(ctx), idxs, requests, out, batch_size)
+            bar.update(1)
+    else:
+        batch: list[tuple[tuple[int, ...], list[int]]] = []
+        longest = 0
+        for ctx, idxs in items:
+            n = len(ctx) + sum(len(requests[i][1]) for i in idxs)
+            if batch and (len(batch) >= batch_size or max(longest, n) * (len(batch) + 1) > max_batch_tokens):
+                _score_packed(model, batch, requests, out)
+                bar.update(len(batch))
+                batch, longest = [], 0
+            batch.append((ctx, idxs))
+            longest = max(longest, n)
+        if batch:
+            _score_packed(model, batch, requests, out)
+            bar.update(len(batch))
+    bar.close()
     return out  # type: ignore[return-value]
+
+
+def _score_packed(model, batch, requests, out) -> None:
+    """One forward for several contexts, each followed by all of its continuations (see `score_tokens`)."""
+    device = next(model.parameters()).device
+    rows, segs, poss, targets = [], [], [], []  # per row: ids, segment (0 = context, j = continuation j), positions
+    for ctx, idxs in batch:
+        Lc = len(ctx)
+        ids, seg, pos, tg = list(ctx), [0] * Lc, list(range(Lc)), []
+        for j, i in enumerate(idxs, 1):
+            cont = requests[i][1]
+            start = len(ids)
+            # the logits predicting cont[k] sit at the context's last position (k = 0), else at cont[k - 1]
+            tg.append((i, [Lc - 1] + list(range(start, start + len(cont) - 1)), cont))
+            ids += cont
+            seg += [j] * len(cont)
+            pos += list(range(Lc, Lc + len(cont)))
+        rows.append(ids), segs.append(seg), poss.append(pos), targets.append(tg)
+    B, T = len(rows), max(len(r) for r in rows)
+    x = torch.zeros(B, T, dtype=torch.long)
+    seg_t = torch.full((B, T), -1, dtype=torch.long)
+    pos_t = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        n = len(rows[b])
+        x[b, :n], seg_t[b, :n], pos_t[b, :n] = torch.tensor(rows[b]), torch.tensor(segs[b]), torch.tensor(poss[b])
+    idx = torch.arange(T)
+    causal = idx[None, :] <= idx[:, None]  # [T, T] key index <= query index
+    same = (seg_t[:, None, :] == 0) | (seg_t[:, None, :] == seg_t[:, :, None])  # [B, T(q), T(k)]
+    allowed = causal[None] & same & (seg_t[:, None, :] >= 0)
+    allowed |= torch.eye(T, dtype=torch.bool)[None]  # padding rows attend to themselves (no empty softmax)
+    dist = pos_t[:, :, None] - pos_t[:, None, :]  # [B, T, T] position distance query - key
+    windows = {blk.attn.window for blk in model.blocks}
+    masks = {w: (allowed if w is None else allowed & (dist < w))[:, None].to(device) for w in windows}
+    logits = model(x.to(device), position_ids=pos_t.to(device), attn_mask=masks)  # [B, T, V]
+    for b in range(B):
+        for i, at, cont in targets[b]:
+            lp = torch.log_softmax(logits[b, at].float(), -1)  # [n, V]
+            c = torch.tensor(cont, device=device)
+            out[i] = (float(lp.gather(-1, c[:, None]).sum()), bool((lp.argmax(-1) == c).all()))
+
+
+def _score_on_cache(model, ctx, idxs, requests, out, batch_size) -> None:
+    """Prefill `ctx` once, then score its continuations in batches on copies of that KV cache."""
+    device = next(model.parameters()).device
+    Lc = len(ctx)
+    cache = StaticKVCache.for_model(model, 1, Lc)
+    last = torch.log_softmax(model(torch.tensor([ctx], device=device), kv_cache=cache)[0, -1].float(), -1)  # [V]
+    for b0 in range(0, len(idxs), batch_size):
+        chunk = idxs[b0 : b0 + batch_size]
+        conts = [requests[i][1] for i in chunk]
+        T = max(len(c) for c in conts)
+        rows = torch.zeros(len(chunk), T, dtype=torch.long, device=device)
+        for r, c in enumerate(conts):
+            rows[r, : len(c)] = torch.tensor(c)
+        lp = last.expand(len(chunk), 1, -1)
+        if T > 1:
+            bc = StaticKVCache.for_model(model, len(chunk), Lc + T - 1)
+            for layer in range(bc.n_layer):  # the shared prefix, copied to every row
+                bc.k[layer][:, :, :Lc] = cache.k[layer]
+                bc.v[layer][:, :, :Lc] = cache.v[layer]
+            bc.length = Lc
+            pos = torch.arange(Lc, Lc + T - 1, device=device).expand(len(chunk), -1)
+            rest = torch.log_softmax(model(rows[:, :-1], kv_cache=bc, position_ids=pos).float(), -1)
+            lp = torch.cat([lp, rest], 1)  # [b, T, V]
+        tok_lp = lp.gather(-1, rows[..., None])[..., 0]  # [b, T]
+        greedy = lp.argmax(-1) == rows
+        for r, i in enumerate(chunk):
+            n = len(conts[r])
+            out[i] = (float(tok_lp[r, :n].sum()), bool(greedy[r, :n].all()))
 
 
 def folder_hash(path: str | Path) -> str:
@@ -197,10 +263,12 @@ class LocalLM:
         from llmkit.infer.sampling import SamplingParams
 
         eng = self.engine()
-        max_new = min(max_new_tokens, self.max_length - 1)
         handles = []
         for p in prompts:
-            ids = self.encode(p)[-(self.max_length - max_new) :]
+            ids = self.encode(p)
+            # a short context: keep at least half of it for the prompt, cut the budget, then the prompt's left
+            max_new = max(1, min(max_new_tokens, self.max_length - min(len(ids), self.max_length // 2)))
+            ids = ids[-(self.max_length - max_new) :]
             row = []
             for j in range(n):
                 params = SamplingParams(
