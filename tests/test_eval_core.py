@@ -150,3 +150,22 @@ def test_shared_prefix_scoring_equals_one_forward_per_request(kind):
         rows = logp[len(ctx) - 1 : len(ctx) - 1 + len(cont)]
         assert lp == pytest.approx(float(rows[range(len(cont)), cont].sum()), abs=1e-4)
         assert greedy == bool((rows.argmax(-1) == torch.tensor(cont)).all())
+
+
+def test_scoring_at_the_context_limit_matches_lm_eval_truncation():
+    """context + continuation longer than the model's context: left-truncated like lm-eval, never past block_size."""
+    from llmkit.eval import score_tokens
+    from llmkit.model.transformer import Transformer
+
+    cfg = llmkit.ModelConfig.from_preset("tiny")
+    cfg.pos, cfg.block_size = "learned", 16
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    ctx, conts = list(range(3, 23)), [[5, 6, 7], [9]]  # 20 + 3 tokens > 16
+    got = score_tokens(model, [(ctx, c) for c in conts])
+    for cont, (lp, _) in zip(conts, got):
+        inp = (ctx + cont)[-(cfg.block_size + 1) :][:-1]  # lm-eval's hf backend feeds exactly this
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([inp]))[0], -1)
+        want = sum(float(logp[len(inp) - len(cont) + k, t]) for k, t in enumerate(cont))
+        assert lp == pytest.approx(want, abs=1e-4)

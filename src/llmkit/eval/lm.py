@@ -97,11 +97,12 @@ def _score_packed(model, batch, requests, out) -> None:
         for j, i in enumerate(idxs, 1):
             cont = requests[i][1]
             start = len(ids)
-            # the logits predicting cont[k] sit at the context's last position (k = 0), else at cont[k - 1]
+            # the logits predicting cont[k] sit at the context's last position (k = 0), else at cont[k - 1];
+            # the last token is only a target, so it is not fed (at most block_size positions, as lm-eval)
             tg.append((i, [Lc - 1] + list(range(start, start + len(cont) - 1)), cont))
-            ids += cont
-            seg += [j] * len(cont)
-            pos += list(range(Lc, Lc + len(cont)))
+            ids += cont[:-1]
+            seg += [j] * (len(cont) - 1)
+            pos += list(range(Lc, Lc + len(cont) - 1))
         rows.append(ids), segs.append(seg), poss.append(pos), targets.append(tg)
     B, T = len(rows), max(len(r) for r in rows)
     x = torch.zeros(B, T, dtype=torch.long)
