@@ -99,8 +99,24 @@ def test_judge_through_llmkit_server(tmp_path):
     ])
     preds = _write_jsonl(tmp_path / "p.jsonl", [{"id": i, "completion": c} for i, c in
                                                 [("a", "Hello"), ("b", "Red"), ("c", "1 2 3")]])
+    mc = _write_jsonl(tmp_path / "mc.jsonl", MC_DOCS[:4])
     with running_server(judge_model) as srv:
         res = evaluate(f"judge={data}", tmp_path / "run", predictions=preds, judge_url=srv.url, progress=False)
+        gsm = _write_jsonl(tmp_path / "gsm.jsonl", [{"question": "What is 2 + 3?", "answer": "2+3=5\n#### 5"}])
+        api = evaluate(f"mc={mc},gsm8k={gsm}", tmp_path / "api", base_url=srv.url, progress=False, limit=2,
+                       num_fewshot=1)
+    # the endpoint (echoed logprobs) gives the local model's log-likelihoods
+    local = evaluate(f"mc={mc}", tmp_path / "local", model=judge_model, progress=False, limit=2)
+    by_id = {}
+    for f in ("api", "local"):
+        for line in open(tmp_path / f / "samples.jsonl"):
+            r = json.loads(line)
+            if r["task"] == "mc":
+                by_id.setdefault(r["id"], []).append(r["loglikelihoods"])
+    for a, b in by_id.values():
+        assert a == pytest.approx(b, abs=1e-3)
+    assert api["results"]["mc"] == local["results"]["mc"] and api["model"]["kind"] == "api"
+    assert api["results"]["gsm8k"]["n"] == 1
     recs = {r["id"]: r for r in map(json.loads, open(tmp_path / "run" / "samples.jsonl"))}
     assert set(recs) == {"a", "b", "c"} and "judge_ab" not in recs["c"]
     from llmkit.eval.judge import combine, parse_verdict, win_rate
