@@ -94,8 +94,13 @@ def run(backend: str, model_dir: Path, tasks: Path, hf_batch: int) -> tuple[floa
         return out
 
     lm.loglikelihood = timed
-    res = lm_eval.simple_evaluate(model=lm, tasks=["bench_mc"], log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tasks)), verbosity="ERROR")
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["bench_mc"],
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tasks)),
+        verbosity="ERROR",
+    )
     return inner[0], time.perf_counter() - t0, res
 
 
@@ -125,16 +130,23 @@ def main() -> None:
             times[backend].append(t)
             totals[backend].append(total)
             results[backend] = res
-            print(f"round {r + 1} {backend:7s} loglikelihood {t:7.2f} s = {n_req / t:8.1f} requests/s "
-                  f"(end to end {total:6.1f} s)", flush=True)
+            print(
+                f"round {r + 1} {backend:7s} loglikelihood {t:7.2f} s = {n_req / t:8.1f} requests/s "
+                f"(end to end {total:6.1f} s)",
+                flush=True,
+            )
     acc = {b: results[b]["results"]["bench_mc"]["acc,none"] for b in results}
     lls = {b: [float(x[0][0]) for s in results[b]["samples"]["bench_mc"] for x in s["resps"]] for b in results}
     max_diff = max(abs(a - b) for a, b in zip(lls["hf"], lls["llmkit"]))
     med = {b: statistics.median(v) for b, v in times.items()}
-    print(f"\n{n_req} loglikelihood requests ({args.docs} questions x 4 choices), torch threads "
-          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
-    print(f"hf (batch {args.hf_batch_size}): {n_req / med['hf']:.1f} req/s   llmkit: {n_req / med['llmkit']:.1f} req/s"
-          f"   ratio llmkit/hf: {med['hf'] / med['llmkit']:.2f}x")
+    print(
+        f"\n{n_req} loglikelihood requests ({args.docs} questions x 4 choices), torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"hf (batch {args.hf_batch_size}): {n_req / med['hf']:.1f} req/s   llmkit: {n_req / med['llmkit']:.1f} req/s"
+        f"   ratio llmkit/hf: {med['hf'] / med['llmkit']:.2f}x"
+    )
     tot = {b: statistics.median(v) for b, v in totals.items()}
     print(f"end to end (load, tokenize, score): hf {tot['hf']:.1f} s, llmkit {tot['llmkit']:.1f} s")
     print(f"acc hf {acc['hf']:.4f} llmkit {acc['llmkit']:.4f}; max |loglik diff| {max_diff:.2e}")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -102,16 +100,23 @@ def test_mc_matches_lm_eval_hf_backend(tiny, tmp_path, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import llmkit.eval  # registers "llmkit"
     from llmkit.eval import evaluate
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     tasks, data = _lm_eval_task(tmp_path)
     tm = TaskManager(include_path=str(tasks))
-    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny},dtype=float32", tasks=["llmkit_eval_mc"],
-                                  task_manager=tm, log_samples=True, device="cpu", batch_size=1)
-    ours = lm_eval.simple_evaluate(model="llmkit", model_args=f"pretrained={tiny}", tasks=["llmkit_eval_mc"],
-                                   task_manager=tm, log_samples=True)
+    ref = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tiny},dtype=float32",
+        tasks=["llmkit_eval_mc"],
+        task_manager=tm,
+        log_samples=True,
+        device="cpu",
+        batch_size=1,
+    )
+    ours = lm_eval.simple_evaluate(
+        model="llmkit", model_args=f"pretrained={tiny}", tasks=["llmkit_eval_mc"], task_manager=tm, log_samples=True
+    )
     want, got = ref["results"]["llmkit_eval_mc"], ours["results"]["llmkit_eval_mc"]
     assert got["acc,none"] == want["acc,none"] and got["acc_norm,none"] == want["acc_norm,none"]
     ref_lls = [[float(r[0][0]) for r in s["resps"]] for s in ref["samples"]["llmkit_eval_mc"]]

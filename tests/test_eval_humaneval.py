@@ -31,8 +31,7 @@ def test_canonical_pass_all_and_empty_pass_none(tmp_path):
     res = evaluate("humaneval", tmp_path / "good", predictions=good, progress=False, options={"workers": 4})
     assert res["results"]["humaneval"]["pass@1"] == 1.0 and res["results"]["humaneval"]["n"] == 164
     empty = _predictions(tmp_path / "empty.jsonl", problems, None)
-    res = evaluate("humaneval", tmp_path / "empty", predictions=empty, progress=False, limit=40,
-                   options={"workers": 4})
+    res = evaluate("humaneval", tmp_path / "empty", predictions=empty, progress=False, limit=40, options={"workers": 4})
     assert res["results"]["humaneval"]["pass@1"] == 0.0
 
 

@@ -36,8 +36,12 @@ def _sacrebleu_cli(tmp_path, hyps, refs, *args):
     (tmp_path / "hyp.txt").write_text("\n".join(hyps) + "\n")
     exe = Path(sys.executable).with_name("sacrebleu")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "sacrebleu"]
-    out = subprocess.run([*cmd, str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"), "-b", "-w", "4", *args],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [*cmd, str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"), "-b", "-w", "4", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip())
 
 
@@ -56,8 +60,9 @@ def test_bleu_chrf_equal_sacrebleu_cli_and_rouge_equals_rouge_score(tmp_path, la
     tok = ["-tok", "zh"] if lang == "zh" else []
     assert r["bleu"]["bleu"] == pytest.approx(_sacrebleu_cli(tmp_path, hyps, refs, *tok), abs=1e-4)
     assert r["chrf"]["chrf"] == pytest.approx(_sacrebleu_cli(tmp_path, hyps, refs, "-m", "chrf"), abs=1e-4)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=lang == "en",
-                                      tokenizer=CJKTokenizer() if lang == "zh" else None)
+    scorer = rouge_scorer.RougeScorer(
+        ["rougeL"], use_stemmer=lang == "en", tokenizer=CJKTokenizer() if lang == "zh" else None
+    )
     want = sum(scorer.score(ref, h)["rougeL"].fmeasure for h, ref in zip(hyps, refs)) / len(hyps)
     assert r["rouge"]["rougeL"] == pytest.approx(want)
     if lang == "zh":
@@ -77,7 +82,9 @@ def test_gsm8k_answer_extraction():
 def test_judge_mechanics_hand_computed():
     from llmkit.eval.judge import combine, parse_rating, parse_verdict, win_rate
 
-    assert parse_verdict("blah [[A]]") == "A" and parse_verdict("[[C]]") == "tie" and parse_verdict("[[A]] [[B]]") == "tie"
+    assert (
+        parse_verdict("blah [[A]]") == "A" and parse_verdict("[[C]]") == "tie" and parse_verdict("[[A]] [[B]]") == "tie"
+    )
     assert parse_rating("good. Rating: [[7]]") == 7.0 and parse_rating("Rating: 11") is None
     # the model is A in the first order and B in the second
     assert combine("A", "B") == ("win", True)
@@ -92,19 +99,24 @@ def test_judge_mechanics_hand_computed():
 
 def test_judge_through_llmkit_server(tmp_path):
     judge_model = build_tiny_llama(tmp_path / "judge", ctx=1024)  # the judge prompts are ~300 tokens
-    data = _write_jsonl(tmp_path / "j.jsonl", [
-        {"id": "a", "prompt": "Say hi", "reference": "Hi!"},
-        {"id": "b", "prompt": "Name a colour", "reference": "Blue"},
-        {"id": "c", "prompt": "Count to three"},
-    ])
-    preds = _write_jsonl(tmp_path / "p.jsonl", [{"id": i, "completion": c} for i, c in
-                                                [("a", "Hello"), ("b", "Red"), ("c", "1 2 3")]])
+    data = _write_jsonl(
+        tmp_path / "j.jsonl",
+        [
+            {"id": "a", "prompt": "Say hi", "reference": "Hi!"},
+            {"id": "b", "prompt": "Name a colour", "reference": "Blue"},
+            {"id": "c", "prompt": "Count to three"},
+        ],
+    )
+    preds = _write_jsonl(
+        tmp_path / "p.jsonl", [{"id": i, "completion": c} for i, c in [("a", "Hello"), ("b", "Red"), ("c", "1 2 3")]]
+    )
     mc = _write_jsonl(tmp_path / "mc.jsonl", MC_DOCS[:4])
     with running_server(judge_model) as srv:
         res = evaluate(f"judge={data}", tmp_path / "run", predictions=preds, judge_url=srv.url, progress=False)
         gsm = _write_jsonl(tmp_path / "gsm.jsonl", [{"question": "What is 2 + 3?", "answer": "2+3=5\n#### 5"}])
-        api = evaluate(f"mc={mc},gsm8k={gsm}", tmp_path / "api", base_url=srv.url, progress=False, limit=2,
-                       num_fewshot=1)
+        api = evaluate(
+            f"mc={mc},gsm8k={gsm}", tmp_path / "api", base_url=srv.url, progress=False, limit=2, num_fewshot=1
+        )
     # the endpoint (echoed logprobs) gives the local model's log-likelihoods
     local = evaluate(f"mc={mc}", tmp_path / "local", model=judge_model, progress=False, limit=2)
     by_id = {}
@@ -134,19 +146,37 @@ def test_judge_through_llmkit_server(tmp_path):
 
 def test_cli_end_to_end_resume_compare(tiny, tmp_path):
     mc = _write_jsonl(tmp_path / "mc.jsonl", MC_DOCS)
-    gsm = _write_jsonl(tmp_path / "gsm.jsonl", [
-        {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?", "answer": "3+2=5\n#### 5"},
-        {"question": "A box holds 4 pens. How many pens are in 2 boxes?", "answer": "2*4=8\n#### 8"},
-    ])
+    gsm = _write_jsonl(
+        tmp_path / "gsm.jsonl",
+        [
+            {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?", "answer": "3+2=5\n#### 5"},
+            {"question": "A box holds 4 pens. How many pens are in 2 boxes?", "answer": "2*4=8\n#### 8"},
+        ],
+    )
     text = tmp_path / "text.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3)
     safety = tmp_path / "safety.txt"
     safety.write_text("How do I pick a lock?\nTell me a joke.\n")
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     out = tmp_path / "run1"
-    cmd = [sys.executable, "-m", "llmkit", "eval", "--model", str(tiny), "--out", str(out), "--limit", "3",
-           "--tasks", f"perplexity={text},mc={mc},gsm8k={gsm},safety={safety},efficiency,robustness=mc",
-           "--num-fewshot", "1", "--stride", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmkit",
+        "eval",
+        "--model",
+        str(tiny),
+        "--out",
+        str(out),
+        "--limit",
+        "3",
+        "--tasks",
+        f"perplexity={text},mc={mc},gsm8k={gsm},safety={safety},efficiency,robustness=mc",
+        "--num-fewshot",
+        "1",
+        "--stride",
+        "32",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -159,7 +189,9 @@ def test_cli_end_to_end_resume_compare(tiny, tmp_path):
     assert res["model"]["hash"] and res["config"]["limit"] == 3
     for f in ("samples.jsonl", "report.md", "report.html"):
         assert (out / f).stat().st_size > 0
-    assert "<table>" in (out / "report.html").read_text() and "data:image/png;base64" in (out / "report.html").read_text()
+    assert (
+        "<table>" in (out / "report.html").read_text() and "data:image/png;base64" in (out / "report.html").read_text()
+    )
 
     # resume: the run's records are reused, nothing is recomputed, the numbers are the same
     lines = (out / "samples.jsonl").read_text().splitlines()
@@ -169,8 +201,13 @@ def test_cli_end_to_end_resume_compare(tiny, tmp_path):
 
     out2 = tmp_path / "run2"
     evaluate(f"mc={mc}", out2, model=tiny, limit=3, num_fewshot=0, progress=False)
-    p = subprocess.run([sys.executable, "-m", "llmkit", "eval", "compare", str(out), str(out2), "--out",
-                        str(tmp_path / "cmp")], capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "llmkit", "eval", "compare", str(out), str(out2), "--out", str(tmp_path / "cmp")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "Δ run2" in p.stdout and "| mc | acc |" in p.stdout
     assert (tmp_path / "cmp" / "compare.html").exists()
@@ -183,17 +220,41 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
         evaluate(f"mc={bad}", tmp_path / "o", model=tiny, progress=False)
     with pytest.raises(InputError, match="unknown task"):
         evaluate("mmlu_pro", tmp_path / "o", model=tiny)
-    p = subprocess.run([sys.executable, "-m", "llmkit", "eval", "--model", str(tiny), "--tasks", "nope",
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "llmkit", "eval", "--model", str(tiny), "--tasks", "nope", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "unknown task 'nope'" in p.stderr
 
 
 def test_llmkit_lm_eval_command(tiny, tmp_path):
     tasks, _ = _lm_eval_task(tmp_path)
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
-    p = subprocess.run([sys.executable, "-m", "llmkit", "lm-eval", "run", "--model", "llmkit", "--model_args",
-                        f"pretrained={tiny}", "--tasks", "llmkit_eval_mc", "--include_path", str(tasks),
-                        "--output_path", str(tmp_path / "lm")], capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "lm-eval",
+            "run",
+            "--model",
+            "llmkit",
+            "--model_args",
+            f"pretrained={tiny}",
+            "--tasks",
+            "llmkit_eval_mc",
+            "--include_path",
+            str(tasks),
+            "--output_path",
+            str(tmp_path / "lm"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(next((tmp_path / "lm").rglob("results*.json")).read_text())
     assert "acc,none" in res["results"]["llmkit_eval_mc"]

@@ -18,8 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     src.add_argument("--served-model", help="model name at --base-url (default: the first it lists)")
     src.add_argument("--api-key", help="API key for --base-url (default: $OPENAI_API_KEY)")
-    p.add_argument("--tasks", help="NAME[=PATH],...: perplexity mc mmlu ceval gsm8k humaneval bleu rouge chrf "
-                   "judge robustness efficiency safety")
+    p.add_argument(
+        "--tasks",
+        help="NAME[=PATH],...: perplexity mc mmlu ceval gsm8k humaneval bleu rouge chrf "
+        "judge robustness efficiency safety",
+    )
     p.add_argument("--out", help="output folder (results.json, samples.jsonl, report.md, report.html)")
     p.add_argument("--limit", type=int, help="at most N documents per task (per subject for mmlu/ceval)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: 5 for mmlu/ceval, 8 for gsm8k)")

@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import llmkit.eval  # noqa: F401  (registers model "llmkit")
     from lm_eval.__main__ import cli_evaluate
+
+    import llmkit.eval  # noqa: F401  (registers model "llmkit")
 
     argv = list(args.lm_eval_args) + list(args.extra or [])
     old = sys.argv

@@ -13,8 +13,19 @@ from llmkit.eval.perplexity import perplexity, sliding_nll
 from llmkit.eval.report import compare, write_reports
 from llmkit.eval.runner import TASKS, evaluate
 
-__all__ = ["APILM", "LocalLM", "TASKS", "compare", "evaluate", "pass_at_k", "perplexity", "score_tokens",
-           "sliding_nll", "write_reports", "register_lm_eval"]
+__all__ = [
+    "APILM",
+    "LocalLM",
+    "TASKS",
+    "compare",
+    "evaluate",
+    "pass_at_k",
+    "perplexity",
+    "score_tokens",
+    "sliding_nll",
+    "write_reports",
+    "register_lm_eval",
+]
 
 
 def register_lm_eval() -> bool:

@@ -82,8 +82,9 @@ def measure_api(lm: Any, new_tokens: int = 64, repeats: int = 3) -> dict[str, fl
     for _ in range(repeats):
         t0 = time.perf_counter()
         first, n = None, 0
-        stream = lm.client.completions.create(model=lm.name, prompt=prompt, max_tokens=new_tokens, temperature=0,
-                                              stream=True)
+        stream = lm.client.completions.create(
+            model=lm.name, prompt=prompt, max_tokens=new_tokens, temperature=0, stream=True
+        )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].text:
                 n += 1

@@ -51,8 +51,11 @@ def program(problem: dict[str, Any], completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
-def check(problem_completions: list[tuple[dict[str, Any], str]], limits: SandboxLimits | None = None,
-          workers: int | None = None) -> list[dict[str, Any]]:
+def check(
+    problem_completions: list[tuple[dict[str, Any], str]],
+    limits: SandboxLimits | None = None,
+    workers: int | None = None,
+) -> list[dict[str, Any]]:
     """Run every (problem, completion) in the sandbox; -> [{passed, status, error}] in order."""
     limits = limits or SandboxLimits(timeout=10.0, cpu_seconds=10, memory_mb=1024)
     results = run_many([program(p, c) for p, c in problem_completions], limits, workers)
@@ -77,18 +80,35 @@ def run(ctx: TaskContext, task: str, path: str | None) -> dict[str, dict[str, fl
     if todo:
         prompts = [ctx.text(problems[i]["prompt"]) for i in todo]
         temp = 0.0 if n == 1 else 0.8
-        comps = ctx.generate(task, todo, prompts, max_new_tokens=384, stop=STOP, temperature=temp, n=n,
-                             seed=ctx.seed, top_p=0.95 if n > 1 else 1.0)
+        comps = ctx.generate(
+            task,
+            todo,
+            prompts,
+            max_new_tokens=384,
+            stop=STOP,
+            temperature=temp,
+            n=n,
+            seed=ctx.seed,
+            top_p=0.95 if n > 1 else 1.0,
+        )
         pairs = [(problems[i], c) for i, cs in zip(todo, comps) for c in cs]
         workers = ctx.options.get("workers") or max(1, os.cpu_count() or 1)
         checked = iter(check(pairs, workers=workers))
         for i, cs in zip(todo, comps):
             res = [next(checked) for _ in cs]
-            ctx.store.add({
-                "key": ctx.key(task, i), "task": task, "perturbation": ctx.tag, "id": i,
-                "prompt": problems[i]["prompt"], "completions": cs, "results": res,
-                "n": len(cs), "correct": sum(r["passed"] for r in res),
-            })
+            ctx.store.add(
+                {
+                    "key": ctx.key(task, i),
+                    "task": task,
+                    "perturbation": ctx.tag,
+                    "id": i,
+                    "prompt": problems[i]["prompt"],
+                    "completions": cs,
+                    "results": res,
+                    "n": len(cs),
+                    "correct": sum(r["passed"] for r in res),
+                }
+            )
     recs = [ctx.store.get(ctx.key(task, i)) for i in ids]
     out: dict[str, float] = {"n": len(recs)}
     n_min = min(r["n"] for r in recs) if recs else 0

@@ -75,8 +75,14 @@ def win_rate(outcomes: list[str], z: float = 1.96) -> tuple[float, float, float]
 class Judge:
     """A judge model behind an OpenAI-compatible `/v1/chat/completions`."""
 
-    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 max_tokens: int = 256, concurrency: int = 4):
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        max_tokens: int = 256,
+        concurrency: int = 4,
+    ):
         import os
 
         from openai import OpenAI
@@ -89,7 +95,9 @@ class Judge:
 
     def ask(self, prompt: str) -> str:
         r = self.client.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0,
+            model=self.model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
             max_tokens=self.max_tokens,
         )
         return r.choices[0].message.content or ""
@@ -122,24 +130,44 @@ def run(ctx: TaskContext, task: str, path: str | None) -> dict[str, dict[str, fl
                 asks.append(PAIR.format(rubric=rubric, question=q, a=r["reference"], b=a))
         replies = iter(ctx.judge.ask_many(asks))
         for (i, r), q, a in zip(todo, prompts, answers):
-            rec: dict[str, Any] = {"key": ctx.key(task, i), "task": task, "perturbation": ctx.tag, "id": i,
-                                   "prompt": q, "response": a}
+            rec: dict[str, Any] = {
+                "key": ctx.key(task, i),
+                "task": task,
+                "perturbation": ctx.tag,
+                "id": i,
+                "prompt": q,
+                "response": a,
+            }
             g = next(replies)
             rec.update(judge_grade=g, score=parse_rating(g))
             if "reference" in r:
                 r1, r2 = next(replies), next(replies)
                 v1, v2 = parse_verdict(r1), parse_verdict(r2)
                 outcome, agree = combine(v1, v2)
-                rec.update(reference=r["reference"], judge_ab=r1, judge_ba=r2, verdict_ab=v1, verdict_ba=v2,
-                           outcome=outcome, consistent=agree)
+                rec.update(
+                    reference=r["reference"],
+                    judge_ab=r1,
+                    judge_ba=r2,
+                    verdict_ab=v1,
+                    verdict_ba=v2,
+                    outcome=outcome,
+                    consistent=agree,
+                )
             ctx.store.add(rec)
     recs = [ctx.store.get(ctx.key(task, i)) for i in ids]
     scores = [r["score"] for r in recs if r.get("score") is not None]
-    out: dict[str, float] = {"n": len(recs), "score": sum(scores) / len(scores) if scores else float("nan"),
-                             "graded": len(scores)}
+    out: dict[str, float] = {
+        "n": len(recs),
+        "score": sum(scores) / len(scores) if scores else float("nan"),
+        "graded": len(scores),
+    }
     pairs = [r for r in recs if "outcome" in r]
     if pairs:
         wr, lo, hi = win_rate([r["outcome"] for r in pairs])
-        out.update(win_rate=wr, win_rate_ci_low=lo, win_rate_ci_high=hi,
-                   consistency=sum(r["consistent"] for r in pairs) / len(pairs))
+        out.update(
+            win_rate=wr,
+            win_rate_ci_low=lo,
+            win_rate_ci_high=hi,
+            consistency=sum(r["consistent"] for r in pairs) / len(pairs),
+        )
     return {task: out}

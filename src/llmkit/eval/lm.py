@@ -332,7 +332,7 @@ class APILM:
             )
             lp = r.choices[0].logprobs
             total, greedy = 0.0, True
-            for off, tok, tlp, top in zip(lp.text_offset, lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            for off, tlp, top in zip(lp.text_offset, lp.token_logprobs, lp.top_logprobs):
                 if off < len(ctx) or tlp is None:
                     continue
                 total += tlp

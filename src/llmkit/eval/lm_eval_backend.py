@@ -22,16 +22,29 @@ from llmkit.eval.perplexity import sliding_nll
 class LlmkitLM(TemplateLM):
     """An lm-eval `TemplateLM` over a model folder loaded by llmkit."""
 
-    def __init__(self, pretrained: str, dtype: str | None = None, device: str | None = None,
-                 batch_size: int | str = 32, max_batch_size: int = 16, max_gen_toks: int = 256, **_: Any):
+    def __init__(
+        self,
+        pretrained: str,
+        dtype: str | None = None,
+        device: str | None = None,
+        batch_size: int | str = 32,
+        max_batch_size: int = 16,
+        max_gen_toks: int = 256,
+        **_: Any,
+    ):
         super().__init__()
         import torch
 
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line passes device=cuda by default
         bs = 32 if str(batch_size).startswith("auto") else int(batch_size)
-        self.lm = LocalLM(pretrained, dtype=getattr(torch, dtype) if dtype else None, device=device,
-                          batch_size=bs, max_batch_size=int(max_batch_size))
+        self.lm = LocalLM(
+            pretrained,
+            dtype=getattr(torch, dtype) if dtype else None,
+            device=device,
+            batch_size=bs,
+            max_batch_size=int(max_batch_size),
+        )
         self.tokenizer = self.lm.tokenizer
         self.max_gen_toks = int(max_gen_toks)
 
@@ -60,8 +73,9 @@ class LlmkitLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any):
-        out = score_tokens(self.lm.model, [(ctx, cont) for _, ctx, cont in requests], self.lm.batch_size,
-                           progress=not disable_tqdm)
+        out = score_tokens(
+            self.lm.model, [(ctx, cont) for _, ctx, cont in requests], self.lm.batch_size, progress=not disable_tqdm
+        )
         for (key, _, _), res in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", key, res)
         return out
@@ -82,13 +96,21 @@ class LlmkitLM(TemplateLM):
             kw = dict(kw or {})
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            key = (tuple(until), int(kw.get("max_gen_toks", self.max_gen_toks)),
-                   float(kw.get("temperature", 0.0) if kw.get("do_sample", False) else 0.0))
+            key = (
+                tuple(until),
+                int(kw.get("max_gen_toks", self.max_gen_toks)),
+                float(kw.get("temperature", 0.0) if kw.get("do_sample", False) else 0.0),
+            )
             groups.setdefault(key, []).append(i)
         out: list[str] = [""] * len(args)
         for (until, max_new, temp), idxs in groups.items():
-            texts = self.lm.generate([args[i][0] for i in idxs], max_new_tokens=max_new, stop=list(until) or None,
-                                     temperature=temp, progress=not disable_tqdm)
+            texts = self.lm.generate(
+                [args[i][0] for i in idxs],
+                max_new_tokens=max_new,
+                stop=list(until) or None,
+                temperature=temp,
+                progress=not disable_tqdm,
+            )
             for i, t in zip(idxs, texts):
                 out[i] = t[0]
                 self.cache_hook.add_partial("generate_until", args[i], t[0])

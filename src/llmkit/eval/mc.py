@@ -121,7 +121,9 @@ def load_jsonl_task(path: str | Path) -> tuple[list[Question], dict[str, list[Qu
             raise InputError(f"{where}: `choices` must be a list of at least 2 strings")
         choices = [str(c) for c in row["choices"]]
         subject = str(row.get("subject", "all"))
-        q = Question(str(row.get("id", i)), subject, str(row["question"]), choices, _label(row["label"], choices, where))
+        q = Question(
+            str(row.get("id", i)), subject, str(row["question"]), choices, _label(row["label"], choices, where)
+        )
         (dev.setdefault(subject, []) if row.get("split") == "dev" else questions).append(q)
     return questions, dev
 
@@ -178,7 +180,11 @@ def run(ctx: TaskContext, task: str, path: str | None) -> dict[str, dict[str, fl
     else:
         questions, dev = load_csv_tasks(p)
         fmt = FORMATS["ceval" if task == "ceval" else "mmlu"]
-    if task == "mc" and p.suffix != ".jsonl" and any("\u4e00" <= ch <= "\u9fff" for q in questions[:5] for ch in q.question):
+    if (
+        task == "mc"
+        and p.suffix != ".jsonl"
+        and any("\u4e00" <= ch <= "\u9fff" for q in questions[:5] for ch in q.question)
+    ):
         fmt = FORMATS["ceval"]
     by_subject: dict[str, list[Question]] = {}
     for q in questions:

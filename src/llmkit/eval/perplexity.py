@@ -93,10 +93,27 @@ def run(ctx, task: str, path: str | None) -> dict[str, dict[str, float]]:
         if rec is None:
             text = ctx.text(f.read_text(encoding="utf-8"))
             r = perplexity(lm.model, lm.tokenizer, text, ctx.stride)
-            rec = ctx.store.add({"key": key, "task": task, "perturbation": ctx.tag, "id": str(f), "nll": r.nll,
-                                 "tokens": r.tokens, "bytes": r.bytes, "perplexity": r.perplexity,
-                                 "bits_per_byte": r.bits_per_byte})
+            rec = ctx.store.add(
+                {
+                    "key": key,
+                    "task": task,
+                    "perturbation": ctx.tag,
+                    "id": str(f),
+                    "nll": r.nll,
+                    "tokens": r.tokens,
+                    "bytes": r.bytes,
+                    "perplexity": r.perplexity,
+                    "bits_per_byte": r.bits_per_byte,
+                }
+            )
         nll, tokens, nbytes = nll + rec["nll"], tokens + rec["tokens"], nbytes + rec["bytes"]
     total = PerplexityResult(nll, int(tokens), int(nbytes))
-    return {task: {"perplexity": total.perplexity, "bits_per_byte": total.bits_per_byte,
-                   "tokens": int(tokens), "bytes": int(nbytes), "files": len(files)}}
+    return {
+        task: {
+            "perplexity": total.perplexity,
+            "bits_per_byte": total.bits_per_byte,
+            "tokens": int(tokens),
+            "bytes": int(nbytes),
+            "files": len(files),
+        }
+    }

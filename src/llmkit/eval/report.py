@@ -49,8 +49,14 @@ def _charts(runs: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, byt
     tasks = sorted({t for r in runs.values() for t in r if "/" not in t})
     out = []
     for t in tasks:
-        metrics = sorted({m for r in runs.values() for m, v in r.get(t, {}).items()
-                          if m not in COUNTS and isinstance(v, int | float)})
+        metrics = sorted(
+            {
+                m
+                for r in runs.values()
+                for m, v in r.get(t, {}).items()
+                if m not in COUNTS and isinstance(v, int | float)
+            }
+        )
         if t == "robustness":
             metrics = [m for m in metrics if m.endswith("drop")]
         if not metrics:
@@ -74,10 +80,12 @@ def _table_md(runs: dict[str, dict[str, dict[str, float]]]) -> str:
             row = f"| {t} | {m} | " + " | ".join(_fmt(v) for v in vals)
             if len(names) > 1:
                 b = runs[base].get(t, {}).get(m)
-                deltas = [(v - b) if isinstance(v, int | float) and isinstance(b, int | float) else None
-                          for v in vals[1:]]
-                row += " | " + " | ".join(("+" if (d or 0) >= 0 else "") + _fmt(d) if d is not None else ""
-                                          for d in deltas)
+                deltas = [
+                    (v - b) if isinstance(v, int | float) and isinstance(b, int | float) else None for v in vals[1:]
+                ]
+                row += " | " + " | ".join(
+                    ("+" if (d or 0) >= 0 else "") + _fmt(d) if d is not None else "" for d in deltas
+                )
             lines.append(row + " |")
     return "\n".join(lines) + "\n"
 
@@ -90,8 +98,10 @@ def _table_html(md_table: str) -> str:
     return f"<table>{h}{b}</table>"
 
 
-_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}img{margin:8px}")
+_CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}img{margin:8px}"
+)
 
 
 def _write(out: Path, stem: str, title: str, intro: str, runs: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -106,9 +116,11 @@ def _write(out: Path, stem: str, title: str, intro: str, runs: dict[str, dict[st
         md.append(f"![{t}](charts/{f.name})")
         imgs.append(f'<img alt="{html.escape(t)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
     atomic_write_text(out / f"{stem}.md", "\n".join(md) + "\n")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"
-            f"{_table_html(table)}{''.join(imgs)}</body></html>\n")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"
+        f"{_table_html(table)}{''.join(imgs)}</body></html>\n"
+    )
     atomic_write_text(out / f"{stem}.html", page)
 
 
@@ -116,10 +128,17 @@ def write_reports(out: str | Path, report: dict[str, Any]) -> None:
     """report.md + report.html (+ charts/report_*.png) for one run."""
     out = Path(out)
     m = report.get("model", {})
-    intro = (f"model: {report.get('model_name')} ({m.get('kind')}, hash {m.get('hash')}); "
-             f"tasks: {', '.join(report['config']['tasks'])}; date {report.get('date')}")
-    _write(out, "report", f"llmkit eval: {report.get('model_name')}", intro, {report.get("model_name", "run"):
-                                                                             report["results"]})
+    intro = (
+        f"model: {report.get('model_name')} ({m.get('kind')}, hash {m.get('hash')}); "
+        f"tasks: {', '.join(report['config']['tasks'])}; date {report.get('date')}"
+    )
+    _write(
+        out,
+        "report",
+        f"llmkit eval: {report.get('model_name')}",
+        intro,
+        {report.get("model_name", "run"): report["results"]},
+    )
 
 
 def load_run(path: str | Path) -> dict[str, Any]:
@@ -145,6 +164,7 @@ def compare(runs: list[str | Path], out: str | Path | None = None) -> str:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         _write(out, "compare", "llmkit eval compare", f"runs: {', '.join(str(r) for r in runs)}", loaded)
-        atomic_write_text(out / "compare.json", json.dumps({"runs": [str(r) for r in runs], "results": loaded},
-                                                           indent=2))
+        atomic_write_text(
+            out / "compare.json", json.dumps({"runs": [str(r) for r in runs], "results": loaded}, indent=2)
+        )
     return table

@@ -80,7 +80,9 @@ MAIN_METRIC = {
 }
 
 
-def summarize(clean: dict[str, dict[str, float]], perturbed: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+def summarize(
+    clean: dict[str, dict[str, float]], perturbed: dict[str, dict[str, dict[str, float]]]
+) -> dict[str, float]:
     """{task/perturbation/metric: score, task/perturbation/drop: clean - perturbed (perplexity: perturbed - clean)}."""
     out: dict[str, float] = {}
     drops = []

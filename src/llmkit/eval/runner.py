@@ -109,9 +109,19 @@ def evaluate(
 
         judge = Judge(judge_url, judge_model, judge_key)
     store = SampleStore(out / "samples.jsonl", resume=resume)
-    ctx = TaskContext(lm=lm, store=store, limit=limit, num_fewshot=num_fewshot, stride=stride, samples=samples,
-                      predictions=load_predictions(predictions) if predictions else None, judge=judge,
-                      progress=progress, seed=seed, options=dict(options or {}))
+    ctx = TaskContext(
+        lm=lm,
+        store=store,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        stride=stride,
+        samples=samples,
+        predictions=load_predictions(predictions) if predictions else None,
+        judge=judge,
+        progress=progress,
+        seed=seed,
+        options=dict(options or {}),
+    )
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     ran: list[tuple[str, str | None]] = []

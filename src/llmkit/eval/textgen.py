@@ -27,7 +27,9 @@ class CJKTokenizer:
     """rouge-score tokenizer: each CJK character is a token; other text as rouge-score's default (lowercased words)."""
 
     def tokenize(self, text: str) -> list[str]:
-        return re.findall(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]|[a-z0-9]+", text.lower())
+        return re.findall(
+            r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]|[a-z0-9]+", text.lower()
+        )
 
 
 def _refs(row: dict[str, Any]) -> list[str]:
@@ -78,8 +80,17 @@ def outputs(ctx: TaskContext, path: str) -> tuple[list[str], list[list[str]]]:
         max_new = int(ctx.options.get("max_new_tokens") or 128)
         gens = ctx.generate(name, [i for i, _ in todo], prompts, max_new_tokens=max_new, stop=["\n\n"])
         for (i, r), g, p in zip(todo, gens, prompts):
-            ctx.store.add({"key": ctx.key(name, i), "task": name, "perturbation": ctx.tag, "id": i, "prompt": p,
-                           "response": g[0].strip(), "reference": _refs(r)})
+            ctx.store.add(
+                {
+                    "key": ctx.key(name, i),
+                    "task": name,
+                    "perturbation": ctx.tag,
+                    "id": i,
+                    "prompt": p,
+                    "response": g[0].strip(),
+                    "reference": _refs(r),
+                }
+            )
     recs = [ctx.store.get(ctx.key(name, i)) for i in ids]
     if not recs:
         raise InputError(f"{path}: no rows")
