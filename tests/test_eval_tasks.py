@@ -258,3 +258,50 @@ def test_llmkit_lm_eval_command(tiny, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(next((tmp_path / "lm").rglob("results*.json")).read_text())
     assert "acc,none" in res["results"]["llmkit_eval_mc"]
+
+
+def test_mmlu_and_ceval_csv_layouts(tiny, tmp_path):
+    import csv
+
+    def write(path, rows, header=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            if header:
+                w.writerow(header)
+            w.writerows(rows)
+
+    mmlu = tmp_path / "mmlu"  # MMLU: no header, test/ and dev/ folders
+    write(
+        mmlu / "test" / "astronomy_test.csv",
+        [
+            ["What orbits the Earth?", "Moon", "Sun", "Mars", "Venus", "A"],
+            ["Hot star colour?", "Red", "Blue", "Green", "Brown", "B"],
+        ],
+    )
+    write(mmlu / "test" / "virology_test.csv", [["A virus is", "alive", "small", "a plant", "a rock", "B"]])
+    write(mmlu / "dev" / "astronomy_dev.csv", [["Closest star?", "Sun", "Vega", "Rigel", "Deneb", "A"]])
+    res = evaluate(f"mmlu={mmlu}", tmp_path / "run", model=tiny, num_fewshot=1, progress=False)["results"]
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
+    first = next(r for r in recs if r["id"] == "astronomy/0")
+    assert first["prompt"] == (
+        "The following are multiple choice questions (with answers) about astronomy.\n\n"
+        "Closest star?\nA. Sun\nB. Vega\nC. Rigel\nD. Deneb\nAnswer: A\n\n"
+        "What orbits the Earth?\nA. Moon\nB. Sun\nC. Mars\nD. Venus\nAnswer:"
+    )
+    assert first["choices"] == ["A", "B", "C", "D"] and first["target"] == 0
+    astro = [r["acc"] for r in recs if r["subject"] == "astronomy"]
+    viro = [r["acc"] for r in recs if r["subject"] == "virology"]
+    assert res["mmlu/astronomy"]["acc"] == sum(astro) / 2 and res["mmlu/virology"]["acc"] == viro[0]
+    assert res["mmlu"]["acc"] == pytest.approx((sum(astro) + viro[0]) / 3)  # micro: over questions
+    assert res["mmlu"]["acc_macro"] == pytest.approx((sum(astro) / 2 + viro[0]) / 2)  # macro: over subjects
+
+    ceval = tmp_path / "ceval"  # C-Eval: a header with id and explanation; val/ holds the labelled questions
+    head = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
+    write(
+        ceval / "val" / "physics_val.csv", [["0", "光速约为多少？", "3e8 m/s", "1 m/s", "10 m/s", "0", "A", ""]], head
+    )
+    res = evaluate(f"ceval={ceval}", tmp_path / "run2", model=tiny, progress=False)["results"]
+    rec = json.loads(open(tmp_path / "run2" / "samples.jsonl").readline())
+    assert rec["prompt"].startswith("以下是中国关于physics考试的单项选择题") and rec["prompt"].endswith("答案：")
+    assert res["ceval"]["n"] == 1
