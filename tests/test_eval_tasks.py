@@ -218,6 +218,8 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
     bad.write_text('{"question": "q", "choices": ["a", "b"]}\n')
     with pytest.raises(InputError, match="label"):
         evaluate(f"mc={bad}", tmp_path / "o", model=tiny, progress=False)
+    with pytest.raises(InputError, match="cannot list models"):
+        evaluate(f"mc={bad}", tmp_path / "o", base_url="http://127.0.0.1:9/v1")
     with pytest.raises(InputError, match="unknown task"):
         evaluate("mmlu_pro", tmp_path / "o", model=tiny)
     p = subprocess.run(

@@ -90,7 +90,14 @@ class Judge:
         url = base_url.rstrip("/")
         url = url if url.endswith("/v1") else url + "/v1"
         self.client = OpenAI(base_url=url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "EMPTY"))
-        self.model = model or self.client.models.list().data[0].id
+        if model is None:
+            from llmkit.eval.lm import _list_models
+
+            models = _list_models(self.client, url)
+            if not models:
+                raise InputError(f"{url}/models lists no model; pass --judge-model NAME")
+            model = models[0].id
+        self.model = model
         self.max_tokens, self.concurrency = max_tokens, concurrency
 
     def ask(self, prompt: str) -> str:

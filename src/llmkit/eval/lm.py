@@ -309,7 +309,7 @@ class APILM:
         self.base_url = url
         self.concurrency = concurrency
         if model is None:
-            models = self.client.models.list().data
+            models = _list_models(self.client, url)
             if not models:
                 raise InputError(f"{url}/models lists no model; pass --served-model NAME")
             model = models[0].id
@@ -370,6 +370,16 @@ class APILM:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _list_models(client: Any, url: str) -> list[Any]:
+    """The endpoint's /models, or a clear error when it cannot be reached."""
+    import openai
+
+    try:
+        return client.models.list().data
+    except openai.APIError as e:
+        raise InputError(f"cannot list models at {url} ({e}); is the server running? Or pass the model name") from e
 
 
 def json_safe(x: Any) -> Any:
