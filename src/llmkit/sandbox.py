@@ -204,8 +204,13 @@ def run_python(code: str, limits: SandboxLimits | None = None, stdin: str = "") 
     )
 
 
-def run_many(codes: list[str], limits: SandboxLimits | None = None, workers: int | None = None) -> list[SandboxResult]:
+def run_many(
+    codes: list[str], limits: SandboxLimits | None = None, workers: int | None = None, progress: bool = False
+) -> list[SandboxResult]:
     """`run_python` over many programs with `workers` parallel sandboxes (default: CPU count)."""
+    from tqdm import tqdm
+
     workers = workers or max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda c: run_python(c, limits), codes))
+        it = pool.map(lambda c: run_python(c, limits), codes)
+        return list(tqdm(it, total=len(codes), desc="sandbox", unit="program", disable=not progress))

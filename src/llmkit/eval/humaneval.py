@@ -55,10 +55,11 @@ def check(
     problem_completions: list[tuple[dict[str, Any], str]],
     limits: SandboxLimits | None = None,
     workers: int | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every (problem, completion) in the sandbox; -> [{passed, status, error}] in order."""
     limits = limits or SandboxLimits(timeout=10.0, cpu_seconds=10, memory_mb=1024)
-    results = run_many([program(p, c) for p, c in problem_completions], limits, workers)
+    results = run_many([program(p, c) for p, c in problem_completions], limits, workers, progress)
     return [
         {"passed": r.ok, "status": r.status, "error": (r.stderr.strip().splitlines() or [""])[-1][:300]}
         for r in results
@@ -93,7 +94,7 @@ def run(ctx: TaskContext, task: str, path: str | None) -> dict[str, dict[str, fl
         )
         pairs = [(problems[i], c) for i, cs in zip(todo, comps) for c in cs]
         workers = ctx.options.get("workers") or max(1, os.cpu_count() or 1)
-        checked = iter(check(pairs, workers=workers))
+        checked = iter(check(pairs, workers=workers, progress=ctx.progress))
         for i, cs in zip(todo, comps):
             res = [next(checked) for _ in cs]
             ctx.store.add(

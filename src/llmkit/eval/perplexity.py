@@ -33,7 +33,13 @@ class PerplexityResult:
 
 
 @torch.inference_mode()
-def sliding_nll(model: torch.nn.Module, ids: list[int], stride: int | None = None, max_length: int | None = None):
+def sliding_nll(
+    model: torch.nn.Module,
+    ids: list[int],
+    stride: int | None = None,
+    max_length: int | None = None,
+    progress: bool = False,
+):
     """(total NLL in nats, number of scored tokens) of `ids` under `model`, with HF's sliding window."""
     max_length = int(max_length or model.config.block_size)
     stride = int(stride or max_length)
@@ -41,7 +47,11 @@ def sliding_nll(model: torch.nn.Module, ids: list[int], stride: int | None = Non
         raise InputError(f"--stride must be in [1, {max_length}] (the model's context), got {stride}")
     device = next(model.parameters()).device
     x_all = torch.tensor(ids, device=device)
+    from tqdm import tqdm
+
     nll, count, prev_end = 0.0, 0, 0
+    n_windows = max(1, -(-(len(ids) - max_length) // stride) + 1) if len(ids) > max_length else 1
+    bar = tqdm(total=n_windows, desc="perplexity", unit="window", disable=not progress)
     for begin in range(0, len(ids), stride):
         end = min(begin + max_length, len(ids))
         trg_len = end - prev_end  # tokens this window scores (the rest is context)
@@ -53,17 +63,21 @@ def sliding_nll(model: torch.nn.Module, ids: list[int], stride: int | None = Non
         nll += float(tok_nll[len(tok_nll) - keep :].sum())
         count += keep
         prev_end = end
+        bar.update(1)
         if end == len(ids):
             break
+    bar.close()
     return nll, count
 
 
-def perplexity(model: torch.nn.Module, tokenizer, text: str, stride: int | None = None) -> PerplexityResult:
+def perplexity(
+    model: torch.nn.Module, tokenizer, text: str, stride: int | None = None, progress: bool = False
+) -> PerplexityResult:
     """Perplexity and bits per byte of one text."""
     ids = list(tokenizer.encode(text))
     if len(ids) < 2:
         raise InputError("perplexity needs a text of at least 2 tokens")
-    nll, n = sliding_nll(model, ids, stride)
+    nll, n = sliding_nll(model, ids, stride, progress=progress)
     return PerplexityResult(nll, n, len(text.encode("utf-8")))
 
 
@@ -92,7 +106,7 @@ def run(ctx, task: str, path: str | None) -> dict[str, dict[str, float]]:
         rec = ctx.store.get(key)
         if rec is None:
             text = ctx.text(f.read_text(encoding="utf-8"))
-            r = perplexity(lm.model, lm.tokenizer, text, ctx.stride)
+            r = perplexity(lm.model, lm.tokenizer, text, ctx.stride, progress=ctx.progress)
             rec = ctx.store.add(
                 {
                     "key": key,

@@ -77,6 +77,7 @@ MAIN_METRIC = {
     "rouge": ("rougeL", True),
     "chrf": ("chrf", True),
     "judge": ("score", True),
+    "safety": ("refusal_rate", True),
 }
 
 

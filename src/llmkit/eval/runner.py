@@ -140,7 +140,12 @@ def evaluate(
 
             t0 = time.perf_counter()
             wanted = set(path.split("+")) if path else None
-            targets = [(n, p) for n, p in ran if n not in NO_ROBUSTNESS and (wanted is None or n in wanted)]
+
+            # `robustness` alone: every task that has a headline metric; `robustness=a+b`: exactly those
+            if wanted:
+                targets = [(n, p) for n, p in ran if n in wanted and n != "efficiency"]
+            else:
+                targets = [(n, p) for n, p in ran if n not in NO_ROBUSTNESS]
             if wanted and not targets:
                 raise InputError(f"robustness={path}: those tasks are not in --tasks (or cannot be perturbed)")
             perturbed: dict[str, dict[str, dict[str, float]]] = {}
