@@ -29,7 +29,7 @@ def _peak_mb(device: torch.device) -> float:
 
 
 def measure_local(lm: Any, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3) -> dict[str, float]:
-    import llmkit
+    from llmkit.infer.generate import generate
     from llmkit.infer.sampling import SamplingParams
 
     model = lm.model
@@ -51,7 +51,7 @@ def measure_local(lm: Any, prompt_len: int = 128, new_tokens: int = 64, repeats:
             sync()
             pre.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            llmkit.generate(model, ids, max_new_tokens=new_tokens, ignore_eos=True)
+            generate(model, ids, max_new_tokens=new_tokens, ignore_eos=True)
             sync()
             dec.append(max(time.perf_counter() - t0 - pre[-1], 1e-9))
     eng = lm.engine()

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from llmkit.errors import InputError
 from llmkit.infer.kv_cache import StaticKVCache
+from llmkit.model.attention import AttnMeta
 
 
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
@@ -53,13 +54,15 @@ def score_tokens(
     index rather than the position, prefill the context once and score the continuations on copies
     of its KV cache instead.
     """
-    max_len = int(model.config.block_size)
+    max_len, vocab = int(model.config.block_size), int(model.config.vocab_size)
     groups: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
     for i, (ctx, cont) in enumerate(requests):
         if not ctx or not cont:
             raise InputError(f"request {i}: context and continuation must both have tokens, got {len(ctx)}/{len(cont)}")
         if len(cont) > max_len:
             raise InputError(f"request {i}: continuation of {len(cont)} tokens exceeds the context of {max_len}")
+        if min(ctx + cont) < 0 or max(ctx + cont) >= vocab:
+            raise InputError(f"request {i}: token ids outside [0, {vocab}) of this model; wrong tokenizer?")
         ctx = ctx[-(max_len + 1 - len(cont)) :]  # left-truncate like lm-eval: the last max_len tokens are fed
         groups.setdefault(tuple(ctx), []).append(i)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -111,20 +114,35 @@ def _score_packed(model, batch, requests, out) -> None:
     for b in range(B):
         n = len(rows[b])
         x[b, :n], seg_t[b, :n], pos_t[b, :n] = torch.tensor(rows[b]), torch.tensor(segs[b]), torch.tensor(poss[b])
-    idx = torch.arange(T)
-    causal = idx[None, :] <= idx[:, None]  # [T, T] key index <= query index
-    same = (seg_t[:, None, :] == 0) | (seg_t[:, None, :] == seg_t[:, :, None])  # [B, T(q), T(k)]
-    allowed = causal[None] & same & (seg_t[:, None, :] >= 0)
-    allowed |= torch.eye(T, dtype=torch.bool)[None]  # padding rows attend to themselves (no empty softmax)
-    dist = pos_t[:, :, None] - pos_t[:, None, :]  # [B, T, T] position distance query - key
-    windows = {blk.attn.window for blk in model.blocks}
-    masks = {w: (allowed if w is None else allowed & (dist < w))[:, None].to(device) for w in windows}
-    logits = model(x.to(device), position_ids=pos_t.to(device), attn_mask=masks)  # [B, T, V]
+    meta = TreeAttnMeta.build(seg_t.to(device), pos_t.to(device), model.windows)
+    logits = model(x.to(device), attn_meta=meta)  # [B, T, V]
     for b in range(B):
         for i, at, cont in targets[b]:
             lp = torch.log_softmax(logits[b, at].float(), -1)  # [n, V]
             c = torch.tensor(cont, device=device)
             out[i] = (float(lp.gather(-1, c[:, None]).sum()), bool((lp.argmax(-1) == c).all()))
+
+
+class TreeAttnMeta(AttnMeta):
+    """Attention metadata of packed rows `context, continuation 1, continuation 2, ...`: a continuation
+    attends to the context and to itself (causally), never to another continuation."""
+
+    @classmethod
+    def build(cls, seg: torch.Tensor, pos: torch.Tensor, windows: set[int | None]) -> TreeAttnMeta:
+        """`seg` [B, T]: 0 = context, j = continuation j, -1 = padding; `pos` [B, T] positions."""
+        T = seg.shape[1]
+        idx = torch.arange(T, device=seg.device)
+        causal = idx[None, :] <= idx[:, None]  # [T(q), T(k)]: key index <= query index
+        same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # [B, T(q), T(k)]
+        allowed = causal[None] & same & (seg[:, None, :] >= 0)
+        allowed |= torch.eye(T, dtype=torch.bool, device=seg.device)[None]  # pad queries see themselves
+        dist = pos[:, :, None] - pos[:, None, :]  # [B, T, T] position distance query - key
+        meta = cls(pos, T, q_cols=idx[None])
+        meta.tree = {w: (allowed if w is None else allowed & (dist < w))[:, None] for w in windows}
+        return meta
+
+    def mask(self, window: int | None, explicit: bool = False) -> torch.Tensor:
+        return self.tree[window]  # [B, 1, T, T]
 
 
 def _score_on_cache(model, ctx, idxs, requests, out, batch_size) -> None:
@@ -188,14 +206,15 @@ class LocalLM:
         batch_size: int = 32,
         max_batch_size: int = 16,
     ):
-        import llmkit
+        from llmkit.model.hf import load_model
+        from llmkit.tokenizer import load_tokenizer
 
         if isinstance(model, str | Path):
             self.path: Path | None = Path(model)
             if not self.path.is_dir():
                 raise InputError(f"--model {model}: not a folder; expected a model folder (config.json + weights)")
-            self.model = llmkit.load_model(self.path, dtype=dtype, device=device)
-            self.tokenizer = tokenizer or llmkit.load_tokenizer(self.path)
+            self.model = load_model(self.path, dtype=dtype, device=device)
+            self.tokenizer = tokenizer or load_tokenizer(self.path)
         else:
             self.path, self.model, self.tokenizer = None, model, tokenizer
         if self.tokenizer is None:
