@@ -44,7 +44,12 @@ def supports(model: torch.nn.Module) -> bool:
         and all(not isinstance(b.mlp, MLP) or b.mlp.swiglu for b in model.blocks)
         and cfg.activation == "silu"
         and not model.training
+        and isinstance(model.wte, torch.nn.Embedding)
+        and all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith(_PROJECTIONS))
     )
+
+
+_PROJECTIONS = ("qkv", "proj", "fc", "lm_head")  # other Linear kinds (quantized, ...) take the model's forward
 
 
 def weights_version(model: torch.nn.Module) -> tuple:

@@ -392,8 +392,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     d = read_config(p)
     if "model_type" not in d:
         raise CheckpointError(f"{p / 'config.json'} has no model_type")
+    quantization = d.pop("quantization", None)
     cfg = config_from_hf(d)
     device = torch.device(device or "cpu")
+    if quantization is not None:
+        return _load_quantized(p, cfg, quantization, device)
     if dtype is None:
         name = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = getattr(torch, name, torch.float32) if device.type != "cpu" else torch.float32
@@ -411,6 +414,32 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_embeddings and cfg.model_type != "bert":
+        model.lm_head.weight = model.wte.weight
+    model.init_buffers(device)
+    model.name_or_path = str(p)
+    return model.eval()
+
+
+def _load_quantized(p: Path, cfg: ModelConfig, quantization: dict[str, Any], device: torch.device):
+    """A folder `save_pretrained` wrote for a quantized model: llmkit tensor names, quantized kinds."""
+    from llmkit.model.quant import build_quantized
+    from llmkit.model.transformer import Transformer
+
+    if device.type != "cpu":
+        raise ConfigError(f"quantized models run on the CPU kernels; got device {device}")
+    if not isinstance(quantization, dict) or not isinstance(quantization.get("modules"), dict):
+        raise CheckpointError(f"{p / 'config.json'}: 'quantization' must be an object with a 'modules' map")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    build_quantized(model, quantization)
+    sd = read_state_dict(p)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["wte.weight"]
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{p}: tensors do not match the quantized model in config.json: {e}") from None
+    if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     model.init_buffers(device)
     model.name_or_path = str(p)
@@ -444,8 +473,16 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_s
 
     cfg = model.config
     hf_cfg = config_to_hf(cfg)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in llmkit_to_hf(model).items()}
-    dtype = next(iter(tensors.values())).dtype
+    quantization = getattr(model, "quantization", None)
+    if quantization:  # llmkit's own tensor names: quantized kinds have no Hugging Face equivalent
+        sd = model.state_dict()
+        if cfg.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        hf_cfg["quantization"] = quantization
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    else:
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in llmkit_to_hf(model).items()}
+    dtype = next(v.dtype for v in tensors.values() if v.is_floating_point())
     hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
 
     shards: list[dict[str, torch.Tensor]] = [{}]
