@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="max tokens one request may generate")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is cut off")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights on load (RTN, CPU kernels)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         request_timeout=args.request_timeout,
         device=args.device,
+        quantize=args.quantize,
     )
     print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
     serve(state, host=args.host, port=args.port, log_level=args.log_level)

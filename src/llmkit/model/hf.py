@@ -380,11 +380,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               quantize: str | None = None):
     """Load a Hugging Face model folder (or hub id) as an llmkit model in eval mode.
 
-    dtype defaults to float32 on CPU and to the checkpoint's dtype on an accelerator.
+    dtype defaults to float32 on CPU and to the checkpoint's dtype on an accelerator. A folder written
+    for a quantized model loads quantized; `quantize="int8"` (per channel) or `"int4"` (group 64)
+    quantizes a float one on the fly (RTN).
     """
+    model = _load_model(path, dtype, device)
+    if quantize:
+        if getattr(model, "quantization", None) or not hasattr(model, "quantize"):
+            raise ConfigError(f"--quantize {quantize}: {path} is already quantized or not a decoder")
+        if quantize not in ("int8", "int4"):
+            raise ConfigError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
+        model.quantize(quantize, group_size=0 if quantize == "int8" else 64)
+    return model
+
+
+def _load_model(path, dtype, device):
     from llmkit.model.bert import BertModel
     from llmkit.model.transformer import Transformer
 

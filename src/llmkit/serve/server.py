@@ -40,6 +40,7 @@ def load_state(
     request_timeout: float | None = None,
     dtype: Any = None,
     device: str | None = None,
+    quantize: str | None = None,
 ) -> ServerState:
     """Load `model` (a Hugging Face or llmkit folder) and its tokenizer into a `ServerState`.
 
@@ -57,7 +58,7 @@ def load_state(
         )
     if max_batch_size < 1 or max_queue < 0:
         raise ConfigError(f"--max-batch-size must be >= 1 and --max-queue >= 0, got {max_batch_size}, {max_queue}")
-    net = load_model(path, dtype=dtype, device=device)
+    net = load_model(path, dtype=dtype, device=device, quantize=quantize)
     tokenizer = load_tokenizer(path)
     name = served_model_name or path.resolve().name
     engine = embedder = None
