@@ -19,6 +19,7 @@ loading calibration text and writing folders happen above this layer.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -524,8 +525,8 @@ def quantize_model(
     model.quantization = {
         "method": method, "dtype": f"int{spec.bits}", "group_size": spec.group_size, "modules": entries,
     }
-    if hasattr(model, "config"):
-        model.config.tie_embeddings = model.config.tie_embeddings and "lm_head" not in entries and "wte" not in entries
+    if hasattr(model, "config") and model.config.tie_embeddings and ("lm_head" in entries or "wte" in entries):
+        model.config = dataclasses.replace(model.config, tie_embeddings=False)  # a copy: configs may be shared
     return model
 
 

@@ -54,6 +54,8 @@ class OptimConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | None = None  # CPU threads; None = OMP_NUM_THREADS or all cores; 0 = time 1 vs all
     progress: bool = True  # tqdm bar
+    qat: str | None = None  # int8 | int4: quantization-aware training; out_dir gets the quantized model
+    qat_group_size: int = 64  # inputs per scale for QAT (0 = per channel, int8 only)
 
 
 @dataclass
