@@ -125,6 +125,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device)
                              if input_scale else None)
+        self._scales_bf16: Tensor | None = None  # the kernel's copy, made on first use
 
     @classmethod
     def from_codes(cls, q: Tensor, scale: Tensor, bias: Tensor | None, in_features: int, group_size: int,
@@ -141,8 +142,10 @@ class Int8Linear(nn.Module):
         if self.input_scale is not None:
             x = x / self.input_scale
         x2 = x.reshape(-1, self.in_features)
-        if self.group_size == 0:  # the fused weight-only int8 kernel
-            y = torch.ops.aten._weight_int8pack_mm(x2.float(), self.qweight, self.scales[:, 0])
+        if self.group_size == 0:  # the fused weight-only int8 kernel (its vectorised path takes bf16 inputs)
+            if self._scales_bf16 is None or self._scales_bf16.device != x2.device:
+                self._scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16).float()
         else:
             w = dequantize(self.qweight, self.scales, torch.zeros_like(self.scales))
             y = F.linear(F.pad(x2.float(), (0, w.shape[1] - self.in_features)), w)
@@ -175,7 +178,8 @@ class Int4Linear(nn.Module):
         self.Kp, self.Np = spec.padded_in(in_features), -(-out_features // 16) * 16
         G = self.Kp // group_size
         self.register_buffer("packed", torch.zeros(self.Np, self.Kp // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_and_zeros", torch.zeros(G, self.Np, 2, dtype=dtype, device=device))
+        # bf16: the kernel's vectorised path takes bf16 activations and scales (fp32 accumulation)
+        self.register_buffer("scales_and_zeros", torch.zeros(G, self.Np, 2, dtype=torch.bfloat16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device)
                              if input_scale else None)
@@ -196,15 +200,18 @@ class Int4Linear(nn.Module):
         scale, zero = F.pad(scale.float(), (0, 0, 0, pad), value=1.0), F.pad(zero.float(), (0, 0, 0, pad))
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu().contiguous(), 1).to(q.device)
         # the kernel computes w = (q - 8) * scale + offset  =>  offset = (8 - zero) * scale
-        self.scales_and_zeros = torch.stack([scale, (8 - zero) * scale], -1).transpose(0, 1).contiguous()
+        scale = scale.to(torch.bfloat16).float()  # offsets from the stored scale: save/load is exact
+        sz = torch.stack([scale, (8 - zero) * scale], -1).transpose(0, 1).contiguous()
+        self.scales_and_zeros = sz.to(torch.bfloat16)
 
     def codes(self) -> tuple[Tensor, Tensor, Tensor]:
         """(q [out, Kp], scale [out, G], zero [out, G]) read back from the packed layout."""
-        sz = self.scales_and_zeros.transpose(0, 1)[: self.out_features]  # [out, G, 2]
-        ident = torch.eye(self.Kp, dtype=torch.float32, device=self.packed.device)
+        sz = self.scales_and_zeros.transpose(0, 1)[: self.out_features].float()  # [out, G, 2]
+        ident = torch.eye(self.Kp, dtype=torch.bfloat16, device=self.packed.device)
         unit = torch.stack([torch.ones_like(sz[..., 0]), torch.full_like(sz[..., 0], 8.0)], -1)
-        unit = F.pad(unit, (0, 0, 0, 0, 0, self.Np - self.out_features), value=1.0).transpose(0, 1).contiguous()
-        q = torch.ops.aten._weight_int4pack_mm_for_cpu(ident, self.packed, self.group_size, unit)  # [Kp, Np] = q^T
+        unit = F.pad(unit, (0, 0, 0, 0, 0, self.Np - self.out_features), value=1.0).transpose(0, 1)
+        unit = unit.contiguous().to(torch.bfloat16)
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(ident, self.packed, self.group_size, unit).float()  # q^T
         scale = sz[..., 0]
         zero = (8 - sz[..., 1] / scale).round()
         return q.t()[: self.out_features].round(), scale.contiguous(), zero.contiguous()
@@ -213,9 +220,9 @@ class Int4Linear(nn.Module):
         shape = x.shape[:-1]
         if self.input_scale is not None:
             x = x / self.input_scale
-        x2 = F.pad(x.reshape(-1, self.in_features).float(), (0, self.Kp - self.in_features))
+        x2 = F.pad(x.reshape(-1, self.in_features).to(torch.bfloat16), (0, self.Kp - self.in_features))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
-        y = y[:, : self.out_features]
+        y = y[:, : self.out_features].float()
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape, self.out_features)
