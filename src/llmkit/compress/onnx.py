@@ -28,13 +28,15 @@ ONNX_FILE = "model.onnx"
 class _ConcatCache:
     """The model's `update(layer, k, v)` hook for export: past ++ new, kept as the graph's present."""
 
-    def __init__(self, past: list[tuple[Tensor, Tensor]]):
-        self.past, self.present = past, []
+    def __init__(self, past: list[tuple[Tensor, Tensor]], n_rep: int):
+        self.past, self.present, self.n_rep = past, [], n_rep
 
     def update(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         pk, pv = self.past[i]
         k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
         self.present.append((k, v))
+        if self.n_rep > 1:  # grouped-query attention as plain attention (the exporter has no enable_gqa)
+            k, v = k.repeat_interleave(self.n_rep, 1), v.repeat_interleave(self.n_rep, 1)
         return k, v
 
     def get_seq_length(self) -> int:
@@ -62,7 +64,8 @@ class _Decoder(torch.nn.Module):
         for w in self.windows:
             m = causal if w is None else causal & (q_col[:, None] - k_col[None, :] < w)
             masks[w] = (m[None, None] & pad) | diag  # [B, 1, T, S]
-        cache = _ConcatCache(past)
+        cfg = self.model.config
+        cache = _ConcatCache(past, cfg.n_head // cfg.n_kv_head)
         logits = self.model(input_ids, position_ids=position_ids, kv_cache=cache, attn_mask=masks)
         return (logits, *[t for kv in cache.present for t in kv])
 

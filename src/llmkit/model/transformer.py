@@ -92,7 +92,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=nkv != nh,
+            enable_gqa=int(k.shape[1]) != nh,  # a cache may hand back keys already repeated per query head
         )  # [B, nh, T, hd]
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
