@@ -65,12 +65,16 @@ class QuantSpec:
         g = self.group_size
         return k if g == 0 else -(-k // g) * g
 
-    def params(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """(scale, zero) per row of w [N, k] (the columns of one group, or all of them): [N] each."""
+    def params(self, w: Tensor, clip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(scale, zero) per row of w [N, k] (the columns of one group, or all of them): [N] each.
+        `clip` (<= 1) shrinks the range the grid covers (AWQ's clipping search)."""
         if self.bits == 8:  # symmetric: zero = 0
             scale = w.abs().amax(-1).clamp(min=1e-8) / 127
+            scale = scale if clip is None else scale * clip
             return scale, torch.zeros_like(scale)
         lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # the grid always holds 0
+        if clip is not None:
+            lo, hi = lo * clip, hi * clip
         scale = (hi - lo).clamp(min=1e-8) / 15
         return scale, (-lo / scale).round().clamp(0, 15)
 
@@ -78,19 +82,20 @@ class QuantSpec:
         """Integer codes of w [N, k] with per-row scale/zero [N] (or broadcastable)."""
         return (w / scale[..., None] + zero[..., None]).round().clamp(self.qmin, self.qmax)
 
-    def grid(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """RTN of w [N, K] on this spec: codes [N, Kp], scales [N, G], zeros [N, G] (K padded with 0)."""
+    def grid(self, w: Tensor, clip: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """RTN of w [N, K] on this spec: codes [N, Kp], scales [N, G], zeros [N, G] (K padded with 0).
+        `clip` [N, G] (or a scalar): per-group range shrink factors."""
         N, K = w.shape
         Kp = self.padded_in(K)
         w = F.pad(w.float(), (0, Kp - K))
         g = self.group_size or Kp
         wg = w.view(N, Kp // g, g)
-        scale, zero = self.params(wg)  # [N, G]
+        scale, zero = self.params(wg, clip)  # [N, G]
         return self.quantize(wg, scale, zero).view(N, Kp), scale, zero
 
-    def fake(self, w: Tensor) -> Tensor:
+    def fake(self, w: Tensor, clip: Tensor | None = None) -> Tensor:
         """Quantize-dequantize w [N, K] (same shape and dtype)."""
-        q, s, z = self.grid(w)
+        q, s, z = self.grid(w, clip)
         return dequantize(q, s, z)[:, : w.shape[1]].to(w.dtype)
 
 
@@ -453,6 +458,27 @@ def awq_scale(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20) -> Tensor:
     return best_s
 
 
+def awq_clip(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 10, min_ratio: float = 0.5) -> Tensor:
+    """AWQ's clipping search: per (output row, group), the range shrink factor in [min_ratio, 1] that
+    minimises that group's contribution to the output error on inputs x [M, in]. Returns [N, G]."""
+    N, K = w.shape
+    Kp = spec.padded_in(K)
+    g = spec.group_size or Kp
+    xg = F.pad(x.float(), (0, Kp - K)).view(-1, Kp // g, g)  # [M, G, g]
+    best_err, best = None, torch.ones(N, Kp // g)
+    for i in range(grid + 1):
+        r = 1 - (1 - min_ratio) * i / grid
+        d = F.pad(w.float() - spec.fake(w, torch.tensor(r)), (0, Kp - K)).view(N, Kp // g, g)  # [N, G, g]
+        err = torch.einsum("mgk,ngk->mng", xg, d).pow(2).mean(0)  # [N, G]
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return best
+
+
 # ============================================================================ SmoothQuant + KL
 def smooth_factors(act_absmax: Tensor, w: Tensor, alpha: float = 0.5) -> Tensor:
     """SmoothQuant's s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j."""
@@ -606,14 +632,15 @@ def _quantize_linear(lin: nn.Linear, spec: QuantSpec, method: str, stats: dict |
     if method == "w8a8":
         m = _w8a8(lin, stats, smooth_alpha, static=act_calib == "kl" and "x" in stats)
         return m, {"kind": "w8a8", "static": m.act_scale is not None}
-    s_in = None
+    s_in = clip = None
     if method == "awq" and "x" in stats:
         s_in = awq_scale(w, stats["x"], spec)
         w = w * s_in
+        clip = awq_clip(w, stats["x"] / s_in, spec)
     if method == "gptq" and "H" in stats:
         q, scale, zero = gptq(w, stats["H"], spec, act_order=act_order, damp=damp)
-    else:  # RTN (also experts no calibration token reached)
-        q, scale, zero = spec.grid(w)
+    else:  # RTN (also experts no calibration token reached), AWQ with its clipping
+        q, scale, zero = spec.grid(w, clip)
     if s_in is not None:
         entry["input_scale"] = True
     if spec.bits == 8:
