@@ -50,10 +50,11 @@ def _ref_int4(w: torch.Tensor, g: int) -> torch.Tensor:
     return out
 
 
-def test_int8_per_channel_kernel_matches_dequantized_matmul():
-    w, b, x = torch.randn(48, 64), torch.randn(48), torch.randn(2, 5, 64)
+@pytest.mark.parametrize("K", [64, 172])  # 172: the kernel crashes unless the input is padded to 16
+def test_int8_per_channel_kernel_matches_dequantized_matmul(K):
+    w, b, x = torch.randn(48, K), torch.randn(48), torch.randn(2, 5, K)
     q, s, z = QuantSpec(8, 0).grid(w)
-    lin = Int8Linear.from_codes(q, s, b, 64, 0)
+    lin = Int8Linear.from_codes(q, s, b, K, 0)
     scale = w.abs().amax(1, keepdim=True) / 127  # symmetric per row, by hand
     ref = F.linear(x, torch.clamp(torch.round(w / scale), -128, 127) * scale, b)
     assert _close(lin(x), ref)

@@ -123,7 +123,9 @@ class Int8Linear(nn.Module):
                  input_scale: bool = False, device=None, dtype=torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        Kp = QuantSpec(8, group_size).padded_in(in_features)
+        # the int8 kernel needs in % 16 == 0 (else wrong results or a crash): zero columns pad it
+        Kp = QuantSpec(8, group_size).padded_in(in_features) if group_size else -(-in_features // 16) * 16
+        self.Kp = Kp
         G = Kp // group_size if group_size else 1
         self.register_buffer("qweight", torch.zeros(out_features, Kp, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, G, dtype=dtype, device=device))
@@ -136,7 +138,7 @@ class Int8Linear(nn.Module):
     def from_codes(cls, q: Tensor, scale: Tensor, bias: Tensor | None, in_features: int, group_size: int,
                    input_scale: Tensor | None = None) -> Int8Linear:
         m = cls(in_features, q.shape[0], bias is not None, group_size, input_scale is not None, device="meta")
-        m.qweight = q.to(torch.int8).contiguous()
+        m.qweight = F.pad(q.to(torch.int8), (0, m.Kp - q.shape[1])).contiguous()
         m.scales = scale.float().contiguous()
         m.bias = None if bias is None else bias.detach().float().clone()
         m.input_scale = None if input_scale is None else input_scale.float().contiguous()
@@ -146,14 +148,13 @@ class Int8Linear(nn.Module):
         shape = x.shape[:-1]
         if self.input_scale is not None:
             x = x / self.input_scale
-        x2 = x.reshape(-1, self.in_features)
+        x2 = F.pad(x.reshape(-1, self.in_features), (0, self.Kp - self.in_features))
         if self.group_size == 0:  # the fused weight-only int8 kernel (its vectorised path takes bf16 inputs)
             if self._scales_bf16 is None or self._scales_bf16.device != x2.device:
                 self._scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16).float()
         else:
-            w = dequantize(self.qweight, self.scales, torch.zeros_like(self.scales))
-            y = F.linear(F.pad(x2.float(), (0, w.shape[1] - self.in_features)), w)
+            y = F.linear(x2.float(), dequantize(self.qweight, self.scales, torch.zeros_like(self.scales)))
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*shape, self.out_features)
