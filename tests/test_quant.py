@@ -237,3 +237,14 @@ def test_quantize_on_load_and_cli_errors(model_dir, tmp_path, capsys):
     rc = main(["quantize", "--model", str(model_dir), "--dtype", "int4", "--group-size", "48",
                "--out", str(tmp_path / "y")])
     assert rc == 2 and "group_size" in capsys.readouterr().err
+
+
+def test_int8_folder_weights_are_aligned_for_the_kernel(tmp_path):
+    """safetensors hands out 8-byte-aligned tensors; the int8 kernel's vector loads crash on them."""
+    cfg = ModelConfig.from_preset("llama-60m", vocab_size=256, n_layer=1)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 256, (1, 32))
+    model.quantize("int8", group_size=0).save_pretrained(tmp_path)
+    loaded = llmkit.load_model(tmp_path)
+    assert all(b.data_ptr() % 64 == 0 for b in loaded.buffers() if b.dtype == torch.int8)
+    torch.testing.assert_close(loaded(ids), model(ids))

@@ -447,6 +447,9 @@ def _load_quantized(p: Path, cfg: ModelConfig, quantization: dict[str, Any], dev
         model = Transformer(cfg)
     build_quantized(model, quantization)
     sd = read_state_dict(p)
+    for k, v in sd.items():  # the int8 kernels' vector loads need 64-byte alignment; safetensors gives 8
+        if v.data_ptr() % 64:
+            sd[k] = v.clone()
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["wte.weight"]
     try:
