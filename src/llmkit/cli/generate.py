@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmkit.infer.cli_args import add_model_args, add_sampling_args, load_model_and_tokenizer, sampling_kwargs
+from llmkit.cli._args import add_model_args, add_sampling_args, load_model_and_tokenizer, sampling_kwargs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
         import llmkit
         from llmkit.compress.onnx import OrtModel
 
-        model, tokenizer = OrtModel(args.model, threads=args.threads), llmkit.load_tokenizer(args.tokenizer or args.model)
+        model = OrtModel(args.model, threads=args.threads)
+        tokenizer = llmkit.load_tokenizer(args.tokenizer or args.model)
     else:
         model, tokenizer = load_model_and_tokenizer(args)
     if args.echo:

@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", choices=["auto", "single", "ddp", "fsdp"], help="distributed strategy")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--max_iters", "--max-iters", dest="max_iters", type=int, help="optimizer steps")
-    p.add_argument("--qat", choices=["int8", "int4"], help="quantization-aware training; out_dir gets the quantized model")
+    p.add_argument("--qat", choices=["int8", "int4"],
+                   help="quantization-aware training; out_dir gets the quantized model")
     p.set_defaults(func=run, accepts_extra=True)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmkit.data.shards import load_tokens
 from llmkit.errors import InputError
 
 
@@ -22,8 +23,6 @@ def load_calibration(
     prepared data folder's train split (`llmkit data prepare` output, manifest.json)."""
     path = Path(source)
     if path.is_dir():
-        from llmkit.data.shards import load_tokens
-
         tokens = np.asarray(load_tokens(path, "train"), dtype=np.int64)
     elif path.is_file():
         if tokenizer is None:

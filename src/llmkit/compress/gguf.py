@@ -17,6 +17,10 @@ import numpy as np
 import torch
 
 from llmkit.errors import ConfigError, InputError
+from llmkit.fsutil import atomic_path
+from llmkit.model.hf import load_model
+from llmkit.tokenizer import load_tokenizer
+from llmkit.tokenizer.train import SPLIT_PATTERN
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -44,9 +48,6 @@ def check_exportable(model) -> None:
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, qtype: str = "f32") -> Path:
     """Write `model_dir` (a float model folder with tokenizer.json) as the GGUF file `out`."""
     import gguf
-
-    from llmkit.fsutil import atomic_path
-    from llmkit.model.hf import load_model
 
     if qtype not in GGUF_TYPES:
         raise ConfigError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {qtype!r}")
@@ -155,8 +156,6 @@ def _add_tokenizer(w, folder: Path, cfg) -> None:
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise InputError(f"{folder} has no tokenizer.json; GGUF files carry their tokenizer")
-    from llmkit.tokenizer import load_tokenizer
-
     tok = load_tokenizer(folder)
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec["model"]
@@ -172,8 +171,6 @@ def _add_tokenizer(w, folder: Path, cfg) -> None:
         types[i] = gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
     byte_level = model["type"] == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
     if byte_level:
-        from llmkit.tokenizer.train import SPLIT_PATTERN
-
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("qwen2" if SPLIT_PATTERN in json.dumps(spec.get("pre_tokenizer")) else "default")
         merges = model.get("merges", [])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,11 @@ import torch
 from torch import Tensor
 
 from llmkit.errors import CheckpointError, ConfigError
-from llmkit.fsutil import replace_dir
+from llmkit.fsutil import write_dir
+from llmkit.model.attention import AttnMeta
+from llmkit.model.config import ModelConfig
+from llmkit.model.hf import load_model
+from llmkit.model.transformer import Transformer
 
 ONNX_FILE = "model.onnx"
 
@@ -41,6 +44,13 @@ class _ConcatCache:
 
     def get_seq_length(self) -> int:
         return self.past[0][0].shape[2]
+
+
+class _GraphMeta(AttnMeta):
+    """Masks computed inside the graph from tensors (so every length stays a dynamic axis)."""
+
+    def mask(self, window: int | None, explicit: bool = False) -> Tensor:
+        return self._masks[window]
 
 
 class _Decoder(torch.nn.Module):
@@ -66,7 +76,8 @@ class _Decoder(torch.nn.Module):
             masks[w] = (m[None, None] & pad) | diag  # [B, 1, T, S]
         cfg = self.model.config
         cache = _ConcatCache(past, cfg.n_head // cfg.n_kv_head)
-        logits = self.model(input_ids, position_ids=position_ids, kv_cache=cache, attn_mask=masks)
+        meta = _GraphMeta(position_ids, 0, q_cols=q_col[None], key_mask=attention_mask, _masks=masks)
+        logits = self.model(input_ids, position_ids=position_ids, kv_cache=cache, attn_meta=meta)
         return (logits, *[t for kv in cache.present for t in kv])
 
 
@@ -80,9 +91,6 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, quantize: 
                 opset: int = 17) -> Path:
     """Export a float decoder folder to `out` (model.onnx + config.json + tokenizer); `quantize="int8"`
     then rewrites the graph with ONNX Runtime's dynamic int8 quantization (MatMul weights int8)."""
-    from llmkit.model.hf import load_model
-    from llmkit.model.transformer import Transformer
-
     src = Path(model_dir)
     model = load_model(src)
     if not isinstance(model, Transformer) or getattr(model, "quantization", None):
@@ -104,11 +112,9 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, quantize: 
                                        "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
     axes.update({n: {0: "batch", 2: "past"} for n in inputs[3:]})
     axes.update({n: {0: "batch", 2: "total"} for n in outputs[1:]})
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    out = Path(out)
+
+    def write(tmp: Path) -> None:
         with torch.no_grad():
             torch.onnx.export(dec, (ids, mask, pos, *past), str(tmp / ONNX_FILE), input_names=inputs,
                               output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False)
@@ -124,15 +130,14 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, quantize: 
             if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("generation_config.json",
                                                                           "special_tokens_map.json")):
                 shutil.copy2(f, tmp / f.name)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir(out, write)
     return out
 
 
-class OrtModel:
+class OrtModel(torch.nn.Module):
     """An exported decoder run by ONNX Runtime, called like an llmkit model by the generation loop:
-    `model(ids, position_ids=..., attention_mask=..., kv_cache=StaticKVCache, num_logits_to_keep=1)`.
+    `model(ids, kv_cache=StaticKVCache, attn_meta=..., num_logits_to_keep=1)`.
 
     It reads the past from the cache, runs the graph and writes the new keys/values back with
     `cache.update`, so the one generation loop (sampling, stops, streaming) drives it unchanged.
@@ -141,8 +146,7 @@ class OrtModel:
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
         import onnxruntime as ort
 
-        from llmkit.model.config import ModelConfig
-
+        super().__init__()
         folder = Path(folder)
         conf_path = folder / "config.json"
         if not conf_path.is_file() or "onnx" not in json.loads(conf_path.read_text()):
@@ -155,18 +159,15 @@ class OrtModel:
         self.session = ort.InferenceSession(str(folder / meta["file"]), opts, providers=["CPUExecutionProvider"])
         self.inputs, self.outputs = _io_names(self.config.n_layer)
         self.name_or_path = str(folder)
-        self._dummy = torch.zeros(0)
+        # no weights here; this empty parameter tells the loop the KV cache's dtype and device
+        self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
 
-    def parameters(self):  # dtype/device of the KV cache the loop allocates
-        yield self._dummy
-
-    def eval(self) -> OrtModel:
-        return self
-
-    def __call__(self, input_ids: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                 kv_cache: Any = None, num_logits_to_keep: int = 0, **_: Any) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                kv_cache: Any = None, num_logits_to_keep: int = 0, attn_meta: AttnMeta | None = None) -> Tensor:
         B, T = input_ids.shape
         P = kv_cache.get_seq_length() if kv_cache is not None else 0
+        if attn_meta is not None:
+            position_ids, attention_mask = attn_meta.position_ids, attn_meta.key_mask
         if attention_mask is None:
             attention_mask = torch.ones(B, P + T, dtype=torch.long)
         if position_ids is None:

@@ -725,7 +725,7 @@ def count_weights(model: nn.Module, exclude_embeddings: bool = False) -> int:
         elif isinstance(m, Int8Embedding):
             n += 0 if exclude_embeddings else m.num_embeddings * m.embedding_dim
         else:
-            for pn, p in m.named_parameters(recurse=False):
+            for p in m.parameters(recurse=False):
                 if exclude_embeddings and name in ("wte", "wpe"):
                     continue
                 n += p.numel()
