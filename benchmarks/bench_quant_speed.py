@@ -100,10 +100,10 @@ def decode(name: str, model, prompt: list[int], n: int) -> tuple[float, list[int
     from llmkit.infer.sampling import SamplingParams
 
     gen = iter(Generator(model, [prompt], [SamplingParams(max_new_tokens=n, temperature=0.0)], set()))
-    toks = [next(gen).token_ids[0]]
+    toks = [next(gen)[0].token_id]  # each step: one TokenEvent per row
     t = time.perf_counter()
-    for step in gen:
-        toks.append(step.token_ids[0])
+    for events in gen:
+        toks.append(events[0].token_id)
     return time.perf_counter() - t, toks
 
 

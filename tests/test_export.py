@@ -176,3 +176,17 @@ def test_onnx_dynamic_int8_graph(bpe_dir, tmp_path):
     assert (out / "model.onnx").stat().st_size < 0.5 * 4 * model.num_params()
     with pytest.raises(CheckpointError, match="export onnx"):
         OrtModel(bpe_dir)
+
+
+def test_gguf_mixtral_experts(tmp_path_factory, tmp_path):
+    folder = _folder(tmp_path_factory, "moe", RawTokenizer.from_str(byte_level_bpe().to_str()), "mixtral")
+    from llmkit.compress.gguf import export_gguf
+
+    r, t = _reader_tensors(export_gguf(folder, tmp_path / "moe.gguf", "f32"))
+    model = llmkit.load_model(folder)
+    inter, E = model.config.intermediate_size, model.config.n_expert
+    assert int(_field(r, "llama.expert_count")) == E
+    torch.testing.assert_close(t["blk.1.ffn_gate_exps.weight"], model.blocks[1].mlp.w_fc.detach()[:, :inter])
+    torch.testing.assert_close(t["blk.1.ffn_up_exps.weight"], model.blocks[1].mlp.w_fc.detach()[:, inter:])
+    torch.testing.assert_close(t["blk.0.ffn_down_exps.weight"], model.blocks[0].mlp.w_proj.detach())
+    assert t["blk.0.ffn_gate_inp.weight"].shape == (E, model.config.n_embd)

@@ -248,3 +248,17 @@ def test_int8_folder_weights_are_aligned_for_the_kernel(tmp_path):
     loaded = llmkit.load_model(tmp_path)
     assert all(b.data_ptr() % 64 == 0 for b in loaded.buffers() if b.dtype == torch.int8)
     torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_engine_serves_a_quantized_model_like_generate():
+    """The continuous-batching engine (what `llmkit serve` runs) drives the quantized kinds unchanged."""
+    from llmkit.infer.engine import Engine
+    from llmkit.infer.sampling import SamplingParams
+
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=128)).eval().quantize("int4", 32)
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    with Engine(model, max_batch_size=4) as engine:
+        handles = [engine.submit(p, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+                   for p in prompts]
+        got = [h.result().token_ids for h in handles]
+    assert got == [llmkit.generate(model, p, 6, ignore_eos=True) for p in prompts]
