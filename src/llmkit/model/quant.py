@@ -148,7 +148,9 @@ class Int8Linear(nn.Module):
         shape = x.shape[:-1]
         if self.input_scale is not None:
             x = x / self.input_scale
-        x2 = F.pad(x.reshape(-1, self.in_features), (0, self.Kp - self.in_features))
+        x2 = x.reshape(-1, self.in_features)
+        if self.Kp > self.in_features:
+            x2 = F.pad(x2, (0, self.Kp - self.in_features))
         if self.group_size == 0:  # the fused weight-only int8 kernel (its vectorised path takes bf16 inputs)
             if self._scales_bf16 is None or self._scales_bf16.device != x2.device:
                 self._scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
@@ -226,7 +228,9 @@ class Int4Linear(nn.Module):
         shape = x.shape[:-1]
         if self.input_scale is not None:
             x = x / self.input_scale
-        x2 = F.pad(x.reshape(-1, self.in_features).to(torch.bfloat16), (0, self.Kp - self.in_features))
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.Kp > self.in_features:
+            x2 = F.pad(x2, (0, self.Kp - self.in_features))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         y = y[:, : self.out_features].float()
         if self.bias is not None:
