@@ -204,9 +204,13 @@ class Int4Linear(nn.Module):
 
     def _set_codes(self, q: Tensor, scale: Tensor, zero: Tensor) -> None:
         pad = self.Np - q.shape[0]
-        q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
+        q = F.pad(q, (0, 0, 0, pad))
         scale, zero = F.pad(scale.float(), (0, 0, 0, pad), value=1.0), F.pad(zero.float(), (0, 0, 0, pad))
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu().contiguous(), 1).to(q.device)
+        rows = 1024  # packed row by row: convert in blocks so the int32 copy stays small (peak RSS)
+        self.packed = torch.cat([
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + rows].to(torch.int32).cpu().contiguous(), 1)
+            for i in range(0, self.Np, rows)
+        ]).to(q.device)
         # the kernel computes w = (q - 8) * scale + offset  =>  offset = (8 - zero) * scale
         scale = scale.to(torch.bfloat16).float()  # offsets from the stored scale: save/load is exact
         sz = torch.stack([scale, (8 - zero) * scale], -1).transpose(0, 1).contiguous()
