@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--enable-docs", action="store_true", help="serve /openapi.json, /docs and /redoc (off by default)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights on load (RTN, CPU kernels)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         request_timeout=args.request_timeout,
         device=args.device,
+        quantize=args.quantize,
         limits=ServerLimits(enable_docs=args.enable_docs, **given),
     )
     print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
