@@ -28,6 +28,7 @@ LAYERS = {
     "train": 6,
     "serve": 6,
     "eval": 6,
+    "compress": 6,  # calibration data, GGUF / ONNX export (quantizers live in model/quant.py)
     "cli": 7,
     "__main__": 8,
 }

@@ -80,6 +80,8 @@ class OptimConfig:
     num_threads: int | None = None  # CPU threads; None = OMP_NUM_THREADS or all cores; 0 = time 1 vs all
     progress: bool = True  # tqdm bar
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    qat: str | None = None  # int8 | int4: quantization-aware training; out_dir gets the quantized model
+    qat_group_size: int = 64  # inputs per scale for QAT (0 = per channel, int8 only)
 
 
 @dataclass

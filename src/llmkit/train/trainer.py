@@ -236,6 +236,8 @@ class Trainer:
                 f"train.block_size={t.block_size} exceeds model.block_size={self.model_config.block_size}"
             )
         raw = Transformer(self.model_config)
+        if t.qat:  # fake-quantized projections (straight-through estimator); same parameters
+            raw.prepare_qat(t.qat, t.qat_group_size)
         raw.check_inputs = False  # token ids were checked once against the vocabulary below
         self._check_tokens(self.data)
         return raw
@@ -337,9 +339,13 @@ class Trainer:
 
     def _export(self, model_sd: dict[str, torch.Tensor]) -> None:
         """Write the Hugging Face folder (config.json, model.safetensors, tokenizer files) in out_dir."""
-        if self.dist.strategy == "fsdp":  # the sharded module cannot save itself: use a plain copy
+        if self.dist.strategy == "fsdp" or self.t.qat:  # a plain copy (FSDP shards; QAT exports it quantized)
             model = Transformer(self.model_config)
+            if self.t.qat:
+                model.prepare_qat(self.t.qat, self.t.qat_group_size)
             model.load_state_dict(model_sd)
+            if self.t.qat:  # the real int8/int4 kinds, on the grid the training saw
+                model.quantize(self.t.qat, self.t.qat_group_size, skip=("embeddings",))
         else:
             model = self.raw_model
         self._export_model(model)
