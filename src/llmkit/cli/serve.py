@@ -19,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name)")
     p.add_argument("--embedding-model", default=None, help="encoder folder for /v1/embeddings")
     p.add_argument("--embedding-model-name", default=None, help="id of the embedding model (default: folder name)")
+    p.add_argument("--rag-store", default=None, help="RAG store (folder or postgresql://) for POST /v1/rag/query")
     p.add_argument("--max-batch-size", type=int, default=8, help="max concurrent sequences in the running batch")
     p.add_argument("--max-queue", type=int, default=64, help="max queued requests before answering 429")
     p.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: the model's)")
@@ -45,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         device=args.device,
     )
+    if args.rag_store:
+        from llmkit.serve.rag import RagServer
+
+        state.rag = RagServer(args.rag_store)
     print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
     serve(state, host=args.host, port=args.port, log_level=args.log_level)
     return 0

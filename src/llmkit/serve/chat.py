@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from llmkit.serve import rag
 from llmkit.serve.errors import APIError
 from llmkit.serve.protocol import ChatCompletionRequest
 from llmkit.serve.sequences import (
@@ -64,6 +65,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise APIError("top_logprobs requires logprobs=true", 400, param="top_logprobs")
     check_logit_bias(body, state.tokenizer.vocab_size)
     t_start = time.monotonic()
+    rag_context = await rag.augment(request, body)  # None unless the request asks for retrieval
+    extra = {} if rag_context is None else {"rag_context": rag_context}
     prompt_ids = render_messages(state, body)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = state.check_context(len(prompt_ids), requested)
@@ -102,7 +105,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
         async def stream() -> AsyncIterator[str]:
             for s in states:
-                yield sse(chunk(s.index, {"role": "assistant", "content": ""}, None, None))
+                yield sse(chunk(s.index, {"role": "assistant", "content": ""}, None, None) | extra)
             async with aclosing(merged_events(handles, request, state.deadline())) as events:
                 async for i, ev in events:
                     s = states[i]
@@ -148,4 +151,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         "system_fingerprint": fingerprint,
         "choices": choices,
         "usage": usage(),
+        **extra,
     }

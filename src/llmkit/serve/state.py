@@ -31,6 +31,7 @@ class ServerState:
     request_timeout: float | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: ServerMetrics = field(default=None)  # type: ignore[assignment]
+    rag: Any | None = None  # serve/rag.py: RagServer for --rag-store
 
     def __post_init__(self) -> None:
         if self.metrics is None:
