@@ -4,7 +4,8 @@ A document part is split at Markdown headings into sections (each keeps its head
 ["Install", "From source"]); a section's body is split recursively at paragraphs, then lines, then
 sentences (`. ! ?` and Chinese `。！？`), then words, then characters, until every piece fits; pieces
 are packed greedily into chunks of at most `chunk_size` tokens (the heading trail included), and each
-chunk starts with up to `chunk_overlap` tokens of whole pieces from the end of the previous one.
+chunk starts with up to `chunk_overlap` tokens from the end of the previous one (whole pieces when
+they fit, else the last words).
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def pack(pieces: list[str], count: Callable[[str], int], size: int, overlap: int
                     break
                 keep.insert(0, (p, pn))
                 kept += pn
+            if not keep and overlap:  # the last piece is longer than the overlap: take its last words
+                words = cur[-1][0].split(" ")
+                for j in range(len(words) - 1, 0, -1):
+                    tail = " ".join(words[j:])
+                    if count(tail) > overlap or count(tail) + n > size:
+                        break
+                    keep, kept = [(tail, count(tail))], count(tail)
             cur, cur_n = keep, kept
         cur.append((piece, n))
         cur_n += n
@@ -120,14 +128,14 @@ def chunk_document(doc: Document, count: Callable[[str], int], chunk_size: int =
     return out
 
 
-def token_counter(tokenizer) -> Callable[[str], int]:
-    """`count(text)`: tokens of `text` without special tokens, memoised (pieces repeat when packing)."""
+def token_counter(count_tokens: Callable[[str], int]) -> Callable[[str], int]:
+    """`count_tokens` memoised (the same pieces are counted again while packing)."""
     cache: dict[str, int] = {}
 
     def count(text: str) -> int:
         n = cache.get(text)
         if n is None:
-            n = cache[text] = len(tokenizer.encode(text, add_special_tokens=False))
+            n = cache[text] = count_tokens(text)
             if len(cache) > 100_000:
                 cache.clear()
         return n

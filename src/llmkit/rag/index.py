@@ -11,7 +11,7 @@ from llmkit.errors import InputError
 from llmkit.fsutil import sha256_file
 from llmkit.rag import answer as answer_mod
 from llmkit.rag.chunk import chunk_document, token_counter
-from llmkit.rag.embedder import EmbeddingMismatchError, LocalEmbedder, OpenAIEmbedder, make_embedder
+from llmkit.rag.embedder import EmbeddingMismatchError, OpenAIEmbedder, make_embedder
 from llmkit.rag.keyword import tokenize
 from llmkit.rag.loaders import find_files, load_document
 from llmkit.rag.retrieve import mmr, rrf
@@ -49,7 +49,10 @@ class Index:
     def embedder(self):
         """The embedder, checked against the one recorded in the store (a mismatch is an error)."""
         if self._embedder is None:
-            meta = self.store().get_meta()
+            try:
+                meta = self.store().get_meta()
+            except InputError:  # no store yet: `add` creates it with this embedder
+                meta = {}
             model, url, name = self._embed_args
             if not (model or url) and meta.get("embed_kind") == "openai":
                 url, name = meta["embed_location"], meta["embed_name"]
@@ -100,7 +103,7 @@ class Index:
         found = {src for src, _ in files}
         roots = [os.path.normpath(str(p)) for p in paths]
         gone = [s for s in old if s not in found and any(_under(s, r) for r in roots)]
-        count = token_counter(emb.tokenizer) if isinstance(emb, LocalEmbedder) else emb.count_tokens
+        count = token_counter(emb.count_tokens)
         n_chunks = n_tokens = 0
         pending: list = []
 
