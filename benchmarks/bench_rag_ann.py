@@ -78,7 +78,7 @@ def main() -> None:
     if "flat" not in args.skip:
         ids, p50, p99 = timed_queries(lambda q, k: exact.search(q, k)[1][0], xq[:50], args.k)
         rows.append(("faiss Flat (exact)", 0.0, p50, p99, recall(ids, truth[:50])))
-    del exact
+    exact = None  # free the memory
     gc.collect()
 
     if "ivf" not in args.skip:

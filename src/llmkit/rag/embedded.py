@@ -1,6 +1,7 @@
 """The embedded store: a folder with SQLite (the source of truth) plus FAISS and BM25 snapshots.
 
-    STORE/store.sqlite   docs, chunks (text, metadata, terms, float32 vector), meta, deleted ids
+    STORE/store.sqlite   docs, chunks (text, metadata, terms, float32 vector), meta_kv (metadata
+                         as indexed key/value rows, for filters), meta, deleted ids
     STORE/ann.json       {"gen", "kind", "file", "trained_n"} -> STORE/ann-<gen>.faiss
     STORE/bm25.json      {"gen", "dir"} -> STORE/bm25-<gen>/
 
@@ -25,9 +26,8 @@ import numpy as np
 
 from llmkit.errors import InputError
 from llmkit.fsutil import atomic_write_text, replace_dir
-from llmkit.rag.chunk import Chunk
 from llmkit.rag.keyword import BM25
-from llmkit.rag.store import Hit, Store
+from llmkit.rag.store import Hit, Store, as_text
 
 IVF_MIN = 50_000  # below this, exact search is fast enough (~5 ms at 50k x 384)
 IVF_NPROBE = 32  # recall@10 >= 0.95 at 1M in benchmarks/bench_rag_ann.py
@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS chunks(
     text TEXT NOT NULL, meta TEXT, terms TEXT, n_tokens INT, gen INT NOT NULL, vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_source ON chunks(source);
 CREATE INDEX IF NOT EXISTS chunks_gen ON chunks(gen);
+CREATE INDEX IF NOT EXISTS chunks_page ON chunks(page);
+CREATE TABLE IF NOT EXISTS meta_kv(key TEXT NOT NULL, value TEXT NOT NULL, chunk_id INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS meta_kv_key ON meta_kv(key, value, chunk_id);
+CREATE INDEX IF NOT EXISTS meta_kv_chunk ON meta_kv(chunk_id);
 CREATE TABLE IF NOT EXISTS deleted(id INTEGER PRIMARY KEY, gen INT NOT NULL);
 """
 
@@ -51,7 +55,8 @@ class EmbeddedStore(Store):
         db = self.path / "store.sqlite"
         if not db.exists():
             if not create:
-                raise InputError(f"--store {path}: no store there; build one with `llmkit rag index --docs ... --store {path}`")
+                raise InputError(f"--store {path}: no store there; build one with "
+                                 f"`llmkit rag index --docs ... --store {path}`")
             self.path.mkdir(parents=True, exist_ok=True)
         elif self.path.is_file():
             raise InputError(f"--store {path}: is a file; expected a folder")
@@ -69,7 +74,8 @@ class EmbeddedStore(Store):
 
     def set_meta(self, meta: dict) -> None:
         with self.lock:
-            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                [(k, json.dumps(v)) for k, v in meta.items()])
 
     def generation(self) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
@@ -90,16 +96,25 @@ class EmbeddedStore(Store):
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 for source in [d[0] for d in docs] + list(delete):
-                    self.db.execute("INSERT OR REPLACE INTO deleted SELECT id, ? FROM chunks WHERE source=?", (gen, source))
+                    self.db.execute("INSERT OR REPLACE INTO deleted SELECT id, ? FROM chunks WHERE source=?",
+                                    (gen, source))
+                    self.db.execute("DELETE FROM meta_kv WHERE chunk_id IN (SELECT id FROM chunks WHERE source=?)",
+                                    (source,))
                     self.db.execute("DELETE FROM chunks WHERE source=?", (source,))
                     self.db.execute("DELETE FROM docs WHERE source=?", (source,))
                 for source, digest, chunks, vectors, terms in docs:
+                    first = self.db.execute("SELECT coalesce(max(id), 0) FROM chunks").fetchone()[0]
+                    seq = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='chunks'").fetchone()
+                    first = max(first, seq[0] if seq else 0) + 1  # the ids AUTOINCREMENT hands out next
                     self.db.executemany(
-                        "INSERT INTO chunks(source, ord, page, headings, text, meta, terms, n_tokens, gen, vector) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        [(source, c.ord, c.page, json.dumps(c.headings), c.text, json.dumps(c.meta), " ".join(t),
-                          c.n_tokens, gen, np.ascontiguousarray(v, dtype=np.float32).tobytes())
-                         for c, v, t in zip(chunks, vectors, terms)])
+                        "INSERT INTO chunks(id, source, ord, page, headings, text, meta, terms, n_tokens, gen, vector) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        [(first + j, source, c.ord, c.page, json.dumps(c.headings), c.text, json.dumps(c.meta),
+                          " ".join(t), c.n_tokens, gen, np.ascontiguousarray(v, dtype=np.float32).tobytes())
+                         for j, (c, v, t) in enumerate(zip(chunks, vectors, terms))])
+                    self.db.executemany("INSERT INTO meta_kv VALUES (?,?,?)",
+                                        [(k, as_text(v), first + j) for j, c in enumerate(chunks)
+                                         for k, v in c.meta.items()])
                     self.db.execute("INSERT INTO docs VALUES (?,?,?,?)", (source, digest, len(chunks), time.time()))
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (json.dumps(gen),))
                 self.db.execute("COMMIT")
@@ -209,13 +224,16 @@ class EmbeddedStore(Store):
 
     # ---- search -----------------------------------------------------------------------------------
     def _filter_sql(self, filters: dict[str, str]) -> tuple[str, list]:
+        """A WHERE clause over `chunks` for {key: value}: source/page columns, other keys via meta_kv."""
         conds, args = [], []
         for key, value in filters.items():
-            if key in ("source", "page"):
-                conds.append(f"CAST({key} AS TEXT) = ?")
+            if key == "source":
+                conds.append("source = ?")
+            elif key == "page":
+                conds.append("CAST(page AS TEXT) = ?")
             else:
-                conds.append("CAST(json_extract(meta, ?) AS TEXT) = ?")
-                args.append(f'$."{key}"')
+                conds.append("id IN (SELECT chunk_id FROM meta_kv WHERE key = ? AND value = ?)")
+                args.append(key)
             args.append(value)
         return " AND ".join(conds), args
 

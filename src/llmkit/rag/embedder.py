@@ -52,10 +52,10 @@ class LocalEmbedder:
 
         self.folder = Path(folder)
         if not (self.folder / "config.json").is_file():
-            raise InputError(f"{folder}: not a model folder (no config.json); expected an encoder such as all-MiniLM-L6-v2")
+            raise InputError(f"{folder}: not a model folder (no config.json); expected an encoder (MiniLM)")
         self.model = load_model(self.folder)
         if getattr(self.model.config, "model_type", None) != "bert":
-            raise InputError(f"{folder}: a {self.model.config.model_type} model; embeddings need an encoder (BERT-style)")
+            raise InputError(f"{folder}: a {self.model.config.model_type} model; embeddings need an encoder (BERT)")
         self.tokenizer = load_tokenizer(self.folder)
         self.batch_size = batch_size
         self.name = _model_name(self.folder)

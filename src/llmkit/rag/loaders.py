@@ -42,14 +42,17 @@ def find_files(paths: list[str | os.PathLike]) -> list[tuple[str, Path]]:
         p = Path(given)
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in EXTENSIONS and not any(s.startswith(".") for s in f.parts):
-                    out.append((str(Path(given) / f.relative_to(p)), f))
+                rel = f.relative_to(p)
+                if f.suffix.lower() in EXTENSIONS and not any(s.startswith(".") for s in rel.parts) and f.is_file():
+                    out.append((str(Path(given) / rel), f))
         elif p.is_file():
             if p.suffix.lower() not in EXTENSIONS:
                 raise InputError(f"{given}: unsupported file type {p.suffix!r}; expected one of {' '.join(EXTENSIONS)}")
             out.append((str(given), p))
         else:
             raise InputError(f"{given}: no such file or folder")
+    if not out:
+        raise InputError(f"no supported files under {' '.join(map(str, paths))}; expected {' '.join(EXTENSIONS)}")
     return sorted(set(out))
 
 
@@ -109,7 +112,8 @@ def rst_headings_to_markdown(text: str) -> str:
     while i < len(lines):
         line = lines[i]
         nxt = lines[i + 1] if i + 1 < len(lines) else ""
-        if line.strip() and not _RST_UNDERLINE.match(line) and _RST_UNDERLINE.match(nxt) and len(nxt.rstrip()) >= len(line.rstrip()):
+        title = line.strip() and not _RST_UNDERLINE.match(line)
+        if title and _RST_UNDERLINE.match(nxt) and len(nxt.rstrip()) >= len(line.rstrip()):
             ch = nxt.strip()[0]
             if ch not in levels:
                 levels.append(ch)

@@ -45,7 +45,8 @@ class PgStore(Store):
             raise InputError(f"--store {uri}: cannot connect to PostgreSQL ({str(e).strip()})") from e
         exists = self.conn.execute("SELECT to_regclass(%s)", (f"{self.t}_chunks",)).fetchone()[0]
         if not exists and not create:
-            raise InputError(f"--store {uri}: no llmkit store (table {self.t}_chunks); build one with `llmkit rag index`")
+            raise InputError(f"--store {uri}: no llmkit store (table {self.t}_chunks); build one with "
+                             "`llmkit rag index`")
         self.conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.t}_meta(key text PRIMARY KEY, value jsonb)")
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.t}_docs(source text PRIMARY KEY, hash text NOT NULL, "
@@ -55,7 +56,8 @@ class PgStore(Store):
         t = self.t
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {t}_chunks(id bigserial PRIMARY KEY, source text NOT NULL, ord int, page int, "
-            f"headings jsonb, text text NOT NULL, meta jsonb, terms text, n_tokens int, embedding vector({dim}) NOT NULL, "
+            f"headings jsonb, text text NOT NULL, meta jsonb, terms text, n_tokens int, "
+            f"embedding vector({dim}) NOT NULL, "
             "tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', terms)) STORED)")
         self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_chunks_source ON {t}_chunks(source)")
         self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_chunks_tsv ON {t}_chunks USING gin(tsv)")
@@ -80,7 +82,8 @@ class PgStore(Store):
 
     def stats(self) -> dict:
         docs = self.conn.execute(f"SELECT count(*) FROM {self.t}_docs").fetchone()[0]
-        chunks, tokens = self.conn.execute(f"SELECT count(*), coalesce(sum(n_tokens), 0) FROM {self.t}_chunks").fetchone()
+        sql = f"SELECT count(*), coalesce(sum(n_tokens), 0) FROM {self.t}_chunks"
+        chunks, tokens = self.conn.execute(sql).fetchone()
         return {"documents": docs, "chunks": chunks, "tokens": int(tokens)}
 
     def write(self, docs, delete=()) -> None:

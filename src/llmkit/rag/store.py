@@ -44,7 +44,7 @@ def parse_filters(items: list[str] | dict | None) -> dict[str, str]:
     if not items:
         return {}
     if isinstance(items, dict):
-        return {str(k): _as_text(v) for k, v in items.items()}
+        return {str(k): as_text(v) for k, v in items.items()}
     out = {}
     for it in items:
         key, sep, value = it.partition("=")
@@ -54,7 +54,7 @@ def parse_filters(items: list[str] | dict | None) -> dict[str, str]:
     return out
 
 
-def _as_text(v) -> str:
+def as_text(v) -> str:
     return json.dumps(v) if isinstance(v, bool) else str(v)
 
 
@@ -91,8 +91,8 @@ class Store(ABC):
     @abstractmethod
     def stats(self) -> dict: ...
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 (optional for backends)
+        """Release connections (optional)."""
 
 
 def open_store(uri: str, create: bool = False) -> Store:
