@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--data", choices=["lowrank", "gaussian"], default="lowrank")
+    ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
     ap.add_argument("--skip", nargs="*", default=[], help="candidates to skip: flat hnsw ivf lancedb")
     args = ap.parse_args()
     faiss.omp_set_num_threads(1)
@@ -91,7 +92,7 @@ def main() -> None:
         ivf.add(xb)
         faiss.omp_set_num_threads(1)
         build = time.perf_counter() - t0
-        for nprobe in (8, 16, 32, 64):
+        for nprobe in args.nprobe:
             ivf.nprobe = nprobe
             ids, p50, p99 = timed_queries(lambda q, k: ivf.search(q, k)[1][0], xq, args.k)
             rows.append((f"faiss IVF{nlist},Flat nprobe={nprobe}", build, p50, p99, recall(ids, truth)))

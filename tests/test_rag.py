@@ -166,6 +166,9 @@ def test_chunk_settings_are_validated(tmp_path, docs):
         Index(tmp_path / "s").add([docs / "ignored.bin"], progress=False)
     with pytest.raises(InputError, match="no such file"):
         Index(tmp_path / "s").add([docs / "missing.md"], progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no supported files"):
+        Index(tmp_path / "s").add([tmp_path / "empty"], progress=False)
 
 
 # ---- embeddings and retrieval --------------------------------------------------------------------
@@ -510,3 +513,15 @@ def test_errors_are_llmkit_errors(tmp_path):
         Index("mysql://x/y").query("q")
     with pytest.raises(InputError, match="exactly one"):
         Index(tmp_path).ask_stream("q")
+
+
+def test_mmr_prefers_a_diverse_second_pick(built):
+    from llmkit.rag.retrieve import mmr
+
+    q = np.array([1.0, 0.0])
+    cands = np.array([[0.99, 0.141], [0.99, 0.141], [0.8, -0.6]])  # a duplicate pair and a different one
+    assert mmr(q, cands, 2, lam=1.0) == [0, 1]  # relevance only: the duplicate
+    assert mmr(q, cands, 2, lam=0.5) == [0, 2]  # relevance minus redundancy: the different one
+    idx, _ = built
+    hits = idx.query("zebra suite component install", k=3, use_mmr=True)
+    assert len(hits) == 3 and len({h.text for h in hits}) == 3 and [h.rank for h in hits] == [1, 2, 3]

@@ -46,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         device=args.device,
     )
+    print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
     if args.rag_store:
         from llmkit.serve.rag import RagServer
 
         state.rag = RagServer(args.rag_store)
-    print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
     serve(state, host=args.host, port=args.port, log_level=args.log_level)
     return 0

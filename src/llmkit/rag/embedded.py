@@ -9,7 +9,8 @@ Every write to SQLite is one transaction that also bumps `generation`. The snaps
 written atomically (temp file/folder, then rename, then the small JSON pointer); one that lags the
 database is caught up on open (FAISS: remove deleted ids, add chunks newer than the snapshot) or
 rebuilt (BM25). So a crash at any point leaves a consistent store. The ANN index is exact
-(`IndexFlatIP`) below `IVF_MIN` chunks and IVF-Flat above (chosen by measurement: docs/log.md).
+(`IndexFlatIP`) below `IVF_MIN` chunks and IVF-Flat above, nlist = 2 sqrt(N), searching 1/8 of the
+lists (chosen by measurement: docs/log.md).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from llmkit.rag.keyword import BM25
 from llmkit.rag.store import Hit, Store, as_text
 
 IVF_MIN = 50_000  # below this, exact search is fast enough (~5 ms at 50k x 384)
-IVF_NPROBE = 32  # recall@10 >= 0.95 at 1M in benchmarks/bench_rag_ann.py
+IVF_PROBE_FRACTION = 8  # search nlist / 8 lists (at least 32): recall@10 >= 0.95 up to 1M (docs/log.md)
 EXACT_FILTERED_MAX = 20_000  # a filter matching fewer chunks is searched exactly
 
 SCHEMA = """
@@ -158,7 +159,7 @@ class EmbeddedStore(Store):
                                      for v in [v[np.isin(i, ids)]]])
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(sample)
-            info = {"kind": "ivf", "trained_n": n, "nlist": nlist}
+            info = {"kind": "ivf", "trained_n": n, "nlist": nlist, "nprobe": max(32, nlist // IVF_PROBE_FRACTION)}
         for ids, vecs in self._vectors():
             index.add_with_ids(vecs, ids)
         return index, info
@@ -261,7 +262,8 @@ class EmbeddedStore(Store):
             index = self._ann_index()
             if index.ntotal == 0:
                 return []
-            params = faiss.SearchParametersIVF(nprobe=IVF_NPROBE) if hasattr(index, "nprobe") else None
+            info = self._ann[2]
+            params = faiss.SearchParametersIVF(nprobe=info["nprobe"]) if info["kind"] == "ivf" else None
             if allowed is not None:
                 sel = faiss.IDSelectorBatch(allowed)
                 params = params or faiss.SearchParameters()

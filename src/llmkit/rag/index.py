@@ -13,7 +13,7 @@ from llmkit.rag import answer as answer_mod
 from llmkit.rag.chunk import chunk_document, token_counter
 from llmkit.rag.embedder import EmbeddingMismatchError, OpenAIEmbedder, make_embedder
 from llmkit.rag.keyword import tokenize
-from llmkit.rag.loaders import find_files, load_document
+from llmkit.rag.loaders import EXTENSIONS, find_files, load_document
 from llmkit.rag.retrieve import mmr, rrf
 from llmkit.rag.store import Hit, Store, open_store, parse_filters
 
@@ -103,6 +103,9 @@ class Index:
         found = {src for src, _ in files}
         roots = [os.path.normpath(str(p)) for p in paths]
         gone = [s for s in old if s not in found and any(_under(s, r) for r in roots)]
+        if not files and not gone:
+            raise InputError(f"no supported files under {' '.join(map(str, paths))}; expected "
+                             f"{' '.join(EXTENSIONS)}")
         count = token_counter(emb.count_tokens)
         n_chunks = n_tokens = 0
         pending: list = []

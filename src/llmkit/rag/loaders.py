@@ -51,8 +51,6 @@ def find_files(paths: list[str | os.PathLike]) -> list[tuple[str, Path]]:
             out.append((str(given), p))
         else:
             raise InputError(f"{given}: no such file or folder")
-    if not out:
-        raise InputError(f"no supported files under {' '.join(map(str, paths))}; expected {' '.join(EXTENSIONS)}")
     return sorted(set(out))
 
 

@@ -61,12 +61,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.llmkit
     state.require_generator(body.model)
     _check_response_format(body)
+    rag_context = await rag.augment(request, body)  # None unless the request asks for retrieval
+    extra = {} if rag_context is None else {"rag_context": rag_context}
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs requires logprobs=true", 400, param="top_logprobs")
     check_logit_bias(body, state.tokenizer.vocab_size)
     t_start = time.monotonic()
-    rag_context = await rag.augment(request, body)  # None unless the request asks for retrieval
-    extra = {} if rag_context is None else {"rag_context": rag_context}
     prompt_ids = render_messages(state, body)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = state.check_context(len(prompt_ids), requested)

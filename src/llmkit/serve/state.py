@@ -27,11 +27,11 @@ class ServerState:
     embedder: Any | None = None
     embedding_model_name: str | None = None
     api_key: str | None = None
+    rag: Any | None = None  # serve/rag.py: RagServer for --rag-store
     max_tokens: int | None = None
     request_timeout: float | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: ServerMetrics = field(default=None)  # type: ignore[assignment]
-    rag: Any | None = None  # serve/rag.py: RagServer for --rag-store
 
     def __post_init__(self) -> None:
         if self.metrics is None:
