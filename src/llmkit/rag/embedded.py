@@ -199,6 +199,8 @@ class EmbeddedStore(Store):
             os.replace(tmp, self.path / f"ann-{gen}.faiss")
             info = {**info, "gen": gen, "file": f"ann-{gen}.faiss"}
             atomic_write_text(self.path / "ann.json", json.dumps(info))
+        if info["kind"] == "ivf" and index.direct_map.type != faiss.DirectMap.Hashtable:
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)  # id -> vector, for filtered exact search
         self._ann = (gen, index, info)
         return index
 
@@ -250,16 +252,13 @@ class EmbeddedStore(Store):
         with self.lock:
             q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
             allowed = self._allowed(filters)
-            if allowed is not None and len(allowed) <= EXACT_FILTERED_MAX:
+            index = self._ann_index()
+            if allowed is not None and len(allowed) <= EXACT_FILTERED_MAX:  # exact over the matching chunks
                 if not len(allowed):
                     return []
-                where, args = self._filter_sql(filters)
-                ids, vecs = zip(*self._vectors(f"WHERE {where}", tuple(args)))
-                ids, vecs = np.concatenate(ids), np.concatenate(vecs)
-                scores = vecs @ q[0]
+                scores = index.reconstruct_batch(allowed) @ q[0]
                 top = np.argsort(-scores)[:k]
-                return [(int(ids[i]), float(scores[i])) for i in top]
-            index = self._ann_index()
+                return [(int(allowed[i]), float(scores[i])) for i in top]
             if index.ntotal == 0:
                 return []
             info = self._ann[2]
