@@ -4,7 +4,8 @@ Corpus: the task READMEs that lm-eval ships (`lm_eval/tasks/**/README.md`, Markd
 chunk at the same size in MiniLM tokens and embed with the same all-MiniLM-L6-v2 folder (llmkit
 through `llmkit.embed`, LlamaIndex through `sentence-transformers`, batch 32 on both), and both
 write to disk: llmkit's embedded store (SQLite + FAISS + BM25) vs LlamaIndex's `VectorStoreIndex`
-persisted with its default (JSON) storage. Runs alternate; medians and the ratio are printed.
+persisted with its default (JSON) storage. Runs alternate; medians and the ratio are printed, for
+wall-clock time and for the process's CPU time (all threads; steadier than wall-clock on a loaded box).
 
 Needs the peers, which are not llmkit dependencies: `pip install llama-index-core sentence-transformers`.
 
@@ -97,9 +98,11 @@ def main() -> None:
     print(f"{len(files)} READMEs, {mb:.2f} MB, chunk {args.chunk_size}/{args.chunk_overlap} MiniLM tokens, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}")
     res: dict[str, list[tuple[float, int]]] = {"llmkit": [], "llamaindex": []}
+    cpus: dict[str, list[float]] = {"llmkit": [], "llamaindex": []}
     for r in range(args.rounds):
         for name in ("llmkit", "llamaindex"):
             tmp = Path(tempfile.mkdtemp())
+            c0 = time.process_time()
             try:
                 if name == "llmkit":
                     sec, n = run_llmkit(files, tmp / "store", args.chunk_size, args.chunk_overlap)
@@ -107,14 +110,20 @@ def main() -> None:
                     sec, n = run_llamaindex(files, tmp / "store", args.chunk_size, args.chunk_overlap, minilm)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            cpu = time.process_time() - c0
             res[name].append((sec, n))
-            print(f"round {r + 1} {name:10s} {sec:7.1f} s  {n:5d} chunks  {n / sec:7.1f} chunks/s  {mb / sec:.3f} MB/s")
+            cpus[name].append(cpu)
+            print(f"round {r + 1} {name:10s} {sec:7.1f} s  {n:5d} chunks  {n / sec:7.1f} chunks/s  {mb / sec:.3f} MB/s"
+                  f"  CPU {cpu:.1f} s ({n / cpu:.1f} chunks per CPU-second)")
     med = {k: statistics.median(s for s, _ in v) for k, v in res.items()}
     cps = {k: statistics.median(n / s for s, n in v) for k, v in res.items()}
     print(f"\nmedian seconds: llmkit {med['llmkit']:.1f}, LlamaIndex {med['llamaindex']:.1f} "
           f"-> llmkit is {med['llamaindex'] / med['llmkit']:.2f}x faster end to end")
     print(f"median chunks/s: llmkit {cps['llmkit']:.1f}, LlamaIndex {cps['llamaindex']:.1f} "
           f"-> ratio {cps['llmkit'] / cps['llamaindex']:.2f}x (load average {os.getloadavg()[0]:.1f})")
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
+    print(f"median CPU seconds (all threads): llmkit {cpu['llmkit']:.1f}, LlamaIndex {cpu['llamaindex']:.1f} "
+          f"-> llmkit uses {cpu['llamaindex'] / cpu['llmkit']:.2f}x less CPU")
 
 
 if __name__ == "__main__":

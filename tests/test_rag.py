@@ -336,12 +336,19 @@ def test_embedding_model_mismatch_is_a_clear_error(built, tmp_path, capsys):
 
 # ---- PostgreSQL + pgvector -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pg_uri(tmp_path_factory):
+def pg_uri():
     pgserver = pytest.importorskip("pgserver")
     pytest.importorskip("psycopg")
-    srv = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
+    # not under pytest's basetemp: pgserver (as root) runs PostgreSQL as user 'pgserver', which must
+    # traverse the parent folders, and every pytest run resets /tmp/pytest-of-root to mode 0700
+    import shutil
+    import tempfile
+
+    data = Path(tempfile.mkdtemp(prefix="llmkit-pg-"))
+    srv = pgserver.get_server(data / "pgdata", cleanup_mode="delete")
     yield srv.get_uri()
     srv.cleanup()
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def test_pgvector_store_matches_the_embedded_store(pg_uri, built, docs):
