@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -21,11 +22,22 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write_with(path, write)
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """`write(tmp_path)` fills a temporary file beside `path` (e.g. `faiss.write_index`), then it is
+    renamed over `path`; on any error the temporary file is removed and `path` is left as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from llmkit.errors import InputError
-from llmkit.fsutil import atomic_write_text, replace_dir
+from llmkit.fsutil import atomic_write_text, atomic_write_with, replace_dir
 from llmkit.rag.keyword import BM25
 from llmkit.rag.store import Hit, Store, as_text
 
@@ -193,10 +193,7 @@ class EmbeddedStore(Store):
             for ids, vecs in self._vectors("WHERE gen > ?", (from_gen,)):
                 index.add_with_ids(vecs, ids)  # ids are never reused (AUTOINCREMENT)
         if save and (info.get("gen") != gen or not (self.path / f"ann-{gen}.faiss").exists()):
-            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".ann-", suffix=".tmp")
-            os.close(fd)
-            faiss.write_index(index, tmp)
-            os.replace(tmp, self.path / f"ann-{gen}.faiss")
+            atomic_write_with(self.path / f"ann-{gen}.faiss", lambda tmp: faiss.write_index(index, tmp))
             info = {**info, "gen": gen, "file": f"ann-{gen}.faiss"}
             atomic_write_text(self.path / "ann.json", json.dumps(info))
         if info["kind"] == "ivf" and index.direct_map.type != faiss.DirectMap.Hashtable:
