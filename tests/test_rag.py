@@ -445,12 +445,12 @@ def test_serve_rag_query_and_chat_with_retrieval(server, built):
     import openai
 
     from llmkit.rag.answer import context_blocks, messages
-    from llmkit.serve.rag import RagServer
+    from llmkit.rag.service import RagService
 
     idx, _ = built
     r = httpx.post(server.url + "/v1/rag/query", json={"query": "octopus"})
     assert r.status_code == 404 and "--rag-store" in r.json()["error"]["message"]
-    server.state.rag = RagServer(idx.uri)
+    server.state.rag = RagService(idx.uri)
     try:
         r = httpx.post(server.url + "/v1/rag/query", json={"query": "pasta cooking time", "k": 3, "mode": "dense"})
         assert r.status_code == 200
