@@ -66,4 +66,4 @@ def get_family(model_type: str | None) -> Family:
     return FAMILIES[model_type]
 
 
-from llmkit.model.families import bert, gpt2, llama, llmkit  # noqa: E402,F401  (each registers its spec)
+from llmkit.model.families import bert, gemma, gpt2, llama, llmkit, phi3  # noqa: E402,F401  (each registers its spec)
