@@ -65,6 +65,7 @@ class ModelConfig:
     rel_buckets: int = 32  # relative-position buckets (Raffel et al., 2020)
     rel_max_distance: int = 128
     decoder_start_token_id: int | None = None
+    scale_decoder_outputs: bool = False  # decoder output times n_embd ** -0.5 before the head (T5 v1.0)
     extra: dict[str, Any] = field(default_factory=dict)  # HF keys kept for a faithful round trip
 
     def __post_init__(self) -> None:

@@ -18,7 +18,8 @@ from llmkit.fsutil import write_dir
 from llmkit.model.config import ModelConfig
 from llmkit.model.families import FAMILIES, get_family
 
-MODEL_CLASSES: dict[str, type] = {}  # "decoder" / "encoder" -> the class; registered by transformer.py / bert.py
+MODEL_CLASSES: dict[str, type] = {}  # "decoder" / "encoder" / "seq2seq" -> the class; registered by
+# transformer.py / bert.py / t5.py
 
 # ---------------------------------------------------------------------------- config.json
 
@@ -48,7 +49,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # tensors a checkpoint may carry that are not weights (buffers, heads we do not use)
-_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "position_ids")
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "position_ids",
+                       "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",  # T5: copies of shared
+                       "EncDecAttention.relative_attention_bias.weight")
 
 
 def _ignorable(name: str, cfg: ModelConfig) -> bool:
@@ -220,7 +223,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
         name = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = getattr(torch, name, torch.float32) if device.type != "cpu" else torch.float32
     with torch.device("meta"):
-        model = MODEL_CLASSES["encoder" if get_family(cfg.model_type).encoder else "decoder"](cfg)
+        fam = get_family(cfg.model_type)
+        model = MODEL_CLASSES["encoder" if fam.encoder else "seq2seq" if fam.seq2seq else "decoder"](cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     sd = hf_to_llmkit(read_state_dict(p), cfg, expected)
     encoder = get_family(cfg.model_type).encoder
@@ -267,7 +271,7 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_s
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if not get_family(cfg.model_type).encoder:
-            gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
                    if getattr(cfg, k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if len(shards) == 1:

@@ -112,3 +112,24 @@ def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(pos * div)
     pe[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
     return pe
+
+
+# ---------------------------------------------------------------- T5 relative buckets (Raffel et al., 2020)
+
+
+def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int = 32,
+                             max_distance: int = 128) -> torch.Tensor:
+    """Bucket of each relative position `rel` = key - query: exact for small distances, log-spaced up to
+    `max_distance`; bidirectional (encoder) uses half the buckets per direction, causal ones only look back."""
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -rel.clamp(max=0)
+    max_exact = num_buckets // 2
+    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(rel < max_exact, rel, large)
