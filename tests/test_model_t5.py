@@ -1,6 +1,9 @@
 """T5 / mT5 against random-initialised `transformers` references: logits (padded batches), save ->
 transformers load, greedy generation == HF `generate`, the T5 SentencePiece/Unigram tokenizer ids."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers as T
@@ -87,3 +90,14 @@ def test_t5_tokenizer_ids_match_transformers_and_text_to_text_generation(tmp_pat
     want = ref.generate(**hf(prompt, return_tensors="pt"), max_new_tokens=8, do_sample=False)[0]
     got = llmkit.generate_text(model, tok, prompt, max_new_tokens=8)
     assert got == hf.decode(want, skip_special_tokens=True)
+    out = subprocess.run([sys.executable, "-m", "llmkit", "generate", "--model", str(tmp_path / "model"), "--prompt",
+                          prompt, "--max-new-tokens", "8", "--temperature", "0"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == got.strip()
+
+
+def test_engine_refuses_encoder_decoder_clearly(pair):
+    from llmkit.infer.engine import Engine
+
+    with pytest.raises(InputError, match="encoder-decoder"):
+        Engine(pair[1])
