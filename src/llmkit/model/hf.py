@@ -271,8 +271,8 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_s
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if not get_family(cfg.model_type).encoder:
-            gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-                   if getattr(cfg, k) is not None}
+            keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+            gen = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})

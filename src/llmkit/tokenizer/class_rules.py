@@ -51,7 +51,8 @@ def _apply_t5_rules(backend: _HFTokenizer, tok_json: dict[str, Any]) -> None:
     norm = tok_json.get("normalizer") or {}
     parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
     charsmap = next((n for n in parts if n.get("type") == "Precompiled" and "precompiled_charsmap" in n), None)
-    backend.normalizer = normalizers.Precompiled(base64.b64decode(charsmap["precompiled_charsmap"])) if charsmap else None
+    backend.normalizer = (normalizers.Precompiled(base64.b64decode(charsmap["precompiled_charsmap"]))
+                          if charsmap else None)
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),

@@ -1,5 +1,6 @@
 """Llama and its close relatives: Qwen2 (qkv bias, optional sliding layers), Qwen3 (q/k RMSNorm, no
-qkv bias), Mistral (sliding window), Mixtral (sparse MoE). RMSNorm, RoPE, SwiGLU; names `model.layers.{i}.self_attn.{q,k,v,o}_proj`."""
+qkv bias), Mistral (sliding window), Mixtral (sparse MoE). RMSNorm, RoPE, SwiGLU; names
+`model.layers.{i}.self_attn.{q,k,v,o}_proj`."""
 
 from __future__ import annotations
 
