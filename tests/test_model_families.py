@@ -108,3 +108,27 @@ def test_generate_and_engine_greedy_match_transformers(pair):
         got_batched = [h.result().token_ids for h in hs]
     assert got_alone == want
     assert got_batched == want
+
+
+def test_gemma_tokenizer_ids_match_transformers(tmp_path):
+    """GemmaTokenizer (byte-fallback BPE): transformers rebuilds the pipeline from the class, ignoring
+    the file's normalizer / pre-tokenizer; llmkit's tokenizer does the same (same ids, same text)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from llmkit.tokenizer import load_tokenizer
+
+    text = open("../shared/data/tinyshakespeare/input.txt").read()[:40000].split("\n")
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    tk.normalizer = normalizers.NFKC()  # what the class rebuild must ignore
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    T.GemmaTokenizerFast(tokenizer_object=tk).save_pretrained(tmp_path)
+    hf = T.AutoTokenizer.from_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    for s in ["Hello world, my lord!", "  two  spaces\nand a newline", "What, ho! Romeo."]:
+        ids = hf(s)["input_ids"]
+        assert tok.encode(s) == ids
+        assert tok.decode(ids) == hf.decode(ids)

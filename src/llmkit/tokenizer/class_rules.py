@@ -60,6 +60,14 @@ def _apply_t5_rules(backend: _HFTokenizer, tok_json: dict[str, Any]) -> None:
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
 
 
+def _apply_gemma_rules(backend: _HFTokenizer) -> None:
+    """What transformers >= 5 does for `GemmaTokenizer` (byte-fallback BPE): spaces become "▁" in the
+    normalizer, pieces split after each space, no prefix space; decode by replacing "▁" back."""
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+
+
 def apply_class_rules(backend: _HFTokenizer, config: dict[str, Any], tok_json: dict[str, Any]) -> None:
     """transformers >= 5 rebuilds the pipeline of some tokenizer classes from the config, ignoring
     parts of tokenizer.json; mirror the common ones so ids stay equal to AutoTokenizer's."""
@@ -69,5 +77,7 @@ def apply_class_rules(backend: _HFTokenizer, config: dict[str, Any], tok_json: d
         _apply_llama_rules(backend, config)
     elif cls == "GPT2Tokenizer" and model_type == "BPE" and _is_byte_level(tok_json):
         _apply_gpt2_rules(backend, config)
+    elif cls == "GemmaTokenizer" and model_type == "BPE":
+        _apply_gemma_rules(backend)
     elif cls == "T5Tokenizer" and model_type == "Unigram":
         _apply_t5_rules(backend, tok_json)
