@@ -31,7 +31,10 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"unsupported model_type {mt!r} in config.json; llmkit loads: {', '.join(FAMILIES)}")
     common = dict(model_type=mt, vocab_size=d["vocab_size"], bos_token_id=d.get("bos_token_id"),
                   eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"), extra=dict(d))
-    return get_family(mt).config_from_hf(d, common)
+    try:
+        return get_family(mt).config_from_hf(d, common)
+    except KeyError as e:
+        raise ConfigError(f"config.json of model_type {mt!r} lacks the key {e.args[0]!r}") from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
