@@ -44,10 +44,11 @@ class StaticKVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> StaticKVCache:
-        """A cache sized for `model` (a `Transformer`), in the dtype/device of its weights."""
+        """A cache sized for `model` (a `Transformer`, or a `T5Model`'s decoder), in the dtype/device of its weights."""
         cfg = model.config
         w = next(model.parameters())
-        return cls(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len, w.dtype, w.device)
+        n_layer = cfg.n_decoder_layer if getattr(model, "is_encoder_decoder", False) else cfg.n_layer
+        return cls(n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len, w.dtype, w.device)
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, Hkv, T, D] at the current length; return all keys/values [B, Hkv, S, D]."""
