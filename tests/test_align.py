@@ -206,9 +206,11 @@ def test_rm_train_and_score_match_transformers(base, tmp_path):
         want = float(hf(torch.tensor([tok.encode(text)])).logits[0, 0])
     assert float(p.stdout.strip()) == pytest.approx(want, abs=1e-4)
 
+    from llmkit.cli import main as cli_main
+
     out = tmp_path / "scores.jsonl"
-    p = _cli("rm", "score", "--model", str(rm), "--data", str(base / "val_prefs.jsonl"), "--out", str(out))
-    assert p.returncode == 0, p.stderr
+    assert cli_main(["rm", "score", "--model", str(rm), "--data", str(base / "val_prefs.jsonl"),
+                     "--out", str(out)]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 8
     from llmkit.data.prefs import load_prefs
@@ -283,7 +285,7 @@ def test_ppo_with_reward_model_folder(base, tmp_path):
 # ---------------------------------------------------------------------------- guards
 
 
-def test_guards(base, tmp_path):
+def test_guards(base, tmp_path, capsys):
     from llmkit.data.prefs import load_prefs
     from llmkit.train.rl import grpo
 
@@ -301,10 +303,13 @@ def test_guards(base, tmp_path):
     with pytest.raises(LlmkitError, match="nan"):
         grpo(str(base / "base"), f"{base / 'rew.py'}:nan_reward", str(base / "prompts.jsonl"), str(tmp_path / "y"),
              **common)
-    p = _cli("grpo", "--model", str(base / "base"), "--reward", f"{base / 'rew.py'}:flat_reward", "--prompts",
-             str(base / "prompts.jsonl"), "--out", str(tmp_path / "z"), "--max-steps", "1", "--batch-size", "2",
-             "--max-new-tokens", "4", "--eval-prompts", "2", "--no-progress")
-    assert p.returncode == 0, p.stderr
-    assert "reward groups of step 1 are flat" in p.stdout + p.stderr
+    from llmkit.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(["grpo", "--model", str(base / "base"), "--reward", f"{base / 'rew.py'}:flat_reward", "--prompts",
+                     str(base / "prompts.jsonl"), "--out", str(tmp_path / "z"), "--max-steps", "1", "--batch-size",
+                     "2", "--max-new-tokens", "4", "--eval-prompts", "2", "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "reward groups of step 1 are flat" in out.out + out.err
     rec = [r for r in read_metrics(tmp_path / "z" / "metrics.jsonl") if "flat_groups" in r][0]
     assert rec["flat_groups"] == 2 and rec["truncated"] >= 0

@@ -56,7 +56,8 @@ def add_rl(p: argparse.ArgumentParser, algo: str) -> None:
                    help="reward given to responses cut at --max-new-tokens (default: keep their reward)")
     r.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per evaluation")
     u = p.add_argument_group("update")
-    u.add_argument("--ppo-epochs", type=int, help=f"passes over each rollout batch (default {4 if algo == 'ppo' else 1})")
+    u.add_argument("--ppo-epochs", type=int,
+                   help=f"passes over each rollout batch (default {4 if algo == 'ppo' else 1})")
     u.add_argument("--num-minibatches", type=int, default=1)
     u.add_argument("--clip-range", type=float, default=0.2)
     if algo == "ppo":

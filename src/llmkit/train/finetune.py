@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from llmkit.errors import CheckpointError, ConfigError
 from llmkit.train.config import OptimConfig, TrainConfig

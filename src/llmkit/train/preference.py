@@ -24,7 +24,7 @@ from llmkit.data.sft import SFTBatches, collate
 from llmkit.errors import ConfigError
 from llmkit.train.align_losses import DPO_LOSSES, bradley_terry_loss, dpo_loss, token_logps
 from llmkit.train.config import OptimConfig
-from llmkit.train.finetune import DEFAULT_LR, Finetuner, FinetuneConfig
+from llmkit.train.finetune import DEFAULT_LR, FinetuneConfig, Finetuner
 from llmkit.train.trainer import TrainResult
 
 
@@ -149,7 +149,7 @@ class PairTrainer(Finetuner):
 
     def extra_metrics(self) -> dict[str, Any]:
         out = self._take_means()
-        out.update(self.__dict__.pop("_eval_stats", {}), val_ppl=None)  # a pairwise loss has no perplexity
+        out.update(self.__dict__.pop("_eval_stats", {}))
         return out
 
 
@@ -341,13 +341,17 @@ class DPOTrainer(PairTrainer):
 # ---------------------------------------------------------------------------- one-call forms
 
 
+def as_list(v: Any) -> list[str]:
+    """None, one path or several -> a list of path strings."""
+    return [] if v is None else [str(v)] if isinstance(v, str | os.PathLike) else [str(x) for x in v]
+
+
 def _configs(model, data, out, method, val_data, max_steps, epochs, lr, batch_size, grad_accum, eval_interval,
              warmup_steps, weight_decay, seed, device, dtype, num_threads, progress, options, default_lr):
     names = set(PrefConfig.__dataclass_fields__)
     unknown = sorted(set(options) - names)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}")
-    as_list = (lambda v: [] if v is None else [str(v)] if isinstance(v, str | os.PathLike) else [str(x) for x in v])
     ft = PrefConfig(model=str(model), data=as_list(data), val_data=as_list(val_data), method=method, epochs=epochs,
                     **options)
     if max_steps is not None and epochs is not None:

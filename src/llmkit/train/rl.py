@@ -51,8 +51,8 @@ from llmkit.train.align_losses import (
     whiten,
 )
 from llmkit.train.config import OptimConfig
-from llmkit.train.finetune import Finetuner, FinetuneConfig
-from llmkit.train.preference import ListBatches, adapters_off
+from llmkit.train.finetune import FinetuneConfig, Finetuner
+from llmkit.train.preference import ListBatches, adapters_off, as_list
 from llmkit.train.trainer import TrainResult
 
 ALGOS = ("ppo", "grpo")
@@ -71,7 +71,10 @@ RL_PANELS = [
 # ---------------------------------------------------------------------------- rewards
 
 
-def load_reward(spec: str, device: str | torch.device = "cpu") -> Callable[[list[PromptRecord], list[str]], list[float]]:
+RewardFn = Callable[[list[PromptRecord], list[str]], list[float]]
+
+
+def load_reward(spec: str, device: str | torch.device = "cpu") -> RewardFn:
     """A batch reward `(prompts, completions) -> scores` from a reward-model folder or `module:function`.
 
     `module` is an importable name (the working directory is on the path) or a .py file.
@@ -409,7 +412,8 @@ class RLTrainer(Finetuner):
 
     def train_step(self) -> torch.Tensor:
         """Rollouts on one batch of prompts, then `ppo_epochs` passes of minibatch updates."""
-        ft, t = self.ft, self.t
+        ft = self.ft
+        t_step = time.perf_counter()
         batch = self.sampler.next_batch()
         ro, stats = self.rollout(batch)
         self.advantages(ro, stats)
@@ -433,7 +437,8 @@ class RLTrainer(Finetuner):
         dt = time.perf_counter() - t0
         update_tokens = int((ro.input_ids != self.pad_id).sum()) * self.epochs
         stats.update({k: v / n for k, v in sums.items()})
-        stats.update(update_tokens_per_sec=update_tokens / max(dt, 1e-9), update_time=dt)
+        stats.update(update_tokens_per_sec=update_tokens / max(dt, 1e-9), update_time=dt,
+                     step_time=time.perf_counter() - t_step)
         self.step_tokens = int((ro.targets != IGNORE).sum())
         if self.metrics is not None:
             self.metrics.log({"step": self.step + 1, **stats}, plot=False)
@@ -470,7 +475,7 @@ class RLTrainer(Finetuner):
     def extra_metrics(self) -> dict[str, Any]:
         from llmkit.train.metrics import plot_panels
 
-        out = {"val_reward": self.val_reward, "val_ppl": None}
+        out = {"val_reward": self.val_reward}
         if self.metrics is not None:
             plot_panels(self.metrics.records + [{"step": self.step, **out}], RL_PANELS, self.out_dir / "rl.png")
         return out
@@ -488,7 +493,6 @@ def _rl(algo: str, model: str, reward: str, prompts: str | list[str], out: str, 
     unknown = sorted(set(options) - names)
     if unknown:
         raise ConfigError(f"unknown {algo} option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}")
-    as_list = (lambda v: [] if v is None else [str(v)] if isinstance(v, str | os.PathLike) else [str(x) for x in v])
     if algo == "ppo":
         options.setdefault("group_size", 1)
     ft = RLConfig(model=str(model), data=as_list(prompts), val_data=as_list(val_prompts), method=method,
