@@ -28,6 +28,13 @@ from llmkit.train.finetune import DEFAULT_LR, FinetuneConfig, Finetuner
 from llmkit.train.trainer import TrainResult
 
 
+DPO_PANELS = [
+    ("reward margin", ["rewards/margins", "eval_rewards/margins"]),
+    ("reward accuracy", ["rewards/accuracies", "eval_rewards/accuracies"]),
+    ("implicit rewards", ["rewards/chosen", "rewards/rejected"]),
+]
+
+
 class ListBatches(SFTBatches):
     """`SFTBatches` over any items (pairs, prompts): shuffled, resumable, a list of items per batch."""
 
@@ -319,6 +326,14 @@ class DPOTrainer(PairTrainer):
         losses, stats = self._pair_losses(pairs)
         self._accumulate(**stats)
         return losses.mean()
+
+    def extra_metrics(self) -> dict[str, Any]:
+        from llmkit.train.metrics import plot_panels
+
+        out = super().extra_metrics()
+        if self.metrics is not None:
+            plot_panels(self.metrics.records + [{"step": self.step, **out}], DPO_PANELS, self.out_dir / "dpo.png")
+        return out
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", full: bool = False) -> float:
