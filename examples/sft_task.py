@@ -3,7 +3,7 @@
     python examples/sft_task.py make --out out/sort            # train.jsonl + val.jsonl (chat format)
     python examples/sft_task.py eval --model BASE [--adapter DIR] --data out/sort/val.jsonl
 
-`make` draws words from a fixed list of common English (and Shakespearean) words; the train and
+`make` draws words from a fixed list of 50 common words of Shakespeare's plays; the train and
 held-out files share no word set. `eval` greedy-decodes each held-out prompt with llmkit and
 prints the exact-match rate (the answer must equal the reference after stripping whitespace).
 """
@@ -17,18 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+# 50 common words of Shakespeare's plays, each a single token of a BPE trained on tiny Shakespeare
+# (so the task tests ordering, not spelling); train and held-out examples never share a word set.
 WORDS = """
-able act air all am and any arm art ask bad bear bed bell best bid bird black blood blue body bold bone
-book born both bow boy brave bread bright brother call came cap care cat child city cold come cook cool
-copy cry cup dark day dead dear deep dog door down draw dream dress drink duke dust ear earth east eat
-eye face fair faith fall false far farm fast fate fear feast field fight fire fish flower fly fool foot
-fox free friend fruit game gate gift girl glad gold good grace grass great green grief hand happy hard
-hat head heart heaven hill home honour horse hour house ice iron joy just keep key kind king kiss lady
-lake land late law leaf light lion lip long lord love maid man march master mind moon mother music name
-night noble north oak old open page peace pen pie poor prince proud queen rain red rich ring river road
-rose round sad salt sea ship shore silver sing sister sky sleep slow small snow soft son song soul south
-star stone storm strong sun sweet sword tall tear thief time tree true voice wall war water west white
-wild wind wine winter wise wolf woman wood word world year young
+all am and any arm art bear blood both brother call child come day dead down ear fair fear friend
+good grace great hand hat head heart heaven honour house king long lord love man mother name night
+noble old poor queen son soul sweet time true war word world
 """.split()
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import llmkit
+from llmkit.cli import main
 from llmkit.data.sft import IGNORE, SFTExample, collate, collate_packed, encode_example, load_sft_data
 from llmkit.errors import CheckpointError, ConfigError, InputError
 from llmkit.model.adapters import load_adapter, save_lora, save_prompt_tuning
@@ -151,9 +149,8 @@ def test_lora_round_trips_with_peft_and_merges(base, tmp_path, family):
         torch.testing.assert_close(lk(x), pm(x).logits, atol=1e-4, rtol=0)
     # merge (CLI): a plain folder with the same logits, loadable by transformers
     out = tmp_path / "merged"
-    r = subprocess.run([sys.executable, "-m", "llmkit", "lora", "merge", "--model", str(folder), "--adapter",
-                        str(tmp_path / "theirs"), "--out", str(out)], capture_output=True, text=True, env=os.environ)
-    assert r.returncode == 0, r.stderr
+    args = ["lora", "merge", "--model", str(folder), "--adapter", str(tmp_path / "theirs"), "--out", str(out)]
+    assert main(args) == 0
     merged_hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(llmkit.load_model(out)(x), lk(x), atol=1e-4, rtol=0)
@@ -214,7 +211,8 @@ def test_every_method_trains_and_resumes_exactly(base, tmp_path, method):
     base_model = llmkit.load_model(base / "base")
     x = torch.randint(0, 97, (1, 6))
     if method in ("lora", "prompt-tuning"):
-        assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["peft_type"] in ("LORA", "PROMPT_TUNING")
+        kind = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["peft_type"]
+        assert kind == {"lora": "LORA", "prompt-tuning": "PROMPT_TUNING"}[method]
         a = llmkit.load_model(base / "base", adapter=tmp_path / "a")
         b = llmkit.load_model(base / "base", adapter=tmp_path / "b")
         assert full.trainable_params < full.total_params / 4
@@ -240,22 +238,24 @@ def test_errors(base, tmp_path):
         load_adapter(llmkit.load_model(base / "base"), tmp_path)
 
 
-def test_cli_finetune_then_generate_with_adapter(base, tmp_path):
+def test_cli_finetune_then_generate_with_adapter(base, tmp_path, capsys):
     out = tmp_path / "lora"
-    r = subprocess.run([sys.executable, "-m", "llmkit", "finetune", "--model", str(base / "base"), "--data",
-                        str(base / "train.jsonl"), "--method", "lora", "--out", str(out), "--max-steps", "2",
-                        "--packing", "--lora-r", "4", "--no-progress", "--num-threads", "1"],
-                       capture_output=True, text=True, env=os.environ)
-    assert r.returncode == 0, r.stderr
-    assert "trainable" in r.stdout + r.stderr and "peak memory" in r.stdout + r.stderr
-    r = subprocess.run([sys.executable, "-m", "llmkit", "generate", "--model", str(base / "base"), "--adapter",
-                        str(out), "--prompt", "sort: cat", "--max-new-tokens", "5", "--temperature", "0"],
-                       capture_output=True, text=True, env=os.environ)
-    assert r.returncode == 0, r.stderr
+    assert main(["finetune", "--model", str(base / "base"), "--data", str(base / "train.jsonl"), "--method", "lora",
+                 "--out", str(out), "--max-steps", "2", "--packing", "--lora-r", "4", "--no-progress",
+                 "--num-threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable" in printed and "peak memory" in printed
+    assert main(["generate", "--model", str(base / "base"), "--adapter", str(out), "--prompt", "sort: cat",
+                 "--max-new-tokens", "5", "--temperature", "0"]) == 0
     model = llmkit.load_model(base / "base", adapter=out)
     tok = llmkit.load_tokenizer(base / "base")
     want = tok.decode(llmkit.generate(model, tok.encode("sort: cat"), max_new_tokens=5))
-    assert r.stdout.rstrip("\n") == want
+    assert capsys.readouterr().out.rstrip("\n") == want
+    # a bad line is reported with its file and line, as the CLI's error message
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n')
+    assert main(["finetune", "--model", str(base / "base"), "--data", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
 
 
 def test_sft_example_is_reexported():

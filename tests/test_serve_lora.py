@@ -38,7 +38,8 @@ def setup(tmp_path_factory):
     return base, adapters
 
 
-def peft_greedy(base, adapter, ids: list[int]) -> list[int]:
+def peft_greedy(base, adapter, prompts: list[list[int]]) -> list[list[int]]:
+    """The independent reference: greedy tokens from transformers (+ peft with `adapter`)."""
     import peft
     from transformers import LlamaForCausalLM
 
@@ -46,14 +47,23 @@ def peft_greedy(base, adapter, ids: list[int]) -> list[int]:
     if adapter is not None:
         model = peft.PeftModel.from_pretrained(model, adapter)
     model.eval()
-    out = list(ids)
+    outs = []
     with torch.no_grad():
-        for _ in range(NEW):
-            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
-    return out[len(ids) :]
+        for ids in prompts:
+            out = list(ids)
+            for _ in range(NEW):
+                out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+            outs.append(out[len(ids) :])
+    return outs
 
 
-def test_one_batch_mixes_adapters_and_matches_peft(setup):
+@pytest.fixture(scope="module")
+def want(setup):
+    base, adapters = setup
+    return {name: peft_greedy(base, adapters.get(name), PROMPTS) for name in (None, "a", "b")}
+
+
+def test_one_batch_mixes_adapters_and_matches_peft(setup, want):
     base, adapters = setup
     state = load_state(base, lora={k: str(v) for k, v in adapters.items()}, max_batch_size=8)
     eng = state.engine
@@ -67,22 +77,21 @@ def test_one_batch_mixes_adapters_and_matches_peft(setup):
         eng.shutdown()
     # every request ran in the same batch: one decode step per new token after the prefill
     assert eng.counters["steps"] == NEW - 1
-    want = {name: [peft_greedy(base, adapters.get(name), p) for p in PROMPTS] for name in (None, "a", "b")}
     assert want[None] != want["a"] and want["a"] != want["b"]  # the adapters change the output
     for (p, name), g in zip(jobs, got):
         assert g == want[name][PROMPTS.index(p)], name
 
 
-def test_openai_client_picks_the_adapter_by_model_name(setup):
+def test_openai_client_picks_the_adapter_by_model_name(setup, want):
     base, adapters = setup
     with running_server(base, lora={"a": str(adapters["a"])}) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
         ids = [m.id for m in client.models.list().data]
         assert ids == ["tiny", "a"]
         tok = srv.state.tokenizer
-        for name, folder in (("a", adapters["a"]), ("tiny", None)):
+        for name, key in (("a", "a"), ("tiny", None)):
             r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=NEW, temperature=0)
             assert r.model == name
-            assert r.choices[0].text == tok.decode(peft_greedy(base, folder, PROMPTS[0]))
+            assert r.choices[0].text == tok.decode(want[key][0])
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="c", prompt=PROMPTS[0], max_tokens=2)

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "assistant tokens. full/freeze write a model folder, lora/prompt-tuning a PEFT adapter folder."
         ),
     )
-    p.add_argument("--model", required=True, help="base model folder (Hugging Face or llmkit format, with tokenizer)")
+    p.add_argument("--model", required=True, help="base model folder (HF or llmkit format, with tokenizer)")
     p.add_argument("--data", required=True, nargs="+", help="training JSONL file(s)")
     p.add_argument("--val-data", nargs="+", help="validation JSONL file(s)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of --data for validation")
@@ -24,12 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("schedule")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs)")
     g.add_argument("--epochs", type=float, help="passes over the data (default 1)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: full/freeze 1e-4, lora 1e-3, prompt-tuning 3e-2)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: full/freeze 1e-4, lora 1e-3, "
+                   "prompt-tuning 3e-2)")
     g.add_argument("--batch-size", type=int, default=8, help="examples (or packed rows) per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--warmup-steps", type=int, help="default: 5%% of the steps")
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--eval-interval", type=int, help="steps between evaluations and checkpoints (default: 10 per run)")
+    g.add_argument("--eval-interval", type=int, help="steps between evaluations and checkpoints (default: 10/run)")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                    help="continue exactly from --out's latest checkpoint (or checkpoint folder CKPT)")
@@ -38,9 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", default="auto", help="autocast dtype: auto | float32 | bfloat16 | float16")
     g.add_argument("--num-threads", type=int, help="CPU threads (0 = time 1 vs all and keep the faster)")
     d = p.add_argument_group("data")
-    d.add_argument("--max-seq-len", type=int, help="longer examples are truncated and counted (default: the model's context, at most 1024)")
+    d.add_argument("--max-seq-len", type=int,
+                   help="longer examples are truncated and counted (default: the model's context, at most 1024)")
     d.add_argument("--packing", action="store_true", help="pack several examples per row (per-example attention)")
-    d.add_argument("--train-on-prompt", action="store_true", help="compute the loss on every token, not just the assistant's")
+    d.add_argument("--train-on-prompt", action="store_true",
+                   help="compute the loss on every token, not just the assistant's")
     lo = p.add_argument_group("lora")
     lo.add_argument("--lora-r", type=int, default=16)
     lo.add_argument("--lora-alpha", type=float, default=32.0)
@@ -49,11 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lo.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r)")
     pt = p.add_argument_group("prompt tuning")
     pt.add_argument("--num-virtual-tokens", type=int, default=20)
-    pt.add_argument("--prompt-tuning-init-text", help="initialise the virtual tokens from this text (default: random vocabulary rows)")
+    pt.add_argument("--prompt-tuning-init-text",
+                    help="initialise the virtual tokens from this text (default: random vocabulary rows)")
     fr = p.add_argument_group("freeze")
-    fr.add_argument("--trainable", nargs="+", metavar="GLOB", help="train only parameters matching these globs (e.g. 'blocks.3.*' lm_head.weight)")
+    fr.add_argument("--trainable", nargs="+", metavar="GLOB",
+                    help="train only parameters matching these globs (e.g. 'blocks.3.*' lm_head.weight)")
     fr.add_argument("--freeze-layers", type=int, help="freeze the embeddings and the bottom N blocks")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute activations in backward (less memory)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 

@@ -10,7 +10,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="lora_command", metavar="ACTION", required=True)
     m = sub.add_parser("merge", help="merge a PEFT LoRA adapter into the base weights (a plain HF folder)")
     m.add_argument("--model", required=True, help="base model folder")
-    m.add_argument("--adapter", required=True, help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("--adapter", required=True,
+                   help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("--out", required=True, help="output model folder")
     m.set_defaults(func=run_merge)
 

@@ -44,7 +44,8 @@ def supports(model: torch.nn.Module) -> bool:
         and all(not isinstance(b.mlp, MLP) or b.mlp.swiglu for b in model.blocks)
         and cfg.activation == "silu"
         and all(type(m) is torch.nn.Linear for b in model.blocks for m in (b.attn.qkv, b.attn.proj))
-        and all(type(m) is torch.nn.Linear for b in model.blocks if isinstance(b.mlp, MLP) for m in (b.mlp.fc, b.mlp.proj))
+        and all(type(m) is torch.nn.Linear for b in model.blocks if isinstance(b.mlp, MLP)
+                for m in (b.mlp.fc, b.mlp.proj))
         and not model.training
     )
 

@@ -17,15 +17,7 @@ import torch
 import torch.nn as nn
 
 from llmkit.errors import CheckpointError
-from llmkit.model.lora import (
-    LoRAConfig,
-    LoRALinear,
-    _parts_for,
-    add_lora,
-    lora_modules,
-    projection_sites,
-    set_active_adapter,
-)
+from llmkit.model.lora import LoRAConfig, LoRALinear, lora_modules, projection_sites, set_active_adapter
 from llmkit.model.prompt_tuning import PromptTuningModel
 
 CONFIG_NAME = "adapter_config.json"
@@ -51,10 +43,6 @@ def _module_map(model: nn.Module) -> dict[str, tuple[str, str]]:
     mt = model.config.model_type
     return {hf_module_name(mt, path, p): (path, p) for path, layout in projection_sites(model).items()
             for p, _ in layout}
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.model if isinstance(model, PromptTuningModel) else model
 
 
 def _atomic_write(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -124,7 +112,8 @@ def load_lora(model: nn.Module, path: str | Path, name: str = "default") -> LoRA
         raise CheckpointError(f"{path}: adapter_config.json has peft_type {config.get('peft_type')!r}; expected LORA")
     for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias"):
         if config.get(key):
-            raise CheckpointError(f"{path}: adapter_config.json sets {key}={config[key]!r}, which llmkit does not support")
+            raise CheckpointError(f"{path}: adapter_config.json sets {key}={config[key]!r}, which llmkit "
+                                  "does not support")
     if config.get("bias", "none") != "none":
         raise CheckpointError(f"{path}: bias={config['bias']!r} adapters are not supported; expected 'none'")
     mmap = _module_map(model)
@@ -158,7 +147,8 @@ def load_lora(model: nn.Module, path: str | Path, name: str = "default") -> LoRA
         for which, t in ab.items():
             dst = (ad.lora_A if which == "A" else ad.lora_B)[part]
             if t.shape != dst.shape:
-                raise CheckpointError(f"{path}: {hf}.lora_{which} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
+                raise CheckpointError(f"{path}: {hf}.lora_{which} has shape {tuple(t.shape)}, "
+                                      f"expected {tuple(dst.shape)}")
             with torch.no_grad():
                 dst.copy_(t)
     set_active_adapter(model, name)
@@ -198,7 +188,8 @@ def load_prompt_tuning(model: nn.Module, path: str | Path) -> PromptTuningModel:
         raise CheckpointError(f"{path}: {WEIGHTS_NAME} has no 'prompt_embeddings' tensor")
     emb = sd["prompt_embeddings"]
     if emb.dim() != 2 or emb.shape[1] != model.config.n_embd:
-        raise CheckpointError(f"{path}: prompt_embeddings has shape {tuple(emb.shape)}; expected [N, {model.config.n_embd}]")
+        raise CheckpointError(f"{path}: prompt_embeddings has shape {tuple(emb.shape)}; "
+                              f"expected [N, {model.config.n_embd}]")
     pt = PromptTuningModel(model, emb.shape[0])
     with torch.no_grad():
         pt.prompt.copy_(emb)
@@ -248,6 +239,3 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default") -> n
         return model
     return load_prompt_tuning(model, path)
 
-
-__all__ = ["LoRAConfig", "add_lora", "load_adapter", "load_lora", "save_lora", "load_prompt_tuning",
-           "save_prompt_tuning", "hf_module_name", "_parts_for", "_base"]

@@ -93,12 +93,9 @@ class LoRAAdapter(nn.Module):
 
     def weight_delta(self, layout: list[tuple[str, int]]) -> torch.Tensor:
         """The update as a dense [out, in] matrix (for merging)."""
-        rows = []
-        for p, n in layout:
-            if p in self.lora_A:
-                rows.append(self.scale * self.lora_B[p] @ self.lora_A[p])
-            else:
-                rows.append(self.lora_A[next(iter(self.lora_A))].new_zeros(n, self.lora_A[next(iter(self.lora_A))].shape[1]))
+        in_features = next(iter(self.lora_A.values())).shape[1]
+        rows = [self.scale * self.lora_B[p] @ self.lora_A[p] if p in self.lora_A
+                else self.lora_B[next(iter(self.lora_B))].new_zeros(n, in_features) for p, n in layout]
         return torch.cat(rows, 0)
 
 
@@ -260,10 +257,11 @@ def merge_adapter(base: str, adapter: str, out: str) -> nn.Module:
         raise CheckpointError(f"{adapter} is not a LoRA adapter; only LoRA folds into the weights")
     model = merge_lora(load_model(base, adapter=adapter))
     model.save_pretrained(out)
-    try:
-        from llmkit.tokenizer import load_tokenizer
+    from llmkit.errors import LlmkitError
+    from llmkit.tokenizer import load_tokenizer
 
+    try:
         load_tokenizer(base).save(out)
-    except Exception:  # noqa: BLE001 - a base folder without tokenizer files still merges
+    except LlmkitError:  # a base folder without tokenizer files still merges
         pass
     return model

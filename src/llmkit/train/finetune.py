@@ -359,11 +359,14 @@ def finetune(
     `resume=True` continues exactly from out's latest checkpoint; `stop_after=k` stops after step k
     as if killed (the checkpoint at k written).
     """
-    names = {f for f in FinetuneConfig.__dataclass_fields__}
+    names = set(FinetuneConfig.__dataclass_fields__)
     unknown = sorted(set(options) - names)
     if unknown:
-        raise ConfigError(f"unknown finetune option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}")
-    as_list = (lambda v: [] if v is None else [str(v)] if isinstance(v, str | os.PathLike) else [str(x) for x in v])
+        raise ConfigError(f"unknown finetune option(s) {', '.join(unknown)}; expected some of "
+                          f"{', '.join(sorted(names))}")
+
+    def as_list(v: Any) -> list[str]:
+        return [] if v is None else [str(v)] if isinstance(v, str | os.PathLike) else [str(x) for x in v]
     ft = FinetuneConfig(model=str(model), data=as_list(data), val_data=as_list(val_data), method=method,
                         epochs=epochs, **options)
     if max_steps is not None and epochs is not None:

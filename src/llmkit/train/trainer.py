@@ -160,7 +160,7 @@ class Trainer:
         return None
 
     def _setup(self) -> None:
-        cfg, t = self.cfg, self.t
+        t = self.t
         self.dist = D.setup(t.strategy, t.device)
         info = self.dist
         _set_threads(t.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
