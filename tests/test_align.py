@@ -251,16 +251,36 @@ def test_grpo_run_metrics_plot_fast_path_and_exact_resume(base, tmp_path):
     assert full.val_reward is not None
 
 
-def test_rollouts_use_the_decode_fast_path(base, tmp_path, monkeypatch):
-    from llmkit.infer import fast_decode
+def test_rollouts_use_the_decode_fast_path(base, tmp_path):
+    """Rollouts go through `llmkit.generate` with the KV cache and the decode fast path (the
+    packed-for-decode Linear kind), never the slow recompute-everything path."""
+    from llmkit.infer import generate as gen_mod
     from llmkit.train import rl
 
-    calls = []
-    real = fast_decode.cached_decoder
-    monkeypatch.setattr(fast_decode, "cached_decoder", lambda m: calls.append(real(m)) or calls[-1])
-    rl.grpo(str(base / "base"), f"{base / 'rew.py'}:reward", str(base / "prompts.jsonl"), str(tmp_path / "g"),
-            max_steps=1, batch_size=2, max_new_tokens=4, progress=False, eval_prompts=2)
-    assert calls and all(c is not None for c in calls)  # batched KV-cached decode on the fast path
+    try:  # the packed-for-decode Linear kind (after the core redesign)
+        from llmkit.model.linear import PackedLinear
+
+        def fast_path(m):
+            return any(isinstance(x, PackedLinear) for x in m.modules())
+    except ImportError:  # before it: the cached FastDecoder
+        def fast_path(m):
+            return m.__dict__.get("_llmkit_fast_decoder") is not None
+
+    seen = []
+    real = gen_mod.Generator.__init__
+
+    def spy(self, model, prompts, params, eos_ids, use_cache=True, fast=True, **kw):
+        seen.append((len(prompts), use_cache, fast))
+        real(self, model, prompts, params, eos_ids, use_cache=use_cache, fast=fast, **kw)
+        seen[-1] += (fast_path(model),)
+
+    gen_mod.Generator.__init__ = spy
+    try:
+        rl.grpo(str(base / "base"), f"{base / 'rew.py'}:reward", str(base / "prompts.jsonl"), str(tmp_path / "g"),
+                max_steps=1, batch_size=2, max_new_tokens=4, progress=False, eval_prompts=2)
+    finally:
+        gen_mod.Generator.__init__ = real
+    assert seen[0] == (8, True, True, True)  # one batch: 2 prompts x G=4, cached, packed for decode
 
 
 def test_ppo_with_reward_model_folder(base, tmp_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -67,7 +69,8 @@ def save_reward_model(model: nn.Module, path: str | os.PathLike, pad_token_id: i
     """Write a Hugging Face `*ForSequenceClassification` folder (num_labels=1) atomically."""
     from safetensors.torch import save_file
 
-    from llmkit.model.hf import _atomic_dir_write, config_to_hf, llmkit_to_hf
+    from llmkit.fsutil import replace_dir
+    from llmkit.model.hf import config_to_hf, llmkit_to_hf
 
     cfg = model.config
     backbone = dataclasses.replace(cfg, tie_embeddings=True)  # no lm_head rule: the head is `score`
@@ -85,11 +88,15 @@ def save_reward_model(model: nn.Module, path: str | os.PathLike, pad_token_id: i
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     hf_cfg["torch_dtype"] = str(tensors["score.weight"].dtype).removeprefix("torch.")
 
-    def write(tmp: Path) -> None:
+    path = Path(path).resolve()
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:  # write beside, then swap in: a crash never leaves a half-written folder
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-
-    _atomic_dir_write(Path(path), write)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Backbone:
