@@ -200,7 +200,7 @@ class Rollout:
     input_ids: torch.Tensor  # [N, T] prompt + response, right-padded, without the last token
     targets: torch.Tensor  # [N, T] response tokens, IGNORE elsewhere
     scores: torch.Tensor  # [N] rewards
-    old_logp: torch.Tensor  # [N, T]
+    old_logp: torch.Tensor | None  # [N, T]; None: the update's own log-probs (one on-policy pass)
     ref_logp: torch.Tensor | None  # [N, T]
     values: torch.Tensor | None = None  # [N, T] (PPO)
     advantages: torch.Tensor | None = None  # [N, T]
@@ -249,6 +249,7 @@ class RLTrainer(Finetuner):
         self.reward_fn = load_reward(ft.reward, t.device if t.device not in ("auto", None) else "cpu")
         self.G = ft.group_size
         self.epochs = ft.ppo_epochs or (4 if ft.algo == "ppo" else 1)
+        self.on_policy = ft.algo == "grpo" and self.epochs == 1 and ft.num_minibatches == 1
         self.kl_coef = ft.kl_coef
 
     def _max_token_id(self) -> int:
@@ -343,7 +344,9 @@ class RLTrainer(Finetuner):
         b = collate(examples, self.pad_id)
         x, y = b["input_ids"].to(dev), b["targets"].to(dev)
         self.raw_model.eval()
-        old_logp, _, values = self._forward(self.raw_model, x, y, values=ft.algo == "ppo")
+        old_logp = values = None
+        if not self.on_policy:  # one on-policy pass: the update's own log-probs are the old ones
+            old_logp, _, values = self._forward(self.raw_model, x, y, values=ft.algo == "ppo")
         ref_logp = None
         if self.need_ref:
             with self._reference() as ref:
@@ -384,8 +387,6 @@ class RLTrainer(Finetuner):
                            "prompt got the same reward), so there is no learning signal; raise --temperature or "
                            "--group-size, or check the reward function")
             ro.advantages = adv[:, None] * mask
-            if ro.ref_logp is not None:
-                stats["kl"] = float(masked_mean(k3_kl(ro.old_logp, ro.ref_logp), mask, 1).mean())
 
     # ------------------------------------------------------------------ update
     def minibatch_loss(self, ro: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -394,7 +395,8 @@ class RLTrainer(Finetuner):
         mask = (y != IGNORE).float()
         logp, logits, values = self._forward(self.model, x, y, values=ft.algo == "ppo")
         entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
-        old, adv = ro.old_logp[idx], ro.advantages[idx]
+        old = ro.old_logp[idx] if ro.old_logp is not None else None
+        adv = ro.advantages[idx]
         if ft.algo == "ppo":
             pg, clipfrac = ppo_policy_loss(logp, old, adv, mask, ft.clip_range)
             vl, vclip = ppo_value_loss(values, ro.values[idx], ro.returns[idx], mask, ft.clip_range_value)
@@ -402,13 +404,19 @@ class RLTrainer(Finetuner):
             loss = pg + ft.vf_coef * vl - ft.ent_coef * ent
             return loss, {"policy_loss": pg.detach(), "value_loss": vl.detach(), "clipfrac": clipfrac,
                           "value_clipfrac": vclip, "entropy": entropy}
+        if old is None:
+            old = logp.detach()
         ratio = torch.exp(logp - old)
         per_tok = -torch.minimum(ratio * adv, ratio.clamp(1 - ft.clip_range, 1 + ft.clip_range) * adv)
-        if ro.ref_logp is not None and ft.beta > 0:
-            per_tok = per_tok + ft.beta * k3_kl(logp, ro.ref_logp[idx])
+        stats = {}
+        if ro.ref_logp is not None:
+            kl = k3_kl(logp, ro.ref_logp[idx])
+            stats["kl"] = masked_mean(kl.detach(), mask, 1).mean()
+            if ft.beta > 0:
+                per_tok = per_tok + ft.beta * kl
         loss = masked_mean(per_tok, mask, 1).mean()  # mean over each response, then over responses
         clipfrac = masked_mean(((ratio - 1).abs() > ft.clip_range).float(), mask)
-        return loss, {"policy_loss": loss.detach(), "clipfrac": clipfrac.detach(), "entropy": entropy}
+        return loss, {"policy_loss": loss.detach(), "clipfrac": clipfrac.detach(), "entropy": entropy, **stats}
 
     def train_step(self) -> torch.Tensor:
         """Rollouts on one batch of prompts, then `ppo_epochs` passes of minibatch updates."""
