@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from llmkit.data import prepare
-from llmkit.data.sources import iter_documents
+from llmkit.text.sources import iter_documents
 from llmkit.tokenizer import load_tokenizer, train_bpe
 
 

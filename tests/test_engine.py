@@ -277,7 +277,9 @@ def test_cancel_frees_the_slot_and_blocks_and_ends_the_stream(pair):
         assert engine.stats()["queued"] == 1
         queued.cancel()  # still waiting: leaves the queue at once
         assert engine.stats()["queued"] == 0 and list(queued) == [] and queued.finish_reason == "cancelled"
-        time.sleep(0.05)  # let events pile up unread
+        deadline = time.monotonic() + 10  # let a few events pile up unread, then cancel mid-stream
+        while len(running.token_ids) < 4 and time.monotonic() < deadline:
+            time.sleep(0.001)
         running.cancel()
         assert list(it) == []  # nothing is delivered after cancel()
         assert running.finish_reason == "cancelled"

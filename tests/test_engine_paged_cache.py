@@ -9,7 +9,7 @@ import torch
 
 from llmkit.errors import InputError
 from llmkit.infer.paged_cache import OutOfBlocksError, PagedKVCache
-from llmkit.model.masks import build_attn_mask
+from llmkit.model.attention import build_attn_mask
 
 L, HKV, D, BS = 2, 2, 4, 4
 

@@ -154,6 +154,11 @@ def test_cli_serve_subprocess_with_api_key(tiny_dir):
             "2",
             "--log-level",
             "warning",
+            "--header-timeout",
+            "5",
+            "--max-body-bytes",
+            "100000",
+            "--enable-docs",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -171,13 +176,24 @@ def test_cli_serve_subprocess_with_api_key(tiny_dir):
             assert proc.poll() is None and time.monotonic() - t0 < 60, proc.stdout.read() if proc.stdout else ""
             time.sleep(0.2)
         assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/openapi.json").status_code == 200  # --enable-docs: served without the key
+        big = httpx.post(url + "/v1/completions", content=b"x" * 100_001, headers={"Authorization": "Bearer k3y"})
+        assert big.status_code == 413 and "100000" in big.json()["error"]["message"]
         c = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0)
         r = c.completions.create(model=MODEL, prompt="hi", max_tokens=3, extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 3
+        # issue 9's hostile requests: clear 400s, never a 500 or a traceback in the log
+        auth = {"Authorization": "Bearer k3y", "content-type": "application/json"}
+        for raw in (
+            '{"model": "tiny", "prompt": "ab\\ud800cd"}',
+            '{"model": "tiny\\ud800", "prompt": "x"}',
+            '{"model": "tiny", "prompt": "x", "n": 4, "seed": 18446744073709551612}',
+        ):
+            assert httpx.post(url + "/v1/completions", content=raw.encode(), headers=auth).status_code == 400
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
-    assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises SIGTERM after a graceful stop
+    assert proc.returncode == 0, out  # a clean drain after SIGTERM exits 0
     assert "Traceback" not in out
 
 

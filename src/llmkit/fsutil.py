@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -43,3 +44,26 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dir(
+    path: str | os.PathLike, write: Callable[[Path], None], carry_over: Callable[[str], bool] | None = None
+) -> None:
+    """Write a folder via `write(tmp_dir)` beside `path`, then swap it in with `replace_dir`.
+
+    Files of an existing `path` that `write` did not produce and `carry_over(name)` accepts
+    (tokenizer files, READMEs, ...) are copied into the new folder first.
+    """
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if path.exists() and carry_over is not None:
+            for f in path.iterdir():
+                if not (tmp / f.name).exists() and carry_over(f.name):
+                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmkit.infer.cli_args import add_model_args, add_sampling_args, load_model_and_tokenizer, sampling_kwargs
+from llmkit.cli._args import add_model_args, add_sampling_args, load_model_and_tokenizer, sampling_kwargs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,10 +43,7 @@ class ChatSession:
 
         room = self.model.config.block_size - self.sampling["max_new_tokens"]
         while True:
-            text = self.tokenizer.apply_chat_template(
-                self.messages, add_generation_prompt=True, chat_template=self.template
-            )
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            ids = self.tokenizer.encode_chat(self.messages, add_generation_prompt=True, chat_template=self.template)
             first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
             if len(ids) <= room:
                 return ids

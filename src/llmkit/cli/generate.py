@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmkit.infer.cli_args import add_model_args, add_sampling_args, load_model_and_tokenizer, sampling_kwargs
+from llmkit.cli._args import add_model_args, add_sampling_args, load_model_and_tokenizer, sampling_kwargs
 
 
 def register(sub: argparse._SubParsersAction) -> None:

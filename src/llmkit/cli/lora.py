@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from llmkit.model.lora import merge_adapter
+    from llmkit.model.adapters import merge_adapter
 
     merge_adapter(args.model, args.adapter, args.out)
     print(f"merged {args.adapter} into {args.model}: {args.out}")

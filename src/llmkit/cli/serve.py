@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+LIMIT_FLAGS = (
+    "max_body_bytes",
+    "header_timeout",
+    "body_timeout",
+    "keep_alive_timeout",
+    "max_connections",
+    "graceful_timeout",
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -20,10 +29,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-model", default=None, help="encoder folder for /v1/embeddings")
     p.add_argument("--embedding-model-name", default=None, help="id of the embedding model (default: folder name)")
     p.add_argument("--max-batch-size", type=int, default=8, help="max concurrent sequences in the running batch")
-    p.add_argument("--max-queue", type=int, default=64, help="max queued requests before answering 429")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="max waiting sequences (prompts x n): 429 beyond, 400 if one request needs more",
+    )
     p.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=None, help="max tokens one request may generate")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is cut off")
+    lim = p.add_argument_group("limits", "defaults in docs/serving.md, 'Limits and security'")
+    lim.add_argument("--max-body-bytes", type=int, help="largest request body; a bigger one gets 413 (default 4 MiB)")
+    lim.add_argument("--header-timeout", type=float, help="seconds a client has to send its request headers")
+    lim.add_argument("--body-timeout", type=float, help="seconds a client has to send the request body, else 408")
+    lim.add_argument("--keep-alive-timeout", type=float, help="seconds an idle keep-alive connection stays open")
+    lim.add_argument("--max-connections", type=int, help="open connections + running requests before 503")
+    lim.add_argument(
+        "--graceful-timeout", type=float, help="seconds SIGTERM waits for in-flight requests; then they get a 503"
+    )
+    lim.add_argument(
+        "--enable-docs", action="store_true", help="serve /openapi.json, /docs and /redoc (off by default)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter folder under model name NAME (repeatable; one shared batch)")
@@ -34,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from llmkit.errors import ConfigError
     from llmkit.serve import load_state, serve
+    from llmkit.serve.state import ServerLimits
+
+    given = {k: getattr(args, k) for k in LIMIT_FLAGS if getattr(args, k) is not None}
 
     lora = {}
     for spec in args.lora:
@@ -54,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         device=args.device,
         lora=lora,
+        limits=ServerLimits(enable_docs=args.enable_docs, **given),
     )
     print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
     serve(state, host=args.host, port=args.port, log_level=args.log_level)

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from llmkit.data.clean import NORMALIZATIONS, clean_text
-from llmkit.data.dedup import Deduplicator, exact_hash, minhash_signature
-from llmkit.data.sources import DOC_BOUNDARIES, Document, expand_inputs, iter_documents
 from llmkit.errors import InputError
 from llmkit.fsutil import replace_dir, sha256_file
+from llmkit.text.clean import NORMALIZATIONS, clean_text
+from llmkit.text.dedup import Deduplicator, exact_hash, minhash_signature
+from llmkit.text.sources import DOC_BOUNDARIES, Document, expand_inputs, iter_documents
 from llmkit.tokenizer import Tokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from llmkit.errors import InputError
+from llmkit.tokenizer.chat_template import CHATML_TEMPLATE
 
 IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ignore_index)
 FORMATS = ("chat", "alpaca", "prompt_completion")
@@ -125,13 +126,10 @@ def read_sft_jsonl(path: str | Path) -> Iterator[tuple[list[dict[str, Any]], dic
 
 
 def chat_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, **kw: Any) -> list[int]:
-    """Token ids of a chat rendered with the tokenizer's chat template (ChatML when it has none)."""
-    from llmkit.tokenizer.chat_template import CHATML_TEMPLATE
-
+    """Token ids of a chat rendered with the tokenizer's chat template (ChatML when it has none);
+    message contents are encoded as plain text, so no example can forge a turn (`encode_chat`)."""
     template = tokenizer.chat_template or CHATML_TEMPLATE
-    if hasattr(tokenizer, "encode_chat"):  # message contents encoded as plain text (no forged turns)
-        return tokenizer.encode_chat(messages, add_generation_prompt, chat_template=template, **kw)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt, tokenize=True, chat_template=template, **kw)
+    return tokenizer.encode_chat(messages, add_generation_prompt, chat_template=template, **kw)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -228,8 +226,8 @@ def pack_rows(examples: list[SFTExample], max_seq_len: int) -> list[list[SFTExam
 
 
 def collate_packed(rows: list[list[SFTExample]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Packed batch: examples side by side in a row, positions restarting at 0 for each, and a
-    block-diagonal causal attn_mask [B, 1, T, T] so no token attends across examples."""
+    """Packed batch: examples side by side in a row, positions restarting at 0 for each, and
+    segment_ids [B, T] (k for the row's k-th example, -1 padding): attention stays inside a segment."""
     T = max(sum(len(e.input_ids) - 1 for e in row) for row in rows)
     B = len(rows)
     x = torch.full((B, T), pad_id, dtype=torch.long)
@@ -245,10 +243,7 @@ def collate_packed(rows: list[list[SFTExample]], pad_id: int = 0) -> dict[str, t
             pos[b, c : c + n] = torch.arange(n)
             seg[b, c : c + n] = k
             c += n
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    same = seg[:, :, None] == seg[:, None, :]  # [B, T, T]
-    mask = (same & causal) | torch.eye(T, dtype=torch.bool)  # padding attends to itself only (no NaN)
-    return {"input_ids": x, "targets": y, "position_ids": pos, "attn_mask": mask[:, None]}
+    return {"input_ids": x, "targets": y, "position_ids": pos, "segment_ids": seg}
 
 
 class SFTBatches:

@@ -87,13 +87,24 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator=No
 
     _check_window(len(tokens), block_size)
     ix = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).tolist()
-    # Gather the B windows of T+1 tokens with numpy (one fancy-index into the memmap).
-    rows = np.asarray(tokens[np.add.outer(np.asarray(ix), np.arange(block_size + 1))], dtype=np.int64)
-    xy = torch.from_numpy(rows)  # [B, T+1]
-    x, y = xy[:, :-1], xy[:, 1:]
+    x, y = windows(tokens, ix, block_size)
     if device is not None and str(device) != "cpu":
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.contiguous(), y.contiguous()
+
+
+def windows(tokens: np.ndarray, starts: list[int], block_size: int):
+    """Inputs tokens[i : i+T] and next-token targets tokens[i+1 : i+T+1] for each start i: x, y [B, T] int64.
+
+    The one window gather (random batches here and in the trainer's sampler, evaluation windows).
+    """
+    import torch
+
+    # one fancy-index into the memmap gathers the B windows of T+1 tokens
+    idx = np.add.outer(np.asarray(starts, dtype=np.int64), np.arange(block_size + 1))  # [B, T+1]
+    rows = np.asarray(tokens[idx], dtype=np.int64)
+    xy = torch.from_numpy(rows)  # [B, T+1]
+    return xy[:, :-1], xy[:, 1:]
 
 
 class SequentialBatches:

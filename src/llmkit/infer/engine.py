@@ -15,28 +15,28 @@ leave at every step.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import dataclasses
 import itertools
 import threading
-import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from llmkit.errors import InputError, LlmkitError
-from llmkit.infer.detok import IncrementalDetokenizer
-from llmkit.infer.fast_decode import cached_decoder
 from llmkit.infer.generate import eos_token_ids
 from llmkit.infer.paged_cache import PagedKVCache
-from llmkit.infer.sampling import SamplingParams, sample_next
-from llmkit.infer.stopping import StopChecker
+from llmkit.infer.request import _END, GenerationResult, RequestHandle
+from llmkit.infer.sampling import SamplingParams
+from llmkit.infer.sequence import Sequence, TokenEvent, sample_step
+from llmkit.model.layers import check_token_ids
+from llmkit.model.linear import set_decode_packing
+from llmkit.model.lora import adapter_names, route_tokens
+
+__all__ = ["Engine", "EngineClosedError", "GenerationResult", "QueueFullError", "RequestHandle", "TokenEvent"]
 
 PREFILL_PAD = 1.25  # a batched prefill forward may compute at most this many tokens per real one
 
@@ -49,143 +49,13 @@ class EngineClosedError(LlmkitError):
     """The engine is shutting down (or shut down) and accepts no new requests."""
 
 
-@dataclass
-class TokenEvent:
-    """One generated token as it is streamed to the caller.
+class _Sequence(Sequence):
+    """Engine-thread state of one request: its `Sequence` plus the handle and KV-cache id."""
 
-    `text` is the new text this token made visible (UTF-8 safe, stop strings removed; may be "").
-    `logprob` is log p(token) under the model's distribution (after logit bias/penalties);
-    `top_logprobs` lists (token_id, logprob) of the top-N alternatives when `params.logprobs` is set.
-    `finish_reason` is set on the last event: "stop" (EOS, stop token or stop string) or "length".
-    """
-
-    token_id: int
-    text: str
-    logprob: float
-    top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None
-
-
-@dataclass
-class GenerationResult:
-    """Everything a finished request produced (see `RequestHandle.result`)."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    logprobs: list[float]
-
-
-_END = object()  # end-of-stream marker in a handle's queue
-
-
-class RequestHandle:
-    """A submitted request: iterate it (blocking or `async for`) to receive `TokenEvent`s.
-
-    Iteration ends after the event carrying `finish_reason`, or right away after `cancel()`
-    (then `finish_reason` is "cancelled") or an engine abort ("abort"). If the engine failed
-    while running the request, iteration raises that error.
-    """
-
-    def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int], params: SamplingParams):
-        self.engine = engine
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.token_ids: list[int] = []  # generated so far (the stop token included)
-        self.text = ""  # emitted so far
-        self.finish_reason: str | None = None
-        # time.monotonic() stamps, for latency metrics (time to first token, total)
-        self.submitted_at = time.monotonic()
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-        self._lock = threading.Lock()
-        self._queue: deque[Any] = deque()  # events until someone iterates
-        self._ready = threading.Condition(self._lock)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._aqueue: asyncio.Queue | None = None
-        self._done = False
-        self._cancelled = False
-
-    # ---- producer side (engine thread, or cancel()) -----------------------------------------
-    def _push(self, item: Any) -> None:
-        with self._lock:
-            if self._done:
-                return
-            if item is _END or isinstance(item, BaseException):
-                self._done = True
-                self.finished_at = time.monotonic()
-            elif self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            if self._loop is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
-                except RuntimeError:  # the consumer's event loop is closed: nobody is listening
-                    pass
-            else:
-                self._queue.append(item)
-                self._ready.notify_all()
-
-    # ---- consumer side ------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[TokenEvent]:
-        while True:
-            with self._lock:
-                while not self._queue:
-                    self._ready.wait()
-                item = self._queue.popleft()
-            if item is _END or self._cancelled:  # after cancel() nothing more is delivered
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        return self._aiter()
-
-    async def _aiter(self) -> AsyncIterator[TokenEvent]:
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-                self._aqueue = asyncio.Queue()
-                while self._queue:
-                    self._aqueue.put_nowait(self._queue.popleft())
-        while True:
-            item = await self._aqueue.get()
-            if item is _END or self._cancelled:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def result(self) -> GenerationResult:
-        """Block until the request finishes; return its tokens, text and finish reason."""
-        logprobs = [ev.logprob for ev in self]
-        return GenerationResult(self.request_id, list(self.token_ids), self.text, self.finish_reason, logprobs)
-
-    def cancel(self) -> None:
-        """Stop generating (e.g. the client disconnected): iteration ends now, the slot and KV blocks
-        are freed at the engine's next step boundary."""
-        self.engine._cancel(self)
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-
-@dataclass
-class _Sequence:
-    """Engine-thread state of one request."""
-
-    handle: RequestHandle
-    seq_id: int
-    tokens: list[int]  # prompt + generated
-    prompt_len: int
-    generator: torch.Generator | None
-    checker: StopChecker
-    detok: IncrementalDetokenizer | None
-    raw_text: str = ""  # decoded text so far, held-back part included
-    adapter: str | None = None  # LoRA adapter name (None: the base model)
+    def __init__(self, handle: RequestHandle, seq_id: int, eos_token_ids: set[int], tokenizer: Any):
+        super().__init__(handle.prompt_ids, handle.params, eos_token_ids, tokenizer)
+        self.handle, self.seq_id = handle, seq_id
+        self.adapter: str | None = None  # LoRA adapter name (None: the base model)
 
 
 class Engine:
@@ -194,9 +64,8 @@ class Engine:
     `max_batch_size` sequences decode together; up to `max_queue` more wait. `max_seq_len`
     (default: the model's context) bounds prompt + max_new_tokens. The KV pool has `num_blocks`
     blocks of `block_size` tokens (default: enough for a full batch at `max_seq_len`). Prompts
-    longer than `prefill_chunk` tokens are prefilled in chunks. `fast_decode` runs the forwards
-    through `infer/fast_decode.py` (the decode-specialised path `generate` uses) where the model
-    supports it, else through `model.forward`.
+    longer than `prefill_chunk` tokens are prefilled in chunks. `fast_decode` swaps the model's
+    dense Linears for the packed-for-decode kind (`model/linear.py`), as `generate` does.
     """
 
     def __init__(
@@ -224,7 +93,7 @@ class Engine:
         self.max_queue = int(max_queue)
         self.prefill_chunk = int(prefill_chunk)
         self.fast_decode = fast_decode
-        self._fast: Any = None  # the FastDecoder, False when the model has none
+        set_decode_packing(model, fast_decode)
         if self.prefill_chunk < 1 or block_size < 1:
             raise InputError(f"prefill_chunk and block_size must be >= 1, got {prefill_chunk}, {block_size}")
         if num_blocks is None:
@@ -248,8 +117,6 @@ class Engine:
             mask_windows=windows,
         )
         self.eos_token_ids = eos_token_ids(model, tokenizer)
-        from llmkit.model.lora import adapter_names
-
         self.adapters = adapter_names(model)  # LoRA adapters a request may name (multi-LoRA)
 
         self._lock = threading.Lock()  # guards the queue, the running list and the block pool
@@ -333,17 +200,8 @@ class Engine:
             )
         seq_id = next(self._ids)
         handle = RequestHandle(self, request_id or f"req-{seq_id}", ids, params)
-        stop_ids = set(params.stop_token_ids or ())
-        seq = _Sequence(
-            handle=handle,
-            seq_id=seq_id,
-            tokens=list(ids),
-            prompt_len=len(ids),
-            generator=params.make_generator(),
-            checker=StopChecker(params.stop, stop_ids, self.eos_token_ids, params.ignore_eos),
-            detok=IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None,
-            adapter=adapter,
-        )
+        seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer)
+        seq.adapter = adapter
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is shutting down and accepts no new requests")
@@ -411,8 +269,6 @@ class Engine:
         if not self.adapters:
             yield
             return
-        from llmkit.model.lora import route_tokens
-
         index = torch.tensor([self.adapters.index(a) if a is not None else -1 for a in adapters], device=x.device)
         route_tokens(self.model, index[:, None].expand(x.shape), self.adapters)
         try:
@@ -429,10 +285,7 @@ class Engine:
             raise InputError(f"prompt_ids must be a list of ints, got {type(prompt_ids).__name__}") from e
         if not ids:
             raise InputError("prompt_ids is empty: expected at least one token id")
-        V = self.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < V]
-        if bad:
-            raise InputError(f"prompt token id {bad[0]} is out of range: expected 0 <= id < {V}")
+        check_token_ids(ids, self.config.vocab_size, what="prompt token id(s)")
         return ids
 
     def _cancel(self, handle: RequestHandle) -> None:
@@ -526,16 +379,11 @@ class Engine:
         batch = self.cache.batch([s.seq_id for s in seqs], [len(c) for c in chunks])
         T = max(len(c) for c in chunks)
         x = torch.tensor([c + [c[-1]] * (T - len(c)) for c in chunks], dtype=torch.long, device=self.device)
-        if self._fast is None and self.fast_decode:  # built once: weights are frozen while serving
-            self._fast = cached_decoder(self.model) or False
-        if self._fast:  # same math, fewer ops and pre-packed weights (infer/fast_decode.py)
-            logits = self._fast(x, batch.position_ids, batch, batch.attn_masks)
-        else:
-            with self._routed([s.adapter for s in seqs], x):
-                logits = self.model(
-                    x, position_ids=batch.position_ids, kv_cache=batch, attn_mask=batch.attn_masks,
-                    num_logits_to_keep=1,
-                )[:, -1]
+        meta = batch.meta
+        with self._routed([s.adapter for s in seqs], x):
+            logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
+                                num_logits_to_keep=1)
+        logits = logits[:, -1]
         batch.commit()
         return logits.float()  # [B, V]
 
@@ -586,55 +434,19 @@ class Engine:
         self._sample_and_emit(seqs, logits)
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        out = sample_next(
-            logits,
-            [s.handle.params for s in seqs],
-            [s.tokens for s in seqs],
-            [s.generator for s in seqs],
-            prompt_lens=[s.prompt_len for s in seqs],
-        )
-        token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist()
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        for b, seq in enumerate(seqs):
-            n_top = seq.handle.params.logprobs
-            top = list(zip(top_ids[b][:n_top], top_lps[b][:n_top])) if n_top and top_ids is not None else None
-            self._emit(seq, token_ids[b], logprobs[b], top)
-
-    def _emit(self, seq: _Sequence, token: int, logprob: float, top: list | None) -> None:
-        """Append a sampled token, work out its text and whether the sequence is finished, stream it."""
-        handle = seq.handle
-        seq.tokens.append(token)
-        handle.token_ids.append(token)
-        self.counters["tokens_generated"] += 1
-        finish = seq.checker.check_token(token)  # stop token / EOS: its text is not shown
-        text = ""
-        stop_string_hit = False
-        if finish is None and seq.detok is not None:
-            stop_string_hit, text = self._text_step(seq, seq.detok.add(token))
-            finish = "stop" if stop_string_hit else None
-        if finish is None and len(seq.tokens) - seq.prompt_len >= handle.params.max_new_tokens:
-            finish = "length"
-        if finish is not None and not stop_string_hit and seq.detok is not None:
-            # release what the detokenizer and the stop checker were still holding back
-            hit, more = self._text_step(seq, seq.detok.flush())
-            text += more if hit else more + seq.checker.flush(seq.raw_text)
-        if handle._cancelled:
-            return
-        handle.text += text
-        if finish is not None:
-            handle.finish_reason = finish  # before the event, so a late cancel() is a no-op
-        handle._push(TokenEvent(token, text, logprob, top, finish))
-        if finish is not None:
-            self._finish(seq, finish)
-
-    @staticmethod
-    def _text_step(seq: _Sequence, delta: str) -> tuple[bool, str]:
-        """Run a detokenized delta through the stop-string checker: (stop string hit, text to show)."""
-        hit, emit = seq.checker.check_text(seq.raw_text, delta)
-        seq.raw_text += delta
-        return hit, emit
+        """One shared decode step (`sample_step`), then stream each row's event to its handle."""
+        for seq, event in zip(seqs, sample_step(logits, seqs)):
+            handle = seq.handle
+            handle.token_ids.append(event.token_id)
+            self.counters["tokens_generated"] += 1
+            if handle._cancelled:
+                continue
+            handle.text += event.text
+            if event.finish_reason is not None:
+                handle.finish_reason = event.finish_reason  # before the event, so a late cancel() is a no-op
+            handle._push(event)
+            if event.finish_reason is not None:
+                self._finish(seq, event.finish_reason)
 
 
 # An engine thread killed mid-OpenMP at interpreter exit aborts the process ("terminate called

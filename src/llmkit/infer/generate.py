@@ -18,24 +18,14 @@ import torch
 from torch import Tensor
 
 from llmkit.errors import InputError
-from llmkit.infer import fast_decode
-from llmkit.infer.detok import IncrementalDetokenizer
 from llmkit.infer.kv_cache import StaticKVCache
-from llmkit.infer.sampling import SamplingParams, sample_next
-from llmkit.infer.stopping import StopChecker
-from llmkit.model.masks import build_attn_mask
+from llmkit.infer.sampling import SamplingParams
+from llmkit.infer.sequence import Sequence, TokenEvent, sample_step
+from llmkit.model.attention import AttnMeta
+from llmkit.model.layers import check_token_ids
+from llmkit.model.linear import set_decode_packing
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
-
-
-@dataclass
-class StepOutput:
-    """One decode step for the whole batch: the token of each row (None once a row has finished)."""
-
-    token_ids: list[int | None]
-    logprobs: list[float | None]
-    finish_reasons: list[str | None]  # "stop" | "length" on the step a row finishes
-    top_logprobs: list[list[tuple[int, float]] | None] | None = None  # rows' top-N (id, logprob)
 
 
 @dataclass
@@ -84,9 +74,7 @@ def _check_prompts(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise InputError(f"prompt {i} is empty: expected at least one token id")
-        bad = [t for t in p if not isinstance(t, int) or not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise InputError(f"prompt {i} has token id(s) {bad[:5]} outside [0, {cfg.vocab_size})")
+        check_token_ids(p, cfg.vocab_size, what=f"prompt {i} has token id(s)")
         if len(p) + max_new_tokens > cfg.block_size:
             raise InputError(
                 f"prompt {i} has {len(p)} tokens and max_new_tokens={max_new_tokens}: together more than "
@@ -96,9 +84,10 @@ def _check_prompts(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
 
 
 class Generator:
-    """Step-by-step batched generation for one batch of prompts (the loop behind `generate`).
+    """Step-by-step batched generation for one batch of prompts over a static KV cache.
 
-    Iterating yields one `StepOutput` per decode step until every row has finished.
+    Iterating yields, per decode step, one `TokenEvent` per row (None once a row has finished).
+    Token -> text and stop handling is the `Sequence`'s, shared with the `Engine`.
     """
 
     def __init__(
@@ -109,92 +98,58 @@ class Generator:
         eos_ids: set[int],
         use_cache: bool = True,
         fast: bool = True,
+        tokenizer: Any = None,
     ):
-        self.model, self.params, self.use_cache = model, params, use_cache
+        self.model = model
         self.B = B = len(prompts)
         self.max_new = max(p.max_new_tokens for p in params)
         _check_prompts(model, prompts, self.max_new)
         self.device = next(model.parameters()).device
-        self.prompt_lens = [len(p) for p in prompts]
-        L = max(self.prompt_lens)
-        self.L = L
-        pad = 0
-        ids = torch.full((B, L), pad, dtype=torch.long)
-        mask = torch.zeros((B, L + self.max_new), dtype=torch.long)
+        self.L = L = max(len(p) for p in prompts)
+        ids = torch.full((B, L), 0, dtype=torch.long)
+        mask = torch.ones((B, L + self.max_new), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, L - len(p) :] = torch.tensor(p)
-            mask[i, L - len(p) :] = 1  # generated positions are real tokens too
-        self.padded = any(n != L for n in self.prompt_lens)
+            mask[i, : L - len(p)] = 0  # left padding; generated positions are real tokens
         self.input_ids = ids.to(self.device)  # [B, L]
-        self.mask = mask.to(self.device)  # [B, L + max_new]
-        # position of each prompt's first real token is 0
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # [B, L + max_new]
-        self.history = [list(p) for p in prompts]
-        self.generators = [p.make_generator(self.device) for p in params]
-        self.checkers = [StopChecker(None, set(p.stop_token_ids or ()), eos_ids, p.ignore_eos) for p in params]
-        self.finished = [False] * B
-        self.n_generated = 0
         self.cache = StaticKVCache.for_model(model, B, L + self.max_new) if use_cache else None
-        self.fast = fast_decode.cached_decoder(model) if (fast and use_cache) else None
-        self.windows = {b.attn.window for b in model.blocks} if self.fast is not None else set()
+        padded = any(len(p) != L for p in prompts)
+        self.key_mask = mask.to(self.device) if padded else None  # [B, L + max_new]
+        if self.cache is not None and padded:
+            self.cache.set_padding(self.key_mask)
+        self.seqs = [Sequence(p, sp, eos_ids, tokenizer, self.device) for p, sp in zip(prompts, params)]
+        if fast and use_cache:  # the packed-for-decode Linear kind (model/linear.py)
+            set_decode_packing(model, True)
+        elif not fast:
+            set_decode_packing(model, False)
 
-    def _forward(self, ids: Tensor, start: int) -> Tensor:
-        """Logits [B, V] of the last position for tokens ids [B, T] that sit at columns start..start+T."""
+    def _forward(self, ids: Tensor) -> Tensor:
+        """Logits [B, V] of the last position after running ids [B, T] (appended to the cache, or the
+        whole sequence so far when there is no cache)."""
         T = ids.shape[1]
-        end = start + T
-        if self.fast is not None:
-            masks = {}
-            for w in self.windows:  # None = plain causal attention is exact
-                exact = not self.padded and (w is None or end <= w) and (T == 1 or T == end)
-                m2d = self.mask[:, :end] if self.padded else None
-                masks[w] = None if exact else build_attn_mask(m2d, T, end, w, self.device, self.B)
-            return self.fast(ids, self.positions[:, start:end], self.cache, masks).float()
-        kw: dict[str, Any] = {"position_ids": self.positions[:, start:end], "num_logits_to_keep": 1}
-        if self.padded:
-            kw["attention_mask"] = self.mask[:, :end]
         if self.cache is not None:
-            kw["kv_cache"] = self.cache
-        return self.model(ids, **kw)[:, -1].float()
+            meta = self.cache.attn_meta(T)
+        else:  # recompute the whole sequence (reference path for tests)
+            km = self.key_mask[:, :T] if self.key_mask is not None else None
+            pos = (km.cumsum(-1) - 1).clamp(min=0) if km is not None else torch.arange(T, device=self.device)[None]
+            meta = AttnMeta(pos.expand(self.B, T), T, key_mask=km)
+        kw = {"position_ids": meta.position_ids, "attn_meta": meta, "num_logits_to_keep": 1}
+        return self.model(ids, kv_cache=self.cache, **kw)[:, -1].float()
 
     @torch.inference_mode()
-    def __iter__(self) -> Iterator[StepOutput]:
-        logits = self._forward(self.input_ids, 0)  # prefill: the whole prompt in one pass
+    def __iter__(self) -> Iterator[list[TokenEvent | None]]:
+        logits = self._forward(self.input_ids)  # prefill: the whole prompt in one pass
         seq = self.input_ids
-        for step in range(self.max_new):
-            out = sample_next(logits, self.params, self.history, self.generators, self.prompt_lens)
-            tokens = out.token_ids.tolist()
-            lps = out.logprobs.tolist()
-            res = StepOutput([None] * self.B, [None] * self.B, [None] * self.B)
-            if out.top_ids is not None:
-                ids_, lps_ = out.top_ids.tolist(), out.top_logprobs.tolist()
-                res.top_logprobs = [
-                    list(zip(ids_[i], lps_[i]))[: self.params[i].logprobs or 0] or None for i in range(self.B)
-                ]
-            for i, t in enumerate(tokens):
-                if self.finished[i]:
-                    continue
-                self.history[i].append(t)
-                res.token_ids[i], res.logprobs[i] = t, lps[i]
-                reason = self.checkers[i].check_token(t)
-                if reason is None and step + 1 >= self.params[i].max_new_tokens:
-                    reason = "length"
-                if reason is not None:
-                    self.finished[i] = True
-                    res.finish_reasons[i] = reason
-            self.n_generated = step + 1
-            yield res
-            if all(self.finished):
+        for _ in range(self.max_new):
+            active = [s.finish_reason is None for s in self.seqs]
+            events = sample_step(logits, self.seqs, active)
+            yield events
+            if all(s.finish_reason is not None for s in self.seqs):
                 return
-            nxt = out.token_ids.to(self.device)[:, None]  # [B, 1]
-            if self.cache is not None:
-                logits = self._forward(nxt, self.L + step)
-            else:  # recompute the whole sequence (reference path for tests)
+            nxt = torch.tensor([[s.tokens[-1]] for s in self.seqs], device=self.device)  # [B, 1]
+            if self.cache is None:
                 seq = torch.cat([seq, nxt], dim=1)
-                logits = self._forward(seq, 0)
-
-    def finish(self, i: int) -> None:
-        """Stop row i early (e.g. a stop string matched); its slot keeps running but is ignored."""
-        self.finished[i] = True
+            logits = self._forward(nxt if self.cache is not None else seq)
 
 
 def _as_batch(prompt_ids: list[int] | list[list[int]] | Tensor) -> tuple[list[list[int]], bool]:
@@ -246,13 +201,13 @@ def generate(
     eos = set(eos_token_ids) if eos_token_ids is not None else _eos_from(model)
     gen = Generator(model, prompts, plist, eos, use_cache=use_cache, fast=fast)
     rows = [Generation([], [], [] if p.logprobs else None) for p in plist]
-    for step in gen:
-        for i, t in enumerate(step.token_ids):
-            if t is not None:
-                rows[i].token_ids.append(t)
-                rows[i].logprobs.append(step.logprobs[i])
-                if rows[i].top_logprobs is not None:
-                    rows[i].top_logprobs.append(step.top_logprobs[i] if step.top_logprobs else [])
+    for events in gen:
+        for row, ev in zip(rows, events):
+            if ev is not None:
+                row.token_ids.append(ev.token_id)
+                row.logprobs.append(ev.logprob)
+                if row.top_logprobs is not None:
+                    row.top_logprobs.append(ev.top_logprobs or [])
     outs = rows if return_logprobs else [r.token_ids for r in rows]
     return outs if batched else outs[0]
 
@@ -293,28 +248,14 @@ def stream_text(
     else:
         prompt_ids = list(prompt)
     p = make_params(params, max_new_tokens=max_new_tokens, **sampling).validate(model.config.vocab_size)
-    gen = Generator(model, [prompt_ids], [p], eos_token_ids(model, tokenizer))
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids)
-    stopper = StopChecker(p.stop)
-    text = ""
-    for step in gen:
-        t, reason = step.token_ids[0], step.finish_reasons[0]
-        if t is None:
-            break
-        delta = "" if reason == "stop" else detok.add(t)
-        if reason is not None:
-            delta += detok.flush()
-        done, emit = stopper.check_text(text, delta)
-        text += delta
-        if emit:
-            yield emit
-        if done:
+    gen = Generator(model, [prompt_ids], [p], eos_token_ids(model, tokenizer), tokenizer=tokenizer)
+    for (event,) in gen:
+        if event is None:
             return
-        if reason is not None:
-            break
-    tail = stopper.flush(text)
-    if tail:
-        yield tail
+        if event.text:
+            yield event.text
+        if event.finish_reason is not None:
+            return
 
 
 def generate_text(model: torch.nn.Module, tokenizer: Any, prompt: str | list[int], **kw: Any) -> str:

@@ -3,7 +3,8 @@
 Every layer gets two buffers of fixed shape [B, Hkv, max_len, D] allocated once; each forward
 writes its new keys/values in place at the current length and attends over the prefix.
 Grouped-query and multi-query attention just mean Hkv < H; sliding-window models keep all keys
-and get the window from the attention mask (`model/masks.py`), which is exact.
+and get the window from the attention mask (`AttnMeta.mask`), which is exact. `attn_meta(T)` is
+the metadata of the next forward of T tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 
 from llmkit.errors import InputError
+from llmkit.model.attention import AttnMeta
 
 
 class StaticKVCache:
@@ -37,6 +39,9 @@ class StaticKVCache:
         self.n_layer = n_layer
         self.max_len = max_len
         self.length = 0  # tokens stored so far (per row, including left padding)
+        self.key_mask: Tensor | None = None  # [B, max_len] 0 = left padding (None: no padding)
+        self.positions: Tensor | None = None  # [B, max_len] position of each column (None: the column)
+        self.prefix = 0  # leading columns a prompt-tuned model fills itself (its virtual tokens)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> StaticKVCache:
@@ -44,8 +49,10 @@ class StaticKVCache:
         prompt-tuned model gets room for its virtual tokens too."""
         cfg = model.config
         w = next(model.parameters())
-        max_len += getattr(model, "num_virtual_tokens", 0)
-        return cls(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len, w.dtype, w.device)
+        prefix = getattr(model, "num_virtual_tokens", 0)
+        cache = cls(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len + prefix, w.dtype, w.device)
+        cache.prefix = prefix
+        return cache
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, Hkv, T, D] at the current length; return all keys/values [B, Hkv, S, D]."""
@@ -61,6 +68,23 @@ class StaticKVCache:
         if layer_idx == self.n_layer - 1:
             self.length = end
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+    def set_padding(self, key_mask: Tensor) -> None:
+        """Rows are left-padded: `key_mask` [B, max_len] marks real columns; positions start at 0 at
+        each row's first real token, so a row's output does not depend on its batch. A prompt-tuned
+        model's virtual-token columns are prepended as real tokens."""
+        if self.prefix:
+            key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], self.prefix), key_mask], 1)
+        self.key_mask = key_mask
+        self.positions = (key_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def attn_meta(self, T: int) -> AttnMeta:
+        """Metadata of a forward that appends T tokens to every row."""
+        start, end = self.length, self.length + T
+        device = self.k[0].device
+        if self.positions is None:
+            return AttnMeta(torch.arange(start, end, device=device).expand(self.k[0].shape[0], T), end)
+        return AttnMeta(self.positions[:, start:end], end, key_mask=self.key_mask[:, :end])
 
     def get_seq_length(self) -> int:
         return self.length

@@ -8,7 +8,7 @@ Kwon et al. 2023).
 
 `PagedKVCache.batch(...)` returns a `PagedBatch`, the object passed to the model as ``kv_cache``:
 it implements the model's hook ``update(layer_idx, k, v) -> (k_all, v_all)`` for a batch of
-sequences with different cached lengths and carries the matching ``position_ids`` and ``attn_mask``.
+sequences with different cached lengths and carries the matching `AttnMeta` (``meta``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import math
 import torch
 
 from llmkit.errors import InputError
+from llmkit.model.attention import AttnMeta
 
 
 class OutOfBlocksError(InputError):
@@ -71,7 +72,7 @@ class PagedKVCache:
     ):
         if block_size < 1:
             raise InputError(f"block_size must be >= 1, got {block_size}")
-        self.block_size = block_size
+        self.block_size = block_size  # tokens per KV page (not the model's context length)
         self.sliding_window = sliding_window  # blocks out of this window are freed
         # the attention windows masks are built for (models that mix sliding-window and full-attention
         # layers keep every block: sliding_window=None, mask_windows={None, w})
@@ -160,8 +161,8 @@ class PagedBatch:
     """The model's kv-cache hook for one forward over a batch of paged sequences.
 
     Row ``b`` holds ``q_lens[b]`` new tokens (right-padded to T = max(q_lens)) appended after the
-    ``start[b]`` tokens already cached. Pass ``position_ids`` and ``attn_mask`` from this object to
-    the model together with it, then call `commit()` once the forward has run.
+    ``start[b]`` tokens already cached. Pass ``meta`` (its `AttnMeta`) to the model together with
+    it, then call `commit()` once the forward has run.
     """
 
     def __init__(self, cache: PagedKVCache, seq_ids: list[int], q_lens: list[int]):
@@ -218,22 +219,21 @@ class PagedBatch:
             last = as_long([q - 1 for q in q_lens])[:, None]
             self.position_ids = start_t + torch.minimum(torch.arange(T, device=device)[None, :], last)
 
-        # mask [B, 1, T, S]: causal over each row's own keys (a padded row's queries never reach past
-        # its last real key), optionally a sliding window. None when that is plain causal attention
-        # over all S keys for every row, which the model then does without a mask.
-        uniform = all(tot == S for tot in totals) and self._all_real and T in (1, S)
-        self.attn_masks: dict[int | None, torch.Tensor | None] = {}  # per attention window
-        for w in cache.mask_windows:
-            if uniform and w is None:
-                self.attn_masks[w] = None
-                continue
-            k_idx = torch.arange(S, device=device)[None, None, :]  # [1, 1, S]
-            q_pos = self.position_ids[:, :, None]  # [B, T, 1]
-            mask = k_idx <= q_pos
-            if w is not None:
-                mask &= k_idx > q_pos - w
-            self.attn_masks[w] = mask[:, None]  # [B, 1, T, S]
-        self.attn_mask = self.attn_masks[cache.sliding_window] if len(self.attn_masks) == 1 else None
+        # key columns are positions: a query sees the row's keys up to its own position (a padded
+        # row's queries never reach past its last real key); plain causal when all rows are alike
+        uniform = all(tot == S for tot in totals) and self._all_real
+        self.meta = AttnMeta(self.position_ids, S, q_cols=None if uniform else self.position_ids)
+        self.mask_windows = cache.mask_windows
+
+    @property
+    def attn_masks(self) -> dict[int | None, torch.Tensor | None]:
+        """Mask per attention window (None = plain causal attention is exact)."""
+        return {w: self.meta.mask(w) for w in self.mask_windows}
+
+    @property
+    def attn_mask(self) -> torch.Tensor:
+        """The explicit [B, 1, T, S] mask of the cache's window."""
+        return self.meta.mask(self.cache.sliding_window, explicit=True)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values ([B, Hkv, T, D]) and return all keys/values ([B, Hkv, S, D])."""

@@ -15,10 +15,22 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from llmkit.errors import CheckpointError
-from llmkit.model.lora import LoRAConfig, LoRALinear, lora_modules, projection_sites, set_active_adapter
+from llmkit.errors import CheckpointError, LlmkitError
+from llmkit.fsutil import write_dir
+from llmkit.model.hf import load_model
+from llmkit.model.lora import (
+    LoRAConfig,
+    LoRALinear,
+    lora_modules,
+    merge_lora,
+    projection_sites,
+    set_active_adapter,
+)
 from llmkit.model.prompt_tuning import PromptTuningModel
+from llmkit.tokenizer import load_tokenizer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -46,16 +58,12 @@ def _module_map(model: nn.Module) -> dict[str, tuple[str, str]]:
 
 
 def _atomic_write(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    from llmkit.model.hf import _atomic_dir_write
-
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_NAME,
                   metadata={"format": "pt"})
 
-    _atomic_dir_write(Path(out), write)
+    write_dir(Path(out), write, carry_over=lambda name: name not in (CONFIG_NAME, WEIGHTS_NAME))
 
 
 # ---------------------------------------------------------------------------- LoRA
@@ -209,9 +217,6 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{p / CONFIG_NAME} is not valid JSON: {e}") from None
     if (p / WEIGHTS_NAME).is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             sd = load_file(p / WEIGHTS_NAME)
         except (SafetensorError, OSError) as e:
@@ -239,3 +244,15 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default") -> n
         return model
     return load_prompt_tuning(model, path)
 
+
+def merge_adapter(base: str, adapter: str, out: str) -> nn.Module:
+    """Load `base` with LoRA folder `adapter`, merge, and write a plain model folder (tokenizer included)."""
+    if adapter_type(adapter) != "LORA":
+        raise CheckpointError(f"{adapter} is not a LoRA adapter; only LoRA folds into the weights")
+    model = merge_lora(load_model(base, adapter=adapter))
+    model.save_pretrained(out)
+    try:
+        load_tokenizer(base).save(out)
+    except LlmkitError:  # a base folder without tokenizer files still merges
+        pass
+    return model

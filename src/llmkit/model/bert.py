@@ -7,8 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import InputError
+from llmkit.model import hf
 from llmkit.model.config import ModelConfig
-from llmkit.model.transformer import ACTIVATIONS, check_token_ids
+from llmkit.model.layers import ACTIVATIONS, check_token_ids
 
 
 class BertLayer(nn.Module):
@@ -97,6 +98,7 @@ class BertModel(nn.Module):
         return torch.tanh(self.pooler(hidden[:, 0]))
 
     def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
-        from llmkit.model.hf import save_pretrained
+        hf.save_pretrained(self, path, max_shard_size=max_shard_size)
 
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+hf.MODEL_CLASSES["encoder"] = BertModel

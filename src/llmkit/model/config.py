@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.errors import ConfigError
+from llmkit.model.presets import PRESETS
 
 DECODER_FAMILIES = ("llmkit", "gpt2", "llama", "qwen2", "mistral", "mixtral")
 FAMILIES = DECODER_FAMILIES + ("bert",)
@@ -113,8 +114,6 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        from llmkit.model.presets import PRESETS
-
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
         return cls.from_dict({**PRESETS[name], **overrides})

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.errors import InputError
+from llmkit.model.hf import load_model
+from llmkit.tokenizer import load_tokenizer
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,9 +33,6 @@ def embed(model_or_path, texts: list[str], tokenizer=None, batch_size: int = 32,
 
     `model_or_path` is a model folder (loaded with its tokenizer) or a loaded encoder plus `tokenizer`.
     """
-    from llmkit.model.hf import load_model
-    from llmkit.tokenizer import load_tokenizer
-
     if isinstance(texts, str):
         texts = [texts]
     if not texts:

@@ -161,8 +161,6 @@ def projection_sites(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
 
     GPT-2's checkpoints keep q/k/v fused too (c_attn), so there the fused projection is one part.
     """
-    from llmkit.model.transformer import MLP
-
     cfg = model.config
     nh, nkv, hd, inter = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.intermediate_size
     sites: dict[str, list[tuple[str, int]]] = {}
@@ -173,7 +171,7 @@ def projection_sites(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
         else:
             sites[b + "attn.qkv"] = [("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)]
         sites[b + "attn.proj"] = [("o", cfg.n_embd)]
-        if isinstance(blk.mlp, MLP):
+        if hasattr(blk.mlp, "fc"):  # a dense MLP (MoE experts are not Linear modules)
             sites[b + "mlp.fc"] = [("gate", inter), ("up", inter)] if blk.mlp.swiglu else [("up", inter)]
             sites[b + "mlp.proj"] = [("down", cfg.n_embd)]
     return sites
@@ -246,22 +244,3 @@ def lora_parameters(model: nn.Module, name: str = "default") -> dict[str, nn.Par
     """The adapter's parameters by module name: {'blocks.0.attn.qkv.adapters.default.lora_A.q': ...}."""
     return {n: p for n, p in model.named_parameters() if f".adapters.{name}." in n}
 
-
-def merge_adapter(base: str, adapter: str, out: str) -> nn.Module:
-    """Load `base` with LoRA folder `adapter`, merge, and write a plain model folder (tokenizer included)."""
-    from llmkit.errors import CheckpointError
-    from llmkit.model.adapters import adapter_type
-    from llmkit.model.hf import load_model
-
-    if adapter_type(adapter) != "LORA":
-        raise CheckpointError(f"{adapter} is not a LoRA adapter; only LoRA folds into the weights")
-    model = merge_lora(load_model(base, adapter=adapter))
-    model.save_pretrained(out)
-    from llmkit.errors import LlmkitError
-    from llmkit.tokenizer import load_tokenizer
-
-    try:
-        load_tokenizer(base).save(out)
-    except LlmkitError:  # a base folder without tokenizer files still merges
-        pass
-    return model

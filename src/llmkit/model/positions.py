@@ -41,16 +41,18 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape [B, 1, T, head_dim] for positions [B, T] (rotate-half layout)."""
+    """cos and signed sin [-sin, sin], each [B, 1, T, head_dim], for positions [B, T] (halves layout)."""
     freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].to(position_ids.device)  # [B,T,D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B,1,T,D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), -1)[:, None].to(dtype), torch.cat((-sin, sin), -1)[:, None].to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, H, T, D] by the angles in cos/sin (halves layout, as Hugging Face stores weights)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, T, D] by the angles in cos/sin (halves layout, as Hugging Face stores weights).
+
+    x * cos + rotate_half(x) * sin, where rotate_half(x) * sin == roll(x, D/2) * [-sin, sin].
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 # ---------------------------------------------------------------- ALiBi (Press et al., 2022)

@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import InputError
+from llmkit.model.attention import AttnMeta
+from llmkit.model.layers import check_token_ids
 
 
 class PromptEmbedding(nn.Module):
@@ -81,35 +83,31 @@ class PromptTuningModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, T]
-        attention_mask: torch.Tensor | None = None,  # [B, S]
+        attention_mask: torch.Tensor | None = None,  # [B, T] (no cache: the caller's columns only)
         position_ids: torch.Tensor | None = None,  # [B, T], counted without the virtual tokens
         kv_cache=None,
-        attn_mask=None,
         num_logits_to_keep: int = 0,
+        attn_meta: AttnMeta | None = None,  # the caller's view (without the virtual tokens)
     ) -> torch.Tensor:
-        if attn_mask is not None:
-            raise InputError("a prompt-tuned model builds its own attention mask; attn_mask is not supported")
-        from llmkit.model.transformer import check_token_ids
-
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be 2-D [batch, seq], got shape {tuple(input_ids.shape)}")
-        check_token_ids(input_ids, self.config.vocab_size)
+        check_token_ids(input_ids, self.config.vocab_size)  # ids >= vocab_size are ours alone
         B, T = input_ids.shape
         N = self.num_virtual_tokens
         first = kv_cache is None or kv_cache.get_seq_length() == 0
-        if position_ids is not None:
-            position_ids = position_ids + N
         if first:
             virtual = torch.arange(self.config.vocab_size, self.config.vocab_size + N, device=input_ids.device)
             input_ids = torch.cat([virtual.expand(B, N), input_ids], 1)
-            if position_ids is not None:
-                position_ids = torch.cat([torch.arange(N, device=input_ids.device).expand(B, N), position_ids], 1)
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], 1)
-        check, self.model.check_inputs = self.model.check_inputs, False
-        try:
-            logits = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                kv_cache=kv_cache, num_logits_to_keep=num_logits_to_keep)
-        finally:
-            self.model.check_inputs = check
+        if kv_cache is not None and hasattr(kv_cache, "attn_meta"):  # the cache counts our columns too
+            meta = kv_cache.attn_meta(input_ids.shape[1])
+        else:  # one plain forward: the virtual tokens at positions 0..N-1, the caller's after them
+            if attn_meta is not None:
+                position_ids, attention_mask = attn_meta.position_ids, attn_meta.key_mask
+            if position_ids is None:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            pos = torch.cat([torch.arange(N, device=input_ids.device).expand(B, N), position_ids + N], 1)
+            mask = None if attention_mask is None else torch.cat([attention_mask.new_ones(B, N), attention_mask], 1)
+            meta = AttnMeta(pos, N + T, key_mask=mask)
+        logits = self.model(input_ids, position_ids=meta.position_ids, kv_cache=kv_cache, attn_meta=meta,
+                            num_logits_to_keep=num_logits_to_keep)
         return logits[:, N:] if first and not num_logits_to_keep else logits

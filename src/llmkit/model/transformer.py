@@ -15,46 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import InputError
+from llmkit.model import hf
+from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
-from llmkit.model.masks import build_attn_mask
+from llmkit.model.layers import ACTIVATIONS, check_token_ids, make_norm
 from llmkit.model.positions import alibi_bias, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
-
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (Zhang & Sennrich, 2019)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused kernel
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Raise InputError unless every id is in [0, vocab_size) (before any embedding lookup sees it)."""
-    if input_ids.numel():
-        lo, hi = torch.aminmax(input_ids)
-        if int(lo) < 0 or int(hi) >= vocab_size:
-            raise InputError(f"token ids must be in [0, {vocab_size}), got min {int(lo)}, max {int(hi)}")
-
-
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.n_embd, cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, cfg.norm_eps, bias=cfg.norm_bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,18 +37,17 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, T, C]
-        cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None,  # [B, 1, T, hd] each
         mask: torch.Tensor | None,  # [B, 1, T, S] bool (True = attend) or float (additive), None = causal
         kv_cache: Any = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, T, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
-        k = k.view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        qkv = self.qkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # [B, nh + 2 nkv, T, hd]
+        qk, v = qkv.split([nh + nkv, nkv], dim=1)
         if cos_sin is not None:
-            q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+            qk = apply_rope(qk, *cos_sin)  # q and k heads rotated together
+        q, k = qk.split([nh, nkv], dim=1)  # [B, nh, T, hd], [B, nkv, T, hd]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, nkv, S, hd]
         y = F.scaled_dot_product_attention(
@@ -157,10 +121,14 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.n_expert > 0 else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos_sin, mask, kv_cache=None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), cos_sin, mask, kv_cache))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+        if self.dropout and self.training:
+            x = x + self.drop(self.attn(self.ln_1(x), cos_sin, mask, kv_cache))
+            return x + self.drop(self.mlp(self.ln_2(x)))
+        x = x + self.attn(self.ln_1(x), cos_sin, mask, kv_cache)
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
@@ -232,65 +200,70 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [B, S] 1 = token, 0 = padding (S = past + T)
         position_ids: torch.Tensor | None = None,  # [B, T]
         kv_cache: Any = None,
-        attn_mask: torch.Tensor | dict | None = None,  # [B, 1, T, S] bool (or {window: mask}), overrides the built mask
         num_logits_to_keep: int = 0,  # > 0: only the last positions' logits (generation)
+        attn_meta: AttnMeta | None = None,  # from a cache (generation, engine): positions and masks;
+        # its position_ids are the ones used
     ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, num_logits_to_keep, vocab]).
+
+        A plain call builds its `AttnMeta` from `attention_mask`/`position_ids` and checks its
+        inputs; callers that pass `attn_meta` (the caches) have validated the ids already.
+        """
         cfg = self.config
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be 2-D [batch, seq], got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        if self.check_inputs:
-            check_token_ids(input_ids, cfg.vocab_size)
-        past = kv_cache.get_seq_length() if kv_cache is not None and hasattr(kv_cache, "get_seq_length") else 0
-        S = past + T
-        if position_ids is None:
-            position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
+        meta = attn_meta
+        if meta is None:
+            if self.check_inputs:
+                check_token_ids(input_ids, cfg.vocab_size)
+            past = kv_cache.get_seq_length() if kv_cache is not None and hasattr(kv_cache, "get_seq_length") else 0
+            meta = AttnMeta.for_inputs(input_ids, past, attention_mask, position_ids)
+        positions = meta.position_ids
 
         x = self.wte(input_ids)  # [B, T, C]
         if self.wpe is not None or self.pe is not None:
-            if self.check_inputs and int(position_ids.max()) >= cfg.block_size:
-                raise InputError(f"sequence of {int(position_ids.max()) + 1} positions exceeds the context "
+            if attn_meta is None and self.check_inputs and int(positions.max()) >= cfg.block_size:
+                raise InputError(f"sequence of {int(positions.max()) + 1} positions exceeds the context "
                                  f"length block_size={cfg.block_size} of this model")
-            x = x + (self.wpe(position_ids) if self.wpe is not None else self.pe[position_ids].to(x.dtype))
-        x = self.drop(x)
+            x = x + (self.wpe(positions) if self.wpe is not None else self.pe[positions].to(x.dtype))
+        if self.training and cfg.dropout:
+            x = self.drop(x)
+        cos_sin = self._rope(positions, x.dtype)
 
-        cos_sin = None
-        if self.inv_freq is not None:
-            inv_freq = self.inv_freq
-            if cfg.rope_type == "dynamic":
-                inv_freq = rope_inv_freq(cfg, seq_len=int(position_ids.max()) + 1).to(x.device)
-            cos_sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
-
-        masks = self._masks(attention_mask, attn_mask, B, T, S, x)
+        masks = {w: self._mask(meta, w, x.dtype) for w in self.windows}
         for block in self.blocks:
             x = block(x, cos_sin, masks[block.attn.window], kv_cache)
-        x = self.ln_f(x)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
-        logits = self.lm_head(x)
+        logits = self.lm_head(self.ln_f(x))
         if cfg.n_expert > 0:
             self.aux_loss = self._load_balancing_loss()
         return logits
 
-    def _masks(self, attention_mask, attn_mask, B, T, S, x) -> dict[int | None, torch.Tensor | None]:
-        """One mask per distinct sliding window; None where plain causal attention is exact.
+    @property
+    def windows(self) -> set[int | None]:
+        """The distinct sliding windows of the layers (None = full attention)."""
+        return {blk.attn.window for blk in self.blocks}
 
-        `attn_mask` from the caller wins: one tensor for every layer, or a dict {window: mask}.
-        """
-        out: dict[int | None, torch.Tensor | None] = {}
-        for w in {blk.attn.window for blk in self.blocks}:
-            m = attn_mask.get(w) if isinstance(attn_mask, dict) else attn_mask
-            if m is None:  # a dict's None means plain causal attention is exact
-                plain = attn_mask is not None or (attention_mask is None and (w is None or S <= w) and T in (1, S))
-                if not plain or self.alibi_slopes is not None:  # ALiBi always needs its bias
-                    m = build_attn_mask(attention_mask, T, S, w, device=x.device, batch_size=B)
-            if m is not None and self.alibi_slopes is not None:
-                q_pos = torch.arange(S - T, S, device=x.device)[None]
-                k_pos = torch.arange(S, device=x.device)[None]
-                bias = alibi_bias(self.alibi_slopes, q_pos, k_pos).to(x.dtype)  # [1, H, T, S]
-                m = bias.masked_fill(~m, float("-inf"))
-            out[w] = m
-        return out
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """RoPE cos and signed sin [B, 1, T, hd] (dynamic NTK scaling grows with the sequence)."""
+        if self.inv_freq is None:
+            return None
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            inv_freq = rope_inv_freq(self.config, seq_len=int(positions.max()) + 1).to(positions.device)
+        return rope_cos_sin(inv_freq, positions, dtype)
+
+    def _mask(self, meta: AttnMeta, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The layers' attention mask; ALiBi turns it into its additive bias."""
+        if self.alibi_slopes is None:
+            return meta.mask(window)
+        m = meta.mask(window, explicit=True)
+        S, T = meta.kv_len, meta.q_len
+        q_pos = torch.arange(S - T, S, device=m.device)[None]
+        k_pos = torch.arange(S, device=m.device)[None]
+        bias = alibi_bias(self.alibi_slopes, q_pos, k_pos).to(dtype)  # [1, H, T, S]
+        return bias.masked_fill(~m, float("-inf"))
 
     def _load_balancing_loss(self) -> torch.Tensor:
         """Switch-Transformer auxiliary loss E * sum_e f_e * P_e over all MoE layers (unscaled)."""
@@ -303,12 +276,11 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
         """Write a Hugging Face folder (config.json + safetensors) atomically."""
-        from llmkit.model.hf import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        hf.save_pretrained(self, path, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str | None = None):
-        from llmkit.model.hf import load_model
+        return hf.load_model(path, dtype=dtype, device=device)
 
-        return load_model(path, dtype=dtype, device=device)
+
+hf.MODEL_CLASSES["decoder"] = Transformer

@@ -16,7 +16,8 @@ from llmkit.serve import chat, completions, embeddings, tokenize
 from llmkit.serve.errors import APIError, error_body, install_error_handlers
 from llmkit.serve.state import ServerState
 
-OPEN_PATHS = {"/", "/health", "/metrics", "/docs", "/openapi.json", "/favicon.ico"}
+OPEN_PATHS = {"/", "/health", "/metrics", "/favicon.ico"}
+DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}  # only with --enable-docs
 METRIC_PATHS = {
     "/v1/completions",
     "/v1/chat/completions",
@@ -32,7 +33,8 @@ METRIC_PATHS = {
 
 
 class AuthAndMetricsMiddleware:
-    """Checks `Authorization: Bearer <key>` when the server has a key; counts requests by status.
+    """Checks `Authorization: Bearer <key>` when the server has a key; limits the request body
+    (size: 413 before it is read; time: 408); counts requests by status.
 
     A plain ASGI middleware (not BaseHTTPMiddleware) so streaming responses and client
     disconnects pass through untouched.
@@ -48,20 +50,54 @@ class AuthAndMetricsMiddleware:
         path = scope["path"]
         endpoint = path if path in METRIC_PATHS else "other"
         status = {"code": 500}
+        limits = self.state.limits
+        rejected = False  # we answered (413 / 408): whatever the app sends after is dropped
 
         async def send_wrapper(message):
+            if rejected:
+                return
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
 
+        async def reject(code: int, message: str, error_code: str) -> None:
+            nonlocal rejected
+            await _send_json(send_wrapper, code, error_body(message, code, code=error_code), {"Connection": "close"})
+            rejected = True
+
+        body_left = True
+        received = 0
+        body_deadline: float | None = None  # the whole body must arrive within body_timeout
+
+        async def limited_receive():
+            nonlocal body_left, received, body_deadline
+            if not body_left or rejected:  # the body is in: the app may wait for a disconnect
+                return await receive()
+            now = asyncio.get_running_loop().time()
+            body_deadline = body_deadline or now + limits.body_timeout
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(body_deadline - now, 0.0))
+            except asyncio.TimeoutError:
+                await reject(408, f"the request body did not arrive within {limits.body_timeout:g} s", "timeout")
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limits.max_body_bytes:
+                    await reject(413, _too_large(limits.max_body_bytes), "request_too_large")
+                    return {"type": "http.disconnect"}
+                body_left = message.get("more_body", False)
+            return message
+
         try:
             key = self.state.api_key
-            if key and path not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            public = path in OPEN_PATHS or (limits.enable_docs and path in DOC_PATHS)
+            if key and not public and scope["method"] != "OPTIONS":
                 given = ""
                 for name, value in scope.get("headers", []):
                     if name == b"authorization":
                         given = value.decode("latin-1")
-                scheme, _, token = given.partition(" ")
+                # the scheme is case-insensitive and spaces around the key are ignored
+                scheme, _, token = given.strip().partition(" ")
                 if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                     msg = (
                         "missing API key: send 'Authorization: Bearer <key>'"
@@ -75,9 +111,21 @@ class AuthAndMetricsMiddleware:
                         {"WWW-Authenticate": "Bearer"},
                     )
                     return
-            await self.app(scope, receive, send_wrapper)
+            for name, value in scope.get("headers", []):
+                if name == b"content-length" and value.isdigit() and int(value) > limits.max_body_bytes:
+                    await reject(413, _too_large(limits.max_body_bytes), "request_too_large")
+                    return
+            try:
+                await self.app(scope, limited_receive, send_wrapper)
+            except Exception:
+                if not rejected:  # after a 413/408 the app only fails on the body it never got
+                    raise
         finally:
             self.state.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body exceeds this server's limit of {limit} bytes (--max-body-bytes)"
 
 
 async def _send_json(send, status: int, body: dict, headers: dict[str, str]) -> None:
@@ -102,7 +150,14 @@ def create_app(state: ServerState) -> FastAPI:
                 # finish in-flight requests, then stop the engine thread
                 await asyncio.to_thread(state.engine.shutdown, True)
 
-    app = FastAPI(title="llmkit OpenAI-compatible server", lifespan=lifespan)
+    docs = state.limits.enable_docs  # /docs, /redoc, /openapi.json: off unless --enable-docs
+    app = FastAPI(
+        title="llmkit OpenAI-compatible server",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.llmkit = state
     install_error_handlers(app)
     app.add_middleware(AuthAndMetricsMiddleware, state=state)
@@ -121,8 +176,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        stats = state.engine.stats() if state.engine is not None else {}
-        return {"status": "ok", "models": state.model_names(), **stats}
+        return {"status": "ok", "models": state.model_names(), **state.stats()}
 
     @app.get("/metrics")
     async def metrics():

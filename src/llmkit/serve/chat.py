@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -27,10 +28,13 @@ router = APIRouter()
 
 
 def render_messages(state: ServerState, body: ChatCompletionRequest) -> list[int]:
-    """Prompt token ids: the conversation through the chat template, with the assistant turn opened."""
+    """Prompt token ids: the conversation through the chat template, with the assistant turn opened.
+
+    Message contents are encoded as plain text (`Tokenizer.encode_chat`): a client cannot forge
+    a system turn by typing the template's special tokens.
+    """
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
-    text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return state.tokenizer.encode(text, add_special_tokens=False)
+    return state.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
 
 def _check_response_format(body: ChatCompletionRequest) -> None:
@@ -65,11 +69,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise APIError("top_logprobs requires logprobs=true", 400, param="top_logprobs")
     check_logit_bias(body, state.tokenizer.vocab_size)
     t_start = time.monotonic()
-    prompt_ids = render_messages(state, body)
+    n = body.n
+    state.admit(n)
+    prompt_ids = await asyncio.to_thread(render_messages, state, body)  # off the event loop
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = state.check_context(len(prompt_ids), requested)
     top_n = body.top_logprobs or 0
-    n = body.n
     states = [SequenceState(index=j, prompt_ids=prompt_ids) for j in range(n)]
     jobs = [(prompt_ids, sampling_params(body, max_tokens, top_n if body.logprobs else None, j)) for j in range(n)]
     rid, created = new_id("chatcmpl"), int(time.time())
@@ -104,7 +109,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         async def stream() -> AsyncIterator[str]:
             for s in states:
                 yield sse(chunk(s.index, {"role": "assistant", "content": ""}, None, None))
-            async with aclosing(merged_events(handles, request, state.deadline())) as events:
+            async with aclosing(merged_events(handles, request, state.deadline(), state)) as events:
                 async for i, ev in events:
                     s = states[i]
                     record(s, ev)

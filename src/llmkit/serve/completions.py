@@ -44,7 +44,7 @@ def normalize_prompts(state: ServerState, prompt: Any) -> tuple[list[list[int]],
     ids, texts = [], []
     for p in prompt:
         if isinstance(p, str):
-            ids.append(state.tokenizer.encode(p, add_special_tokens=True))
+            ids.append(state.encode_prompt(p, add_special_tokens=True))
             texts.append(p)
         else:
             check_token_ids(p, state.tokenizer.vocab_size)
@@ -118,19 +118,22 @@ async def create_completion(body: CompletionRequest, request: Request):
     if body.suffix:
         raise APIError("suffix (insertion) is not supported by this model", 400, param="suffix")
     t_start = time.monotonic()
-    prompt_ids, prompt_texts = normalize_prompts(state, body.prompt)
     check_logit_bias(body, state.tokenizer.vocab_size)
+    p = body.prompt
+    n_prompts = len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
     echo_only = body.echo and body.max_tokens == 0
+    if not echo_only:  # admitted before tokenizing: a request that can never run costs nothing
+        state.admit(n_prompts * body.n, param="n" if body.n > 1 else "prompt")
+    prompt_ids, prompt_texts = await asyncio.to_thread(normalize_prompts, state, body.prompt)  # off the event loop
     allowed = [state.check_context(len(ids), body.max_tokens, echo_only=echo_only) for ids in prompt_ids]
     max_tokens = min(allowed) if body.max_tokens is None else body.max_tokens
     want_lp = body.logprobs is not None
     top_n = body.logprobs or 0
 
-    # the prompt's own logprobs (echo + logprobs), one forward per prompt
+    # the prompt's own logprobs (echo + logprobs): admitted and counted like generation
     scored: list[list[tuple[float | None, list | None]]] = []
     if body.echo and want_lp:
-        for ids in prompt_ids:
-            scored.append(await asyncio.to_thread(state.engine.prompt_logprobs, ids, top_n, adapter))
+        scored = await state.scoring.score(state, prompt_ids, top_n, adapter)
 
     rid, created = new_id("cmpl"), int(time.time())
     n = body.n
@@ -181,7 +184,7 @@ async def create_completion(body: CompletionRequest, request: Request):
             elif max_tokens == 0:
                 for s in states:
                     yield sse(chunk(s.index, "", None, s.finish_reason))
-            async with aclosing(merged_events(handles, request, state.deadline())) as events:
+            async with aclosing(merged_events(handles, request, state.deadline(), state)) as events:
                 async for i, ev in events:
                     s = states[i]
                     record(s, ev)

@@ -104,7 +104,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
             code="model_not_found",
         )
     texts = _inputs(state, body.input)
-    n_tokens = [state.embedder.count_tokens(t) for t in texts]
+    n_tokens = await asyncio.to_thread(lambda: [state.embedder.count_tokens(t) for t in texts])  # off the loop
     limit = state.embedder.max_len
     if limit:
         for i, n in enumerate(n_tokens):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -60,8 +62,15 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     }
 
 
+class ErrorResponse(JSONResponse):
+    """A JSON error that always encodes, even when the message quotes invalid Unicode from the client."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True).encode("ascii")
+
+
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return ErrorResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -110,7 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; see GET /v1/models and the API docs at /docs"
+            message = f"no route {request.method} {request.url.path}; see GET /v1/models and docs/serving.md"
         return error_response(APIError(message, exc.status_code, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)

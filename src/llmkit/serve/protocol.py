@@ -1,18 +1,52 @@
 """Request bodies of the OpenAI-compatible API (pydantic), with the OpenAI defaults.
 
 Unknown fields are ignored, as OpenAI does. A few vLLM-style extras (`top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`, `stop_token_ids`) are accepted too.
+`repetition_penalty`, `ignore_eos`, `stop_token_ids`) are accepted too. Types are strict, as
+OpenAI's are: `"5"` or `true` is not an integer, `1.0` is not a token id. Every string must be
+valid Unicode (no lone surrogates such as a JSON `"\\ud800"`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+MAX_STOP_STRINGS = 16  # stop strings per request (OpenAI allows 4)
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request
+INT64 = 2**63
+_TOKEN_ID = re.compile(r"0|[1-9][0-9]*")
+
+
+def _lone_surrogate(v: Any) -> str | None:
+    """The first lone surrogate in any string inside `v` (dict keys too), else None."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return v[e.start]
+        return None
+    if isinstance(v, dict):
+        v = [*v.keys(), *v.values()]
+    if isinstance(v, list | tuple):
+        for x in v:
+            if (bad := _lone_surrogate(x)) is not None:
+                return bad
+    return None
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, v: Any, info: ValidationInfo) -> Any:
+        bad = _lone_surrogate(v)
+        if bad is not None:
+            raise ValueError(f"text contains a lone surrogate (U+{ord(bad):04X}); expected valid Unicode (UTF-8)")
+        return v
 
 
 class StreamOptions(_Request):
@@ -30,7 +64,7 @@ class _SamplingFields(_Request):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64, le=INT64 - 1)
     user: str | None = None
     # extras (vLLM names)
     top_k: int = Field(default=0, ge=-1)
@@ -47,6 +81,11 @@ class _SamplingFields(_Request):
         stops = [v] if isinstance(v, str) else list(v)
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(
+                f"at most {MAX_STOP_STRINGS} stop sequences of at most {MAX_STOP_CHARS} characters each "
+                f"(got {len(stops)}, the longest {max(len(s) for s in stops)} characters)"
+            )
         return stops or None
 
     @field_validator("logit_bias")
@@ -54,11 +93,11 @@ class _SamplingFields(_Request):
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         if v is None:
             return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries (got {len(v)})")
         for k, b in v.items():
-            try:
-                int(k)
-            except ValueError:
-                raise ValueError(f"logit_bias keys must be token ids (got {k!r})") from None
+            if not _TOKEN_ID.fullmatch(k):
+                raise ValueError(f"logit_bias keys must be token ids written as decimal integers (got {k!r})")
             if not -100 <= b <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100] (got {b})")
         return v

@@ -45,25 +45,24 @@ class SequenceState:
 def submit_all(
     engine: Any, jobs: list[tuple[list[int], SamplingParams]], request_id: str, adapter: str | None = None
 ) -> list[RequestHandle]:
-    """Submit every (prompt_ids, params) job; all or none (a refusal cancels the ones already queued).
+    """Submit every (prompt_ids, params) job; all or none: any failure cancels the ones already
+    queued, so no choice of a refused request keeps running without a client.
     `adapter`: the LoRA adapter the request's `model` named (None: the base model)."""
     handles: list[RequestHandle] = []
     extra = {"adapter": adapter} if adapter is not None else {}
     try:
         for i, (ids, params) in enumerate(jobs):
             handles.append(engine.submit(ids, params, request_id=f"{request_id}-{i}", **extra))
-    except QueueFullError as e:
+    except BaseException as e:
         for h in handles:
             h.cancel()
-        raise APIError(str(e), 429, code="queue_full", headers={"Retry-After": "1"}) from None
-    except EngineClosedError as e:
-        for h in handles:
-            h.cancel()
-        raise APIError(str(e), 503, code="shutting_down", headers={"Retry-After": "5"}) from None
-    except InputError as e:
-        for h in handles:
-            h.cancel()
-        raise APIError(str(e), 400) from None
+        if isinstance(e, QueueFullError):
+            raise APIError(str(e), 429, code="queue_full", headers={"Retry-After": "1"}) from None
+        if isinstance(e, EngineClosedError):
+            raise APIError(str(e), 503, code="shutting_down", headers={"Retry-After": "5"}) from None
+        if isinstance(e, InputError):
+            raise APIError(str(e), 400) from None
+        raise
     return handles
 
 
@@ -71,12 +70,14 @@ async def merged_events(
     handles: list[RequestHandle],
     request: Request | None,
     deadline: float | None,
+    server: Any = None,
 ) -> AsyncIterator[tuple[int, TokenEvent]]:
     """Yield (choice index, event) from every handle as events arrive.
 
-    Stops early, cancelling every handle, when the client disconnects (the iterator just ends)
-    or the deadline passes (raises a 504 `APIError`). Handles are always cancelled on exit,
-    which is a no-op for finished ones, so an abandoned request never keeps its batch slot.
+    Stops early, cancelling every handle, when the client disconnects (the iterator just ends),
+    the deadline passes (raises a 504 `APIError`) or the server's shutdown deadline passes
+    (`server.check_shutdown()`, a 503). Handles are always cancelled on exit, which is a no-op
+    for finished ones, so an abandoned request never keeps its batch slot.
     """
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -105,6 +106,8 @@ async def merged_events(
             now = time.monotonic()
             if deadline is not None and now > deadline:
                 raise APIError("the request timed out before generation finished", 504, code="timeout")
+            if server is not None:
+                server.check_shutdown()  # 503 once the graceful timeout is about to run out
             if item is None or now - last_check >= POLL_S:
                 last_check = now
                 if request is not None and await request.is_disconnected():
@@ -173,11 +176,12 @@ async def raise_if_unfinished(states: list[SequenceState], request: Request) -> 
     raise APIError("generation was aborted before it finished (is the server shutting down?)", 503, code="aborted")
 
 
-async def collect(handles: list[RequestHandle], request: Request, server: Any, states: list[SequenceState],
-                  t_start: float) -> None:
+async def collect(
+    handles: list[RequestHandle], request: Request, server: Any, states: list[SequenceState], t_start: float
+) -> None:
     """Run a non-streaming request to the end: every event recorded into `states`, metrics observed."""
     try:
-        async with aclosing(merged_events(handles, request, server.deadline())) as events:
+        async with aclosing(merged_events(handles, request, server.deadline(), server)) as events:
             async for i, ev in events:
                 record(states[i], ev)
     finally:
@@ -185,8 +189,9 @@ async def collect(handles: list[RequestHandle], request: Request, server: Any, s
     await raise_if_unfinished(states, request)
 
 
-async def guarded_stream(lines: AsyncIterator[str], server: Any, states: list[SequenceState],
-                         t_start: float) -> AsyncIterator[str]:
+async def guarded_stream(
+    lines: AsyncIterator[str], server: Any, states: list[SequenceState], t_start: float
+) -> AsyncIterator[str]:
     """The SSE `lines` of a streaming request, then `[DONE]`; an error met mid-stream becomes an
     `error` event instead of a dead socket, and the metrics are observed however it ends."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -14,8 +15,9 @@ from fastapi import FastAPI
 
 from llmkit.errors import CheckpointError, ConfigError
 from llmkit.serve.app import create_app
+from llmkit.serve.connections import GuardedH11Protocol, Server
 from llmkit.serve.embeddings import Embedder
-from llmkit.serve.state import ServerState
+from llmkit.serve.state import ServerLimits, ServerState
 
 API_KEY_ENV = "LLMKIT_API_KEY"
 
@@ -41,15 +43,19 @@ def load_state(
     dtype: Any = None,
     device: str | None = None,
     lora: dict[str, str] | None = None,
+    limits: ServerLimits | None = None,
 ) -> ServerState:
     """Load `model` (a Hugging Face or llmkit folder) and its tokenizer into a `ServerState`.
 
     A decoder gets a continuous-batching `Engine`; an encoder (BERT) serves embeddings only.
-    `api_key` defaults to $LLMKIT_API_KEY. `lora` maps request model names to LoRA adapter folders:
-    requests for them and for the base share one continuous batch (multi-LoRA).
+    `api_key` defaults to $LLMKIT_API_KEY; `limits` (body size, timeouts, connections) to
+    `ServerLimits()`. `lora` maps request model names to LoRA adapter folders: requests for them
+    and for the base share one continuous batch (multi-LoRA).
     """
     from llmkit.infer.engine import Engine
+    from llmkit.model.adapters import load_lora
     from llmkit.model.hf import load_model
+    from llmkit.model.lora import set_active_adapter
     from llmkit.tokenizer import load_tokenizer
 
     path = Path(model)
@@ -57,15 +63,15 @@ def load_state(
         raise CheckpointError(
             f"model folder {path} does not exist; expected a folder with config.json, model weights and tokenizer.json"
         )
-    if max_batch_size < 1 or max_queue < 0:
-        raise ConfigError(f"--max-batch-size must be >= 1 and --max-queue >= 0, got {max_batch_size}, {max_queue}")
+    if max_batch_size < 1 or max_queue < 1:
+        raise ConfigError(f"--max-batch-size and --max-queue must be >= 1, got {max_batch_size}, {max_queue}")
+    limits = limits or ServerLimits()
+    if limits.max_body_bytes < 1 or (limits.max_connections is not None and limits.max_connections < 1):
+        raise ConfigError("--max-body-bytes and --max-connections must be >= 1")
     net = load_model(path, dtype=dtype, device=device)
     tokenizer = load_tokenizer(path)
     name = served_model_name or path.resolve().name
     for adapter_name, folder in (lora or {}).items():
-        from llmkit.model.adapters import load_lora
-        from llmkit.model.lora import set_active_adapter
-
         if adapter_name == name or not adapter_name:
             raise ConfigError(f"--lora {adapter_name}={folder}: the name must be non-empty and differ from the "
                               f"base model's '{name}'")
@@ -99,19 +105,35 @@ def load_state(
         max_tokens=max_tokens,
         request_timeout=request_timeout,
         adapters=list(lora or {}),
+        limits=limits,
     )
 
 
-def serve(
-    state: ServerState,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    log_level: str = "info",
-    graceful_timeout: float | None = 30.0,
-) -> None:
-    """Run the server in the foreground until Ctrl-C / SIGTERM, then drain in-flight requests."""
-    app = create_app(state)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout)
+def uvicorn_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> Server:
+    """A uvicorn server for an llmkit app, with the connection limits of its `ServerLimits`."""
+    state: ServerState = app.state.llmkit
+    lim = state.limits
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        http=functools.partial(GuardedH11Protocol, header_timeout=lim.header_timeout),
+        timeout_keep_alive=lim.keep_alive_timeout,
+        limit_concurrency=lim.max_connections,
+        timeout_graceful_shutdown=lim.graceful_timeout,
+    )
+    return Server(config, on_shutdown=state.begin_shutdown)
+
+
+def serve(state: ServerState, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the server in the foreground until Ctrl-C / SIGTERM, then drain in-flight requests.
+
+    Requests still running when `state.limits.graceful_timeout` is about to run out are answered
+    with a 503 error (an SSE `error` event when streaming); the function then returns normally.
+    """
+    uvicorn_server(create_app(state), host, port, log_level).run()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -131,10 +153,7 @@ class BackgroundServer:
         self.app = app
         self.host = host
         self.port = port or free_port(host)
-        config = uvicorn.Config(
-            app, host=host, port=self.port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30
-        )
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn_server(app, host, self.port, log_level)
         self.thread = threading.Thread(target=self.server.run, name="llmkit-uvicorn", daemon=True)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -10,6 +11,67 @@ from typing import Any
 from llmkit.infer.sampling import SamplingParams
 from llmkit.serve.errors import APIError
 from llmkit.serve.metrics import ServerMetrics
+
+PROMPT_CHARS_PER_TOKEN = 32  # a text prompt longer than (context + 2) * this is checked on a prefix first
+
+
+@dataclass
+class ServerLimits:
+    """What one client may ask of the server (docs/serving.md, "Limits and security").
+
+    Sizes are bytes, times seconds. `max_connections` caps open connections plus running
+    requests (uvicorn's limit_concurrency: 503 beyond it). `graceful_timeout` is how long a
+    SIGTERM waits for in-flight requests; those still running are then answered with an error.
+    """
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int | None = 1024
+    graceful_timeout: float | None = 30.0
+    enable_docs: bool = False
+
+
+class ScoringQueue:
+    """Admission for prompt scoring (echo + logprobs, lm-eval's loglikelihood): these forwards
+    do not go through the engine's batch, so they are counted here, against the same
+    `--max-queue` as generation, run one request at a time, and reported by /health and /metrics."""
+
+    def __init__(self) -> None:
+        self.queued = 0  # prompts waiting
+        self.running = 0  # prompts being scored
+        self._lock: asyncio.Lock | None = None
+
+    async def score(
+        self, state: ServerState, prompts: list[list[int]], top_n: int, adapter: str | None = None
+    ) -> list[list]:
+        """Per-prompt `Engine.prompt_logprobs` (through LoRA `adapter` if given), after
+        `state.admit(len(prompts))`."""
+        k = len(prompts)
+        state.admit(k, param="prompt")
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        self.queued += k
+        try:
+            while True:  # wait for our turn, but not past the server's shutdown deadline
+                try:
+                    await asyncio.wait_for(self._lock.acquire(), timeout=0.25)
+                    break
+                except asyncio.TimeoutError:
+                    state.check_shutdown()
+        finally:
+            self.queued -= k
+        self.running += k
+        try:
+            out = []
+            for ids in prompts:
+                state.check_shutdown()
+                out.append(await asyncio.to_thread(state.engine.prompt_logprobs, ids, top_n, adapter))
+            return out
+        finally:
+            self.running -= k
+            self._lock.release()
 
 
 @dataclass
@@ -29,13 +91,62 @@ class ServerState:
     api_key: str | None = None
     max_tokens: int | None = None
     request_timeout: float | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
     created: int = field(default_factory=lambda: int(time.time()))
     adapters: list[str] = field(default_factory=list)  # LoRA adapters served beside the base (multi-LoRA)
     metrics: ServerMetrics = field(default=None)  # type: ignore[assignment]
+    scoring: ScoringQueue = field(default_factory=ScoringQueue)
+    shutdown_deadline: float | None = None  # set at SIGTERM: in-flight requests are cut off then
 
     def __post_init__(self) -> None:
         if self.metrics is None:
-            self.metrics = ServerMetrics(self.engine.stats if self.engine is not None else None)
+            self.metrics = ServerMetrics(self.stats if self.engine is not None else None)
+
+    def stats(self) -> dict[str, int]:
+        """The engine's stats with prompt scoring folded in: `running` and `queued` count both."""
+        if self.engine is None:
+            return {}
+        s = self.engine.stats()
+        s["scoring_running"], s["scoring_queued"] = self.scoring.running, self.scoring.queued
+        s["running"] += self.scoring.running
+        s["queued"] += self.scoring.queued
+        return s
+
+    def admit(self, k: int, param: str = "n") -> None:
+        """Admission control for a request of `k` sequences: 400 (naming `param`) if it can never
+        be queued, 429 (retry later) if the queue cannot take it now."""
+        cap = self.engine.max_queue
+        if k > cap:
+            raise APIError(
+                f"this request needs {k} sequences (prompts x n) but the server queues at most {cap} at once "
+                f"(--max-queue); lower n or send fewer prompts per request",
+                400,
+                param=param,
+            )
+        queued = self.engine.stats()["queued"] + self.scoring.queued
+        if queued + k > cap:
+            raise APIError(
+                f"the request queue is full ({queued} of {cap} waiting); retry later",
+                429,
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+
+    def check_shutdown(self) -> None:
+        """503 once the shutdown deadline has passed (see `begin_shutdown`)."""
+        if self.shutdown_deadline is not None and time.monotonic() > self.shutdown_deadline:
+            raise APIError(
+                "the server is shutting down and its graceful timeout ran out before this request finished; "
+                "retry on another replica or later",
+                503,
+                code="shutting_down",
+            )
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM arrived: requests still running just before the graceful timeout get a 503."""
+        grace = self.limits.graceful_timeout
+        if grace is not None and self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + max(grace - min(1.0, grace / 4), 0.0)
 
     def model_names(self) -> list[str]:
         names = [self.model_name, *self.adapters] if self.engine is not None else []
@@ -103,6 +214,22 @@ class ServerState:
             )
         return max_tokens
 
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt. A text far longer than the context is rejected after
+        tokenizing a prefix only, so a megabyte prompt costs milliseconds, not seconds."""
+        cap = (self.max_seq_len + 2) * PROMPT_CHARS_PER_TOKEN
+        if len(text) > cap:
+            head = self.tokenizer.encode(text[:cap], add_special_tokens=add_special_tokens)
+            if len(head) > self.max_seq_len + 1:  # cutting the text changes at most one token
+                raise APIError(
+                    f"this model's maximum context length is {self.max_seq_len} tokens, but the prompt has more "
+                    f"than {len(head) - 1} tokens ({len(text)} characters); shorten the prompt",
+                    400,
+                    param="messages/prompt",
+                    code="context_length_exceeded",
+                )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
     def token_text(self, token_id: int) -> str:
         """The text of one token, as the `tokens` / `top_logprobs` keys show it."""
         return self.tokenizer.decode([int(token_id)]) if self.tokenizer is not None else str(token_id)
@@ -125,13 +252,18 @@ def sampling_params(req: Any, max_new_tokens: int, logprobs: int | None, choice:
         repetition_penalty=req.repetition_penalty,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
-        seed=None if req.seed is None else req.seed + choice,
+        seed=None if req.seed is None else _choice_seed(req.seed, choice),
         logit_bias=bias,
         stop=req.stop,
         stop_token_ids=req.stop_token_ids,
         logprobs=logprobs,
         ignore_eos=req.ignore_eos,
     )
+
+
+def _choice_seed(seed: int, choice: int) -> int:
+    """seed + choice, wrapped into the signed 64-bit range."""
+    return (seed + choice + 2**63) % 2**64 - 2**63
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str = "prompt") -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,9 @@ from llmkit.tokenizer.class_rules import apply_class_rules
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # End-of-turn tokens of common chat formats: stop ids when the chat template uses them.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
+# Texts at least this long are encoded through `encode_batch`, which releases the GIL (plain
+# `encode` holds it), so a long prompt tokenized in a worker thread never stalls the others.
+GIL_FREE_CHARS = 4096
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -44,6 +49,57 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _encode(backend: _HFTokenizer, text: str, add_special_tokens: bool):
+    """One `tokenizers.Encoding` (ids and character offsets); long texts through the GIL-free path."""
+    if len(text) >= GIL_FREE_CHARS:
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+    return backend.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _render_with_spans(
+    template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, variables: dict[str, Any]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans where message fields (all but 'role') landed.
+
+    The template is rendered a second time with each string field replaced by a unique marker;
+    the markers show where the fields go. The real rendering is used when it equals the marked
+    one with the fields put back (verbatim, or stripped for templates that `trim`); otherwise the
+    marked rendering with the fields put back verbatim is used, so the spans are always exact.
+    """
+    text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, **variables)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return text, []
+    nonce = secrets.token_hex(8)
+    values: list[str] = []
+    marked = []
+    for m in messages:
+        mm = dict(m)
+        for k, v in m.items():
+            if k != "role" and isinstance(v, str) and v:
+                mm[k] = f"\ue000{nonce}:{len(values)}\ue001"
+                values.append(v)
+        marked.append(mm)
+    if not values:
+        return text, []
+    rendered = render_chat_template(template, marked, add_generation_prompt=add_generation_prompt, **variables)
+    parts = rendered.split("\ue000" + nonce + ":")
+
+    def put_back(strip: bool) -> tuple[str, list[tuple[int, int]]]:
+        out, spans = parts[0], []
+        for part in parts[1:]:
+            k, _, rest = part.partition("\ue001")
+            if not k.isdigit() or int(k) >= len(values):
+                raise InputError("the chat template rewrites message fields in a way llmkit cannot track")
+            v = values[int(k)].strip() if strip else values[int(k)]
+            spans.append((len(out), len(out) + len(v)))
+            out += v + rest
+        return out, spans
+
+    verbatim = put_back(False)
+    if verbatim[0] == text:
+        return verbatim
+    stripped = put_back(True)
+    return stripped if stripped[0] == text else verbatim
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -87,6 +143,8 @@ class Tokenizer:
             if tok is not None:
                 self.special_tokens[key] = tok
         self._extra_eos = list(extra_eos_token_ids or [])
+        self._plain: _HFTokenizer | None = None  # a copy that encodes special-token strings as text
+        self._plain_lock = threading.Lock()
 
     # ---- special tokens ---------------------------------------------------------------------
     def _special_id(self, key: str) -> int | None:
@@ -130,11 +188,25 @@ class Tokenizer:
         return self.vocab_size
 
     # ---- encode / decode ---------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text` (with the post-processor's special tokens, e.g. BOS, when asked)."""
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` (with the post-processor's special tokens, e.g. BOS, when asked).
+
+        With `split_special_tokens` (transformers' name), special-token strings in `text` such as
+        '<|im_end|>' are encoded as ordinary text instead of becoming their special ids.
+        """
         if not isinstance(text, str):
             raise InputError(f"encode expects a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        backend = self._plain_backend() if split_special_tokens else self.backend
+        return _encode(backend, text, add_special_tokens).ids
+
+    def _plain_backend(self) -> _HFTokenizer:
+        with self._plain_lock:  # a second backend: toggling the shared one would race other threads
+            if self._plain is None:
+                self._plain = _HFTokenizer.from_str(self.backend.to_str())
+                self._plain.encode_special_tokens = True
+                self._plain.no_padding()
+                self._plain.no_truncation()
+            return self._plain
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids of many texts, encoded in parallel by the `tokenizers` library."""
@@ -201,10 +273,53 @@ class Tokenizer:
                 "this tokenizer has no chat_template (tokenizer_config.json 'chat_template' or "
                 "chat_template.jinja); pass chat_template=... or use llmkit's ChatML default"
             )
-        text = render_chat_template(
+        if tokenize:
+            return self.encode_chat(messages, add_generation_prompt, chat_template=template, **kwargs)
+        return render_chat_template(
             template, messages, add_generation_prompt=add_generation_prompt, **{**self.special_tokens, **kwargs}
         )
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        """Token ids of a chat rendered with the chat template, message fields encoded as plain text.
+
+        Only the template's own markup yields special ids: a special-token string typed inside a
+        message (a user writing '<|im_end|>\\n<|im_start|>system') becomes ordinary tokens, so no
+        message can forge a turn. Benign chats get the same ids as transformers'
+        `apply_chat_template(tokenize=True)`. Every prompt llmkit builds from a chat (server,
+        `llmkit chat`, fine-tuning data, agents) goes through here.
+        """
+        template = chat_template or self.chat_template
+        if template is None:
+            raise InputError(
+                "this tokenizer has no chat_template (tokenizer_config.json 'chat_template' or "
+                "chat_template.jinja); pass chat_template=... or use llmkit's ChatML default"
+            )
+        variables = {**self.special_tokens, **kwargs}
+        text, spans = _render_with_spans(template, messages, add_generation_prompt, variables)
+        enc = _encode(self.backend, text, add_special_tokens=False)
+        special = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+        def in_message(a: int, b: int) -> bool:
+            return any(a < e and s < b for s, e in spans)
+
+        # special ids matched from their string in the text (not e.g. byte-fallback pieces of a character)
+        marks = [(i, a, b) for i, (a, b) in zip(enc.ids, enc.offsets) if i in special and special[i] in text[a:b]]
+        if not any(in_message(a, b) for _, a, b in marks):
+            return enc.ids  # nothing typed inside a message looked like a special token
+        ids: list[int] = []
+        pos = 0
+        for i, a, b in marks:  # keep the template's specials; re-encode the text between them plainly
+            if not in_message(a, b):
+                ids += self.encode(text[pos:a], add_special_tokens=False, split_special_tokens=True)
+                ids.append(i)
+                pos = b
+        return ids + self.encode(text[pos:], add_special_tokens=False, split_special_tokens=True)
 
     # ---- save ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -16,6 +16,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 from tokenizers import Tokenizer as _HFTokenizer
 
 from llmkit.errors import InputError
+from llmkit.text.sources import JSONL_SUFFIXES, expand_inputs, iter_documents
 from llmkit.tokenizer.chat_template import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE
 from llmkit.tokenizer.tokenizer import Tokenizer
 
@@ -32,8 +33,6 @@ SPLIT_PATTERN = (
 
 def _check_files(files: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Path]:
     """The files to train on: text files, JSONL files, and folders searched recursively for them."""
-    from llmkit.data.sources import expand_inputs  # lazy: llmkit.data imports this package
-
     return expand_inputs(files)
 
 
@@ -45,8 +44,6 @@ def iter_text(
     Text files come in whole-line pieces; JSONL files contribute the `text_field` of each record
     (records joined by newlines).
     """
-    from llmkit.data.sources import JSONL_SUFFIXES, iter_documents
-
     for path in _check_files(files):
         if path.suffix.lower() in JSONL_SUFFIXES:
             lines = (d.text + "\n" for d in iter_documents([path], text_field=text_field))

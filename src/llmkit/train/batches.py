@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from llmkit.data.shards import windows
 from llmkit.errors import InputError
+
+__all__ = ["RandomWindowSampler", "eval_starts", "windows"]
 
 
 class RandomWindowSampler:
@@ -44,13 +47,6 @@ class RandomWindowSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-
-
-def windows(tokens: np.ndarray, starts: list[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack tokens[i : i+T] as inputs and tokens[i+1 : i+T+1] as targets for each start i."""
-    buf = np.stack([np.asarray(tokens[i : i + block_size + 1], dtype=np.int64) for i in starts])
-    t = torch.from_numpy(buf)  # [B, T+1]
-    return t[:, :-1], t[:, 1:]
 
 
 def eval_starts(

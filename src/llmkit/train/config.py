@@ -11,6 +11,8 @@ from typing import Any
 import yaml
 
 from llmkit.errors import ConfigError
+from llmkit.model.config import ModelConfig
+from llmkit.model.presets import PRESETS
 
 
 @dataclass
@@ -157,8 +159,6 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int):
         """The ModelConfig this run trains; vocab_size defaults to the tokenizer's."""
-        from llmkit.model.config import ModelConfig
-
         spec = {"preset": self.model} if isinstance(self.model, str) else dict(self.model or {})
         preset = spec.pop("preset", None)
         if spec.get("vocab_size") is None:  # the tokenizer decides unless the config says otherwise
@@ -169,8 +169,6 @@ class TrainConfig:
                 f"({vocab_size}); expected at least {vocab_size}"
             )
         if preset:
-            from llmkit.model.presets import PRESETS
-
             if "block_size" not in spec and PRESETS.get(preset, {}).get("block_size", 0) < self.train.block_size:
                 spec["block_size"] = self.train.block_size
             return ModelConfig.from_preset(preset, **spec)
@@ -180,12 +178,7 @@ class TrainConfig:
 
 def model_keys() -> list[str]:
     """ModelConfig field names (plus `preset`)."""
-    try:
-        from llmkit.model.config import ModelConfig
-
-        return ["preset"] + [f.name for f in dataclasses.fields(ModelConfig)]
-    except ImportError:  # model package not importable: accept nothing but a preset
-        return ["preset"]
+    return ["preset"] + [f.name for f in dataclasses.fields(ModelConfig)]
 
 
 def all_keys() -> list[str]:

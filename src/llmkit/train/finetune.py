@@ -21,8 +21,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
+from llmkit.data.sft import SFTBatches, collate, load_sft_data
 from llmkit.errors import CheckpointError, ConfigError
+from llmkit.model.adapters import save_lora, save_prompt_tuning
+from llmkit.model.attention import AttnMeta
+from llmkit.model.hf import config_from_hf, load_model, read_config
+from llmkit.model.lora import LoRAConfig, add_lora
+from llmkit.model.prompt_tuning import PromptTuningModel
+from llmkit.tokenizer import load_tokenizer
+from llmkit.train import distributed as D
 from llmkit.train.config import OptimConfig, TrainConfig
 from llmkit.train.trainer import Trainer, TrainResult, lm_loss
 
@@ -72,8 +81,6 @@ class FinetuneConfig:
 
 
 def lora_config(ft: FinetuneConfig):
-    from llmkit.model.lora import LoRAConfig
-
     return LoRAConfig(r=ft.lora_r, alpha=ft.lora_alpha, dropout=ft.lora_dropout, targets=ft.lora_targets,
                       use_rslora=ft.use_rslora)
 
@@ -84,15 +91,11 @@ def apply_method(model: nn.Module, ft: FinetuneConfig, tokenizer: Any = None) ->
         return model.requires_grad_(True)
     model.requires_grad_(False)
     if ft.method == "lora":
-        from llmkit.model.lora import add_lora
-
         add_lora(model, lora_config(ft))
         for n, p in model.named_parameters():
             p.requires_grad_(".adapters." in n)
         return model
     if ft.method == "prompt-tuning":
-        from llmkit.model.prompt_tuning import PromptTuningModel
-
         pt = PromptTuningModel(model, ft.num_virtual_tokens)
         if ft.prompt_tuning_init_text:
             pt.init_from_text(tokenizer.encode(ft.prompt_tuning_init_text, add_special_tokens=False))
@@ -122,8 +125,6 @@ def apply_method(model: nn.Module, ft: FinetuneConfig, tokenizer: Any = None) ->
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in the backward pass instead of storing them."""
-    from torch.utils.checkpoint import checkpoint
-
     blocks = model.blocks
     for blk in blocks:
         inner = blk.forward
@@ -140,6 +141,8 @@ class Finetuner(Trainer):
                  eval_interval: int | None = None, warmup_steps: int | None = None) -> None:
         """`max_steps`, `eval_interval`, `warmup_steps` left None are derived from the data size."""
         ft.check()
+        if opt.strategy == "fsdp":
+            raise ConfigError("finetune runs single-process or DDP (torchrun); FSDP is for pretraining")
         self.ft = ft
         self.t_max_steps, self.t_eval_interval, self.t_warmup = max_steps, eval_interval, warmup_steps
         cfg = TrainConfig(model={"preset": None}, train=opt, out_dir=str(out_dir))
@@ -147,13 +150,8 @@ class Finetuner(Trainer):
 
     # ------------------------------------------------------------------ set-up
     def _setup_data(self) -> None:
-        from llmkit.data.sft import load_sft_data
-        from llmkit.model.hf import read_config
-        from llmkit.tokenizer import load_tokenizer
 
         ft, t = self.ft, self.t
-        from llmkit.model.hf import config_from_hf
-
         ctx = config_from_hf(read_config(ft.model)).block_size  # also: a clear error for a missing model
         if ft.max_seq_len is None:
             ft.max_seq_len = min(1024, ctx - (ft.num_virtual_tokens if ft.method == "prompt-tuning" else 0))
@@ -178,8 +176,6 @@ class Finetuner(Trainer):
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def _build_sampler(self):
-        from llmkit.data.sft import SFTBatches
-
         t, info, ft = self.t, self.dist, self.ft
         return SFTBatches(self.train_examples, t.batch_size, ft.max_seq_len, ft.packing, t.seed, self.pad_id,
                           info.rank, info.world_size)
@@ -222,8 +218,6 @@ class Finetuner(Trainer):
         return max(max(e.input_ids) for e in self.train_examples + self.val_examples)
 
     def _batches_per_epoch(self) -> int:
-        from llmkit.data.sft import SFTBatches
-
         t, ft = self.t, self.ft
         return SFTBatches(self.train_examples, t.batch_size, ft.max_seq_len, ft.packing, t.seed, self.pad_id,
                           0, self.dist.world_size).batches_per_epoch()
@@ -248,14 +242,11 @@ class Finetuner(Trainer):
         b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         y = b.pop("targets")
         self.step_tokens += int((b["input_ids"] != self.pad_id).sum()) * self.dist.world_size
-        logits = self.model(**b)  # [B, T, V]
-        return lm_loss(logits, y, self.t.label_smoothing)
+        return lm_loss(sft_forward(self.model, b), y, self.t.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", full: bool = False) -> float:
         """Mean loss per trained token over every validation example (padding never counts)."""
-        from llmkit.data.sft import collate
-
         examples = self.val_examples if split == "val" else self.train_examples
         mine = examples[self.dist.rank :: self.dist.world_size]
         self.model.eval()
@@ -269,8 +260,6 @@ class Finetuner(Trainer):
             total[0] += lm_loss(logits, y, reduction="sum").double().cpu()
             total[1] += int((y != -100).sum())
         self.model.train()
-        from llmkit.train import distributed as D
-
         total = D.all_reduce_sum(total, self.dist)
         return float(total[0] / max(total[1], 1))
 
@@ -290,8 +279,6 @@ class Finetuner(Trainer):
         ft = self.ft
         if ft.method in ("full", "freeze"):
             return super()._export(model_sd)
-        from llmkit.model.adapters import save_lora, save_prompt_tuning
-
         tmp = self.out_dir / ".export.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         base = str(Path(ft.model).resolve())
@@ -311,6 +298,15 @@ class Finetuner(Trainer):
         result.total_params = sum(p.numel() for p in self.raw_model.parameters())
         result.truncated = self.truncated
         return result
+
+
+def sft_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, T, V] of a collated SFT batch; a packed one (segment_ids) attends within each example."""
+    if "segment_ids" not in batch:
+        return model(batch["input_ids"])
+    pos, seg = batch["position_ids"], batch["segment_ids"]
+    meta = AttnMeta(pos, pos.shape[1], segment_ids=seg)
+    return model(batch["input_ids"], position_ids=pos, attn_meta=meta)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from llmkit.data.prepare import prepare
+from llmkit.data.shards import load_tokens, read_manifest
 from llmkit.errors import ConfigError, InputError
+from llmkit.text.sources import expand_inputs, iter_documents
+from llmkit.tokenizer import load_tokenizer, train_bpe_from_iterator, train_char_from_iterator
 
 FINGERPRINT = "source.json"  # beside the prepared data: what it was prepared from
 
@@ -33,8 +37,6 @@ class TokenData:
 
 def open_token_data(data_dir: str | Path) -> TokenData:
     """Open a prepared folder without reading it into memory."""
-    from llmkit.data.shards import load_tokens, read_manifest
-
     d = Path(data_dir)
     manifest = read_manifest(d)
     train, val = load_tokens(d, "train"), load_tokens(d, "val")
@@ -62,7 +64,6 @@ def _fingerprint(files: list[Path], tokenizer: str, vocab_size: int, val_fractio
 
 
 def _texts(files: list[Path]):
-    from llmkit.data.sources import iter_documents
 
     for doc in iter_documents(files):
         yield doc.text
@@ -70,8 +71,6 @@ def _texts(files: list[Path]):
 
 def build_tokenizer(files: list[Path], spec: str, vocab_size: int, out: Path, progress: bool = True):
     """`char`: one token per character seen; `bpe`: byte-level BPE of `vocab_size`; else a folder."""
-    from llmkit.tokenizer import load_tokenizer, train_bpe_from_iterator, train_char_from_iterator
-
     if spec == "char":
         return train_char_from_iterator(_texts(files), out)
     if spec == "bpe":
@@ -92,9 +91,6 @@ def prepare_text(
     progress: bool = True,
 ) -> TokenData:
     """Tokenize raw text into `out_dir` (reused when prepared from the same files and settings)."""
-    from llmkit.data.prepare import prepare
-    from llmkit.data.sources import expand_inputs
-
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     files = expand_inputs(path)

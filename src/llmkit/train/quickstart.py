@@ -11,7 +11,10 @@ import math
 from pathlib import Path
 
 from llmkit.errors import InputError
+from llmkit.model.hf import load_model
+from llmkit.tokenizer import load_tokenizer
 from llmkit.train.config import TrainConfig
+from llmkit.train.sample import sample_text
 from llmkit.train.trainer import TrainResult, pretrain
 
 FALLBACK_CORPUS = Path("../shared/data/tinyshakespeare/input.txt")
@@ -118,9 +121,6 @@ def quickstart(
         f"training budget {cfg.train.max_minutes:g} min -> {cfg.out_dir}"
     )
     result = pretrain(cfg, overwrite=True)
-    from llmkit.model.hf import load_model
-    from llmkit.tokenizer import load_tokenizer
-    from llmkit.train.sample import sample_text
 
     model = load_model(cfg.out_dir)
     tok = load_tokenizer(cfg.out_dir)

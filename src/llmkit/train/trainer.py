@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llmkit.errors import CheckpointError, ConfigError
+from llmkit.model.transformer import Transformer
+from llmkit.tokenizer import load_tokenizer
 from llmkit.train import distributed as D
 from llmkit.train.batches import RandomWindowSampler, eval_starts, windows
 from llmkit.train.checkpoint import (
@@ -206,8 +208,6 @@ class Trainer:
         D.barrier(info)
         if not info.is_main:
             self.data = resolve_data(d.path, self.out_dir, d.tokenizer, d.vocab_size, d.val_fraction, progress=False)
-        from llmkit.tokenizer import load_tokenizer
-
         self.tokenizer = load_tokenizer(self.data.tokenizer_dir)
 
     def _build_model(self) -> nn.Module:
@@ -218,8 +218,6 @@ class Trainer:
             raise ConfigError(
                 f"train.block_size={t.block_size} exceeds model.block_size={self.model_config.block_size}"
             )
-        from llmkit.model.transformer import Transformer
-
         raw = Transformer(self.model_config)
         raw.check_inputs = False  # token ids were checked once against the vocabulary below
         self._check_tokens(self.data)
@@ -303,8 +301,6 @@ class Trainer:
 
     def _export(self, model_sd: dict[str, torch.Tensor]) -> None:
         """Write the Hugging Face folder (config.json, model.safetensors, tokenizer files) in out_dir."""
-        from llmkit.model.transformer import Transformer
-
         if self.dist.strategy == "fsdp":  # the sharded module cannot save itself: use a plain copy
             model = Transformer(self.model_config)
             model.load_state_dict(model_sd)

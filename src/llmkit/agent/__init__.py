@@ -1,1 +1,0 @@
-"""llmkit.agent"""

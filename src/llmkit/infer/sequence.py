@@ -1,0 +1,109 @@
+"""The one decode step shared by `generate`/`stream_text` (static cache) and the `Engine` (paged cache).
+
+A `Sequence` is one row being generated: its tokens, sampling state and the single
+token -> text/finish path (stop ids and EOS, UTF-8-safe detokenizing, stop strings, length).
+`sample_step` turns one forward's last-position logits into one `TokenEvent` per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmkit.infer.detok import IncrementalDetokenizer
+from llmkit.infer.sampling import SamplingParams, sample_next
+from llmkit.infer.stopping import StopChecker
+
+
+@dataclass
+class TokenEvent:
+    """One generated token as it is streamed to the caller.
+
+    `text` is the new text this token made visible (UTF-8 safe, stop strings removed; may be "").
+    `logprob` is log p(token) under the model's distribution (after logit bias/penalties);
+    `top_logprobs` lists (token_id, logprob) of the top-N alternatives when `params.logprobs` is set.
+    `finish_reason` is set on the last event: "stop" (EOS, stop token or stop string) or "length".
+    """
+
+    token_id: int
+    text: str
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+class Sequence:
+    """One row being generated: prompt + generated tokens, sampler state, detokenizer and stop checks."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: set[int],
+        tokenizer: Any = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.params = params
+        self.tokens = list(prompt_ids)  # prompt + generated
+        self.prompt_len = len(prompt_ids)
+        self.generator = params.make_generator(device)
+        self.checker = StopChecker(params.stop, set(params.stop_token_ids or ()), eos_token_ids, params.ignore_eos)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
+        self.raw_text = ""  # decoded text so far, held-back part included
+        self.finish_reason: str | None = None
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """Append a sampled token; return (text it made visible, finish reason or None)."""
+        self.tokens.append(token)
+        finish = self.checker.check_token(token)  # stop token / EOS: its text is not shown
+        text = ""
+        stop_string_hit = False
+        if finish is None and self.detok is not None:
+            stop_string_hit, text = self._text_step(self.detok.add(token))
+            finish = "stop" if stop_string_hit else None
+        if finish is None and self.n_generated >= self.params.max_new_tokens:
+            finish = "length"
+        if finish is not None and not stop_string_hit and self.detok is not None:
+            # release what the detokenizer and the stop checker were still holding back
+            hit, more = self._text_step(self.detok.flush())
+            text += more if hit else more + self.checker.flush(self.raw_text)
+        self.finish_reason = finish
+        return text, finish
+
+    def _text_step(self, delta: str) -> tuple[bool, str]:
+        """Run a detokenized delta through the stop-string checker: (stop string hit, text to show)."""
+        hit, emit = self.checker.check_text(self.raw_text, delta)
+        self.raw_text += delta
+        return hit, emit
+
+
+def sample_step(
+    logits: torch.Tensor, seqs: list[Sequence], active: list[bool] | None = None
+) -> list[TokenEvent | None]:
+    """Sample every row's next token from `logits` [B, V] and pass it through its `Sequence`.
+
+    Rows not `active` (finished, kept in a static batch) get None and are not advanced.
+    """
+    out = sample_next(
+        logits, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs],
+        prompt_lens=[s.prompt_len for s in seqs],
+    )
+    token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
+    top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+    top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+    events: list[TokenEvent | None] = []
+    for b, seq in enumerate(seqs):
+        if active is not None and not active[b]:
+            events.append(None)
+            continue
+        n_top = seq.params.logprobs
+        top = list(zip(top_ids[b][:n_top], top_lps[b][:n_top])) if n_top and top_ids is not None else None
+        text, finish = seq.add(token_ids[b])
+        events.append(TokenEvent(token_ids[b], text, logprobs[b], top, finish))
+    return events
