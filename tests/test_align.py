@@ -142,6 +142,7 @@ def test_dpo_loss_and_rewards_match_transformers_logprobs(base, tmp_path, loss_t
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     pairs = tr.train_examples[:5]
     losses, stats = tr._pair_losses(pairs)
+    losses = losses.detach()
 
     merge_lora(copy.deepcopy(tr.raw_model)).save_pretrained(str(tmp_path / "merged"))
     pol = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
@@ -255,16 +256,11 @@ def test_rollouts_use_the_decode_fast_path(base, tmp_path):
     """Rollouts go through `llmkit.generate` with the KV cache and the decode fast path (the
     packed-for-decode Linear kind), never the slow recompute-everything path."""
     from llmkit.infer import generate as gen_mod
+    from llmkit.model.linear import PackedLinear
     from llmkit.train import rl
 
-    try:  # the packed-for-decode Linear kind (after the core redesign)
-        from llmkit.model.linear import PackedLinear
-
-        def fast_path(m):
-            return any(isinstance(x, PackedLinear) for x in m.modules())
-    except ImportError:  # before it: the cached FastDecoder
-        def fast_path(m):
-            return m.__dict__.get("_llmkit_fast_decoder") is not None
+    def fast_path(m):
+        return any(isinstance(x, PackedLinear) for x in m.modules())
 
     seen = []
     real = gen_mod.Generator.__init__

@@ -210,7 +210,6 @@ class Finetuner(Trainer):
         return model.train()
 
     def _load_base(self) -> nn.Module:
-        from llmkit.model.hf import load_model
 
         return load_model(self.ft.model)
 

@@ -27,7 +27,6 @@ from llmkit.train.config import OptimConfig
 from llmkit.train.finetune import DEFAULT_LR, FinetuneConfig, Finetuner
 from llmkit.train.trainer import TrainResult
 
-
 DPO_PANELS = [
     ("reward margin", ["rewards/margins", "eval_rewards/margins"]),
     ("reward accuracy", ["rewards/accuracies", "eval_rewards/accuracies"]),

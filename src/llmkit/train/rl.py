@@ -308,14 +308,14 @@ class RLTrainer(Finetuner):
     @torch.no_grad()
     def sample(self, prompts: list[PromptRecord], greedy: bool = False) -> tuple[list[list[int]], float]:
         """Completions (token ids, the stop token included) of each prompt, and the seconds it took."""
-        import llmkit
+        from llmkit.infer.generate import generate
 
         ft, model = self.ft, self.raw_model
         was = model.training
         model.eval()  # the decode fast path serves eval-mode models
         t0 = time.perf_counter()
         kw = {"temperature": 0.0} if greedy else {"temperature": ft.temperature, "top_k": ft.top_k}
-        outs = llmkit.generate(model, [p.prompt_ids for p in prompts], max_new_tokens=ft.max_new_tokens,
+        outs = generate(model, [p.prompt_ids for p in prompts], max_new_tokens=ft.max_new_tokens,
                                eos_token_ids=self.stop_ids, **kw)
         model.train(was)
         return outs, time.perf_counter() - t0
