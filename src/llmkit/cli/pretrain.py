@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue from out_dir's latest checkpoint (or from the checkpoint folder CKPT)",
     )
     p.add_argument("--overwrite", action="store_true", help="start over even if out_dir holds a checkpoint")
-    p.add_argument("--strategy", choices=["auto", "single", "ddp", "fsdp"], help="distributed strategy")
+    p.add_argument("--strategy", choices=["auto", "single", "ddp", "fsdp", "parallel"], help="distributed strategy")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--max_iters", "--max-iters", dest="max_iters", type=int, help="optimizer steps")
     p.set_defaults(func=run, accepts_extra=True)
