@@ -319,6 +319,7 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 "model_config": self.model_config.to_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                "extra": self.extra_state(),
             }
             if dcp_dir is not None:
                 self._export_dcp(dcp_dir)
@@ -392,6 +393,7 @@ class Trainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
+        self.load_extra_state(state.get("extra") or {})
         set_rng_state(state["rng"][info.rank])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         if self.metrics is not None:
@@ -447,6 +449,17 @@ class Trainer:
         self.model.train()
         total = D.all_reduce_sum(total, info)
         return float(total[0] / total[1])
+
+    def extra_state(self) -> dict[str, Any]:
+        """More state for exact resume (subclasses: an adaptive KL coefficient, ...)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """More fields for the eval record (subclasses: DPO rewards, reward-model accuracy, ...)."""
+        return {}
 
     # ------------------------------------------------------------------ training
     def lr_at(self, step: int, elapsed: float) -> float:
@@ -571,6 +584,7 @@ class Trainer:
                     "lr": lr,
                     "tokens_per_sec": seg_tokens / max(seg_time, 1e-9),  # seg_tokens counts the global batch
                 }
+                record.update(self.extra_metrics())
                 if self.metrics is not None:
                     self.metrics.log(record)
                     bar.write(
