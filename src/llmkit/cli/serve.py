@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name)")
     p.add_argument("--embedding-model", default=None, help="encoder folder for /v1/embeddings")
     p.add_argument("--embedding-model-name", default=None, help="id of the embedding model (default: folder name)")
+    p.add_argument("--rag-store", default=None, help="RAG store (folder or postgresql://) for POST /v1/rag/query")
     p.add_argument("--max-batch-size", type=int, default=8, help="max concurrent sequences in the running batch")
     p.add_argument(
         "--max-queue",
@@ -53,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter folder under model name NAME (repeatable; one shared batch)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights on load (RTN, CPU kernels)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -83,8 +85,13 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         device=args.device,
         lora=lora,
+        quantize=args.quantize,
         limits=ServerLimits(enable_docs=args.enable_docs, **given),
     )
     print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
+    if args.rag_store:
+        from llmkit.rag.service import RagService
+
+        state.rag = RagService(args.rag_store)
     serve(state, host=args.host, port=args.port, log_level=args.log_level)
     return 0

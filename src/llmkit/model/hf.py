@@ -17,8 +17,10 @@ from llmkit.errors import CheckpointError, ConfigError
 from llmkit.fsutil import write_dir
 from llmkit.model.config import ModelConfig
 from llmkit.model.families import FAMILIES, get_family
+from llmkit.model.quant import build_quantized
 
-MODEL_CLASSES: dict[str, type] = {}  # "decoder" / "encoder" -> the class; registered by transformer.py / bert.py
+MODEL_CLASSES: dict[str, type] = {}  # "decoder" / "encoder" / "seq2seq" -> the class; registered by
+# transformer.py / bert.py / t5.py
 
 # ---------------------------------------------------------------------------- config.json
 
@@ -30,7 +32,10 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"unsupported model_type {mt!r} in config.json; llmkit loads: {', '.join(FAMILIES)}")
     common = dict(model_type=mt, vocab_size=d["vocab_size"], bos_token_id=d.get("bos_token_id"),
                   eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"), extra=dict(d))
-    return get_family(mt).config_from_hf(d, common)
+    try:
+        return get_family(mt).config_from_hf(d, common)
+    except KeyError as e:
+        raise ConfigError(f"config.json of model_type {mt!r} lacks the key {e.args[0]!r}") from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -48,7 +53,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # tensors a checkpoint may carry that are not weights (buffers, heads we do not use)
-_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "position_ids")
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "position_ids",
+                       "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",  # T5: copies of shared
+                       "EncDecAttention.relative_attention_bias.weight")
 
 
 def _ignorable(name: str, cfg: ModelConfig) -> bool:
@@ -209,24 +216,48 @@ def load_model(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
     adapter: str | os.PathLike | None = None,
 ):
     """Load a Hugging Face model folder (or hub id) as an llmkit model in eval mode.
 
-    dtype defaults to float32 on CPU and to the checkpoint's dtype on an accelerator.
+    dtype defaults to float32 on CPU and to the checkpoint's dtype on an accelerator. A folder written
+    for a quantized model loads quantized; `quantize="int8"` (per channel) or `"int4"` (group 64)
+    quantizes a float one on the fly (RTN).
     `adapter`: a PEFT adapter folder (LoRA or prompt tuning) applied on top of the base weights.
     """
+    model = _load_model(path, dtype, device)
+    if quantize:
+        if getattr(model, "quantization", None) or not hasattr(model, "quantize"):
+            raise ConfigError(f"--quantize {quantize}: {path} is already quantized or not a decoder")
+        if quantize not in ("int8", "int4"):
+            raise ConfigError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
+        model.quantize(quantize, group_size=0 if quantize == "int8" else 64)
+    if adapter is not None:
+        from llmkit.model.adapters import load_adapter  # adapters build on this module's loader
+
+        name = getattr(model, "name_or_path", None)
+        model = load_adapter(model, adapter).eval()
+        model.name_or_path = name
+    return model
+
+
+def _load_model(path, dtype, device):
     p = _resolve(path)
     d = read_config(p)
     if "model_type" not in d:
         raise CheckpointError(f"{p / 'config.json'} has no model_type")
+    quantization = d.pop("quantization", None)
     cfg = config_from_hf(d)
     device = torch.device(device or "cpu")
+    if quantization is not None:
+        return _load_quantized(p, cfg, quantization, device)
     if dtype is None:
         name = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = getattr(torch, name, torch.float32) if device.type != "cpu" else torch.float32
     with torch.device("meta"):
-        model = MODEL_CLASSES["encoder" if get_family(cfg.model_type).encoder else "decoder"](cfg)
+        fam = get_family(cfg.model_type)
+        model = MODEL_CLASSES["encoder" if fam.encoder else "seq2seq" if fam.seq2seq else "decoder"](cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     sd = hf_to_llmkit(read_state_dict(p), cfg, expected)
     encoder = get_family(cfg.model_type).encoder
@@ -243,12 +274,34 @@ def load_model(
         model.lm_head.weight = model.wte.weight
     model.init_buffers(device)
     model.name_or_path = str(p)
-    if adapter is not None:
-        from llmkit.model.adapters import load_adapter  # adapters build on this module's loader
-
-        model = load_adapter(model, adapter)
-        model.name_or_path = str(p)
     return model.eval()
+
+
+def _load_quantized(p: Path, cfg: ModelConfig, quantization: dict[str, Any], device: torch.device):
+    """A folder `save_pretrained` wrote for a quantized model: llmkit tensor names, quantized kinds."""
+    if device.type != "cpu":
+        raise ConfigError(f"quantized models run on the CPU kernels; got device {device}")
+    if not isinstance(quantization, dict) or not isinstance(quantization.get("modules"), dict):
+        raise CheckpointError(f"{p / 'config.json'}: 'quantization' must be an object with a 'modules' map")
+    with torch.device("meta"):
+        model = MODEL_CLASSES["decoder"](cfg)
+    build_quantized(model, quantization)
+    sd = read_state_dict(p)
+    for k, v in sd.items():  # the int8 kernels' vector loads need 64-byte alignment; safetensors gives 8
+        if v.data_ptr() % 64:
+            sd[k] = v.clone()
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["wte.weight"]
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{p}: tensors do not match the quantized model in config.json: {e}") from None
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    model.init_buffers(device)
+    model.name_or_path = str(p)
+    return model.eval()
+
 
 
 def _is_weights_file(name: str) -> bool:
@@ -261,8 +314,16 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_s
 
     cfg = model.config
     hf_cfg = config_to_hf(cfg)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in llmkit_to_hf(model).items()}
-    dtype = next(iter(tensors.values())).dtype
+    quantization = getattr(model, "quantization", None)
+    if quantization:  # llmkit's own tensor names: quantized kinds have no Hugging Face equivalent
+        sd = model.state_dict()
+        if cfg.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        hf_cfg["quantization"] = quantization
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    else:
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in llmkit_to_hf(model).items()}
+    dtype = next(v.dtype for v in tensors.values() if v.is_floating_point())
     hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -278,8 +339,8 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_s
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if not get_family(cfg.model_type).encoder:
-            gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if getattr(cfg, k) is not None}
+            keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+            gen = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})

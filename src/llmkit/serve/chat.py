@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 
 from llmkit.errors import InputError
 from llmkit.infer.grammar import Grammar, compile_grammar
+from llmkit.serve import rag
 from llmkit.serve.errors import APIError
 from llmkit.serve.protocol import ChatCompletionRequest
 from llmkit.serve.sequences import (
@@ -99,6 +100,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     adapter = state.require_generator(body.model)
     served = adapter or state.model_name
     _check_response_format(body)
+    rag_context = await rag.augment(request, body)  # None unless the request asks for retrieval
+    extra = {} if rag_context is None else {"rag_context": rag_context}
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs requires logprobs=true", 400, param="top_logprobs")
     check_logit_bias(body, state.tokenizer.vocab_size)
@@ -146,7 +149,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
         async def stream() -> AsyncIterator[str]:
             for s in states:
-                yield sse(chunk(s.index, {"role": "assistant", "content": ""}, None, None))
+                yield sse(chunk(s.index, {"role": "assistant", "content": ""}, None, None) | extra)
             async with aclosing(merged_events(handles, request, state.deadline(), state)) as events:
                 async for i, ev in events:
                     s = states[i]
@@ -192,4 +195,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         "system_fingerprint": fingerprint,
         "choices": choices,
         "usage": usage(),
+        **extra,
     }

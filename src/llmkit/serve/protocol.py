@@ -155,6 +155,7 @@ class ChatCompletionRequest(_SamplingFields):
     # vLLM's guided decoding extras
     guided_choice: list[str] | None = None
     guided_regex: str | None = None
+    rag: bool | dict | None = None  # retrieval from --rag-store (serve/rag.py)
 
 
 class EmbeddingRequest(_Request):

@@ -182,12 +182,12 @@ class Finetuner(Trainer):
 
     def _build_model(self) -> nn.Module:
         ft = self.ft
-        base = load_model(ft.model)
+        base = self._load_base()
         if base.config.model_type == "bert":
             raise ConfigError(f"{ft.model} is an encoder (bert); finetune trains causal language models")
         self.model_config = base.config
         V = base.config.vocab_size
-        hi = max(max(e.input_ids) for e in self.train_examples + self.val_examples)
+        hi = self._max_token_id()
         if hi >= V:
             raise ConfigError(f"the tokenized data uses id {hi} but the model's vocabulary has {V} entries; "
                               "expected the tokenizer saved with the base model")
@@ -208,6 +208,13 @@ class Finetuner(Trainer):
         if self.t_warmup is None:
             t.warmup_iters = max(1, t.max_iters // 20)
         return model.train()
+
+    def _load_base(self) -> nn.Module:
+
+        return load_model(self.ft.model)
+
+    def _max_token_id(self) -> int:
+        return max(max(e.input_ids) for e in self.train_examples + self.val_examples)
 
     def _batches_per_epoch(self) -> int:
         t, ft = self.t, self.ft
