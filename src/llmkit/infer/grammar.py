@@ -47,9 +47,21 @@ _controls: dict[tuple[int, int], torch.Tensor] = {}
 _compiled: dict[tuple[int, int, tuple[int, ...], Grammar], Any] = {}
 
 
+def _xgrammar() -> Any:
+    """The xgrammar module, or a clear error naming the extra that installs it."""
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise InputError(
+            "constrained decoding (response_format, guided_choice, guided_regex) needs xgrammar: "
+            "pip install 'llmkit[structured]'"
+        ) from e
+    return xgrammar
+
+
 def _compiler(tokenizer: Any, vocab_size: int, stop_ids: tuple[int, ...]) -> Any:
-    import xgrammar as xgr
-    from transformers import PreTrainedTokenizerFast
+    xgr = _xgrammar()
+    from transformers import PreTrainedTokenizerFast  # installed with xgrammar
 
     key = (id(tokenizer), vocab_size, stop_ids)
     with _lock:
@@ -105,7 +117,7 @@ class Constraint:
 
     def mask_logits(self, row: torch.Tensor) -> None:
         """Set the logits of forbidden tokens to -inf, in place (`row` [V])."""
-        import xgrammar as xgr
+        xgr = _xgrammar()
 
         V = row.shape[-1]
         if self.matcher is None:
