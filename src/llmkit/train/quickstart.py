@@ -15,7 +15,8 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmkit.errors import InputError
@@ -118,6 +119,27 @@ def _corpus_folder(out_dir: Path) -> Path:
 
 
 @dataclass
+class StageClock:
+    """Wall and CPU seconds per stage (CPU time: what the stage costs on an idle machine)."""
+
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = time.perf_counter() - w
+            self.cpu[name] = time.process_time() - c
+
+    def report(self) -> str:
+        parts = [f"{k} {self.wall[k]:.0f} s ({self.cpu[k]:.0f} s CPU)" for k in self.wall]
+        return f"quickstart stages (wall, process CPU): {', '.join(parts)}; total {sum(self.wall.values()):.0f} s"
+
+
+@dataclass
 class QuickstartResult:
     """What the quickstart made: the base model run and, unless skipped, the chat model run."""
 
@@ -125,7 +147,7 @@ class QuickstartResult:
     chat: TrainResult | None
     base_dir: str
     chat_dir: str | None
-    stage_seconds: dict[str, float]
+    clock: StageClock
 
 
 def build_chat_data(corpus: str | Path, out_file: Path, max_examples: int, seed: int = 0) -> int:
@@ -174,8 +196,7 @@ def quickstart(
 
     `overrides` are `--section.key value` pairs applied to the quickstart config.
     """
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
+    clock = StageClock()
     cfg = quickstart_config(out_dir, minutes, data, max_iters, overrides)
     if cfg.data.path is None:
         cfg.data.path = str(_corpus_folder(Path(cfg.out_dir)))
@@ -184,10 +205,20 @@ def quickstart(
         f"quickstart: corpus {cfg.data.path}, BPE vocabulary {cfg.data.vocab_size}, context "
         f"{cfg.train.block_size} tokens, training budget {cfg.train.max_minutes:g} min -> {cfg.out_dir}"
     )
-    result = pretrain(cfg, overwrite=True)
-    times["pretrain"] = time.perf_counter() - t0
+    with clock("prepare+pretrain"):
+        result = pretrain(cfg, overwrite=True)
 
-    t1 = time.perf_counter()
+    with clock("samples"):
+        _base_report(cfg, result, n_samples, max_new_tokens)
+    chat_result, chat_dir = None, None
+    if chat:
+        chat_result, chat_dir = _chat_stage(cfg, chat_minutes, chat_max_steps, n_samples, progress, clock)
+    print(clock.report())
+    print("\n" + next_steps(cfg.out_dir, chat_dir))
+    return QuickstartResult(result, chat_result, cfg.out_dir, chat_dir, clock)
+
+
+def _base_report(cfg: TrainConfig, result: TrainResult, n_samples: int, max_new_tokens: int) -> None:
     model = load_model(cfg.out_dir)
     tok = load_tokenizer(cfg.out_dir)
     ppl = math.exp(min(result.val_loss, 50.0)) if result.val_loss is not None else float("nan")
@@ -200,22 +231,14 @@ def quickstart(
     for i, prompt in enumerate(PROMPTS[:n_samples]):
         text = sample_text(model, tok, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=i)
         print(f"--- sample {i + 1} ---\n{text}\n")
-    times["samples"] = time.perf_counter() - t1
-
-    chat_result, chat_dir = None, None
-    if chat:
-        chat_result, chat_dir = _chat_stage(cfg, chat_minutes, chat_max_steps, n_samples, progress, times)
-    print(next_steps(cfg.out_dir, chat_dir))
-    return QuickstartResult(result, chat_result, cfg.out_dir, chat_dir, times)
 
 
 def _chat_stage(cfg: TrainConfig, minutes: float | None, max_steps: int | None, n_samples: int, progress: bool,
-                times: dict[str, float]) -> tuple[TrainResult | None, str | None]:
-    t0 = time.perf_counter()
+                clock: StageClock) -> tuple[TrainResult | None, str | None]:
     out = Path(cfg.out_dir)
     data_file, chat_dir = out / "chat_data.jsonl", out / "chat"
-    n = build_chat_data(cfg.data.path, data_file, CHAT["max_examples"], seed=cfg.train.seed)
-    times["chat_data"] = time.perf_counter() - t0
+    with clock("chat data"):
+        n = build_chat_data(cfg.data.path, data_file, CHAT["max_examples"], seed=cfg.train.seed)
     if n < 10:
         print(f"chat stage skipped: only {n} dialogue pair(s) found in {cfg.data.path} (expected a play: "
               "speaker lines such as 'HAMLET.' or 'First Citizen:' over each speech); the base model is the result")
@@ -223,16 +246,15 @@ def _chat_stage(cfg: TrainConfig, minutes: float | None, max_steps: int | None, 
     budget = CHAT["minutes"] if minutes is None else minutes
     print(f"chat stage: {n:,} dialogue pairs from the plays ({data_file}) -> full fine-tuning for "
           f"{budget:g} min -> {chat_dir}")
-    t1 = time.perf_counter()
-    r = finetune(str(out), str(data_file), str(chat_dir), method="full", lr=CHAT["lr"], batch_size=CHAT["batch_size"],
-                 max_seq_len=min(CHAT["max_seq_len"], cfg.train.block_size), val_fraction=CHAT["val_fraction"],
-                 max_steps=max_steps, max_minutes=budget, overwrite=True, progress=progress,
-                 num_threads=cfg.train.num_threads, eval_interval=max_steps)
-    times["chat_finetune"] = time.perf_counter() - t1
+    with clock("chat finetune"):
+        r = finetune(str(out), str(data_file), str(chat_dir), method="full", lr=CHAT["lr"],
+                     batch_size=CHAT["batch_size"],
+                     max_seq_len=min(CHAT["max_seq_len"], cfg.train.block_size), val_fraction=CHAT["val_fraction"],
+                     max_steps=max_steps, max_minutes=budget, overwrite=True, progress=progress,
+                     num_threads=cfg.train.num_threads, eval_interval=max_steps)
     print(f"chat model: val loss {r.val_loss:.4f} on held-out dialogue replies, {r.step} steps; folder {chat_dir}\n")
-    t2 = time.perf_counter()
-    model, tok = load_model(chat_dir), load_tokenizer(chat_dir)
-    for i, user in enumerate(CHAT_PROMPTS[: max(0, min(n_samples, len(CHAT_PROMPTS)))]):
-        print(f"--- chat {i + 1} ---\nuser: {user}\nassistant: {chat_sample(model, tok, user, seed=i)}\n")
-    times["chat_samples"] = time.perf_counter() - t2
+    with clock("chat samples"):
+        model, tok = load_model(chat_dir), load_tokenizer(chat_dir)
+        for i, user in enumerate(CHAT_PROMPTS[: max(0, min(n_samples, len(CHAT_PROMPTS)))]):
+            print(f"--- chat {i + 1} ---\nuser: {user}\nassistant: {chat_sample(model, tok, user, seed=i)}\n")
     return r, str(chat_dir)
