@@ -3,14 +3,14 @@
 Model: Llama-shaped, hidden 256, 4 layers, 8 heads (GQA, 4 KV heads), intermediate 688, vocab
 8192, random init, fp32, CPU. LoRA r=16, alpha=32, dropout 0.05, on all linear projections (q, k,
 v, o, gate, up, down), AdamW lr 1e-4, batches of 8 x 256 random tokens with the loss on every
-position. Each side runs in its own child process (so peak memory is its own), alternating
-llmkit / peft for `--rounds` rounds; each round times `--steps` optimizer steps after 2 warm-up
-steps. Reports the median tokens/s of each, their ratio, and the training memory of each: peak
-resident set during training minus the resident set just before the first step (activations,
-gradients and optimizer state; the weights are the same on both sides).
+position. Speed: both models in this process, one optimizer step of each in turn (so a loaded
+machine slows both alike), `--steps` timed steps after 2 warm-up steps; the median step time gives
+tokens/s. Memory: each side alone in a child process for 3 steps; training memory = peak resident
+set minus the resident set just before the first step (activations, gradients, optimizer state;
+the weights are the same on both sides).
 
-    python benchmarks/bench_lora.py                    # 3 rounds, 10 steps, 2 threads
-    python benchmarks/bench_lora.py --rounds 5 --threads 1
+    python benchmarks/bench_lora.py                    # 8 steps, 2 threads
+    python benchmarks/bench_lora.py --steps 12 --threads 1
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(side: str, folder: str, steps: int, threads: int) -> dict:
+def build_side(side: str, folder: str):
+    """(model, loss function of a [B, T+1] batch, trainable parameters) for llmkit or peft."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     if side == "llmkit":
         import llmkit
@@ -77,28 +77,55 @@ def child(side: str, folder: str, steps: int, threads: int) -> dict:
             return F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    return model, loss_of, params
+
+
+def batches(n: int):
+    import torch
+
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g) for _ in range(steps + 2)]
+    return [torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g) for _ in range(n)]
+
+
+def child(side: str, folder: str, steps: int, threads: int) -> dict:
+    """Training memory of one side alone: peak RSS during `steps` steps minus RSS before them."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model, loss_of, params = build_side(side, folder)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     base_rss = rss_bytes()
-    t0 = 0.0
-    for i, x in enumerate(batches):
-        if i == 2:
-            t0 = time.perf_counter()
-        loss = loss_of(x)
-        loss.backward()
+    for x in batches(steps):
+        loss_of(x).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"tokens_per_sec": steps * BATCH * SEQ / dt, "train_mem_mib": (peak - base_rss) / 2**20,
-            "trainable": sum(p.numel() for p in params), "final_loss": float(loss)}
+    return {"train_mem_mib": (peak - base_rss) / 2**20, "trainable": sum(p.numel() for p in params)}
+
+
+def speed(folder: str, steps: int, threads: int) -> dict[str, list[float]]:
+    """Seconds per optimizer step of each side, the two sides alternating step by step in this
+    process (so both see the same machine load)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    sides = {s: build_side(s, folder) for s in ("llmkit", "peft")}
+    opts = {s: torch.optim.AdamW(v[2], lr=1e-4, weight_decay=0.0) for s, v in sides.items()}
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    for i, x in enumerate(batches(steps + 2)):
+        for s, (_, loss_of, _) in sides.items():
+            t0 = time.perf_counter()
+            loss_of(x).backward()
+            opts[s].step()
+            opts[s].zero_grad(set_to_none=True)
+            if i >= 2:  # two warm-up steps
+                times[s].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per side (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", choices=["llmkit", "peft"])
     ap.add_argument("--folder")
@@ -108,25 +135,25 @@ def main() -> None:
         return
     folder = tempfile.mkdtemp(prefix="bench_lora_")
     build(folder)
-    res: dict[str, list[dict]] = {"llmkit": [], "peft": []}
-    for r in range(args.rounds):
-        for side in ("llmkit", "peft"):
-            out = subprocess.run([sys.executable, __file__, "--child", side, "--folder", folder, "--steps",
-                                  str(args.steps), "--threads", str(args.threads)],
-                                 capture_output=True, text=True, check=True)
-            res[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"round {r + 1} {side:6s}: {res[side][-1]['tokens_per_sec']:,.0f} tok/s, "
-                  f"training memory {res[side][-1]['train_mem_mib']:,.0f} MiB", flush=True)
-    med = {s: statistics.median(x["tokens_per_sec"] for x in v) for s, v in res.items()}
-    mem = {s: statistics.median(x["train_mem_mib"] for x in v) for s, v in res.items()}
-    assert res["llmkit"][0]["trainable"] == res["peft"][0]["trainable"], "different trainable parameter counts"
-    print(f"trainable parameters: {res['llmkit'][0]['trainable']:,} (both)")
-    print(f"llmkit {med['llmkit']:,.0f} tok/s, peft+transformers {med['peft']:,.0f} tok/s: "
-          f"ratio {med['llmkit'] / med['peft']:.2f}x")
-    print(f"training memory: llmkit {mem['llmkit']:,.0f} MiB, peft+transformers {mem['peft']:,.0f} MiB: "
-          f"ratio {mem['llmkit'] / max(mem['peft'], 1e-9):.2f}x")
+    mem: dict[str, dict] = {}
+    for side in ("llmkit", "peft"):
+        out = subprocess.run([sys.executable, __file__, "--child", side, "--folder", folder, "--steps", "3",
+                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+        mem[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert mem["llmkit"]["trainable"] == mem["peft"]["trainable"], "different trainable parameter counts"
+    times = speed(folder, args.steps, args.threads)
+    tok = BATCH * SEQ
+    med = {s: statistics.median(v) for s, v in times.items()}
+    for s, v in times.items():
+        print(f"{s:6s}: step times {', '.join(f'{t:.2f}' for t in v)} s; median {tok / med[s]:,.0f} tok/s; "
+              f"training memory {mem[s]['train_mem_mib']:,.0f} MiB")
+    print(f"trainable parameters: {mem['llmkit']['trainable']:,} (both)")
+    print(f"llmkit {tok / med['llmkit']:,.0f} tok/s, peft+transformers {tok / med['peft']:,.0f} tok/s: "
+          f"ratio {med['peft'] / med['llmkit']:.2f}x")
+    print(f"training memory: llmkit {mem['llmkit']['train_mem_mib']:,.0f} MiB, peft+transformers "
+          f"{mem['peft']['train_mem_mib']:,.0f} MiB: ratio "
+          f"{mem['llmkit']['train_mem_mib'] / max(mem['peft']['train_mem_mib'], 1e-9):.2f}x")
     print(f"load average: {os.getloadavg()}")
-
 
 if __name__ == "__main__":
     main()
