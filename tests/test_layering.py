@@ -20,12 +20,15 @@ LAYERS = {
     "errors": 0,
     "fsutil": 0,
     "text": 1,  # documents, cleaning, dedup (no tokens)
+    "sandbox": 1,  # untrusted code execution (eval's HumanEval, agent's python tool)
     "tokenizer": 2,
     "data": 3,  # tokenized shards
     "model": 4,
     "infer": 5,  # the one generation loop (train samples through it)
     "train": 6,
     "serve": 6,
+    "eval": 6,
+    "compress": 6,  # calibration data, GGUF / ONNX export (quantizers live in model/quant.py)
     "cli": 7,
     "__main__": 8,
 }

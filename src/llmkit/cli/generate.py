@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="the prompt text (default: read stdin)")
     p.add_argument("--no-special-tokens", action="store_true", help="do not add BOS etc. to the prompt")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: decode an `llmkit export onnx` folder with ONNX Runtime")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: torch's)")
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -22,7 +25,14 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.infer.generate import stream_text
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    model, tokenizer = load_model_and_tokenizer(args)
+    if args.backend == "onnxruntime":
+        import llmkit
+        from llmkit.compress.onnx import OrtModel
+
+        model = OrtModel(args.model, threads=args.threads)
+        tokenizer = llmkit.load_tokenizer(args.tokenizer or args.model)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args)
     if args.echo:
         sys.stdout.write(prompt)
     for delta in stream_text(

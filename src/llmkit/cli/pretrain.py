@@ -28,9 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue from out_dir's latest checkpoint (or from the checkpoint folder CKPT)",
     )
     p.add_argument("--overwrite", action="store_true", help="start over even if out_dir holds a checkpoint")
-    p.add_argument("--strategy", choices=["auto", "single", "ddp", "fsdp"], help="distributed strategy")
+    p.add_argument("--strategy", choices=["auto", "single", "ddp", "fsdp", "parallel"], help="distributed strategy")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--max_iters", "--max-iters", dest="max_iters", type=int, help="optimizer steps")
+    p.add_argument("--qat", choices=["int8", "int4"],
+                   help="quantization-aware training; out_dir gets the quantized model")
     p.set_defaults(func=run, accepts_extra=True)
 
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.path = args.data
     if args.out_dir:
         cfg.out_dir = args.out_dir
-    for key in ("strategy", "device", "max_iters"):
+    for key in ("strategy", "device", "max_iters", "qat"):
         if getattr(args, key) is not None:
             setattr(cfg.train, key, getattr(args, key))
     result = pretrain(cfg, resume=args.resume, overwrite=args.overwrite)

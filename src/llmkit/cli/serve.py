@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter folder under model name NAME (repeatable; one shared batch)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights on load (RTN, CPU kernels)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         device=args.device,
         lora=lora,
+        quantize=args.quantize,
         limits=ServerLimits(enable_docs=args.enable_docs, **given),
     )
     print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")

@@ -17,6 +17,7 @@ from llmkit.errors import CheckpointError, ConfigError
 from llmkit.fsutil import write_dir
 from llmkit.model.config import ModelConfig
 from llmkit.model.families import FAMILIES, get_family
+from llmkit.model.quant import build_quantized
 
 MODEL_CLASSES: dict[str, type] = {}  # "decoder" / "encoder" -> the class; registered by transformer.py / bert.py
 
@@ -209,19 +210,42 @@ def load_model(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
     adapter: str | os.PathLike | None = None,
 ):
     """Load a Hugging Face model folder (or hub id) as an llmkit model in eval mode.
 
-    dtype defaults to float32 on CPU and to the checkpoint's dtype on an accelerator.
+    dtype defaults to float32 on CPU and to the checkpoint's dtype on an accelerator. A folder written
+    for a quantized model loads quantized; `quantize="int8"` (per channel) or `"int4"` (group 64)
+    quantizes a float one on the fly (RTN).
     `adapter`: a PEFT adapter folder (LoRA or prompt tuning) applied on top of the base weights.
     """
+    model = _load_model(path, dtype, device)
+    if quantize:
+        if getattr(model, "quantization", None) or not hasattr(model, "quantize"):
+            raise ConfigError(f"--quantize {quantize}: {path} is already quantized or not a decoder")
+        if quantize not in ("int8", "int4"):
+            raise ConfigError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
+        model.quantize(quantize, group_size=0 if quantize == "int8" else 64)
+    if adapter is not None:
+        from llmkit.model.adapters import load_adapter  # adapters build on this module's loader
+
+        name = getattr(model, "name_or_path", None)
+        model = load_adapter(model, adapter).eval()
+        model.name_or_path = name
+    return model
+
+
+def _load_model(path, dtype, device):
     p = _resolve(path)
     d = read_config(p)
     if "model_type" not in d:
         raise CheckpointError(f"{p / 'config.json'} has no model_type")
+    quantization = d.pop("quantization", None)
     cfg = config_from_hf(d)
     device = torch.device(device or "cpu")
+    if quantization is not None:
+        return _load_quantized(p, cfg, quantization, device)
     if dtype is None:
         name = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = getattr(torch, name, torch.float32) if device.type != "cpu" else torch.float32
@@ -243,12 +267,34 @@ def load_model(
         model.lm_head.weight = model.wte.weight
     model.init_buffers(device)
     model.name_or_path = str(p)
-    if adapter is not None:
-        from llmkit.model.adapters import load_adapter  # adapters build on this module's loader
-
-        model = load_adapter(model, adapter)
-        model.name_or_path = str(p)
     return model.eval()
+
+
+def _load_quantized(p: Path, cfg: ModelConfig, quantization: dict[str, Any], device: torch.device):
+    """A folder `save_pretrained` wrote for a quantized model: llmkit tensor names, quantized kinds."""
+    if device.type != "cpu":
+        raise ConfigError(f"quantized models run on the CPU kernels; got device {device}")
+    if not isinstance(quantization, dict) or not isinstance(quantization.get("modules"), dict):
+        raise CheckpointError(f"{p / 'config.json'}: 'quantization' must be an object with a 'modules' map")
+    with torch.device("meta"):
+        model = MODEL_CLASSES["decoder"](cfg)
+    build_quantized(model, quantization)
+    sd = read_state_dict(p)
+    for k, v in sd.items():  # the int8 kernels' vector loads need 64-byte alignment; safetensors gives 8
+        if v.data_ptr() % 64:
+            sd[k] = v.clone()
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["wte.weight"]
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{p}: tensors do not match the quantized model in config.json: {e}") from None
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    model.init_buffers(device)
+    model.name_or_path = str(p)
+    return model.eval()
+
 
 
 def _is_weights_file(name: str) -> bool:
@@ -261,8 +307,16 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_s
 
     cfg = model.config
     hf_cfg = config_to_hf(cfg)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in llmkit_to_hf(model).items()}
-    dtype = next(iter(tensors.values())).dtype
+    quantization = getattr(model, "quantization", None)
+    if quantization:  # llmkit's own tensor names: quantized kinds have no Hugging Face equivalent
+        sd = model.state_dict()
+        if cfg.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        hf_cfg["quantization"] = quantization
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    else:
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in llmkit_to_hf(model).items()}
+    dtype = next(v.dtype for v in tensors.values() if v.is_floating_point())
     hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
 
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -20,6 +20,7 @@ from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
 from llmkit.model.layers import ACTIVATIONS, check_token_ids, make_norm
 from llmkit.model.positions import alibi_bias, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
+from llmkit.model.quant import count_weights, prepare_qat, quantize_model
 
 
 class CausalSelfAttention(nn.Module):
@@ -55,7 +56,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=nkv != nh,
+            enable_gqa=int(k.shape[1]) != nh,  # a cache may hand back keys already repeated per query head
         )  # [B, nh, T, hd]
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
@@ -94,7 +95,32 @@ class MoE(nn.Module):
         self.router = nn.Linear(C, E, bias=False)
         self.w_fc = nn.Parameter(torch.empty(E, 2 * inter, C))  # per expert [gate; up]
         self.w_proj = nn.Parameter(torch.empty(E, C, inter))
+        # per-expert Linear kinds instead of the stacked tensors (after `split_experts`, e.g. quantized)
+        self.fc_experts: nn.ModuleList | None = None
+        self.proj_experts: nn.ModuleList | None = None
         self.stats: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def split_experts(self) -> None:
+        """Move the stacked expert weights into per-expert `nn.Linear`s (swappable like any projection)."""
+        if self.fc_experts is not None:
+            return
+        E, I2, C = self.w_fc.shape
+        fcs, projs = nn.ModuleList(), nn.ModuleList()
+        for e in range(E):
+            fc = nn.Linear(C, I2, bias=False, device=self.w_fc.device, dtype=self.w_fc.dtype)
+            proj = nn.Linear(I2 // 2, C, bias=False, device=self.w_proj.device, dtype=self.w_proj.dtype)
+            fc.weight, proj.weight = nn.Parameter(self.w_fc.data[e]), nn.Parameter(self.w_proj.data[e])
+            fcs.append(fc)
+            projs.append(proj)
+        del self.w_fc, self.w_proj
+        self.fc_experts, self.proj_experts = fcs, projs
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # [n, C] -> [n, C]
+        if self.fc_experts is not None:
+            gate, up = self.fc_experts[e](x).chunk(2, dim=-1)
+            return self.proj_experts[e](self.act(gate) * up)
+        gate, up = (x @ self.w_fc[e].T).chunk(2, dim=-1)
+        return (self.act(gate) * up) @ self.w_proj[e].T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -106,8 +132,7 @@ class MoE(nn.Module):
         counts = torch.bincount(top_i.flatten(), minlength=self.n_expert)
         for e in counts.nonzero().flatten().tolist():
             tok, slot = (top_i == e).nonzero(as_tuple=True)
-            gate, up = (xf[tok] @ self.w_fc[e].T).chunk(2, dim=-1)
-            h = (self.act(gate) * up) @ self.w_proj[e].T
+            h = self._expert(e, xf[tok])
             out.index_add_(0, tok, h * top_w[tok, slot, None])
         self.stats = (counts.float(), probs.sum(0), xf.shape[0])
         return out.view(B, T, C)
@@ -171,7 +196,7 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, 0.0, std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        if isinstance(module, MoE):
+        if isinstance(module, MoE) and module.fc_experts is None:
             nn.init.normal_(module.w_fc, 0.0, std)
             nn.init.normal_(module.w_proj, 0.0, std / math.sqrt(2 * self.config.n_layer))
         if isinstance(module, Block):  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
@@ -180,6 +205,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.mlp.proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters of the float model (a quantized model counts its weights' elements)."""
+        if getattr(self, "quantization", None):
+            return count_weights(self, exclude_embeddings)
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
@@ -187,11 +215,31 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
+        return self.ln_f.weight.dtype  # norms stay float in every Linear kind
 
     @property
     def device(self) -> torch.device:
-        return self.wte.weight.device
+        return self.ln_f.weight.device
+
+    # ------------------------------------------------------------------ compression
+    def quantize(
+        self,
+        dtype: torch.dtype | str = torch.int8,
+        group_size: int | None = 64,
+        method: str = "rtn",
+        calibration: torch.Tensor | list | None = None,
+        **kw: Any,
+    ) -> Transformer:
+        """Quantize the projections in place (int8 or int4; RTN, GPTQ, AWQ or W8A8) and return self.
+
+        `calibration`: token ids [n, seq] (needed by gptq, awq and w8a8). `skip=("lm_head",)` keeps the
+        head float, `skip=("embeddings",)` the token embeddings. See `llmkit.model.quant.quantize_model`.
+        """
+        return quantize_model(self, dtype, group_size, method, calibration, **kw)
+
+    def prepare_qat(self, dtype: torch.dtype | str = "int4", group_size: int | None = 64, **kw: Any) -> Transformer:
+        """Quantization-aware training: the projections train through fake quantization (STE)."""
+        return prepare_qat(self, dtype, group_size, **kw)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -42,6 +42,7 @@ def load_state(
     request_timeout: float | None = None,
     dtype: Any = None,
     device: str | None = None,
+    quantize: str | None = None,
     lora: dict[str, str] | None = None,
     limits: ServerLimits | None = None,
 ) -> ServerState:
@@ -68,7 +69,7 @@ def load_state(
     limits = limits or ServerLimits()
     if limits.max_body_bytes < 1 or (limits.max_connections is not None and limits.max_connections < 1):
         raise ConfigError("--max-body-bytes and --max-connections must be >= 1")
-    net = load_model(path, dtype=dtype, device=device)
+    net = load_model(path, dtype=dtype, device=device, quantize=quantize)
     tokenizer = load_tokenizer(path)
     name = served_model_name or path.resolve().name
     for adapter_name, folder in (lora or {}).items():

@@ -2,6 +2,7 @@
 
 Layout inside `out_dir/checkpoints/`:
     step_000500/state.pt   model, optimizer, step, sampler and RNG states (torch.save)
+    step_000500/dcp/       under train.parallel: model + optimizer shards (torch.distributed.checkpoint)
     step_000500/meta.json  step and the sha256 of state.pt (detects truncated/corrupt files)
     latest                 name of the newest complete checkpoint
 
@@ -60,8 +61,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep: int = 1) -> Path:
-    """Write `state` as checkpoint `step` atomically; keep `keep` older ones. Returns its folder."""
+def save_checkpoint(
+    out_dir: str | Path, step: int, state: dict[str, Any], keep: int = 1, move_in: dict[str, Path] | None = None
+) -> Path:
+    """Write `state` as checkpoint `step` atomically; keep `keep` older ones. Returns its folder.
+
+    `move_in` {name: folder}: finished folders (a distributed checkpoint's shards) moved inside
+    before the checkpoint is renamed into place."""
     root = Path(out_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -74,6 +80,8 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    for sub, folder in (move_in or {}).items():
+        os.replace(folder, tmp / sub)
     meta = {"step": step, "sha256": sha256_file(tmp / "state.pt"), "format": 1}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _fsync_dir(tmp)

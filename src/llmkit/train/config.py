@@ -26,6 +26,28 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """N-D parallelism on one DeviceMesh (pp, dp_replicate, dp_shard, tp); see docs/distributed.md."""
+
+    dp_shard: int = -1  # FSDP2 sharding degree; -1 = the processes left after dp_replicate * tp * pp
+    dp_replicate: int = 1  # replicas (DDP; HSDP when dp_shard > 1 too)
+    tp: int = 1  # tensor parallel (Megatron column/row plans, sequence parallel norms, vocab-parallel loss)
+    pp: int = 1  # pipeline stages (torch.distributed.pipelining), the model split by blocks
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b (2 stages per rank)
+    pp_microbatches: int | None = None  # None = the number of pipeline stages
+    zero: int | None = None  # 1 | 2 | 3 (FSDP2 reshard settings); None = 3 whenever parameters are sharded
+    offload: bool = False  # FSDP2 CPU offload of parameters, gradients and optimizer state
+    activation_checkpoint: str = "none"  # none | full | selective (per block)
+
+    def active(self) -> bool:
+        """Anything beyond plain DDP / FSDP asked for (then the trainer builds a DeviceMesh)."""
+        return (
+            self.tp > 1 or self.pp > 1 or self.dp_replicate > 1 or self.dp_shard > 1
+            or self.zero is not None or self.offload or self.activation_checkpoint != "none"
+        )
+
+
+@dataclass
 class OptimConfig:
     """The optimisation loop: AdamW, warmup + cosine schedule, evaluation and checkpoints."""
 
@@ -52,10 +74,14 @@ class OptimConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast dtype)
     compile: bool = False
     seed: int = 1337
-    strategy: str = "auto"  # auto (ddp under torchrun) | single | ddp | fsdp
+    strategy: str = "auto"  # auto (ddp under torchrun; parallel if train.parallel is set) | single | ddp | fsdp
+    # | parallel (N-D layouts, docs/distributed.md)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | None = None  # CPU threads; None = OMP_NUM_THREADS or all cores; 0 = time 1 vs all
     progress: bool = True  # tqdm bar
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    qat: str | None = None  # int8 | int4: quantization-aware training; out_dir gets the quantized model
+    qat_group_size: int = 64  # inputs per scale for QAT (0 = per channel, int8 only)
 
 
 @dataclass
@@ -185,7 +211,8 @@ def all_keys() -> list[str]:
     """Every dotted key a config or override may set."""
     keys = ["out_dir"] + [f"model.{k}" for k in model_keys()]
     keys += [f"data.{f.name}" for f in dataclasses.fields(DataConfig)]
-    keys += [f"train.{f.name}" for f in dataclasses.fields(OptimConfig)]
+    keys += [f"train.{f.name}" for f in dataclasses.fields(OptimConfig) if f.name != "parallel"]
+    keys += [f"train.parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)]
     return keys
 
 
@@ -219,6 +246,16 @@ def _unknown(key: str, valid: list[str]) -> str:
 
 def _set_field(obj: Any, name: str, value: Any, prefix: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    head, _, rest = name.partition(".")
+    sub = getattr(obj, head, None) if head in fields else None
+    if dataclasses.is_dataclass(sub):  # a nested section, e.g. train.parallel.tp
+        if rest:
+            return _set_field(sub, rest, value, prefix=f"{prefix}{head}.")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {prefix + head!r} must be a mapping, got {value!r}")
+        for k, v in value.items():
+            _set_field(sub, str(k), v, prefix=f"{prefix}{head}.")
+        return
     if name not in fields:
         raise ConfigError(_unknown(prefix + name, [prefix + k for k in fields]))
     setattr(obj, name, _coerce(value, getattr(type(obj)(), name), prefix + name))
@@ -232,7 +269,9 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key} expects true/false, got {value!r}")
-    if isinstance(default, int) or key in ("train.lr_decay_iters", "train.eval_iters", "train.num_threads"):
+    int_or_none = ("train.lr_decay_iters", "train.eval_iters", "train.num_threads", "train.parallel.zero",
+                   "train.parallel.pp_microbatches")
+    if isinstance(default, int) or key in int_or_none:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):

@@ -1,4 +1,5 @@
-"""Process-group set-up and model wrapping: single process, DDP, or FSDP2 (`fully_shard`)."""
+"""Process-group set-up and model wrapping: single process, DDP, or FSDP2 (`fully_shard`);
+N-D layouts (tp, pp, HSDP, ZeRO) are built by `parallel.py` under strategy `parallel`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn as nn
 
 from llmkit.errors import ConfigError
 
-STRATEGIES = ("auto", "single", "ddp", "fsdp")
+STRATEGIES = ("auto", "single", "ddp", "fsdp", "parallel")
 
 
 @dataclass
@@ -20,8 +21,14 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    strategy: str = "single"  # single | ddp | fsdp
+    strategy: str = "single"  # single | ddp | fsdp | parallel
     device: torch.device = torch.device("cpu")
+    dp_rank: int | None = None  # data-parallel rank and size (tp/pp ranks of one replica share the data)
+    dp_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.dp_rank = self.rank if self.dp_rank is None else self.dp_rank
+        self.dp_size = self.world_size if self.dp_size is None else self.dp_size
 
     @property
     def is_main(self) -> bool:
@@ -40,10 +47,20 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def setup(strategy: str, device: str) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE set); gloo on CPU, nccl on GPU."""
+def setup(strategy: str, device: str, parallel: bool = False) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE set); gloo on CPU, nccl on GPU.
+
+    `parallel`: the config asks for an N-D layout (train.parallel), which strategy `parallel` builds.
+    """
     if strategy not in STRATEGIES:
         raise ConfigError(f"train.strategy={strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if parallel:
+        if strategy in ("single", "ddp"):
+            raise ConfigError(
+                f"train.strategy={strategy} cannot combine with train.parallel settings; "
+                "use strategy auto or parallel (dp_replicate is DDP)"
+            )
+        strategy = "parallel"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
@@ -51,7 +68,7 @@ def setup(strategy: str, device: str) -> DistInfo:
         strategy = "ddp" if world > 1 else "single"
     if strategy == "single" and world > 1:
         raise ConfigError(f"train.strategy=single but {world} processes were launched; use ddp or fsdp")
-    if strategy in ("ddp", "fsdp") and "RANK" not in os.environ:
+    if strategy in ("ddp", "fsdp", "parallel") and "RANK" not in os.environ:
         if strategy == "ddp":  # DDP over one process is plain training
             strategy = "single"
         else:  # FSDP over a world of one still needs a process group

@@ -1,5 +1,6 @@
 """The pretraining loop: causal-LM loss, AdamW, warmup + cosine, accumulation, clipping, eval,
-atomic checkpoints with exact resume, metrics.jsonl + loss.png, DDP / FSDP2."""
+atomic checkpoints with exact resume, metrics.jsonl + loss.png, DDP / FSDP2, and N-D layouts
+(tensor / pipeline / HSDP / ZeRO, `parallel.py`) with distributed checkpoints."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from llmkit.train.checkpoint import (
 from llmkit.train.config import TrainConfig
 from llmkit.train.metrics import MetricsLog
 from llmkit.train.optim import build_adamw
+from llmkit.train.parallel import Parallel, checkpoint_folder, load_dcp_model, save_dcp
 from llmkit.train.prepare import TokenData, resolve_data
 from llmkit.train.schedule import cosine_lr, cosine_lr_fraction
 
@@ -140,8 +142,6 @@ class Trainer:
         if not 0.0 <= t.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
 
-    name = "pretrain"  # the progress bar's label
-
     # ------------------------------------------------------------------ set-up
     def _check_out_dir(self) -> dict[str, Any] | None:
         """Load the checkpoint to resume from, or make sure a fresh run overwrites nothing."""
@@ -152,7 +152,10 @@ class Trainer:
                     f"--resume: {str(self.out_dir)!r} has no checkpoint "
                     f"({CKPT_DIR}/latest); run without --resume to start"
                 )
-            return load_checkpoint(src)
+            state = load_checkpoint(src)
+            if state.get("format") == "dcp":  # the shards sit beside state.pt
+                state["path"] = str(checkpoint_folder(src))
+            return state
         existing = latest_checkpoint(self.out_dir)
         if existing is not None and not self.overwrite:
             raise CheckpointError(
@@ -161,9 +164,11 @@ class Trainer:
             )
         return None
 
+    name = "pretrain"  # the progress bar's label
+
     def _setup(self) -> None:
         t = self.t
-        self.dist = D.setup(t.strategy, t.device)
+        self.dist = D.setup(t.strategy, t.device, parallel=t.parallel.active())
         info = self.dist
         _set_threads(t.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
         self.state = self._check_out_dir()  # every rank reads it (single node, shared disk)
@@ -174,15 +179,28 @@ class Trainer:
         D.barrier(info)
 
         self._setup_data()
+        # model: every rank initialises identically from `seed`, then gets its own dropout stream
         _seed_all(t.seed)
         raw = self._build_model()
+        self.n_params = raw.num_params()
+        self.par = None
+        if info.strategy == "parallel":  # the mesh, the stages and the shards: parallel.py
+            if t.compile or t.dtype == "float16":
+                raise ConfigError(
+                    "train.parallel layouts run without torch.compile and without float16 loss scaling; "
+                    "expected train.compile false and train.dtype auto, float32 or bfloat16"
+                )
+            self.par = Parallel(raw, t.parallel, info.device, t.batch_size, t.block_size, lm_loss, t.grad_accum,
+                                t.label_smoothing)
+            info.dp_rank, info.dp_size = self.par.dp_rank, self.par.layout.dp
+            raw = self.par.view  # this rank's modules (a pipeline stage holds only its blocks)
         raw.to(info.device)
         self.raw_model = raw
         if t.num_threads == 0 and info.device.type == "cpu" and info.world_size == 1:
             n = autotune_threads(raw, t.batch_size, t.block_size)
             if info.is_main and t.progress:
                 tqdm.write(f"threads: {n} (the faster of 1 and {os.cpu_count()} on this machine right now)")
-        self.model: nn.Module = D.wrap_model(raw, info)
+        self.model: nn.Module = raw if self.par else D.wrap_model(raw, info)
         if t.compile:
             self.model = torch.compile(self.model)
         self.optimizer = build_adamw(raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, info.device.type)
@@ -199,8 +217,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         """Token data and tokenizer (rank 0 prepares raw text; the others then open what it wrote)."""
-        cfg, t, info = self.cfg, self.t, self.dist
-        d = cfg.data
+        t, info, d = self.t, self.dist, self.cfg.data
         if info.is_main:
             self.data = resolve_data(
                 d.path, self.out_dir, d.tokenizer, d.vocab_size, d.val_fraction, progress=t.progress
@@ -211,30 +228,33 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.data.tokenizer_dir)
 
     def _build_model(self) -> nn.Module:
-        """The model to train (every rank initialises it identically from `seed`)."""
-        cfg, t = self.cfg, self.t
-        self.model_config = cfg.model_config(self.tokenizer.vocab_size)
+        """The model to train (built after seeding, so every rank builds the same one)."""
+        t = self.t
+        self.model_config = self.cfg.model_config(self.tokenizer.vocab_size)
         if self.model_config.block_size < t.block_size:
             raise ConfigError(
                 f"train.block_size={t.block_size} exceeds model.block_size={self.model_config.block_size}"
             )
         raw = Transformer(self.model_config)
+        if t.qat:  # fake-quantized projections (straight-through estimator); same parameters
+            raw.prepare_qat(t.qat, t.qat_group_size)
         raw.check_inputs = False  # token ids were checked once against the vocabulary below
         self._check_tokens(self.data)
         return raw
 
     def _build_sampler(self):
         t, info = self.t, self.dist
-        return RandomWindowSampler(self.data.train, t.block_size, t.batch_size, t.seed, info.rank, info.world_size)
+        return RandomWindowSampler(self.data.train, t.block_size, t.batch_size, t.seed, info.dp_rank, info.dp_size)
 
     def describe(self) -> str:
         """The line printed before the first step."""
         t, info = self.t, self.dist
-        tokens_per_step = t.batch_size * t.block_size * t.grad_accum * info.world_size
+        tokens_per_step = t.batch_size * t.block_size * t.grad_accum * info.dp_size
         return (
-            f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters, {self.model_config.model_type}; "
+            f"model: {self.n_params / 1e6:.2f}M parameters, {self.model_config.model_type}; "
             f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
             f"{tokens_per_step:,} tokens per step; {info.world_size} process(es), {info.strategy}"
+            + (f" {self.par.layout}" if self.par else "")
         )
 
     def _check_tokens(self, data: TokenData) -> None:
@@ -272,7 +292,13 @@ class Trainer:
     def _save(self) -> None:
         """Collective: gather states (FSDP), then rank 0 writes checkpoint + HF folder atomically."""
         info = self.dist
-        model_sd, optim_sd = self._model_state(), self._optim_state()
+        dcp_dir = None
+        if self.par is not None:  # every rank writes its shards (DCP), rank 0 the rest
+            dcp_dir = self.out_dir / CKPT_DIR / f".dcp-{self.step:06d}"
+            save_dcp(self.par.state_dict(self.optimizer), dcp_dir)
+            model_sd, optim_sd = None, None
+        else:
+            model_sd, optim_sd = self._model_state(), self._optim_state()
         rngs = [rng_state()]
         if info.strategy != "single":  # every rank's RNG streams, gathered as bytes
             buf = io.BytesIO()
@@ -289,22 +315,42 @@ class Trainer:
                 "sampler": self.sampler.state_dict(),
                 "rng": rngs,
                 "world_size": info.world_size,
+                "format": "dcp" if dcp_dir else "full",
                 "config": self.cfg.to_dict(),
                 "model_config": self.model_config.to_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
             }
+            if dcp_dir is not None:
+                self._export_dcp(dcp_dir)
             if self.t.checkpoint:
-                save_checkpoint(self.out_dir, self.step, state, keep=self.t.keep_checkpoints)
-            self._export(model_sd)
+                extra = {"dcp": dcp_dir} if dcp_dir else None
+                save_checkpoint(self.out_dir, self.step, state, keep=self.t.keep_checkpoints, move_in=extra)
+            elif dcp_dir is not None:
+                shutil.rmtree(dcp_dir, ignore_errors=True)
+            if model_sd is not None:
+                self._export(model_sd)
         D.barrier(info)
+
+    def _export_dcp(self, dcp_dir: Path) -> None:
+        """Rank 0 turns the distributed checkpoint it just wrote into the Hugging Face folder."""
+        model = Transformer(self.model_config)
+        load_dcp_model(dcp_dir, model)
+        self._export_model(model)
 
     def _export(self, model_sd: dict[str, torch.Tensor]) -> None:
         """Write the Hugging Face folder (config.json, model.safetensors, tokenizer files) in out_dir."""
-        if self.dist.strategy == "fsdp":  # the sharded module cannot save itself: use a plain copy
+        if self.dist.strategy == "fsdp" or self.t.qat:  # a plain copy (FSDP shards; QAT exports it quantized)
             model = Transformer(self.model_config)
+            if self.t.qat:
+                model.prepare_qat(self.t.qat, self.t.qat_group_size)
             model.load_state_dict(model_sd)
+            if self.t.qat:  # the real int8/int4 kinds, on the grid the training saw
+                model.quantize(self.t.qat, self.t.qat_group_size, skip=("embeddings",))
         else:
             model = self.raw_model
+        self._export_model(model)
+
+    def _export_model(self, model: nn.Module) -> None:
         tmp = self.out_dir / ".export.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))
@@ -318,6 +364,8 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         info = self.dist
+        if state.get("format") == "dcp" or self.par is not None:
+            return self._restore_dcp(state)
         if state.get("world_size", 1) != info.world_size:
             raise CheckpointError(
                 f"the checkpoint was written by {state.get('world_size')} process(es) and this run has "
@@ -349,6 +397,22 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.truncate(self.step)
 
+    def _restore_dcp(self, state: dict[str, Any]) -> None:
+        """Resume a distributed checkpoint under this run's layout (any layout: DCP reshards)."""
+        if self.par is None or state.get("format") != "dcp":
+            raise CheckpointError(
+                "a distributed (DCP) checkpoint resumes under train.parallel settings (any layout), and a "
+                "full checkpoint under strategy single/ddp/fsdp; expected matching kinds"
+            )
+        path = Path(state["path"]) / "dcp"
+        self.par.load_state_dict(path, self.optimizer)
+        self.sampler.load_state_dict(state["sampler"])
+        if len(state["rng"]) == self.dist.world_size:  # same layout: every rank's own streams
+            set_rng_state(state["rng"][self.dist.rank])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        if self.metrics is not None:
+            self.metrics.truncate(self.step)
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, split: str = "val", full: bool = False) -> float:
@@ -357,8 +421,10 @@ class Trainer:
         tokens = self.data.val if split == "val" else self.data.train
         sample = t.eval_iters is not None and not full  # eval_iters batches of batch_size, as nanoGPT
         bs = t.batch_size if sample else 4 * t.batch_size
-        max_windows = t.eval_iters * bs * info.world_size if sample else None
-        mine, per_rank = eval_starts(len(tokens), t.block_size, max_windows, info.rank, info.world_size)
+        if self.par is not None and self.par.schedule is not None:
+            bs = t.batch_size  # pipeline stages run fixed micro-batch shapes
+        max_windows = t.eval_iters * bs * info.dp_size if sample else None
+        mine, per_rank = eval_starts(len(tokens), t.block_size, max_windows, info.dp_rank, info.dp_size)
         if per_rank == 0:
             return float("nan")
         self.model.eval()
@@ -367,6 +433,12 @@ class Trainer:
             chunk = mine[b : b + bs]
             x, y = windows(tokens, chunk or [0], t.block_size)  # [B, T]; [0] keeps FSDP ranks in step
             x, y = x.to(info.device), y.to(info.device)
+            if self.par is not None:
+                with self._autocast():
+                    s, n = self.par.eval_sums(x, y)
+                if chunk:
+                    total += torch.tensor([s, n], dtype=torch.float64)
+                continue
             with self._autocast():
                 logits = self.model(x)
             if chunk:
@@ -385,16 +457,20 @@ class Trainer:
         return cosine_lr(step, t.lr, t.min_lr, t.warmup_iters, t.lr_decay_iters or t.max_iters)
 
     def batch_loss(self, batch) -> torch.Tensor:
-        """Mean next-token loss of one micro-batch (x, y windows); counts its tokens in step_tokens."""
+        """Mean next-token loss of one micro-batch (x, y windows); adds its tokens (the global
+        batch's) to `step_tokens`."""
         x, y = (b.to(self.dist.device, non_blocking=True) for b in batch)
-        self.step_tokens += y.numel() * self.dist.world_size
+        self.step_tokens += y.numel() * self.dist.dp_size
         return lm_loss(self.model(x), y, self.t.label_smoothing)  # logits [B, T, V]
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss (detached)."""
         t, info, model = self.t, self.dist, self.model
-        loss_sum = torch.zeros((), device=info.device)
         self.step_tokens = 0
+        if self.par is not None:
+            self.step_tokens = t.batch_size * t.block_size * t.grad_accum * info.dp_size
+            return self._parallel_step()
+        loss_sum = torch.zeros((), device=info.device)
         for micro in range(t.grad_accum):
             batch = self.sampler.next_batch()
             with D.no_grad_sync(model, info, sync=micro == t.grad_accum - 1), self._autocast():
@@ -413,6 +489,21 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / t.grad_accum
+
+    def _parallel_step(self) -> torch.Tensor:
+        """`train_step` under a DeviceMesh: the pipeline schedule or the TP/FSDP forward-backward."""
+        t, par = self.t, self.par
+        loss_sum = torch.zeros((), device=self.dist.device)
+        for micro in range(t.grad_accum):
+            x, y = self.sampler.next_batch()
+            x, y = x.to(self.dist.device), y.to(self.dist.device)
+            with self._autocast():
+                loss_sum += par.forward_backward(x, y, last_micro=micro == t.grad_accum - 1)
+        if t.grad_clip > 0:
+            par.clip_grad_norm_(t.grad_clip)
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / t.grad_accum
 
@@ -478,7 +569,7 @@ class Trainer:
                     "val_loss": val_loss,
                     "val_ppl": math.exp(min(val_loss, 50.0)),
                     "lr": lr,
-                    "tokens_per_sec": seg_tokens / max(seg_time, 1e-9),
+                    "tokens_per_sec": seg_tokens / max(seg_time, 1e-9),  # seg_tokens counts the global batch
                 }
                 if self.metrics is not None:
                     self.metrics.log(record)

@@ -1,0 +1,120 @@
+"""Held-out perplexity of quantized models: fp32, int8 RTN, int4 RTN / GPTQ / AWQ (group 64 and 128), W8A8.
+
+Two models:
+- a char-level Llama llmkit pretrained on tiny Shakespeare (`configs/shakespeare-char-llmkit.yaml`);
+  calibration = windows of the training text (first 90%), held-out = the last 10% (the val split);
+- stories260K (llama2.c). Its tokenizer and TinyStories text are not available offline, so the
+  held-out set is text the fp32 model itself samples (temperature 1, fixed seeds) and calibration
+  uses other samples: the perplexity shows how far each quantized model drifts from fp32.
+
+    llmkit pretrain --config configs/shakespeare-char-llmkit.yaml \
+        --data ../shared/data/tinyshakespeare/input.txt --out_dir out/shakespeare-char-llmkit
+    python benchmarks/bench_quant_quality.py --shakespeare out/shakespeare-char-llmkit \
+        --stories ../shared/data/stories260K/stories260K.bin
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+import llmkit
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, window: int, max_windows: int) -> float:
+    """exp(mean NLL) over non-overlapping windows of `tokens` (each predicts window-1 next tokens)."""
+    n = min(max_windows, (len(tokens) - 1) // window)
+    x = tokens[: n * window].view(n, window)
+    nll, count = 0.0, 0
+    for i in range(0, n, 16):
+        batch = x[i : i + 16]
+        logits = model(batch[:, :-1])
+        nll += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def variants():
+    yield "fp32", None
+    yield "int8 RTN (per channel)", dict(dtype="int8", group_size=0, method="rtn")
+    yield "int8 RTN (g64)", dict(dtype="int8", group_size=64, method="rtn")
+    yield "W8A8 SmoothQuant (dynamic)", dict(dtype="int8", method="w8a8")
+    for g in (64, 128):
+        for m in ("rtn", "gptq", "awq"):
+            yield f"int4 {m.upper()} (g{g})", dict(dtype="int4", group_size=g, method=m)
+
+
+def run(name: str, base, held: torch.Tensor, calib: torch.Tensor, window: int, max_windows: int) -> list[dict]:
+    rows = []
+    for label, kw in variants():
+        model = copy.deepcopy(base)
+        t = time.perf_counter()
+        if kw is not None:
+            model.quantize(kw["dtype"], kw.get("group_size", 64), kw["method"], calibration=calib,
+                           skip=("embeddings",))
+        dt = time.perf_counter() - t
+        ppl = perplexity(model, held, window, max_windows)
+        rows.append(dict(model=name, variant=label, ppl=ppl, quantize_s=dt))
+        print(json.dumps(rows[-1]), flush=True)
+    fp = rows[0]["ppl"]
+    rtn = {r["variant"].split("(")[1]: r["ppl"] for r in rows if r["variant"].startswith("int4 RTN")}
+    print(f"\n{name}: perplexity (held out), change vs fp32, share of int4 RTN's gap closed")
+    for r in rows:
+        line = f"  {r['variant']:<28} {r['ppl']:8.4f}  {100 * (r['ppl'] / fp - 1):+7.2f}%"
+        if r["variant"].startswith("int4") and "RTN" not in r["variant"]:
+            g = r["variant"].split("(")[1]
+            gap = rtn[g] - fp
+            line += f"   closes {100 * (rtn[g] - r['ppl']) / gap:5.1f}% of the RTN gap" if gap > 0 else ""
+        print(line)
+    return rows
+
+
+def shakespeare(folder: str, n_calib: int, max_windows: int) -> list[dict]:
+    model = llmkit.load_model(folder)
+    tok = llmkit.load_tokenizer(folder)
+    text = open(TEXT, encoding="utf-8").read()
+    ids = torch.tensor(tok.encode(text, add_special_tokens=False))
+    split = int(0.9 * len(ids))
+    train, held = ids[:split], ids[split:]
+    W = model.config.block_size
+    starts = torch.linspace(0, len(train) - W - 1, n_calib).long()
+    calib = torch.stack([train[s : s + W] for s in starts])
+    return run("shakespeare-char (llmkit)", model, held, calib, W, max_windows)
+
+
+def stories(path: str, n_calib: int, max_windows: int) -> list[dict]:
+    model = llmkit.load_llama2c(path)
+    W = 256
+    samples = []
+    for seed in range(n_calib + 24):
+        out = llmkit.generate(model, [1], W - 1, temperature=1.0, seed=seed, ignore_eos=True)
+        samples.append(torch.tensor([1] + out))
+    calib = torch.stack(samples[:n_calib])
+    held = torch.cat(samples[n_calib:])
+    return run("stories260K", model, held, calib, W, max_windows)
+
+
+TEXT = "../shared/data/tinyshakespeare/input.txt"
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shakespeare", help="folder of the llmkit-pretrained char model")
+    ap.add_argument("--text", default=TEXT)
+    ap.add_argument("--stories", help="stories260K.bin")
+    ap.add_argument("--calib", type=int, default=64, help="calibration windows")
+    ap.add_argument("--windows", type=int, default=400, help="max held-out windows")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    TEXT = args.text
+    if args.shakespeare:
+        shakespeare(args.shakespeare, args.calib, args.windows)
+    if args.stories:
+        stories(args.stories, args.calib, args.windows)

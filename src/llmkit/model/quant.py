@@ -1,0 +1,740 @@
+"""Quantized Linear kinds and the quantizers that produce them: RTN, GPTQ, AWQ, SmoothQuant W8A8, QAT.
+
+Every kind is an `nn.Module` mapping [..., in] -> [..., out], swapped into the model in place of an
+`nn.Linear` (the forward just calls it). Decode reads fewer bytes because the matmuls run on
+PyTorch's own CPU weight-only kernels:
+- `Int8Linear`: symmetric int8, per output channel (`torch.ops.aten._weight_int8pack_mm`) or
+  group-wise (dequantized per call: fewer bytes at rest, not faster);
+- `Int4Linear`: group-wise asymmetric int4 with zero points (`_weight_int4pack_mm_for_cpu`,
+  weights held in the kernel's packed layout, 0.5 byte per weight);
+- `W8A8Linear`: int8 weights x int8 activations (`torch._int_mm`), activations quantized per token
+  on the fly or with a static KL-calibrated scale, after SmoothQuant's migration;
+- `FakeQuantLinear`: quantization-aware training (fake quantization, straight-through estimator);
+- `Int8Embedding`: int8 rows with one scale per row.
+
+A weight-only kind may carry `input_scale` [in] (AWQ): it computes Q(W diag(s)) (x / s).
+The math (RTN, GPTQ, AWQ, SmoothQuant, KL) is plain tensor code fed with calibration activations;
+loading calibration text and writing folders happen above this layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from llmkit.errors import ConfigError, InputError
+
+INT4_GROUPS = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
+
+
+# ============================================================================ quantization grids
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one weight matrix [out, in] is quantized: bits 8 (symmetric) or 4 (asymmetric, zero points).
+
+    group_size 0 = one scale per output channel; else one (scale, zero) per `group_size` inputs.
+    """
+
+    bits: int = 8
+    group_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ConfigError(f"bits must be 4 or 8, got {self.bits}")
+        if self.bits == 4 and self.group_size not in INT4_GROUPS:
+            raise ConfigError(f"int4 needs group_size in {INT4_GROUPS} (the CPU kernel's), got {self.group_size}")
+        if self.group_size < 0:
+            raise ConfigError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+
+    @property
+    def qmin(self) -> int:
+        return -128 if self.bits == 8 else 0
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self.bits == 8 else 15
+
+    def padded_in(self, k: int) -> int:
+        g = self.group_size
+        return k if g == 0 else -(-k // g) * g
+
+    def params(self, w: Tensor, clip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(scale, zero) per row of w [N, k] (the columns of one group, or all of them): [N] each.
+        `clip` (<= 1) shrinks the range the grid covers (AWQ's clipping search)."""
+        if self.bits == 8:  # symmetric: zero = 0
+            scale = w.abs().amax(-1).clamp(min=1e-8) / 127
+            scale = scale if clip is None else scale * clip
+            return scale, torch.zeros_like(scale)
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # the grid always holds 0
+        if clip is not None:
+            lo, hi = lo * clip, hi * clip
+        scale = (hi - lo).clamp(min=1e-8) / 15
+        return scale, (-lo / scale).round().clamp(0, 15)
+
+    def quantize(self, w: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        """Integer codes of w [N, k] with per-row scale/zero [N] (or broadcastable)."""
+        return (w / scale[..., None] + zero[..., None]).round().clamp(self.qmin, self.qmax)
+
+    def grid(self, w: Tensor, clip: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """RTN of w [N, K] on this spec: codes [N, Kp], scales [N, G], zeros [N, G] (K padded with 0).
+        `clip` [N, G] (or a scalar): per-group range shrink factors."""
+        N, K = w.shape
+        Kp = self.padded_in(K)
+        w = F.pad(w.float(), (0, Kp - K))
+        g = self.group_size or Kp
+        wg = w.view(N, Kp // g, g)
+        scale, zero = self.params(wg, clip)  # [N, G]
+        return self.quantize(wg, scale, zero).view(N, Kp), scale, zero
+
+    def fake(self, w: Tensor, clip: Tensor | None = None) -> Tensor:
+        """Quantize-dequantize w [N, K] (same shape and dtype)."""
+        q, s, z = self.grid(w, clip)
+        return dequantize(q, s, z)[:, : w.shape[1]].to(w.dtype)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """w [N, Kp] = (q - zero) * scale, with per-group scale/zero [N, G]."""
+    N, Kp = q.shape
+    G = scale.shape[1]
+    w = (q.float().view(N, G, Kp // G) - zero[..., None]) * scale[..., None]
+    return w.view(N, Kp)
+
+
+def spec_for(dtype: torch.dtype | str, group_size: int | None) -> QuantSpec:
+    """`dtype` torch.int8 / "int8" / "int4" and a group size (None or 0 = per channel, int8 only)."""
+    name = {torch.int8: "int8"}.get(dtype, dtype) if isinstance(dtype, torch.dtype) else str(dtype)
+    if name not in ("int8", "int4"):
+        raise ConfigError(f"dtype must be torch.int8, 'int8' or 'int4', got {dtype!r}")
+    return QuantSpec(8 if name == "int8" else 4, group_size or 0)
+
+
+# ============================================================================ Linear kinds
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W int8 [out, in]: per-channel scales [out] or group-wise scales [out, G]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 0,
+                 input_scale: bool = False, device=None, dtype=torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        # the int8 kernel needs in % 16 == 0 (else wrong results or a crash): zero columns pad it
+        Kp = QuantSpec(8, group_size).padded_in(in_features) if group_size else -(-in_features // 16) * 16
+        self.Kp = Kp
+        G = Kp // group_size if group_size else 1
+        self.register_buffer("qweight", torch.zeros(out_features, Kp, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, G, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device)
+                             if input_scale else None)
+        self._scales_bf16: Tensor | None = None  # the kernel's copy, made on first use
+
+    @classmethod
+    def from_codes(cls, q: Tensor, scale: Tensor, bias: Tensor | None, in_features: int, group_size: int,
+                   input_scale: Tensor | None = None) -> Int8Linear:
+        m = cls(in_features, q.shape[0], bias is not None, group_size, input_scale is not None, device="meta")
+        m.qweight = F.pad(q.to(torch.int8), (0, m.Kp - q.shape[1])).contiguous()
+        m.scales = scale.float().contiguous()
+        m.bias = None if bias is None else bias.detach().float().clone()
+        m.input_scale = None if input_scale is None else input_scale.float().contiguous()
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        shape = x.shape[:-1]
+        if self.input_scale is not None:
+            x = x / self.input_scale
+        x2 = x.reshape(-1, self.in_features)
+        if self.Kp > self.in_features:
+            x2 = F.pad(x2, (0, self.Kp - self.in_features))
+        if self.group_size == 0:  # the fused weight-only int8 kernel (its vectorised path takes bf16 inputs)
+            if self._scales_bf16 is None or self._scales_bf16.device != x2.device:
+                self._scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16).float()
+        else:
+            y = F.linear(x2.float(), dequantize(self.qweight, self.scales, torch.zeros_like(self.scales)))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*shape, self.out_features)
+
+    def weight_float(self) -> Tensor:
+        """The dequantized weight [out, in] (what the kernel multiplies by)."""
+        w = dequantize(self.qweight, self.scales, torch.zeros_like(self.scales))[:, : self.in_features]
+        return w if self.input_scale is None else w / self.input_scale
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size or 'channel'}"
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W int4 (asymmetric, per-group scale and zero point) in the CPU kernel's layout.
+
+    In memory: `packed` [N16, Kp/2] uint8 (the layout `_weight_int4pack_mm_for_cpu` reads; N padded to
+    16, K to the group) and `scales_and_zeros` [G, N16, 2]. In the state dict: portable codes
+    `qweight` [out, Kp/2] (two per byte, low nibble first), `scales` and `zeros` [out, G].
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
+                 input_scale: bool = False, device=None, dtype=torch.float32) -> None:
+        super().__init__()
+        spec = QuantSpec(4, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.Kp, self.Np = spec.padded_in(in_features), -(-out_features // 16) * 16
+        G = self.Kp // group_size
+        self.register_buffer("packed", torch.zeros(self.Np, self.Kp // 2, dtype=torch.uint8, device=device))
+        # bf16: the kernel's vectorised path takes bf16 activations and scales (fp32 accumulation)
+        self.register_buffer("scales_and_zeros", torch.zeros(G, self.Np, 2, dtype=torch.bfloat16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device)
+                             if input_scale else None)
+
+    @classmethod
+    def from_codes(cls, q: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, in_features: int,
+                   group_size: int, input_scale: Tensor | None = None) -> Int4Linear:
+        """From codes q [out, Kp] in 0..15, scale and zero [out, G]: w = (q - zero) * scale."""
+        m = cls(in_features, q.shape[0], bias is not None, group_size, input_scale is not None, device="meta")
+        m._set_codes(q, scale, zero)
+        m.bias = None if bias is None else bias.detach().float().clone()
+        m.input_scale = None if input_scale is None else input_scale.float().contiguous()
+        return m
+
+    def _set_codes(self, q: Tensor, scale: Tensor, zero: Tensor) -> None:
+        pad = self.Np - q.shape[0]
+        q = F.pad(q, (0, 0, 0, pad))
+        scale, zero = F.pad(scale.float(), (0, 0, 0, pad), value=1.0), F.pad(zero.float(), (0, 0, 0, pad))
+        rows = 1024  # packed row by row: convert in blocks so the int32 copy stays small (peak RSS)
+        self.packed = torch.cat([
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + rows].to(torch.int32).cpu().contiguous(), 1)
+            for i in range(0, self.Np, rows)
+        ]).to(q.device)
+        # the kernel computes w = (q - 8) * scale + offset  =>  offset = (8 - zero) * scale
+        scale = scale.to(torch.bfloat16).float()  # offsets from the stored scale: save/load is exact
+        sz = torch.stack([scale, (8 - zero) * scale], -1).transpose(0, 1).contiguous()
+        self.scales_and_zeros = sz.to(torch.bfloat16)
+
+    def codes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(q [out, Kp], scale [out, G], zero [out, G]) read back from the packed layout."""
+        sz = self.scales_and_zeros.transpose(0, 1)[: self.out_features].float()  # [out, G, 2]
+        ident = torch.eye(self.Kp, dtype=torch.bfloat16, device=self.packed.device)
+        unit = torch.stack([torch.ones_like(sz[..., 0]), torch.full_like(sz[..., 0], 8.0)], -1)
+        unit = F.pad(unit, (0, 0, 0, 0, 0, self.Np - self.out_features), value=1.0).transpose(0, 1)
+        unit = unit.contiguous().to(torch.bfloat16)
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(ident, self.packed, self.group_size, unit).float()  # q^T
+        scale = sz[..., 0]
+        zero = (8 - sz[..., 1] / scale).round()
+        return q.t()[: self.out_features].round(), scale.contiguous(), zero.contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        shape = x.shape[:-1]
+        if self.input_scale is not None:
+            x = x / self.input_scale
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.Kp > self.in_features:
+            x2 = F.pad(x2, (0, self.Kp - self.in_features))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        y = y[:, : self.out_features].float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape, self.out_features)
+
+    def weight_float(self) -> Tensor:
+        q, s, z = self.codes()
+        w = dequantize(q, s, z)[:, : self.in_features]
+        return w if self.input_scale is None else w / self.input_scale
+
+    # portable state dict <-> kernel layout
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        q, s, z = self.codes()
+        qi = q.to(torch.uint8)
+        destination[prefix + "qweight"] = qi[:, 0::2] | (qi[:, 1::2] << 4)
+        destination[prefix + "scales"] = s
+        destination[prefix + "zeros"] = z.to(torch.uint8)
+        for name in ("bias", "input_scale"):
+            if getattr(self, name) is not None:
+                destination[prefix + name] = getattr(self, name).detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        need = ["qweight", "scales", "zeros"] + [n for n in ("bias", "input_scale") if getattr(self, n) is not None]
+        missing = [prefix + n for n in need if prefix + n not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        packed = state_dict[prefix + "qweight"]
+        q = torch.stack([packed & 15, packed >> 4], -1).view(packed.shape[0], -1)
+        expect = (self.out_features, self.Kp)
+        if tuple(q.shape) != expect:
+            error_msgs.append(f"{prefix}qweight holds codes of shape {tuple(q.shape)}, expected {expect}")
+            return
+        self._set_codes(q, state_dict[prefix + "scales"], state_dict[prefix + "zeros"].float())
+        for name in ("bias", "input_scale"):
+            if getattr(self, name) is not None:
+                setattr(self, name, state_dict[prefix + name].float().clone())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"
+
+
+class W8A8Linear(nn.Module):
+    """int8 weights (per channel) x int8 activations (per token, dynamic; or one static scale), int32 accumulate.
+
+    SmoothQuant (Xiao et al., 2023): inputs are divided by `smooth` [in] and the weight multiplied by it
+    before quantization, moving activation outliers into the weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, static: bool = False,
+                 device=None, dtype=torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        self.register_buffer("smooth", torch.ones(in_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("act_scale", torch.ones((), dtype=dtype, device=device) if static else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape[:-1]
+        xs = x.reshape(-1, self.in_features).float() / self.smooth
+        if self.act_scale is None:  # dynamic, per token
+            sx = xs.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127  # [M, 1]
+        else:
+            sx = self.act_scale.expand(xs.shape[0], 1)
+        xq = (xs / sx).round().clamp(-128, 127).to(torch.int8)
+        acc = int8_matmul(xq, self.qweight)  # [M, out] int32
+        y = acc.float() * sx * self.scales
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*shape, self.out_features)
+
+    def extra_repr(self) -> str:
+        mode = "static" if self.act_scale is not None else "dynamic per-token"
+        return f"in={self.in_features}, out={self.out_features}, activations={mode}"
+
+
+def int8_matmul(xq: Tensor, wq: Tensor) -> Tensor:
+    """xq [M, K] int8 @ wq [N, K]^T int8 -> int32 [M, N] (`torch._int_mm`; exact)."""
+    if xq.shape[0] > 16 and xq.shape[1] % 8 == 0 and wq.shape[0] % 8 == 0:
+        return torch._int_mm(xq, wq.t())
+    return (xq.to(torch.int32) @ wq.to(torch.int32).t())
+
+
+class FakeQuantLinear(nn.Linear):
+    """An `nn.Linear` whose forward sees its weight quantize-dequantized (QAT, Jacob et al., 2018).
+
+    The straight-through estimator passes gradients to the float weight unchanged; the state dict is
+    the dense one, so `quantize(...)` with the same spec later yields exactly the trained grid.
+    """
+
+    spec: QuantSpec
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        wq = w + (self.spec.fake(w) - w).detach()  # STE
+        return F.linear(x, wq, self.bias)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows stored int8 with one scale per row."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=torch.float32) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(num_embeddings, 1, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(cls, w: Tensor) -> Int8Embedding:
+        m = cls(*w.shape, device="meta")
+        q, s, _ = QuantSpec(8, 0).grid(w.detach())
+        m.qweight, m.scales = q.to(torch.int8), s.float()
+        return m
+
+    def forward(self, ids: Tensor) -> Tensor:  # [...] -> [..., dim]
+        return F.embedding(ids, self.qweight).float() * F.embedding(ids, self.scales)
+
+
+QUANT_KINDS = (Int8Linear, Int4Linear, W8A8Linear)
+
+
+# ============================================================================ which modules
+def linear_targets(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
+    """Names of the projections to quantize: every nn.Linear but MoE routers and the `skip`ped ones."""
+    skip = set(skip)
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or name.endswith("router"):
+            continue
+        if name == "lm_head" and "lm_head" in skip:
+            continue
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        out.append(name)
+    return out
+
+
+def split_moe_experts(model: nn.Module) -> None:
+    """Give each MoE layer per-expert `nn.Linear`s (`fc_experts`, `proj_experts`) instead of stacked
+    tensors, so experts are quantized one by one like any other projection."""
+    for m in model.modules():
+        if hasattr(m, "w_fc") and hasattr(m, "split_experts"):
+            m.split_experts()
+
+
+# ============================================================================ calibration
+@contextmanager
+def capture_inputs(model: nn.Module, names: list[str], fn) -> Iterable[None]:
+    """While active, `fn(name, x [M, in])` sees every input to the named modules."""
+    hooks = []
+    for name in names:
+        mod = model.get_submodule(name)
+        hooks.append(mod.register_forward_pre_hook(lambda _m, args, n=name: fn(n, args[0].detach())))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def run_calibration(model: nn.Module, batches: list[Tensor]) -> None:
+    with torch.inference_mode(False), torch.no_grad():
+        for ids in batches:
+            model(ids.to(model.device))
+
+
+# ============================================================================ GPTQ
+def gptq(w: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
+         act_order: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ (Frantar et al., 2023): quantize columns one at a time, spreading each column's error over
+    the not-yet-quantized ones through the inverse Hessian H = 2 X^T X / n (Cholesky form), with
+    lazy block updates, damping and act-order. Groups use static params (computed on the original W,
+    so act-order and groups combine). Returns RTN-format (codes [N, Kp], scales, zeros)."""
+    N, K = w.shape
+    W = w.detach().float().clone()
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    _, scale, zero = spec.grid(W)  # static group params [N, G]
+    g = spec.group_size or spec.padded_in(K)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(K)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky of H^-1
+    Q = torch.zeros_like(W)
+    groups = perm // g  # group of each (permuted) column
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(N, i2 - i1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col, d = W1[:, i], Hinv1[i, i]
+            gi = groups[i1 + i]
+            q = spec.quantize(col[:, None], scale[:, gi], zero[:, gi])[:, 0]
+            Q[:, i1 + i] = q
+            err = (col - (q - zero[:, gi]) * scale[:, gi]) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    codes = torch.zeros(N, spec.padded_in(K))
+    codes[:, :K] = Q[:, torch.argsort(perm)]
+    if spec.padded_in(K) > K:  # padding columns hold zero weights
+        pad_cols = torch.arange(K, spec.padded_in(K))
+        codes[:, pad_cols] = spec.quantize(torch.zeros(N, len(pad_cols)), scale[:, -1], zero[:, -1])
+    return codes, scale, zero
+
+
+# ============================================================================ AWQ
+def awq_scale(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20) -> Tensor:
+    """AWQ (Lin et al., 2024): per-input-channel scale s = mean|x|^alpha, alpha searched on a grid to
+    minimise ||x W^T - (x/s) Q(W diag(s))^T||^2 on the calibration inputs x [M, in]."""
+    w = w.detach().float()
+    x = x.float()
+    ref = x @ w.t()
+    act = x.abs().mean(0).clamp(min=1e-8)  # [in]
+    best, best_s = float("inf"), torch.ones_like(act)
+    for i in range(grid + 1):
+        alpha = i / grid
+        s = act.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        err = ((x / s) @ spec.fake(w * s).t() - ref).pow(2).mean().item()
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def awq_clip(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 10, min_ratio: float = 0.5) -> Tensor:
+    """AWQ's clipping search: per (output row, group), the range shrink factor in [min_ratio, 1] that
+    minimises that group's contribution to the output error on inputs x [M, in]. Returns [N, G]."""
+    N, K = w.shape
+    Kp = spec.padded_in(K)
+    g = spec.group_size or Kp
+    xg = F.pad(x.float(), (0, Kp - K)).view(-1, Kp // g, g)  # [M, G, g]
+    best_err, best = None, torch.ones(N, Kp // g)
+    for i in range(grid + 1):
+        r = 1 - (1 - min_ratio) * i / grid
+        d = F.pad(w.float() - spec.fake(w, torch.tensor(r)), (0, Kp - K)).view(N, Kp // g, g)  # [N, G, g]
+        err = torch.einsum("mgk,ngk->mng", xg, d).pow(2).mean(0)  # [N, G]
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return best
+
+
+# ============================================================================ SmoothQuant + KL
+def smooth_factors(act_absmax: Tensor, w: Tensor, alpha: float = 0.5) -> Tensor:
+    """SmoothQuant's s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j."""
+    w_max = w.detach().float().abs().amax(0).clamp(min=1e-5)
+    return (act_absmax.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def kl_threshold(hist: Tensor, bin_width: float, levels: int = 128) -> float:
+    """The clipping threshold of |x| whose `levels`-level quantization keeps the distribution closest in
+    KL divergence to the calibration histogram (TensorRT's entropy calibration, Migacz 2017)."""
+    hist = hist.double()
+    n = hist.numel()
+    best, best_i = float("inf"), n
+    for i in range(levels, n + 1, max(1, (n - levels) // 64)):
+        p = hist[:i].clone()
+        p[-1] += hist[i:].sum()  # clipped mass lands in the last bin
+        chunks = torch.tensor_split(hist[:i], levels)
+        q = torch.cat([
+            torch.where(c > 0, c.sum() / (c > 0).sum().clamp(min=1), torch.zeros_like(c)) for c in chunks
+        ])
+        p, q = p / p.sum(), q / q.sum().clamp(min=1e-12)
+        mask = p > 0
+        kl = float((p[mask] * (p[mask] / q[mask].clamp(min=1e-12)).log()).sum())
+        if kl < best:
+            best, best_i = kl, i
+    return best_i * bin_width
+
+
+# ============================================================================ the driver
+def quantize_model(
+    model: nn.Module,
+    dtype: torch.dtype | str = torch.int8,
+    group_size: int | None = 64,
+    method: str = "rtn",
+    calibration: Tensor | list | None = None,
+    skip: Iterable[str] = (),
+    embeddings: bool = True,
+    act_order: bool = True,
+    damp: float = 0.01,
+    smooth_alpha: float = 0.5,
+    act_calib: str = "dynamic",
+    progress: bool = False,
+) -> nn.Module:
+    """Quantize `model`'s projections in place (see `Transformer.quantize`); returns the model."""
+    method = method.lower()
+    if method not in ("rtn", "gptq", "awq", "w8a8"):
+        raise ConfigError(f"method must be rtn, gptq, awq or w8a8, got {method!r}")
+    spec = spec_for("int8" if method == "w8a8" else dtype, 0 if method == "w8a8" else group_size)
+    if act_calib not in ("dynamic", "kl"):
+        raise ConfigError(f"act_calib must be 'dynamic' or 'kl', got {act_calib!r}")
+    batches = _calibration_batches(model, calibration)
+    if method != "rtn" and not batches:
+        raise InputError(f"method {method!r} needs calibration data: token ids [n, seq] (calibration=...)")
+    if any(isinstance(m, QUANT_KINDS) for m in model.modules()):
+        raise InputError("the model is already quantized")
+    model.eval()
+    split_moe_experts(model)
+    names = linear_targets(model, skip)
+    entries: dict[str, dict] = {}
+    order = _sequential_groups(model, names) if method in ("gptq", "awq") else [names]
+    it = order
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(order, desc=f"quantize ({method})", unit="layer")
+    for group in it:
+        stats = _collect(model, group, batches, method, act_calib) if batches and method != "rtn" else {}
+        for name in group:
+            lin = model.get_submodule(name)
+            new, entry = _quantize_linear(lin, spec, method, stats.get(name), act_order, damp, smooth_alpha,
+                                          act_calib)
+            model.set_submodule(name, new)
+            entries[name] = entry
+    if embeddings and "embeddings" not in set(skip) and isinstance(getattr(model, "wte", None), nn.Embedding):
+        model.wte = Int8Embedding.from_float(model.wte.weight)
+        entries["wte"] = {"kind": "int8_embedding"}
+    model.quantization = {
+        "method": method, "dtype": f"int{spec.bits}", "group_size": spec.group_size, "modules": entries,
+    }
+    if hasattr(model, "config") and model.config.tie_embeddings and ("lm_head" in entries or "wte" in entries):
+        model.config = dataclasses.replace(model.config, tie_embeddings=False)  # a copy: configs may be shared
+    return model
+
+
+def _calibration_batches(model: nn.Module, calibration) -> list[Tensor]:
+    if calibration is None:
+        return []
+    if isinstance(calibration, Tensor):
+        ids = calibration.long()
+        if ids.dim() == 1:
+            ids = ids[None]
+        rows = list(ids)
+    else:
+        rows = [torch.as_tensor(r, dtype=torch.long) for r in calibration]
+    if not rows or any(r.numel() == 0 for r in rows):
+        raise InputError("calibration data is empty: expected token ids [n, seq] or a list of id lists")
+    vocab = model.config.vocab_size
+    for r in rows:
+        if int(r.min()) < 0 or int(r.max()) >= vocab:
+            raise InputError(f"calibration token ids must be in [0, {vocab})")
+    return [r[None] for r in rows]  # one sequence per forward (lengths may differ)
+
+
+def _sequential_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Targets grouped by transformer block, in depth order: a block is calibrated with all earlier
+    blocks already quantized (GPTQ's sequential mode)."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        parts = n.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "blocks" else n
+        groups.setdefault(key, []).append(n)
+    return list(groups.values())
+
+
+def _collect(model: nn.Module, names: list[str], batches: list[Tensor], method: str, act_calib: str) -> dict:
+    """Per target: GPTQ Hessian, AWQ input sample, SmoothQuant abs-max and KL histogram."""
+    stats: dict[str, dict] = {n: {} for n in names}
+
+    def see(name: str, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if x.shape[0] == 0:
+            return
+        s = stats[name]
+        if method == "gptq":
+            s["H"] = s.get("H", 0) + 2 * x.t() @ x
+            s["n"] = s.get("n", 0) + x.shape[0]
+        elif method == "awq":
+            s.setdefault("x", []).append(x[:: max(1, x.shape[0] // 512)])  # a bounded sample
+        elif method == "w8a8":
+            am = x.abs().amax(0)
+            s["absmax"] = torch.maximum(s["absmax"], am) if "absmax" in s else am
+            if act_calib == "kl":
+                s.setdefault("x", []).append(x)
+
+    with capture_inputs(model, names, see):
+        run_calibration(model, batches)
+    for s in stats.values():
+        if "H" in s:
+            s["H"] = s["H"] / s["n"]
+        if "x" in s:
+            s["x"] = torch.cat(s["x"])
+    return stats
+
+
+def _quantize_linear(lin: nn.Linear, spec: QuantSpec, method: str, stats: dict | None, act_order: bool,
+                     damp: float, smooth_alpha: float, act_calib: str) -> tuple[nn.Module, dict]:
+    w, b = lin.weight.detach().float(), lin.bias
+    K = lin.in_features
+    entry = {"kind": f"int{spec.bits}", "group_size": spec.group_size}
+    stats = stats or {}
+    if method == "w8a8":
+        m = _w8a8(lin, stats, smooth_alpha, static=act_calib == "kl" and "x" in stats)
+        return m, {"kind": "w8a8", "static": m.act_scale is not None}
+    s_in = clip = None
+    if method == "awq" and "x" in stats:
+        s_in = awq_scale(w, stats["x"], spec)
+        w = w * s_in
+        clip = awq_clip(w, stats["x"] / s_in, spec)
+    if method == "gptq" and "H" in stats:
+        q, scale, zero = gptq(w, stats["H"], spec, act_order=act_order, damp=damp)
+    else:  # RTN (also experts no calibration token reached), AWQ with its clipping
+        q, scale, zero = spec.grid(w, clip)
+    if s_in is not None:
+        entry["input_scale"] = True
+    if spec.bits == 8:
+        return Int8Linear.from_codes(q, scale, b, K, spec.group_size, s_in), entry
+    return Int4Linear.from_codes(q, scale, zero, b, K, spec.group_size, s_in), entry
+
+
+def _w8a8(lin: nn.Linear, stats: dict, alpha: float, static: bool) -> W8A8Linear:
+    w = lin.weight.detach().float()
+    smooth = smooth_factors(stats["absmax"], w, alpha) if "absmax" in stats else torch.ones(lin.in_features)
+    q, scale, _ = QuantSpec(8, 0).grid(w * smooth)
+    m = W8A8Linear(lin.in_features, lin.out_features, lin.bias is not None, static=static, device="meta")
+    m.qweight, m.scales, m.smooth = q.to(torch.int8), scale[:, 0].contiguous(), smooth.contiguous()
+    m.bias = None if lin.bias is None else lin.bias.detach().float().clone()
+    if m.act_scale is not None:
+        m.act_scale = _kl_act_scale(stats["x"] / smooth)
+    return m
+
+
+def _kl_act_scale(x: Tensor, bins: int = 2048) -> Tensor:
+    a = x.abs().flatten()
+    top = float(a.max().clamp(min=1e-8))
+    hist = torch.histc(a, bins=bins, min=0, max=top)
+    return torch.tensor(kl_threshold(hist, top / bins) / 127)
+
+
+# ============================================================================ QAT
+def prepare_qat(model: nn.Module, dtype: torch.dtype | str = "int4", group_size: int | None = 64,
+                skip: Iterable[str] = ()) -> nn.Module:
+    """Swap the target nn.Linears for `FakeQuantLinear`s (same parameters, same state dict)."""
+    spec = spec_for(dtype, group_size)
+    split_moe_experts(model)
+    for name in linear_targets(model, skip):
+        lin = model.get_submodule(name)
+        if isinstance(lin, FakeQuantLinear):
+            continue
+        lin.__class__ = FakeQuantLinear
+        lin.spec = spec
+    model.qat = {"dtype": f"int{spec.bits}", "group_size": spec.group_size}
+    return model
+
+
+# ============================================================================ loading
+def build_quantized(model: nn.Module, quantization: dict) -> None:
+    """Swap empty quantized kinds into a (meta-device) model as config.json's `quantization` lists them,
+    so `load_state_dict` can fill them."""
+    split_moe_experts(model)
+    for name, e in quantization["modules"].items():
+        kind = e.get("kind")
+        if kind == "int8_embedding":
+            emb = model.get_submodule(name)
+            model.set_submodule(name, Int8Embedding(emb.num_embeddings, emb.embedding_dim, device="meta"))
+            continue
+        lin = model.get_submodule(name)
+        if not isinstance(lin, nn.Linear):
+            raise ConfigError(f"quantization lists {name!r}, which is not a Linear of this model")
+        K, N, bias = lin.in_features, lin.out_features, lin.bias is not None
+        if kind == "int8":
+            new = Int8Linear(K, N, bias, e.get("group_size", 0), e.get("input_scale", False), device="meta")
+        elif kind == "int4":
+            new = Int4Linear(K, N, bias, e.get("group_size", 64), e.get("input_scale", False), device="meta")
+        elif kind == "w8a8":
+            new = W8A8Linear(K, N, bias, e.get("static", False), device="meta")
+        else:
+            raise ConfigError(f"unknown quantized kind {kind!r} for {name!r}; expected int8, int4 or w8a8")
+        model.set_submodule(name, new)
+    model.quantization = quantization
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (what the model holds in memory)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def count_weights(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Weight elements of a quantized model: float parameters plus each quantized kind's [out, in]."""
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_KINDS):
+            n += m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+        elif isinstance(m, Int8Embedding):
+            n += 0 if exclude_embeddings else m.num_embeddings * m.embedding_dim
+        else:
+            for p in m.parameters(recurse=False):
+                if exclude_embeddings and name in ("wte", "wpe"):
+                    continue
+                n += p.numel()
+    return n
