@@ -29,6 +29,7 @@ LAYERS = {
     "serve": 6,
     "eval": 6,
     "compress": 6,  # calibration data, GGUF / ONNX export (quantizers live in model/quant.py)
+    "rag": 6,  # retrieval; serve gets a rag.service.RagService from the CLI, never imports rag
     "cli": 7,
     "__main__": 8,
 }

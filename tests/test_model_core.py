@@ -126,8 +126,11 @@ def test_missing_and_unexpected_tensors(tmp_path):
 def test_unknown_model_type_and_config_keys(tmp_path):
     path = _llama_folder(tmp_path)
     cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "t5"}))
-    with pytest.raises(ConfigError, match="unsupported model_type 't5'"):
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "whisper"}))
+    with pytest.raises(ConfigError, match="unsupported model_type 'whisper'"):
+        llmkit.load_model(path)
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "t5"}))  # a llama config.json
+    with pytest.raises(ConfigError, match="model_type 't5' lacks the key 'num_layers'"):
         llmkit.load_model(path)
     with pytest.raises(ConfigError, match="did you mean 'n_layer'"):
         llmkit.ModelConfig.from_dict({"n_layers": 3})

@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name)")
     p.add_argument("--embedding-model", default=None, help="encoder folder for /v1/embeddings")
     p.add_argument("--embedding-model-name", default=None, help="id of the embedding model (default: folder name)")
+    p.add_argument("--rag-store", default=None, help="RAG store (folder or postgresql://) for POST /v1/rag/query")
     p.add_argument("--max-batch-size", type=int, default=8, help="max concurrent sequences in the running batch")
     p.add_argument(
         "--max-queue",
@@ -88,5 +89,9 @@ def run(args: argparse.Namespace) -> int:
         limits=ServerLimits(enable_docs=args.enable_docs, **given),
     )
     print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
+    if args.rag_store:
+        from llmkit.rag.service import RagService
+
+        state.rag = RagService(args.rag_store)
     serve(state, host=args.host, port=args.port, log_level=args.log_level)
     return 0

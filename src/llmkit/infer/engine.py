@@ -81,6 +81,9 @@ class Engine:
         fast_decode: bool = True,
     ):
         cfg = model.config
+        if getattr(model, "is_encoder_decoder", False):
+            raise InputError(f"the engine (and `llmkit serve`) runs decoder-only models; {cfg.model_type} is an "
+                             "encoder-decoder: use llmkit.generate / generate_text or `llmkit generate`")
         self.model = model
         self.tokenizer = tokenizer
         self.config = cfg

@@ -103,7 +103,8 @@ class Generator:
         self.model = model
         self.B = B = len(prompts)
         self.max_new = max(p.max_new_tokens for p in params)
-        _check_prompts(model, prompts, self.max_new)
+        self.seq2seq = getattr(model, "is_encoder_decoder", False)
+        _check_prompts(model, prompts, 1 if self.seq2seq else self.max_new)
         self.device = next(model.parameters()).device
         self.L = L = max(len(p) for p in prompts)
         ids = torch.full((B, L), 0, dtype=torch.long)
@@ -112,6 +113,15 @@ class Generator:
             ids[i, L - len(p) :] = torch.tensor(p)
             mask[i, : L - len(p)] = 0  # left padding; generated positions are real tokens
         self.input_ids = ids.to(self.device)  # [B, L]
+        self.encoded = None
+        if self.seq2seq:  # encoder-decoder: encode the prompts once, decode from the start token
+            with torch.inference_mode():
+                self.encoded = model.encode(self.input_ids, mask[:, :L].to(self.device))
+            start = model.config.decoder_start_token_id
+            prompts = [[start] for _ in prompts]
+            self.L = L = 1
+            self.input_ids = torch.full((B, 1), start, dtype=torch.long, device=self.device)
+            mask = torch.ones((B, 1 + self.max_new), dtype=torch.long)
         self.cache = StaticKVCache.for_model(model, B, L + self.max_new) if use_cache else None
         padded = any(len(p) != L for p in prompts)
         self.key_mask = mask.to(self.device) if padded else None  # [B, L + max_new]
@@ -133,6 +143,9 @@ class Generator:
             km = self.key_mask[:, :T] if self.key_mask is not None else None
             pos = (km.cumsum(-1) - 1).clamp(min=0) if km is not None else torch.arange(T, device=self.device)[None]
             meta = AttnMeta(pos.expand(self.B, T), T, key_mask=km)
+        if self.seq2seq:
+            return self.model.decode(ids, self.encoded, kv_cache=self.cache, attn_meta=meta,
+                                     num_logits_to_keep=1)[:, -1].float()
         kw = {"position_ids": meta.position_ids, "attn_meta": meta, "num_logits_to_keep": 1}
         return self.model(ids, kv_cache=self.cache, **kw)[:, -1].float()
 

@@ -45,12 +45,13 @@ class StaticKVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> StaticKVCache:
-        """A cache sized for `model` (a `Transformer`), in the dtype/device of its weights; a
-        prompt-tuned model gets room for its virtual tokens too."""
+        """A cache sized for `model` (a `Transformer`, or a `T5Model`'s decoder), in the dtype/device of its
+        weights; a prompt-tuned model gets room for its virtual tokens too."""
         cfg = model.config
         w = next(model.parameters())
+        n_layer = cfg.n_decoder_layer if getattr(model, "is_encoder_decoder", False) else cfg.n_layer
         prefix = getattr(model, "num_virtual_tokens", 0)
-        cache = cls(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len + prefix, w.dtype, w.device)
+        cache = cls(n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len + prefix, w.dtype, w.device)
         cache.prefix = prefix
         return cache
 

@@ -10,8 +10,8 @@ from typing import Any
 from llmkit.errors import ConfigError
 from llmkit.model.presets import PRESETS
 
-DECODER_FAMILIES = ("llmkit", "gpt2", "llama", "qwen2", "mistral", "mixtral")
-FAMILIES = DECODER_FAMILIES + ("bert",)
+DECODER_FAMILIES = ("llmkit", "gpt2", "llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma2", "gemma3_text", "phi3")
+FAMILIES = DECODER_FAMILIES + ("bert", "t5", "mt5")
 POSITIONS = ("rope", "learned", "alibi", "sinusoidal", "none")
 
 
@@ -41,6 +41,14 @@ class ModelConfig:
     n_expert: int = 0  # > 0: sparse Mixture-of-Experts MLP
     n_expert_per_tok: int = 2
     router_aux_loss_coef: float = 0.01
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
+    post_norms: bool = False  # extra norms on the attention and MLP outputs before the residual add (Gemma 2/3)
+    scale_embeddings: bool = False  # token embeddings times sqrt(n_embd) (Gemma)
+    attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    rope_local_theta: float | None = None  # RoPE base of sliding-window layers when it differs (Gemma 3)
     tie_embeddings: bool = False
     qkv_bias: bool = False
     attn_out_bias: bool = False
@@ -52,6 +60,12 @@ class ModelConfig:
     initializer_range: float = 0.02
     # encoder (BERT) only
     type_vocab_size: int = 2
+    # encoder-decoder (T5) only: n_layer is the encoder's depth
+    n_decoder_layer: int | None = None  # None = n_layer
+    rel_buckets: int = 32  # relative-position buckets (Raffel et al., 2020)
+    rel_max_distance: int = 128
+    decoder_start_token_id: int | None = None
+    scale_decoder_outputs: bool = False  # decoder output times n_embd ** -0.5 before the head (T5 v1.0)
     extra: dict[str, Any] = field(default_factory=dict)  # HF keys kept for a faithful round trip
 
     def __post_init__(self) -> None:
@@ -73,6 +87,8 @@ class ModelConfig:
             raise ConfigError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
+        if self.n_decoder_layer is None:
+            self.n_decoder_layer = self.n_layer
         if self.pos == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
 
@@ -84,7 +100,7 @@ class ModelConfig:
 
     @property
     def rope_type(self) -> str:
-        """The RoPE scaling kind: default, linear, dynamic or llama3 (HF's old key `type` accepted)."""
+        """The RoPE scaling kind: default, linear, dynamic, llama3 or longrope (HF's old key `type` accepted)."""
         sc = self.rope_scaling or {}
         return sc.get("rope_type", sc.get("type", "default"))
 

@@ -19,7 +19,8 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.families import FAMILIES, get_family
 from llmkit.model.quant import build_quantized
 
-MODEL_CLASSES: dict[str, type] = {}  # "decoder" / "encoder" -> the class; registered by transformer.py / bert.py
+MODEL_CLASSES: dict[str, type] = {}  # "decoder" / "encoder" / "seq2seq" -> the class; registered by
+# transformer.py / bert.py / t5.py
 
 # ---------------------------------------------------------------------------- config.json
 
@@ -31,7 +32,10 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"unsupported model_type {mt!r} in config.json; llmkit loads: {', '.join(FAMILIES)}")
     common = dict(model_type=mt, vocab_size=d["vocab_size"], bos_token_id=d.get("bos_token_id"),
                   eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"), extra=dict(d))
-    return get_family(mt).config_from_hf(d, common)
+    try:
+        return get_family(mt).config_from_hf(d, common)
+    except KeyError as e:
+        raise ConfigError(f"config.json of model_type {mt!r} lacks the key {e.args[0]!r}") from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -49,7 +53,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # tensors a checkpoint may carry that are not weights (buffers, heads we do not use)
-_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "position_ids")
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "position_ids",
+                       "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",  # T5: copies of shared
+                       "EncDecAttention.relative_attention_bias.weight")
 
 
 def _ignorable(name: str, cfg: ModelConfig) -> bool:
@@ -250,7 +256,8 @@ def _load_model(path, dtype, device):
         name = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = getattr(torch, name, torch.float32) if device.type != "cpu" else torch.float32
     with torch.device("meta"):
-        model = MODEL_CLASSES["encoder" if get_family(cfg.model_type).encoder else "decoder"](cfg)
+        fam = get_family(cfg.model_type)
+        model = MODEL_CLASSES["encoder" if fam.encoder else "seq2seq" if fam.seq2seq else "decoder"](cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     sd = hf_to_llmkit(read_state_dict(p), cfg, expected)
     encoder = get_family(cfg.model_type).encoder
@@ -332,8 +339,8 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_s
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if not get_family(cfg.model_type).encoder:
-            gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if getattr(cfg, k) is not None}
+            keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+            gen = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})

@@ -18,27 +18,36 @@ ACTIVATIONS = {
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (Zhang & Sennrich, 2019)."""
+    """x / rms(x) * (offset + weight), computed in float32 (Zhang & Sennrich, 2019).
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    `offset=1` is Gemma's form (weights stored as w - 1, initialised to 0), where the scale is
+    also applied in float32 before casting back.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        w = self.weight + self.offset if self.offset else self.weight
+        fused = x.dtype == torch.float32 and w.dtype == torch.float32
         if fused and not torch.onnx.is_in_onnx_export():  # one fused kernel (ONNX has no rms_norm before opset 23)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return F.rms_norm(x, w.shape, w, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        if self.offset:
+            return (h * w.float()).to(x.dtype)
+        return w * h.to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    """The config's pre-norm: RMSNorm, or LayerNorm (with or without bias)."""
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over `dim` features (default n_embd): RMSNorm, or LayerNorm (with or without bias)."""
+    dim = dim or cfg.n_embd
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.n_embd, cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, cfg.norm_eps, bias=cfg.norm_bias)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset)
+    return nn.LayerNorm(dim, cfg.norm_eps, bias=cfg.norm_bias)
 
 
 def check_token_ids(input_ids: torch.Tensor | list[int], vocab_size: int, what: str = "token ids") -> None:

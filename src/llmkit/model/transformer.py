@@ -1,4 +1,5 @@
-"""The decoder-only Transformer behind every causal-LM family (GPT-2, Llama, Qwen2, Mistral, Mixtral).
+"""The decoder-only Transformer behind every causal-LM family (GPT-2, Llama, Qwen2/3, Mistral, Mixtral,
+Gemma 2/3, Phi-3).
 
 One block = pre-norm attention + pre-norm MLP (dense SwiGLU/GELU or sparse MoE). q, k and v come
 from one fused projection and SwiGLU's gate and up from another: fewer, larger matmuls are faster
@@ -19,12 +20,25 @@ from llmkit.model import hf
 from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
 from llmkit.model.layers import ACTIVATIONS, check_token_ids, make_norm
-from llmkit.model.positions import alibi_bias, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
+from llmkit.model.positions import (
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    rope_attention_factor,
+    rope_cos_sin,
+    rope_inv_freq,
+    sinusoidal_table,
+)
 from llmkit.model.quant import count_weights, prepare_qat, quantize_model
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head attention with grouped KV heads (MHA: n_kv_head = n_head, MQA: 1, else GQA)."""
+    """Multi-head attention with grouped KV heads (MHA: n_kv_head = n_head, MQA: 1, else GQA).
+
+    Config options: q/k RMSNorm per head before RoPE (`qk_norm`), a softmax scale other than
+    1/sqrt(head_dim) (`attn_scale`), tanh soft-capping of the scores (`attn_softcap`, then the
+    scores are computed here instead of by SDPA), a separate local RoPE for sliding layers.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -33,6 +47,13 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_out_bias)
         self.window = cfg.window_for_layer(layer_idx)
+        self.local_rope = cfg.rope_local_theta is not None and self.window is not None
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, cfg.head_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim)
+        self.qk_norm = cfg.qk_norm
+        self.scale = cfg.attn_scale
+        self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
 
     def forward(
@@ -46,19 +67,38 @@ class CausalSelfAttention(nn.Module):
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # [B, nh + 2 nkv, T, hd]
         qk, v = qkv.split([nh + nkv, nkv], dim=1)
+        if self.qk_norm:
+            q, k = qk.split([nh, nkv], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         if cos_sin is not None:
             qk = apply_rope(qk, *cos_sin)  # q and k heads rotated together
         q, k = qk.split([nh, nkv], dim=1)  # [B, nh, T, hd], [B, nkv, T, hd]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, nkv, S, hd]
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=int(k.shape[1]) != nh,  # a cache may hand back keys already repeated per query head
-        )  # [B, nh, T, hd]
+        if self.softcap is not None:
+            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=int(k.shape[1]) != nh,  # a cache may hand back keys already repeated per query head
+                scale=self.scale,
+            )  # [B, nh, T, hd]
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+
+def softcapped_attention(q, k, v, mask, scale: float | None, cap: float) -> torch.Tensor:
+    """softmax(cap * tanh(q k^T * scale / cap) + mask) v (Gemma 2); q [B,H,T,D], k/v [B,Hkv,S,D], mask bool."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)  # [B, H, T, S]
+    scores = cap * torch.tanh(scores / cap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return F.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -139,21 +179,35 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm attention + pre-norm MLP; with `post_norms` each output is normed again before the
+    residual add (Gemma 2/3: "sandwich" norms)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ln_2 = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.n_expert > 0 else MLP(cfg)
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:
+            self.ln_attn_post = make_norm(cfg)
+            self.ln_mlp_post = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.dropout = cfg.dropout
 
     def forward(self, x, cos_sin, mask, kv_cache=None) -> torch.Tensor:
-        if self.dropout and self.training:
-            x = x + self.drop(self.attn(self.ln_1(x), cos_sin, mask, kv_cache))
-            return x + self.drop(self.mlp(self.ln_2(x)))
-        x = x + self.attn(self.ln_1(x), cos_sin, mask, kv_cache)
-        return x + self.mlp(self.ln_2(x))
+        if self.attn.local_rope:
+            cos_sin = cos_sin[1]
+        elif isinstance(cos_sin, list):
+            cos_sin = cos_sin[0]
+        h = self.attn(self.ln_1(x), cos_sin, mask, kv_cache)
+        if self.post_norms:
+            h = self.ln_attn_post(h)
+        x = x + (self.drop(h) if self.dropout and self.training else h)
+        h = self.mlp(self.ln_2(x))
+        if self.post_norms:
+            h = self.ln_mlp_post(h)
+        return x + (self.drop(h) if self.dropout and self.training else h)
 
 
 class Transformer(nn.Module):
@@ -185,9 +239,10 @@ class Transformer(nn.Module):
         device = torch.device(device) if device is not None else self.wte.weight.device
         with torch.device("cpu"):  # also when built under a meta-device context (the loader)
             inv_freq = rope_inv_freq(cfg) if cfg.pos == "rope" else None
+            local = rope_inv_freq(cfg, local=True) if cfg.pos == "rope" and cfg.rope_local_theta else None
             slopes = alibi_slopes(cfg.n_head) if cfg.pos == "alibi" else None
             pe = sinusoidal_table(cfg.block_size, cfg.n_embd) if cfg.pos == "sinusoidal" else None
-        for name, t in (("inv_freq", inv_freq), ("alibi_slopes", slopes), ("pe", pe)):
+        for name, t in (("inv_freq", inv_freq), ("inv_freq_local", local), ("alibi_slopes", slopes), ("pe", pe)):
             self.register_buffer(name, None if t is None or device.type == "meta" else t.to(device), False)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -269,6 +324,8 @@ class Transformer(nn.Module):
         positions = meta.position_ids
 
         x = self.wte(input_ids)  # [B, T, C]
+        if cfg.scale_embeddings:
+            x = x * torch.tensor(cfg.n_embd**0.5, dtype=x.dtype)
         if self.wpe is not None or self.pe is not None:
             if attn_meta is None and self.check_inputs and int(positions.max()) >= cfg.block_size:
                 raise InputError(f"sequence of {int(positions.max()) + 1} positions exceeds the context "
@@ -284,6 +341,8 @@ class Transformer(nn.Module):
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         logits = self.lm_head(self.ln_f(x))
+        if cfg.final_softcap is not None:
+            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
         if cfg.n_expert > 0:
             self.aux_loss = self._load_balancing_loss()
         return logits
@@ -294,18 +353,30 @@ class Transformer(nn.Module):
         return {blk.attn.window for blk in self.blocks}
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        """RoPE cos and signed sin [B, 1, T, hd] (dynamic NTK scaling grows with the sequence)."""
+        """RoPE cos and signed sin [B, 1, T, hd] (dynamic NTK and LongRoPE depend on the sequence
+        length); with a separate local RoPE, the list [global, local]."""
         if self.inv_freq is None:
             return None
+        cfg = self.config
         inv_freq = self.inv_freq
-        if self.config.rope_type == "dynamic":
-            inv_freq = rope_inv_freq(self.config, seq_len=int(positions.max()) + 1).to(positions.device)
-        return rope_cos_sin(inv_freq, positions, dtype)
+        if cfg.rope_type == "dynamic":
+            inv_freq = rope_inv_freq(cfg, seq_len=int(positions.max()) + 1).to(positions.device)
+        cos_sin = rope_cos_sin(inv_freq, positions, dtype, rope_attention_factor(cfg))
+        if cfg.rope_type == "longrope":  # rows past the trained length use the long factors (per row)
+            orig = cfg.rope_scaling["original_max_position_embeddings"]
+            long_rows = (positions.max(-1).values + 1 > orig)[:, None, None, None]  # [B, 1, 1, 1]
+            if bool(long_rows.any()):
+                long = rope_cos_sin(rope_inv_freq(cfg, seq_len=orig + 1).to(positions.device), positions, dtype,
+                                    rope_attention_factor(cfg))
+                cos_sin = tuple(torch.where(long_rows, lo, sh) for lo, sh in zip(long, cos_sin))
+        if cfg.rope_local_theta is None:
+            return cos_sin
+        return [cos_sin, rope_cos_sin(self.inv_freq_local, positions, dtype)]
 
     def _mask(self, meta: AttnMeta, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
         """The layers' attention mask; ALiBi turns it into its additive bias."""
         if self.alibi_slopes is None:
-            return meta.mask(window)
+            return meta.mask(window, explicit=self.config.attn_softcap is not None)
         m = meta.mask(window, explicit=True)
         S, T = meta.kv_len, meta.q_len
         q_pos = torch.arange(S - T, S, device=m.device)[None]

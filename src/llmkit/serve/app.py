@@ -12,7 +12,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
-from llmkit.serve import chat, completions, embeddings, tokenize
+from llmkit.serve import chat, completions, embeddings, rag, tokenize
 from llmkit.serve.errors import APIError, error_body, install_error_handlers
 from llmkit.serve.state import ServerState
 
@@ -22,6 +22,7 @@ METRIC_PATHS = {
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/embeddings",
+    "/v1/rag/query",
     "/v1/models",
     "/tokenize",
     "/detokenize",
@@ -161,7 +162,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.llmkit = state
     install_error_handlers(app)
     app.add_middleware(AuthAndMetricsMiddleware, state=state)
-    for module in (completions, chat, embeddings, tokenize):
+    for module in (completions, chat, embeddings, tokenize, rag):
         app.include_router(module.router)
 
     @app.get("/v1/models")

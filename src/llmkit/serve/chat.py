@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from llmkit.serve import rag
 from llmkit.serve.errors import APIError
 from llmkit.serve.protocol import ChatCompletionRequest
 from llmkit.serve.sequences import (
@@ -65,6 +66,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     adapter = state.require_generator(body.model)
     served = adapter or state.model_name
     _check_response_format(body)
+    rag_context = await rag.augment(request, body)  # None unless the request asks for retrieval
+    extra = {} if rag_context is None else {"rag_context": rag_context}
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs requires logprobs=true", 400, param="top_logprobs")
     check_logit_bias(body, state.tokenizer.vocab_size)
@@ -108,7 +111,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
         async def stream() -> AsyncIterator[str]:
             for s in states:
-                yield sse(chunk(s.index, {"role": "assistant", "content": ""}, None, None))
+                yield sse(chunk(s.index, {"role": "assistant", "content": ""}, None, None) | extra)
             async with aclosing(merged_events(handles, request, state.deadline(), state)) as events:
                 async for i, ev in events:
                     s = states[i]
@@ -154,4 +157,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         "system_fingerprint": fingerprint,
         "choices": choices,
         "usage": usage(),
+        **extra,
     }

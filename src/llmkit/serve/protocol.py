@@ -144,6 +144,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    rag: bool | dict | None = None  # retrieval from --rag-store (serve/rag.py)
 
 
 class EmbeddingRequest(_Request):

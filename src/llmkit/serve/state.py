@@ -89,6 +89,7 @@ class ServerState:
     embedder: Any | None = None
     embedding_model_name: str | None = None
     api_key: str | None = None
+    rag: Any | None = None  # an llmkit.rag.service.RagService for --rag-store (serve/rag.py)
     max_tokens: int | None = None
     request_timeout: float | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)

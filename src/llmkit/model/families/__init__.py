@@ -49,6 +49,7 @@ class Family:
     load_prefixes: tuple[str, ...]  # prefixes a checkpoint may use, tried in order
     save_prefix: str
     encoder: bool = False  # BertModel rather than Transformer
+    seq2seq: bool = False  # T5Model (encoder-decoder) rather than Transformer
     ignorable_roots: tuple[str, ...] = ()  # top-level names of heads we do not use
 
 
@@ -66,4 +67,4 @@ def get_family(model_type: str | None) -> Family:
     return FAMILIES[model_type]
 
 
-from llmkit.model.families import bert, gpt2, llama, llmkit  # noqa: E402,F401  (each registers its spec)
+from llmkit.model.families import bert, gemma, gpt2, llama, llmkit, phi3, t5  # noqa: E402,F401  (each registers its spec)

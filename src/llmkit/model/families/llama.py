@@ -1,5 +1,6 @@
-"""Llama and its close relatives: Qwen2 (qkv bias, optional sliding layers), Mistral (sliding window),
-Mixtral (sparse MoE). RMSNorm, RoPE, SwiGLU; names `model.layers.{i}.self_attn.{q,k,v,o}_proj`."""
+"""Llama and its close relatives: Qwen2 (qkv bias, optional sliding layers), Qwen3 (q/k RMSNorm, no
+qkv bias), Mistral (sliding window), Mixtral (sparse MoE). RMSNorm, RoPE, SwiGLU; names
+`model.layers.{i}.self_attn.{q,k,v,o}_proj`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def config_from_hf(d: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
         scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
     bias = d.get("attention_bias", False)
     window = d.get("sliding_window")
-    if mt == "qwen2" and not d.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
         window = None
     layer_types = d.get("layer_types") if window is not None else None
     return ModelConfig(
@@ -33,7 +34,7 @@ def config_from_hf(d: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
         tie_embeddings=d.get("tie_word_embeddings", False),
         n_expert=d.get("num_local_experts", 0) if mt == "mixtral" else 0,
         n_expert_per_tok=d.get("num_experts_per_tok", 2),
-        router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),
+        router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001), qk_norm=mt == "qwen3",
     )
 
 
@@ -47,11 +48,13 @@ def config_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
              hidden_act=ACT_TO_HF[cfg.activation], max_position_embeddings=cfg.block_size,
              rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
              rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.dropout)
+    if mt in ("llama", "qwen3"):
+        d.update(attention_bias=cfg.attn_out_bias)
     if mt == "llama":
-        d.update(attention_bias=cfg.attn_out_bias, mlp_bias=cfg.mlp_bias)
+        d.update(mlp_bias=cfg.mlp_bias)
     if mt in ("mistral", "mixtral"):
         d.update(sliding_window=cfg.sliding_window)
-    if mt == "qwen2":
+    if mt in ("qwen2", "qwen3"):
         d.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
         if cfg.layer_types is not None:
             d.update(layer_types=cfg.layer_types)
@@ -76,6 +79,9 @@ def rules(cfg: ModelConfig, p: str, fused_experts: bool = False) -> Rules:
         R.add(b + "attn.proj.weight", h + "self_attn.o_proj.weight")
         if cfg.attn_out_bias:
             R.add(b + "attn.proj.bias", h + "self_attn.o_proj.bias")
+        if cfg.qk_norm:
+            R.add(b + "attn.q_norm.weight", h + "self_attn.q_norm.weight")
+            R.add(b + "attn.k_norm.weight", h + "self_attn.k_norm.weight")
         if cfg.n_expert and fused_experts:  # transformers 5 in-memory layout
             R.add(b + "mlp.router.weight", h + "mlp.gate.weight")
             R.add(b + "mlp.w_fc", h + "mlp.experts.gate_up_proj")
@@ -100,7 +106,7 @@ def rules(cfg: ModelConfig, p: str, fused_experts: bool = False) -> Rules:
     return R
 
 
-for _mt, _arch in (("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+for _mt, _arch in (("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
                    ("mistral", "MistralForCausalLM"), ("mixtral", "MixtralForCausalLM")):
     register(Family(_mt, _arch, config_from_hf, config_to_hf, rules, anchor="embed_tokens.weight",
                     load_prefixes=("model.", ""), save_prefix="model."))

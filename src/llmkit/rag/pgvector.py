@@ -1,0 +1,146 @@
+"""PostgreSQL + pgvector store: `--store postgresql://user@host/db[?table=NAME]`.
+
+Tables `NAME_meta`, `NAME_docs`, `NAME_chunks` (default NAME `llmkit_rag`). Chunks keep their
+metadata in columns (`source`, `page`, `headings`, `meta jsonb`), the embedding in a `vector(dim)`
+column with an HNSW index (inner product; vectors are unit length), and the search terms (the same
+Chinese-aware tokenizer as BM25) in a `tsvector` with a GIN index: the keyword half of hybrid
+retrieval is Postgres full-text search ranked by `ts_rank_cd`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+from llmkit.errors import InputError
+from llmkit.rag.keyword import tokenize
+from llmkit.rag.store import Hit, Store
+
+EF_SEARCH = 100
+
+
+def _vec(v: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in np.asarray(v, dtype=np.float32).tolist()) + "]"
+
+
+class PgStore(Store):
+    def __init__(self, uri: str, create: bool = False):
+        try:
+            import psycopg
+        except ImportError as e:
+            raise InputError("a postgresql:// store needs psycopg: pip install 'psycopg[binary]'") from e
+        parts = urlsplit(uri)
+        query = dict(parse_qsl(parts.query))
+        self.t = query.pop("table", "llmkit_rag")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,40}", self.t):
+            raise InputError(f"table={self.t!r}: expected a plain SQL identifier")
+        dsn = urlunsplit(parts._replace(query=urlencode(query)))
+        try:
+            self.conn = psycopg.connect(dsn, autocommit=True)
+        except psycopg.OperationalError as e:
+            raise InputError(f"--store {uri}: cannot connect to PostgreSQL ({str(e).strip()})") from e
+        exists = self.conn.execute("SELECT to_regclass(%s)", (f"{self.t}_chunks",)).fetchone()[0]
+        if not exists and not create:
+            raise InputError(f"--store {uri}: no llmkit store (table {self.t}_chunks); build one with "
+                             "`llmkit rag index`")
+        self.conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.t}_meta(key text PRIMARY KEY, value jsonb)")
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.t}_docs(source text PRIMARY KEY, hash text NOT NULL, "
+                          "n_chunks int, indexed_at double precision)")
+
+    def _create_chunks(self, dim: int) -> None:
+        t = self.t
+        self.conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {t}_chunks(id bigserial PRIMARY KEY, source text NOT NULL, ord int, page int, "
+            f"headings jsonb, text text NOT NULL, meta jsonb, terms text, n_tokens int, "
+            f"embedding vector({dim}) NOT NULL, "
+            "tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', terms)) STORED)")
+        self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_chunks_source ON {t}_chunks(source)")
+        self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_chunks_tsv ON {t}_chunks USING gin(tsv)")
+        self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_chunks_hnsw ON {t}_chunks "
+                          "USING hnsw (embedding vector_ip_ops) WITH (m = 16, ef_construction = 64)")
+
+    def get_meta(self) -> dict:
+        return dict(self.conn.execute(f"SELECT key, value FROM {self.t}_meta").fetchall())
+
+    def set_meta(self, meta: dict) -> None:
+        from psycopg.types.json import Jsonb
+
+        with self.conn.transaction():
+            for k, v in meta.items():
+                self.conn.execute(f"INSERT INTO {self.t}_meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
+                                  "SET value = EXCLUDED.value", (k, Jsonb(v)))
+        if "embed_dim" in meta:
+            self._create_chunks(int(meta["embed_dim"]))
+
+    def doc_hashes(self) -> dict[str, str]:
+        return dict(self.conn.execute(f"SELECT source, hash FROM {self.t}_docs").fetchall())
+
+    def stats(self) -> dict:
+        docs = self.conn.execute(f"SELECT count(*) FROM {self.t}_docs").fetchone()[0]
+        sql = f"SELECT count(*), coalesce(sum(n_tokens), 0) FROM {self.t}_chunks"
+        chunks, tokens = self.conn.execute(sql).fetchone()
+        return {"documents": docs, "chunks": chunks, "tokens": int(tokens)}
+
+    def write(self, docs, delete=()) -> None:
+        t = self.t
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            for source in [d[0] for d in docs] + list(delete):
+                cur.execute(f"DELETE FROM {t}_chunks WHERE source = %s", (source,))
+                cur.execute(f"DELETE FROM {t}_docs WHERE source = %s", (source,))
+            for source, digest, chunks, vectors, terms in docs:
+                with cur.copy(f"COPY {t}_chunks(source, ord, page, headings, text, meta, terms, n_tokens, embedding) "
+                              "FROM STDIN") as copy:
+                    for c, v, tm in zip(chunks, vectors, terms):
+                        copy.write_row((source, c.ord, c.page, json.dumps(c.headings), c.text, json.dumps(c.meta),
+                                        " ".join(tm), c.n_tokens, _vec(v)))
+                cur.execute(f"INSERT INTO {t}_docs VALUES (%s, %s, %s, %s)", (source, digest, len(chunks), time.time()))
+
+    def finalize(self) -> None:
+        self.conn.execute(f"ANALYZE {self.t}_chunks")
+
+    def _where(self, filters: dict[str, str]) -> tuple[str, list]:
+        conds, args = [], []
+        for key, value in filters.items():
+            if key in ("source", "page"):
+                conds.append(f"{key}::text = %s")
+            else:
+                conds.append("meta->>%s = %s")
+                args.append(key)
+            args.append(value)
+        return (" WHERE " + " AND ".join(conds)) if conds else "", args
+
+    def dense_search(self, vector, k, filters) -> list[tuple[int, float]]:
+        where, args = self._where(filters)
+        with self.conn.transaction():
+            self.conn.execute(f"SET LOCAL hnsw.ef_search = {max(EF_SEARCH, k)}")
+            rows = self.conn.execute(
+                f"SELECT id, -(embedding <#> %s::vector) FROM {self.t}_chunks{where} "
+                "ORDER BY embedding <#> %s::vector LIMIT %s", [_vec(vector), *args, _vec(vector), k]).fetchall()
+        return [(int(i), float(s)) for i, s in rows]
+
+    def keyword_search(self, query, k, filters) -> list[tuple[int, float]]:
+        terms = sorted(set(tokenize(query)))
+        if not terms:
+            return []
+        tsq = " | ".join("'" + t.replace("'", "''") + "'" for t in terms)
+        where, args = self._where(filters)
+        where = (where + " AND " if where else " WHERE ") + "tsv @@ q"
+        rows = self.conn.execute(
+            f"SELECT id, ts_rank_cd(tsv, q) AS r FROM {self.t}_chunks, to_tsquery('simple', %s) q{where} "
+            "ORDER BY r DESC LIMIT %s", [tsq, *args, k]).fetchall()
+        return [(int(i), float(s)) for i, s in rows]
+
+    def get(self, ids) -> dict[int, Hit]:
+        if not ids:
+            return {}
+        rows = self.conn.execute(f"SELECT id, text, source, page, headings, meta FROM {self.t}_chunks "
+                                 "WHERE id = ANY(%s)", ([int(i) for i in ids],)).fetchall()
+        return {r[0]: Hit(r[0], r[1], r[2], r[3], r[4] or [], r[5] or {}) for r in rows}
+
+    def close(self) -> None:
+        self.conn.close()

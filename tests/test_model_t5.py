@@ -1,0 +1,103 @@
+"""T5 / mT5 against random-initialised `transformers` references: logits (padded batches), save ->
+transformers load, greedy generation == HF `generate`, the T5 SentencePiece/Unigram tokenizer ids."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as T
+from tokenizers import SentencePieceUnigramTokenizer
+
+import llmkit
+from llmkit.errors import InputError
+from llmkit.model.t5 import T5Model
+from llmkit.tokenizer import load_tokenizer
+
+V = 80
+_CFG = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+            relative_attention_max_distance=20, decoder_start_token_id=0, dropout_rate=0.0, eos_token_id=None)
+CASES = {
+    "t5": (T.T5Config, dict(_CFG, feed_forward_proj="relu", num_decoder_layers=3)),  # tied head, scaled output
+    "mt5": (T.MT5Config, dict(_CFG, feed_forward_proj="gated-gelu")),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    C, kw = CASES[request.param]
+    torch.manual_seed(0)
+    ref = T.AutoModelForSeq2SeqLM.from_config(C(**kw)).eval()
+    ref.generation_config.eos_token_id = None
+    path = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(path)
+    return ref, llmkit.load_model(path)
+
+
+def test_logits_match_with_padding(pair, tmp_path):
+    ref, model = pair
+    assert isinstance(model, T5Model)
+    ids = torch.randint(2, V, (2, 30))  # 30 > max_distance 20: the log-spaced buckets are used
+    dec = torch.randint(2, V, (2, 25))
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0  # right padding of the encoder input
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        b = model(ids, decoder_input_ids=dec, attention_mask=mask)
+    assert b.shape == (2, 25, V)
+    assert (a - b).abs().max().item() <= 1e-4
+
+    model.save_pretrained(tmp_path / "out")  # and back into transformers
+    back = T.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (back(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits - b).abs().max() <= 1e-4
+    with pytest.raises(InputError, match="decoder_input_ids"):
+        model(ids)
+
+
+def test_greedy_generate_matches_transformers_batched(pair):
+    ref, model = pair
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], list(range(20, 50))]
+    # transformers' own cache assumes num_decoder_layers == num_layers; without it, it recomputes
+    kw = dict(max_new_tokens=10, do_sample=False, use_cache=ref.config.num_decoder_layers == ref.config.num_layers)
+    want = [ref.generate(torch.tensor([p]), **kw)[0, 1:].tolist() for p in prompts]
+    assert llmkit.generate(model, prompts, max_new_tokens=10) == want  # one left-padded batch
+    assert llmkit.generate(model, prompts[1], max_new_tokens=10, use_cache=False) == want[1]
+
+
+def test_t5_tokenizer_ids_match_transformers_and_text_to_text_generation(tmp_path):
+    text = open("../shared/data/tinyshakespeare/input.txt").read()[:60000]
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(text.split("\n"), vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"],
+                           unk_token="<unk>")
+    sp.save(str(tmp_path / "raw.json"))
+    T.T5TokenizerFast(tokenizer_file=str(tmp_path / "raw.json"), extra_ids=8).save_pretrained(tmp_path / "tok")
+    hf = T.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    for s in ["translate English to German: The house is wonderful.", "  Hello <extra_id_0>  world</s> x",
+              "First Citizen:\nBefore we proceed any further, hear me speak."]:
+        ids = hf(s)["input_ids"]
+        assert tok.encode(s) == ids
+        assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    assert (tok.vocab_size, tok.eos_token_id, tok.pad_token_id) == (len(hf), hf.eos_token_id, hf.pad_token_id)
+
+    torch.manual_seed(0)
+    ref = T.T5ForConditionalGeneration(T.T5Config(**dict(_CFG, vocab_size=len(hf), eos_token_id=1))).eval()
+    ref.save_pretrained(tmp_path / "model")
+    tok.save(tmp_path / "model")
+    model = llmkit.load_model(tmp_path / "model")
+    prompt = "translate English to German: The house is wonderful."
+    want = ref.generate(**hf(prompt, return_tensors="pt"), max_new_tokens=8, do_sample=False)[0]
+    got = llmkit.generate_text(model, tok, prompt, max_new_tokens=8)
+    assert got == hf.decode(want, skip_special_tokens=True)
+    out = subprocess.run([sys.executable, "-m", "llmkit", "generate", "--model", str(tmp_path / "model"), "--prompt",
+                          prompt, "--max-new-tokens", "8", "--temperature", "0"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == got.strip()
+
+
+def test_engine_refuses_encoder_decoder_clearly(pair):
+    from llmkit.infer.engine import Engine
+
+    with pytest.raises(InputError, match="encoder-decoder"):
+        Engine(pair[1])
