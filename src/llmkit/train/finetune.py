@@ -345,12 +345,14 @@ def finetune(
     dtype: str = "auto",
     num_threads: int | None = None,
     progress: bool = True,
+    max_minutes: float | None = None,
     **options: Any,
 ) -> TrainResult:
     """Fine-tune base `model` on SFT JSONL `data`; `out` becomes a model folder (full, freeze) or a PEFT
     adapter folder (lora, prompt-tuning). `options` are FinetuneConfig fields (max_seq_len, packing,
     lora_r, lora_alpha, lora_dropout, lora_targets, num_virtual_tokens, trainable, freeze_layers, ...).
 
+    `max_minutes` is a time budget: training stops (the schedule finished) once it is spent.
     `resume=True` continues exactly from out's latest checkpoint; `stop_after=k` stops after step k
     as if killed (the checkpoint at k written).
     """
@@ -370,7 +372,8 @@ def finetune(
     opt = OptimConfig(batch_size=batch_size, grad_accum=grad_accum, max_iters=max_steps or 1, lr=rate,
                       min_lr=rate / 10, warmup_iters=warmup_steps or 0, weight_decay=weight_decay,
                       eval_interval=eval_interval or 1, seed=seed, device=device, dtype=dtype,
-                      num_threads=num_threads, progress=progress, strategy="auto", beta2=0.999)
+                      num_threads=num_threads, progress=progress, strategy="auto", beta2=0.999,
+                      max_minutes=max_minutes)
     return Finetuner(ft, opt, out, resume=resume, overwrite=overwrite, stop_after=stop_after, max_steps=max_steps,
                      eval_interval=eval_interval, warmup_steps=warmup_steps).fit()
 
