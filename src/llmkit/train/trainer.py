@@ -36,6 +36,7 @@ from llmkit.train.checkpoint import (
 )
 from llmkit.train.config import TrainConfig
 from llmkit.train.metrics import MetricsLog
+from llmkit.train.objectives import get_objective, objective_loss
 from llmkit.train.optim import build_adamw
 from llmkit.train.parallel import Parallel, checkpoint_folder, load_dcp_model, save_dcp
 from llmkit.train.prepare import TokenData, resolve_data
@@ -137,6 +138,7 @@ class Trainer:
                 raise ConfigError(f"train.{name}={getattr(t, name)} must be a positive integer")
         if not 0.0 <= t.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+        cfg.validate()
 
     # ------------------------------------------------------------------ set-up
     def _check_out_dir(self) -> dict[str, Any] | None:
@@ -186,13 +188,16 @@ class Trainer:
 
         # model: every rank initialises identically from `seed`, then gets its own dropout stream
         self.model_config = cfg.model_config(self.tokenizer.vocab_size)
+        self.objective = get_objective(t.objective, self.tokenizer, t.whole_word_mask)  # None = causal LM
+        if self.objective is not None:  # BERT / T5 config built from the model section's sizes
+            self.model_config = self.objective.model_config(self.model_config, t.block_size)
         if self.model_config.block_size < t.block_size:
             raise ConfigError(
                 f"train.block_size={t.block_size} exceeds model.block_size={self.model_config.block_size}"
             )
         _seed_all(t.seed)
 
-        raw = Transformer(self.model_config)
+        raw = Transformer(self.model_config) if self.objective is None else self.objective.build(self.model_config)
         if t.qat:  # fake-quantized projections (straight-through estimator); same parameters
             raw.prepare_qat(t.qat, t.qat_group_size)
         raw.check_inputs = False  # token ids were checked once against the vocabulary below
@@ -211,7 +216,7 @@ class Trainer:
             raw = self.par.view  # this rank's modules (a pipeline stage holds only its blocks)
         raw.to(info.device)
         self.raw_model = raw
-        if t.num_threads == 0 and info.device.type == "cpu" and info.world_size == 1:
+        if t.num_threads == 0 and info.device.type == "cpu" and info.world_size == 1 and self.objective is None:
             n = autotune_threads(raw, t.batch_size, t.block_size)
             if info.is_main and t.progress:
                 tqdm.write(f"threads: {n} (the faster of 1 and {os.cpu_count()} on this machine right now)")
@@ -401,6 +406,7 @@ class Trainer:
             return float("nan")
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
+        eval_gen = torch.Generator().manual_seed(t.seed)
         for b in range(0, per_rank, bs):
             chunk = mine[b : b + bs]
             x, y = windows(tokens, chunk or [0], t.block_size)  # [B, T]; [0] keeps FSDP ranks in step
@@ -410,6 +416,12 @@ class Trainer:
                     s, n = self.par.eval_sums(x, y)
                 if chunk:
                     total += torch.tensor([s, n], dtype=torch.float64)
+                continue
+            if self.objective is not None:  # the same corruption every eval: a fixed generator
+                with self._autocast():
+                    s, n = objective_loss(self.objective, self.model, x, eval_gen, reduction="sum")
+                if chunk:
+                    total += torch.tensor([float(s), n], dtype=torch.float64)
                 continue
             with self._autocast():
                 logits = self.model(x)
@@ -438,8 +450,11 @@ class Trainer:
             x, y = self.sampler.next_batch()
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
             with D.no_grad_sync(model, info, sync=micro == t.grad_accum - 1), self._autocast():
-                logits = model(x)  # [B, T, V]
-                loss = lm_loss(logits, y, t.label_smoothing)
+                if self.objective is not None:  # mlm / span: corrupt x, loss on the labels it makes
+                    loss = objective_loss(self.objective, model, x)[0]
+                else:
+                    logits = model(x)  # [B, T, V]
+                    loss = lm_loss(logits, y, t.label_smoothing)
                 if self.model_config.n_expert > 0:
                     loss = loss + self.model_config.router_aux_loss_coef * self.raw_model.aux_loss
                 scaled = loss / t.grad_accum
