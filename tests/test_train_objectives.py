@@ -91,7 +91,7 @@ def test_unknown_objective_is_a_config_error(tmp_path):
 
 
 def test_mlm_folder_loads_in_transformers_and_embeds(tmp_path):
-    from transformers import BertForMaskedLM
+    from transformers import AutoTokenizer, BertForMaskedLM
 
     import llmkit
     from llmkit.model.embed import embed
@@ -116,12 +116,16 @@ def test_mlm_folder_loads_in_transformers_and_embeds(tmp_path):
     x = torch.randint(ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(full.eval()(x), ref(x).logits, atol=1e-4, rtol=1e-4)
+    hf_tok = AutoTokenizer.from_pretrained(out)  # [MASK] was added to the char tokenizer and saved with it
+    assert hf_tok.mask_token == "[MASK]" and hf_tok.mask_token_id == ours.config.vocab_size - 1
+    assert hf_tok("ab[MASK]c")["input_ids"] == [hf_tok.convert_tokens_to_ids(c) for c in "ab"] + [
+        hf_tok.mask_token_id, hf_tok.convert_tokens_to_ids("c")]
     vecs = embed(str(out), ["To be, or not to be", "the king"])
     assert vecs.shape == (2, 32) and torch.isfinite(torch.as_tensor(vecs)).all()
 
 
 def test_span_pretrain_and_exact_resume(tmp_path):
-    from transformers import T5ForConditionalGeneration
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     import llmkit
 
@@ -131,9 +135,31 @@ def test_span_pretrain_and_exact_resume(tmp_path):
     a, b = read_metrics(full.out_dir / "metrics.jsonl"), read_metrics(resumed.out_dir / "metrics.jsonl")
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]  # resume is exact
     assert (full.out_dir / "loss.png").exists()
+    tok = AutoTokenizer.from_pretrained(full.out_dir)  # sentinels added after the vocabulary, T5's order
+    assert tok.convert_tokens_to_ids("<extra_id_0>") == tok.convert_tokens_to_ids("<extra_id_99>") + 99
+    assert tok.convert_tokens_to_ids("<extra_id_0>") == llmkit.load_model(full.out_dir).config.vocab_size - 1
     ours, ref = llmkit.load_model(full.out_dir), T5ForConditionalGeneration.from_pretrained(full.out_dir).eval()
     x = torch.randint(ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     d = torch.randint(ours.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(x, decoder_input_ids=d), ref(input_ids=x, decoder_input_ids=d).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_cli_objective_flag(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": MODEL, "train": {**TRAIN, "max_iters": 2, "eval_interval": 2}}))
+    text = tmp_path / "t.txt"
+    text.write_text(SHAKESPEARE.read_text()[:5000])
+    base = [sys.executable, "-m", "llmkit", "pretrain", "--config", str(cfg), "--data", str(text)]
+    bad = subprocess.run(base + ["--objective", "nsp", "--out_dir", str(tmp_path / "bad")], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    ok = subprocess.run(base + ["--objective", "mlm", "--out_dir", str(tmp_path / "o")], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads((tmp_path / "o/config.json").read_text())["architectures"] == ["BertForMaskedLM"]

@@ -116,20 +116,19 @@ def span_restore(inputs: list[int], targets: list[int], sentinel0: int, n_sentin
 # ---------------------------------------------------------------------------- the objectives the Trainer runs
 class MaskedLM:
     """`train.objective: mlm`: BertForMaskedLM over windows; [MASK] is the tokenizer's if it has one,
-    else one id appended after the tokenizer's vocabulary."""
+    else added to it (one id after the vocabulary; the saved tokenizer names it `mask_token`)."""
 
     name = "mlm"
 
     def __init__(self, tokenizer, whole_word: bool = False, prob: float = 0.15):
         V = tokenizer.vocab_size
-        tid = tokenizer.token_to_id(MASK_TOKEN) if hasattr(tokenizer, "token_to_id") else None
-        self.mask_id = tid if tid is not None else V
-        self.n_random, self.prob = V, prob
-        self.vocab_size = max(V, self.mask_id + 1)
+        texts = [tokenizer.decode([i]) for i in range(V)] if whole_word else None
+        self.mask_id = tokenizer.add_special_tokens([MASK_TOKEN], "mask_token")[0]  # saved with the model
+        self.n_random, self.prob = min(V, self.mask_id), prob  # random replacements: ordinary tokens
+        self.vocab_size = max(tokenizer.vocab_size, self.mask_id + 1)
         self.starts = None
         if whole_word:
-            texts = [tokenizer.decode([i]) for i in range(V)] + [MASK_TOKEN] * (self.vocab_size - V)
-            self.starts = word_starts(texts)
+            self.starts = word_starts(texts + [MASK_TOKEN] * (self.vocab_size - V))
 
     def model_config(self, base: ModelConfig, block_size: int) -> ModelConfig:
         return dataclasses.replace(
@@ -153,14 +152,15 @@ class MaskedLM:
 
 
 class SpanCorruption:
-    """`train.objective: span`: T5 encoder-decoder; sentinels are the 100 ids after the tokenizer's
-    vocabulary (<extra_id_0> is the highest id, as in T5)."""
+    """`train.objective: span`: T5 encoder-decoder; sentinels are the tokenizer's `<extra_id_0..99>`, added
+    after the vocabulary when missing (<extra_id_0> is the highest id, as in T5)."""
 
     name = "span"
 
     def __init__(self, tokenizer, noise: float = 0.15, mean_span: float = 3.0):
-        self.vocab_size = tokenizer.vocab_size + N_SENTINELS
-        self.sentinel0 = self.vocab_size - 1
+        ids = tokenizer.add_special_tokens([f"<extra_id_{i}>" for i in reversed(range(N_SENTINELS))])
+        self.sentinel0 = ids[-1]  # <extra_id_0>; <extra_id_i> is sentinel0 - i
+        self.vocab_size = max(tokenizer.vocab_size, self.sentinel0 + 1)
         self.noise, self.mean_span = noise, mean_span
 
     def model_config(self, base: ModelConfig, block_size: int) -> ModelConfig:
