@@ -163,3 +163,44 @@ def test_cli_objective_flag(tmp_path):
                         text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads((tmp_path / "o/config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+
+
+def test_nsp_batch_layout_and_bert_for_pretraining_parity(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import BertForPreTraining
+
+    from llmkit.model.bert import BertForMaskedLM as Ours
+    from llmkit.tokenizer import load_tokenizer
+    from llmkit.train.objectives import MaskedLM
+
+    res = pretrain(_cfg(tmp_path, "mlm", nsp=True, max_iters=2, eval_interval=2))
+    out = res.out_dir
+    obj = MaskedLM(load_tokenizer(out), nsp=True)  # the saved tokenizer already holds the 3 added tokens
+    x = torch.randint(obj.n_random, (400, 21), generator=torch.Generator().manual_seed(0))
+    (ids, _, types), (labels, is_random) = obj.batch(x, torch.Generator().manual_seed(1))
+    a = 9  # (21 - 3) // 2
+    assert (ids[:, 0] == obj.cls_id).all() and (ids[:, a + 1] == obj.sep_id).all() and (ids[:, -1] == obj.sep_id).all()
+    assert (types[:, : a + 2] == 0).all() and (types[:, a + 2 :] == 1).all()
+    assert (labels[:, [0, a + 1, 20]] == -100).all()
+    orig = torch.cat([x[:, :a], torch.where(is_random[:, None].bool(), x.roll(1, 0)[:, a:18], x[:, a:18])], 1)
+    sel = labels[:, [*range(1, a + 1), *range(a + 2, 20)]]
+    assert torch.equal(sel[sel != -100], orig[sel != -100])  # labels are the framed originals
+    assert abs(is_random.float().mean().item() - 0.5) < 0.1
+
+    ref = BertForPreTraining.from_pretrained(out).eval()
+    import llmkit
+
+    enc = llmkit.load_model(out)
+    full = Ours(enc.config, nsp=True)
+    full.bert.load_state_dict(enc.state_dict())
+    sd = load_file(out / "model.safetensors")
+    for mine, theirs in ((full.transform, "transform.dense"), (full.ln, "transform.LayerNorm")):
+        mine.weight.data, mine.bias.data = sd[f"cls.predictions.{theirs}.weight"], sd[f"cls.predictions.{theirs}.bias"]
+    full.bias.data = sd["cls.predictions.bias"]
+    full.seq_relationship.weight.data = sd["cls.seq_relationship.weight"]
+    full.seq_relationship.bias.data = sd["cls.seq_relationship.bias"]
+    with torch.no_grad():
+        mlm, nsp = full.eval()(ids[:2], None, types[:2], return_nsp=True)
+        r = ref(input_ids=ids[:2], token_type_ids=types[:2])
+    torch.testing.assert_close(mlm, r.prediction_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(nsp, r.seq_relationship_logits, atol=1e-4, rtol=1e-4)

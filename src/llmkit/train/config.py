@@ -84,6 +84,7 @@ class OptimConfig:
     qat_group_size: int = 64  # inputs per scale for QAT (0 = per channel, int8 only)
     objective: str = "clm"  # clm (causal LM) | mlm (BERT masked LM) | span (T5 span corruption); objectives.py
     whole_word_mask: bool = False  # mlm: mask whole words rather than single tokens
+    nsp: bool = False  # mlm: add BERT's next-sentence prediction ([CLS] A [SEP] B [SEP], BertForPreTraining)
 
 
 @dataclass
@@ -134,6 +135,8 @@ class TrainConfig:
         t = self.train
         if t.objective not in OBJECTIVES:
             raise ConfigError(f"train.objective={t.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if t.nsp and t.objective != "mlm":
+            raise ConfigError(f"train.nsp needs train.objective mlm, got {t.objective!r}")
         if t.objective != "clm" and (t.qat or t.parallel.active() or t.strategy in ("fsdp", "parallel")):
             raise ConfigError(f"train.objective={t.objective} runs with strategy single/ddp, without qat and "
                               "train.parallel; expected those off (they apply to the causal decoder)")

@@ -120,15 +120,19 @@ class MaskedLM:
 
     name = "mlm"
 
-    def __init__(self, tokenizer, whole_word: bool = False, prob: float = 0.15):
+    def __init__(self, tokenizer, whole_word: bool = False, prob: float = 0.15, nsp: bool = False):
         V = tokenizer.vocab_size
         texts = [tokenizer.decode([i]) for i in range(V)] if whole_word else None
         self.mask_id = tokenizer.add_special_tokens([MASK_TOKEN], "mask_token")[0]  # saved with the model
+        self.nsp = nsp
+        if nsp:  # [CLS] A [SEP] B [SEP]
+            self.cls_id = tokenizer.add_special_tokens(["[CLS]"], "cls_token")[0]
+            self.sep_id = tokenizer.add_special_tokens(["[SEP]"], "sep_token")[0]
         self.n_random, self.prob = min(V, self.mask_id), prob  # random replacements: ordinary tokens
         self.vocab_size = max(tokenizer.vocab_size, self.mask_id + 1)
         self.starts = None
         if whole_word:
-            self.starts = word_starts(texts + [MASK_TOKEN] * (self.vocab_size - V))
+            self.starts = word_starts(texts + ["[MASK]"] * (self.vocab_size - V))
 
     def model_config(self, base: ModelConfig, block_size: int) -> ModelConfig:
         return dataclasses.replace(
@@ -141,14 +145,35 @@ class MaskedLM:
     def build(self, cfg: ModelConfig) -> nn.Module:
         from llmkit.model.bert import BertForMaskedLM
 
-        return BertForMaskedLM(cfg)
+        return BertForMaskedLM(cfg, nsp=self.nsp)
 
     def batch(self, x: torch.Tensor, generator: torch.Generator | None = None):
-        inputs, labels = mask_tokens(x, self.mask_id, self.n_random, self.prob, self.starts, generator)
-        return (inputs,), labels
+        if not self.nsp:
+            inputs, labels = mask_tokens(x, self.mask_id, self.n_random, self.prob, self.starts, generator)
+            return (inputs,), labels
+        return self.nsp_batch(x, generator)
 
-    def logits(self, model: nn.Module, inputs: tuple) -> torch.Tensor:
-        return model(*inputs)
+    def nsp_batch(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """[CLS] A [SEP] B [SEP] from windows x [B, T]: A is the first (T-3)//2 tokens; B is what follows
+        (IsNext, label 0) or, half of the time, the same span of another row (NotNext, label 1)."""
+        n, T = x.shape
+        a = (T - 3) // 2
+        is_random = torch.rand(n, generator=generator) < 0.5  # [n]
+        second = torch.where(is_random[:, None], x.roll(1, 0)[:, a : T - 3], x[:, a : T - 3])
+        inputs, labels = mask_tokens(torch.cat([x[:, :a], second], 1), self.mask_id, self.n_random, self.prob,
+                                     self.starts, generator)
+
+        def frame(t: torch.Tensor, cls: int, sep: int) -> torch.Tensor:
+            col = t.new_full((n, 1), 0)
+            return torch.cat([col + cls, t[:, :a], col + sep, t[:, a:], col + sep], 1)  # [n, T]
+
+        ids, labels = frame(inputs, self.cls_id, self.sep_id), frame(labels, -100, -100)
+        types = torch.zeros_like(ids)
+        types[:, a + 2 :] = 1
+        return (ids, None, types), (labels, is_random.long())
+
+    def logits(self, model: nn.Module, inputs: tuple):
+        return model(*inputs, return_nsp=True) if self.nsp else model(*inputs)
 
 
 class SpanCorruption:
@@ -190,12 +215,12 @@ class SpanCorruption:
         return model(enc_in, decoder_input_ids=raw.shift_right(labels))
 
 
-def get_objective(name: str, tokenizer, whole_word: bool = False):
+def get_objective(name: str, tokenizer, whole_word: bool = False, nsp: bool = False):
     """The objective object for `train.objective` (None for clm: the Trainer's own causal path)."""
     if name == "clm":
         return None
     if name == "mlm":
-        return MaskedLM(tokenizer, whole_word)
+        return MaskedLM(tokenizer, whole_word, nsp=nsp)
     if name == "span":
         return SpanCorruption(tokenizer)
     raise ConfigError(f"train.objective={name!r}; expected one of {', '.join(OBJECTIVES)}")
@@ -205,7 +230,14 @@ def objective_loss(objective, model: nn.Module, x: torch.Tensor, generator=None,
     """Cross-entropy of `model` on the objective's corrupted `x` [B, T]; also returns the label count."""
     inputs, labels = objective.batch(x.cpu(), generator)
     dev = x.device
-    logits = objective.logits(model, tuple(t.to(dev) for t in inputs))
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.to(dev).reshape(-1),
+    out = objective.logits(model, tuple(None if t is None else t.to(dev) for t in inputs))
+    nsp_logits, nsp_labels = None, None
+    if isinstance(labels, tuple):  # MLM + NSP: the loss is their sum, as in BERT
+        (out, nsp_logits), (labels, nsp_labels) = out, labels
+    loss = F.cross_entropy(out.reshape(-1, out.size(-1)).float(), labels.to(dev).reshape(-1),
                            ignore_index=-100, reduction=reduction)
-    return loss, int((labels != -100).sum())
+    n = int((labels != -100).sum())
+    if nsp_logits is not None:
+        nsp = F.cross_entropy(nsp_logits.float(), nsp_labels.to(dev))
+        loss = loss + (nsp * n if reduction == "sum" else nsp)  # eval: sum / n = mlm mean + nsp mean
+    return loss, n

@@ -236,7 +236,7 @@ class Trainer:
         """The model to train (built after seeding, so every rank builds the same one)."""
         t = self.t
         self.model_config = self.cfg.model_config(self.tokenizer.vocab_size)
-        self.objective = get_objective(t.objective, self.tokenizer, t.whole_word_mask)  # None = causal LM
+        self.objective = get_objective(t.objective, self.tokenizer, t.whole_word_mask, t.nsp)  # None = causal LM
         if self.objective is not None:  # BERT / T5 config built from the model section's sizes
             self.model_config = self.objective.model_config(self.model_config, t.block_size)
         if self.model_config.block_size < t.block_size:
