@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from llmkit.errors import InputError
+from llmkit.infer.grammar import Grammar
 
 NEG_INF = float("-inf")
 
@@ -34,6 +35,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     logprobs: int | None = None  # also return the top-N alternatives
     ignore_eos: bool = False
+    grammar: Grammar | None = None  # constrained decoding (infer/grammar.py): output must match it
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise `InputError` naming the first out-of-range field; return self."""

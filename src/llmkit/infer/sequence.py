@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from llmkit.infer.detok import IncrementalDetokenizer
+from llmkit.infer.grammar import Constraint
 from llmkit.infer.sampling import SamplingParams, sample_next
 from llmkit.infer.stopping import StopChecker
 
@@ -53,6 +54,7 @@ class Sequence:
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self.raw_text = ""  # decoded text so far, held-back part included
         self.finish_reason: str | None = None
+        self.constraint = Constraint(tokenizer, params.grammar, eos_token_ids) if params.grammar else None
 
     @property
     def n_generated(self) -> int:
@@ -61,6 +63,8 @@ class Sequence:
     def add(self, token: int) -> tuple[str, str | None]:
         """Append a sampled token; return (text it made visible, finish reason or None)."""
         self.tokens.append(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         finish = self.checker.check_token(token)  # stop token / EOS: its text is not shown
         text = ""
         stop_string_hit = False
@@ -89,7 +93,13 @@ def sample_step(
     """Sample every row's next token from `logits` [B, V] and pass it through its `Sequence`.
 
     Rows not `active` (finished, kept in a static batch) get None and are not advanced.
+    A row with a grammar (`params.grammar`) samples only among the tokens its grammar allows.
     """
+    constrained = [b for b, s in enumerate(seqs) if s.constraint is not None and (active is None or active[b])]
+    if constrained:
+        logits = logits.float().clone()
+        for b in constrained:
+            seqs[b].constraint.mask_logits(logits[b])
     out = sample_next(
         logits, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs],
         prompt_lens=[s.prompt_len for s in seqs],

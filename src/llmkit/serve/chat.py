@@ -6,10 +6,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 
+from llmkit.errors import InputError
+from llmkit.infer.grammar import Grammar, compile_grammar
 from llmkit.serve import rag
 from llmkit.serve.errors import APIError
 from llmkit.serve.protocol import ChatCompletionRequest
@@ -50,6 +53,37 @@ def _check_response_format(body: ChatCompletionRequest) -> None:
             )
 
 
+def request_grammar(state: ServerState, body: ChatCompletionRequest) -> Grammar | None:
+    """The grammar the output must match (response_format, guided_choice, guided_regex), compiled
+    now so a bad schema or regex is a 400 before anything runs."""
+    rf = body.response_format
+    wanted = [
+        g
+        for g in (
+            Grammar("json_object") if rf is not None and rf.type == "json_object" else None,
+            Grammar.json_schema(rf.json_schema.schema_ or {})
+            if rf is not None and rf.type == "json_schema" and rf.json_schema is not None
+            else None,
+            Grammar.choice(body.guided_choice) if body.guided_choice is not None else None,
+            Grammar("regex", body.guided_regex) if body.guided_regex is not None else None,
+        )
+        if g is not None
+    ]
+    if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
+        raise APIError(
+            "response_format json_schema requires 'json_schema': {name, schema}", 400, param="response_format"
+        )
+    if len(wanted) > 1:
+        raise APIError("use one of response_format, guided_choice, guided_regex", 400, param="response_format")
+    if not wanted:
+        return None
+    try:
+        compile_grammar(state.tokenizer, wanted[0], state.engine.config.vocab_size, state.engine.eos_token_ids)
+    except InputError as e:
+        raise APIError(str(e), 400, param="response_format") from None
+    return wanted[0]
+
+
 def _logprob_entry(
     state: ServerState, tok: int, lp: float, top: list[tuple[int, float]] | None, top_n: int
 ) -> dict[str, Any]:
@@ -75,11 +109,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     n = body.n
     state.admit(n)
     prompt_ids = await asyncio.to_thread(render_messages, state, body)  # off the event loop
+    grammar = await asyncio.to_thread(request_grammar, state, body)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = state.check_context(len(prompt_ids), requested)
     top_n = body.top_logprobs or 0
     states = [SequenceState(index=j, prompt_ids=prompt_ids) for j in range(n)]
-    jobs = [(prompt_ids, sampling_params(body, max_tokens, top_n if body.logprobs else None, j)) for j in range(n)]
+    jobs = [
+        (prompt_ids, replace(sampling_params(body, max_tokens, top_n if body.logprobs else None, j), grammar=grammar))
+        for j in range(n)
+    ]
     rid, created = new_id("chatcmpl"), int(time.time())
     handles = submit_all(state.engine, jobs, rid, adapter)
     state.metrics.prompt_tokens.inc(len(prompt_ids))

@@ -133,8 +133,16 @@ class ChatMessage(_Request):
         return "".join(p.text for p in self.content)
 
 
+class JsonSchemaFormat(_Request):
+    name: str
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
 class ResponseFormat(_Request):
-    type: Literal["text", "json_object"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -144,6 +152,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    # vLLM's guided decoding extras
+    guided_choice: list[str] | None = None
+    guided_regex: str | None = None
     rag: bool | dict | None = None  # retrieval from --rag-store (serve/rag.py)
 
 
