@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max_iters", "--max-iters", dest="max_iters", type=int, help="optimizer steps")
     p.add_argument("--qat", choices=["int8", "int4"],
                    help="quantization-aware training; out_dir gets the quantized model")
+    p.add_argument("--objective", choices=["clm", "mlm", "span"],
+                   help="clm: causal LM (default); mlm: BERT masked LM; span: T5 span corruption")
     p.set_defaults(func=run, accepts_extra=True)
 
 
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.path = args.data
     if args.out_dir:
         cfg.out_dir = args.out_dir
-    for key in ("strategy", "device", "max_iters", "qat"):
+    for key in ("strategy", "device", "max_iters", "qat", "objective"):
         if getattr(args, key) is not None:
             setattr(cfg.train, key, getattr(args, key))
     result = pretrain(cfg, resume=args.resume, overwrite=args.overwrite)

@@ -102,3 +102,65 @@ class BertModel(nn.Module):
 
 
 hf.MODEL_CLASSES["encoder"] = BertModel
+
+
+class BertForMaskedLM(nn.Module):
+    """BertModel plus BERT's MLM head (dense + GELU + LayerNorm, decoder tied to the word embeddings).
+
+    `model(input_ids, attention_mask, token_type_ids) -> logits [B, T, V]`. `save_pretrained` writes a
+    `BertForMaskedLM` folder (`bert.` prefix + `cls.predictions.*`) that `transformers` loads, and that
+    `llmkit.load_model` / `llmkit.embed` read as the bare encoder.
+    """
+
+    def __init__(self, config: ModelConfig, nsp: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.seq_relationship = nn.Linear(config.n_embd, 2) if nsp else None  # next-sentence head on the pooler
+        C = config.n_embd
+        self.transform = nn.Linear(C, C)
+        self.act = ACTIVATIONS[config.activation]
+        self.ln = nn.LayerNorm(C, eps=config.norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        nn.init.normal_(self.transform.weight, 0.0, config.initializer_range)
+        nn.init.zeros_(self.transform.bias)
+        if nsp:
+            nn.init.normal_(self.seq_relationship.weight, 0.0, config.initializer_range)
+            nn.init.zeros_(self.seq_relationship.bias)
+
+    @property
+    def check_inputs(self) -> bool:
+        return self.bert.check_inputs
+
+    @check_inputs.setter
+    def check_inputs(self, value: bool) -> None:
+        self.bert.check_inputs = value
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.bert.wte.weight.numel() if exclude_embeddings else n
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, return_nsp: bool = False):
+        """MLM logits [B, T, V]; with `return_nsp` also the next-sentence logits [B, 2] (0 = IsNext)."""
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)  # [B, T, C]
+        h = self.ln(self.act(self.transform(hidden)))
+        logits = F.linear(h, self.bert.wte.weight, self.bias)  # [B, T, V]
+        if return_nsp:
+            return logits, self.seq_relationship(self.bert.pool(hidden))
+        return logits
+
+    def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
+        head = {"cls.predictions.transform.dense.weight": self.transform.weight,
+                "cls.predictions.transform.dense.bias": self.transform.bias,
+                "cls.predictions.transform.LayerNorm.weight": self.ln.weight,
+                "cls.predictions.transform.LayerNorm.bias": self.ln.bias,
+                "cls.predictions.bias": self.bias, "cls.predictions.decoder.bias": self.bias,
+                "cls.predictions.decoder.weight": self.bert.wte.weight}
+        arch = "BertForMaskedLM"
+        if self.seq_relationship is not None:  # BertForPreTraining: both heads
+            head.update({"cls.seq_relationship.weight": self.seq_relationship.weight,
+                         "cls.seq_relationship.bias": self.seq_relationship.bias})
+            arch = "BertForPreTraining"
+        hf.save_pretrained(self.bert, path, max_shard_size=max_shard_size, prefix="bert.",
+                           extra={k: v.detach() for k, v in head.items()}, architecture=arch)

@@ -308,8 +308,13 @@ def _is_weights_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin")) or name in ("model.safetensors.index.json", "config.json")
 
 
-def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_size: int = 5 * 2**30) -> None:
-    """Write `model` as a Hugging Face folder: config.json, generation_config.json, safetensors shards."""
+def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_size: int = 5 * 2**30,
+                    prefix: str = "", extra: dict[str, torch.Tensor] | None = None,
+                    architecture: str | None = None) -> None:
+    """Write `model` as a Hugging Face folder: config.json, generation_config.json, safetensors shards.
+
+    `prefix` goes before every tensor name and `extra` (already Hugging Face names, e.g. a head) is added;
+    `architecture` overrides config.json's `architectures` (e.g. `BertForMaskedLM`)."""
     from safetensors.torch import save_file
 
     cfg = model.config
@@ -322,7 +327,10 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_s
         hf_cfg["quantization"] = quantization
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     else:
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in llmkit_to_hf(model).items()}
+        tensors = {prefix + k: v.detach().to("cpu").contiguous().clone() for k, v in llmkit_to_hf(model).items()}
+    tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in (extra or {}).items()})
+    if architecture:
+        hf_cfg["architectures"] = [architecture]
     dtype = next(v.dtype for v in tensors.values() if v.is_floating_point())
     hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
 

@@ -254,6 +254,19 @@ class Tokenizer:
     def token_to_id(self, s: str) -> int | None:
         return self.backend.token_to_id(s)
 
+    def add_special_tokens(self, tokens: list[str], key: str | None = None) -> list[int]:
+        """Add special tokens that are missing (new ids after the vocabulary, in order); `key` names the
+        first one (e.g. `mask_token`) in tokenizer_config.json. Returns the tokens' ids."""
+        from tokenizers import AddedToken
+
+        new = [t for t in tokens if self.backend.token_to_id(t) is None]
+        if new:
+            self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+            self._plain = None
+        if key:
+            self.special_tokens[key] = tokens[0]
+        return [self.backend.token_to_id(t) for t in tokens]
+
     def get_vocab(self) -> dict[str, int]:
         return self.backend.get_vocab(with_added_tokens=True)
 

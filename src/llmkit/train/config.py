@@ -82,6 +82,9 @@ class OptimConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     qat: str | None = None  # int8 | int4: quantization-aware training; out_dir gets the quantized model
     qat_group_size: int = 64  # inputs per scale for QAT (0 = per channel, int8 only)
+    objective: str = "clm"  # clm (causal LM) | mlm (BERT masked LM) | span (T5 span corruption); objectives.py
+    whole_word_mask: bool = False  # mlm: mask whole words rather than single tokens
+    nsp: bool = False  # mlm: add BERT's next-sentence prediction ([CLS] A [SEP] B [SEP], BertForPreTraining)
 
 
 @dataclass
@@ -125,6 +128,19 @@ class TrainConfig:
         }
 
     # ---- overrides ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Checks that need no data: the objective's name and what it combines with."""
+        from llmkit.train.objectives import OBJECTIVES
+
+        t = self.train
+        if t.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective={t.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if t.nsp and t.objective != "mlm":
+            raise ConfigError(f"train.nsp needs train.objective mlm, got {t.objective!r}")
+        if t.objective != "clm" and (t.qat or t.parallel.active() or t.strategy in ("fsdp", "parallel")):
+            raise ConfigError(f"train.objective={t.objective} runs with strategy single/ddp, without qat and "
+                              "train.parallel; expected those off (they apply to the causal decoder)")
+
     def set(self, key: str, value: Any) -> None:
         """Set a (dotted) key, e.g. `train.lr`, `model.n_layer`, `data`, `out_dir`."""
         head, _, rest = key.partition(".")

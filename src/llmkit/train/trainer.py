@@ -36,6 +36,7 @@ from llmkit.train.checkpoint import (
 )
 from llmkit.train.config import TrainConfig
 from llmkit.train.metrics import MetricsLog
+from llmkit.train.objectives import get_objective, objective_loss
 from llmkit.train.optim import build_adamw
 from llmkit.train.parallel import Parallel, checkpoint_folder, load_dcp_model, save_dcp
 from llmkit.train.prepare import TokenData, resolve_data
@@ -129,6 +130,8 @@ def _seed_all(seed: int) -> None:
 class Trainer:
     """One pretraining run. `Trainer(cfg).fit()`; see `pretrain` for the one-call form."""
 
+    objective = None  # train.objective's object (objectives.py); None = the causal LM
+
     def __init__(
         self, cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool = False, stop_after: int | None = None
     ):
@@ -141,6 +144,8 @@ class Trainer:
                 raise ConfigError(f"train.{name}={getattr(t, name)} must be a positive integer")
         if not 0.0 <= t.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+        if hasattr(cfg, "validate"):
+            cfg.validate()
 
     # ------------------------------------------------------------------ set-up
     def _check_out_dir(self) -> dict[str, Any] | None:
@@ -196,7 +201,7 @@ class Trainer:
             raw = self.par.view  # this rank's modules (a pipeline stage holds only its blocks)
         raw.to(info.device)
         self.raw_model = raw
-        if t.num_threads == 0 and info.device.type == "cpu" and info.world_size == 1:
+        if t.num_threads == 0 and info.device.type == "cpu" and info.world_size == 1 and self.objective is None:
             n = autotune_threads(raw, t.batch_size, t.block_size)
             if info.is_main and t.progress:
                 tqdm.write(f"threads: {n} (the faster of 1 and {os.cpu_count()} on this machine right now)")
@@ -231,11 +236,14 @@ class Trainer:
         """The model to train (built after seeding, so every rank builds the same one)."""
         t = self.t
         self.model_config = self.cfg.model_config(self.tokenizer.vocab_size)
+        self.objective = get_objective(t.objective, self.tokenizer, t.whole_word_mask, t.nsp)  # None = causal LM
+        if self.objective is not None:  # BERT / T5 config built from the model section's sizes
+            self.model_config = self.objective.model_config(self.model_config, t.block_size)
         if self.model_config.block_size < t.block_size:
             raise ConfigError(
                 f"train.block_size={t.block_size} exceeds model.block_size={self.model_config.block_size}"
             )
-        raw = Transformer(self.model_config)
+        raw = Transformer(self.model_config) if self.objective is None else self.objective.build(self.model_config)
         if t.qat:  # fake-quantized projections (straight-through estimator); same parameters
             raw.prepare_qat(t.qat, t.qat_group_size)
         raw.check_inputs = False  # token ids were checked once against the vocabulary below
@@ -431,6 +439,7 @@ class Trainer:
             return float("nan")
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
+        eval_gen = torch.Generator().manual_seed(t.seed)
         for b in range(0, per_rank, bs):
             chunk = mine[b : b + bs]
             x, y = windows(tokens, chunk or [0], t.block_size)  # [B, T]; [0] keeps FSDP ranks in step
@@ -440,6 +449,12 @@ class Trainer:
                     s, n = self.par.eval_sums(x, y)
                 if chunk:
                     total += torch.tensor([s, n], dtype=torch.float64)
+                continue
+            if self.objective is not None:  # the same corruption every eval: a fixed generator
+                with self._autocast():
+                    s, n = objective_loss(self.objective, self.model, x, eval_gen, reduction="sum")
+                if chunk:
+                    total += torch.tensor([float(s), n], dtype=torch.float64)
                 continue
             with self._autocast():
                 logits = self.model(x)
@@ -474,6 +489,8 @@ class Trainer:
         batch's) to `step_tokens`."""
         x, y = (b.to(self.dist.device, non_blocking=True) for b in batch)
         self.step_tokens += y.numel() * self.dist.dp_size
+        if self.objective is not None:  # mlm / span: corrupt x, loss on the labels it makes
+            return objective_loss(self.objective, self.model, x)[0]
         return lm_loss(self.model(x), y, self.t.label_smoothing)  # logits [B, T, V]
 
     def train_step(self) -> torch.Tensor:
