@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         if args.rank is None and args.energy is None:
             raise InputError("llmkit lowrank needs --rank R or --energy E")
         ranks = lowrank_model(model, args.rank, args.energy, skip=() if args.lm_head else ("lm_head",))
-        print(f"factorised {len(ranks)} layers, ranks {min(ranks.values(), default=0)}..{max(ranks.values(), default=0)}")
+        lo, hi = min(ranks.values(), default=0), max(ranks.values(), default=0)
+        print(f"factorised {len(ranks)} layers, ranks {lo}..{hi}")
     model.save_pretrained(args.out)
     if (Path(args.model) / "tokenizer.json").is_file():
         llmkit.load_tokenizer(args.model).save(args.out)

@@ -9,7 +9,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
         help="prune a model's projections (magnitude, Wanda, SparseGPT, 2:4) into a normal model folder",
-        description="Example: llmkit prune --model out/m --method wanda --sparsity 0.5 --calib data.txt --out out/m-w50",
+        description="Example: llmkit prune --model out/m --method wanda --sparsity 0.5 --calib data.txt "
+                    "--out out/m-w50",
     )
     p.add_argument("--model", required=True, help="float model folder (config.json + safetensors + tokenizer)")
     p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "2:4"])
