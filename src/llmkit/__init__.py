@@ -24,6 +24,9 @@ _LAZY = {
     "generate_text": "llmkit.infer.generate",
     "SamplingParams": "llmkit.infer.sampling",
     "LlmkitError": "llmkit.errors",
+    "prune_model": "llmkit.model.prune",
+    "lowrank_model": "llmkit.model.lowrank",
+    "merge_lowrank": "llmkit.model.lowrank",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
