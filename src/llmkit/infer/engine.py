@@ -16,6 +16,7 @@ leave at every step.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -33,6 +34,7 @@ from llmkit.infer.sampling import SamplingParams
 from llmkit.infer.sequence import Sequence, TokenEvent, sample_step
 from llmkit.model.layers import check_token_ids
 from llmkit.model.linear import set_decode_packing
+from llmkit.model.lora import adapter_names, route_tokens
 
 __all__ = ["Engine", "EngineClosedError", "GenerationResult", "QueueFullError", "RequestHandle", "TokenEvent"]
 
@@ -53,6 +55,7 @@ class _Sequence(Sequence):
     def __init__(self, handle: RequestHandle, seq_id: int, eos_token_ids: set[int], tokenizer: Any):
         super().__init__(handle.prompt_ids, handle.params, eos_token_ids, tokenizer)
         self.handle, self.seq_id = handle, seq_id
+        self.adapter: str | None = None  # LoRA adapter name (None: the base model)
 
 
 class Engine:
@@ -117,6 +120,7 @@ class Engine:
             mask_windows=windows,
         )
         self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.adapters = adapter_names(model)  # LoRA adapters a request may name (multi-LoRA)
 
         self._lock = threading.Lock()  # guards the queue, the running list and the block pool
         self._wake = threading.Condition(self._lock)
@@ -171,11 +175,18 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------------
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        adapter: str | None = None,
     ) -> RequestHandle:
         """Queue a request; raises `QueueFullError` when `max_queue` requests already wait and
-        `InputError` for bad ids or when prompt + max_new_tokens exceed `max_seq_len`."""
+        `InputError` for bad ids or when prompt + max_new_tokens exceed `max_seq_len`.
+        `adapter` names a LoRA adapter of the model (None: the base model); requests for
+        different adapters share the running batch."""
         ids = self._check_ids(prompt_ids)
+        self._check_adapter(adapter)
         params = dataclasses.replace(params) if params is not None else SamplingParams()
         params.validate(self.config.vocab_size)
         if params.stop and self.tokenizer is None:
@@ -193,6 +204,7 @@ class Engine:
         seq_id = next(self._ids)
         handle = RequestHandle(self, request_id or f"req-{seq_id}", ids, params)
         seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer)
+        seq.adapter = adapter
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is shutting down and accepts no new requests")
@@ -211,14 +223,17 @@ class Engine:
         return [h.result() for h in handles]
 
     @torch.inference_mode()
-    def prompt_logprobs(self, prompt_ids: list[int], top_n: int = 0) -> list[tuple[float | None, list | None]]:
+    def prompt_logprobs(
+        self, prompt_ids: list[int], top_n: int = 0, adapter: str | None = None
+    ) -> list[tuple[float | None, list | None]]:
         """log p(token_i | tokens_<i) for every prompt token, with the top-N (token_id, logprob)
         alternatives at each position; position 0 has no prefix and gets (None, None)."""
         ids = self._check_ids(prompt_ids)
+        self._check_adapter(adapter)
         if len(ids) > self.max_seq_len:
             raise InputError(f"prompt has {len(ids)} tokens but the context is {self.max_seq_len}")
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with self._model_lock:
+        with self._model_lock, self._routed([adapter], x):
             logits = self.model(x)[0].float()  # [T, V]
         lp = torch.log_softmax(logits[:-1], dim=-1)  # [T-1, V]: prediction for token i+1
         target = x[0, 1:]
@@ -246,6 +261,24 @@ class Engine:
             }
 
     # ---- internals ----------------------------------------------------------------------------
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.adapters:
+            known = ", ".join(self.adapters) or "none loaded"
+            raise InputError(f"unknown LoRA adapter {adapter!r}; this engine has: {known}")
+
+    @contextlib.contextmanager
+    def _routed(self, adapters: list[str | None], x: torch.Tensor):
+        """Route row b of `x` [B, T] through LoRA adapter adapters[b] (None: the base) for one forward."""
+        if not self.adapters:
+            yield
+            return
+        index = torch.tensor([self.adapters.index(a) if a is not None else -1 for a in adapters], device=x.device)
+        route_tokens(self.model, index[:, None].expand(x.shape), self.adapters)
+        try:
+            yield
+        finally:
+            route_tokens(self.model, None, self.adapters)
+
     def _check_ids(self, prompt_ids: list[int]) -> list[int]:
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.tolist()
@@ -350,7 +383,9 @@ class Engine:
         T = max(len(c) for c in chunks)
         x = torch.tensor([c + [c[-1]] * (T - len(c)) for c in chunks], dtype=torch.long, device=self.device)
         meta = batch.meta
-        logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta, num_logits_to_keep=1)
+        with self._routed([s.adapter for s in seqs], x):
+            logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
+                                num_logits_to_keep=1)
         logits = logits[:, -1]
         batch.commit()
         return logits.float()  # [B, V]

@@ -41,14 +41,19 @@ class StaticKVCache:
         self.length = 0  # tokens stored so far (per row, including left padding)
         self.key_mask: Tensor | None = None  # [B, max_len] 0 = left padding (None: no padding)
         self.positions: Tensor | None = None  # [B, max_len] position of each column (None: the column)
+        self.prefix = 0  # leading columns a prompt-tuned model fills itself (its virtual tokens)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> StaticKVCache:
-        """A cache sized for `model` (a `Transformer`, or a `T5Model`'s decoder), in the dtype/device of its weights."""
+        """A cache sized for `model` (a `Transformer`, or a `T5Model`'s decoder), in the dtype/device of
+        its weights; a prompt-tuned model gets room for its virtual tokens too."""
         cfg = model.config
         w = next(model.parameters())
         n_layer = cfg.n_decoder_layer if getattr(model, "is_encoder_decoder", False) else cfg.n_layer
-        return cls(n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len, w.dtype, w.device)
+        prefix = getattr(model, "num_virtual_tokens", 0)
+        cache = cls(n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len + prefix, w.dtype, w.device)
+        cache.prefix = prefix
+        return cache
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, Hkv, T, D] at the current length; return all keys/values [B, Hkv, S, D]."""
@@ -67,7 +72,10 @@ class StaticKVCache:
 
     def set_padding(self, key_mask: Tensor) -> None:
         """Rows are left-padded: `key_mask` [B, max_len] marks real columns; positions start at 0 at
-        each row's first real token, so a row's output does not depend on its batch."""
+        each row's first real token, so a row's output does not depend on its batch. A prompt-tuned
+        model's virtual-token columns are prepended as real tokens."""
+        if self.prefix:
+            key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], self.prefix), key_mask], 1)
         self.key_mask = key_mask
         self.positions = (key_mask.cumsum(-1) - 1).clamp(min=0)
 

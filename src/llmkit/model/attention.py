@@ -57,6 +57,7 @@ class AttnMeta:
     kv_len: int  # S: keys each query row is laid against (cached + new)
     q_cols: Tensor | None = None  # [B|1, T] key column of each query
     key_mask: Tensor | None = None  # [B, S] 1 = real key, 0 = padding
+    segment_ids: Tensor | None = None  # [B, S] packed rows: a query sees only keys of its own segment
     _masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -76,7 +77,8 @@ class AttnMeta:
     def is_plain_causal(self, window: int | None) -> bool:
         """True when SDPA's own causal attention (or none, for one query) is exact for this window."""
         T, S = self.q_len, self.kv_len
-        return self.q_cols is None and self.key_mask is None and T in (1, S) and (window is None or S <= window)
+        return (self.q_cols is None and self.key_mask is None and self.segment_ids is None and T in (1, S)
+                and (window is None or S <= window))
 
     def mask(self, window: int | None, explicit: bool = False) -> Tensor | None:
         """Mask [B|1, 1, T, S] for layers with this sliding window, or None when plain causal is exact
@@ -88,5 +90,10 @@ class AttnMeta:
             q_cols = self.q_cols
             if q_cols is None:  # the last T of S columns
                 q_cols = torch.arange(S - T, S, device=self.position_ids.device)[None]
-            self._masks[window] = causal_mask(q_cols, S, window, self.key_mask)
+            m = causal_mask(q_cols, S, window, self.key_mask)
+            if self.segment_ids is not None:  # [B, S] -> query segments [B, T] by their columns
+                seg = self.segment_ids
+                seg_q = seg.gather(1, q_cols.expand(seg.shape[0], T))
+                m = m & (seg_q[:, None, :, None] == seg[:, None, None, :])  # own column always kept
+            self._masks[window] = m
         return self._masks[window]

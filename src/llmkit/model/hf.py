@@ -213,13 +213,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-               quantize: str | None = None):
+def load_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
+    adapter: str | os.PathLike | None = None,
+):
     """Load a Hugging Face model folder (or hub id) as an llmkit model in eval mode.
 
     dtype defaults to float32 on CPU and to the checkpoint's dtype on an accelerator. A folder written
     for a quantized model loads quantized; `quantize="int8"` (per channel) or `"int4"` (group 64)
     quantizes a float one on the fly (RTN).
+    `adapter`: a PEFT adapter folder (LoRA or prompt tuning) applied on top of the base weights.
     """
     model = _load_model(path, dtype, device)
     if quantize:
@@ -228,6 +234,12 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
         if quantize not in ("int8", "int4"):
             raise ConfigError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
         model.quantize(quantize, group_size=0 if quantize == "int8" else 64)
+    if adapter is not None:
+        from llmkit.model.adapters import load_adapter  # adapters build on this module's loader
+
+        name = getattr(model, "name_or_path", None)
+        model = load_adapter(model, adapter).eval()
+        model.name_or_path = name
     return model
 
 

@@ -198,4 +198,5 @@ def _model_card(state: ServerState, name: str) -> dict:
         "created": state.created,
         "owned_by": "llmkit",
         "max_model_len": state.max_seq_len,
+        **({"parent": state.model_name} if name in state.adapters else {}),  # a LoRA adapter (as vLLM)
     }

@@ -63,7 +63,8 @@ def _logprob_entry(
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.llmkit
-    state.require_generator(body.model)
+    adapter = state.require_generator(body.model)
+    served = adapter or state.model_name
     _check_response_format(body)
     rag_context = await rag.augment(request, body)  # None unless the request asks for retrieval
     extra = {} if rag_context is None else {"rag_context": rag_context}
@@ -80,9 +81,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     states = [SequenceState(index=j, prompt_ids=prompt_ids) for j in range(n)]
     jobs = [(prompt_ids, sampling_params(body, max_tokens, top_n if body.logprobs else None, j)) for j in range(n)]
     rid, created = new_id("chatcmpl"), int(time.time())
-    handles = submit_all(state.engine, jobs, rid)
+    handles = submit_all(state.engine, jobs, rid, adapter)
     state.metrics.prompt_tokens.inc(len(prompt_ids))
-    fingerprint = f"llmkit-{state.model_name}"[:64]
+    fingerprint = f"llmkit-{served}"[:64]
 
     def usage() -> dict[str, int]:
         gen = sum(len(s.token_ids) for s in states)
@@ -100,7 +101,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 "id": rid,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": state.model_name,
+                "model": served,
                 "system_fingerprint": fingerprint,
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
             }
@@ -152,7 +153,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         "id": rid,
         "object": "chat.completion",
         "created": created,
-        "model": state.model_name,
+        "model": served,
         "system_fingerprint": fingerprint,
         "choices": choices,
         "usage": usage(),

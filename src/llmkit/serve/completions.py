@@ -111,7 +111,8 @@ def _add_generated(state: ServerState, lp: _LegacyLogprobs, s: SequenceState, st
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request):
     state: ServerState = request.app.state.llmkit
-    state.require_generator(body.model)
+    adapter = state.require_generator(body.model)
+    served = adapter or state.model_name
     if body.best_of is not None and body.best_of != body.n:
         raise APIError("best_of is not supported (only best_of == n)", 400, param="best_of")
     if body.suffix:
@@ -132,7 +133,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     # the prompt's own logprobs (echo + logprobs): admitted and counted like generation
     scored: list[list[tuple[float | None, list | None]]] = []
     if body.echo and want_lp:
-        scored = await state.scoring.score(state, prompt_ids, top_n)
+        scored = await state.scoring.score(state, prompt_ids, top_n, adapter)
 
     rid, created = new_id("cmpl"), int(time.time())
     n = body.n
@@ -142,7 +143,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         jobs = [
             (s.prompt_ids, sampling_params(body, max_tokens, top_n if want_lp else None, s.index % n)) for s in states
         ]
-        handles = submit_all(state.engine, jobs, rid)
+        handles = submit_all(state.engine, jobs, rid, adapter)
     else:
         for s in states:
             s.finish_reason = "length"
@@ -155,7 +156,7 @@ async def create_completion(body: CompletionRequest, request: Request):
             "id": rid,
             "object": "text_completion",
             "created": created,
-            "model": state.model_name,
+            "model": served,
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         }
 
@@ -215,7 +216,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         "id": rid,
         "object": "text_completion",
         "created": created,
-        "model": state.model_name,
+        "model": served,
         "choices": choices,
         "usage": usage(),
     }

@@ -42,13 +42,17 @@ class SequenceState:
     t_end: float | None = None
 
 
-def submit_all(engine: Any, jobs: list[tuple[list[int], SamplingParams]], request_id: str) -> list[RequestHandle]:
+def submit_all(
+    engine: Any, jobs: list[tuple[list[int], SamplingParams]], request_id: str, adapter: str | None = None
+) -> list[RequestHandle]:
     """Submit every (prompt_ids, params) job; all or none: any failure cancels the ones already
-    queued, so no choice of a refused request keeps running without a client."""
+    queued, so no choice of a refused request keeps running without a client.
+    `adapter`: the LoRA adapter the request's `model` named (None: the base model)."""
     handles: list[RequestHandle] = []
+    extra = {"adapter": adapter} if adapter is not None else {}
     try:
         for i, (ids, params) in enumerate(jobs):
-            handles.append(engine.submit(ids, params, request_id=f"{request_id}-{i}"))
+            handles.append(engine.submit(ids, params, request_id=f"{request_id}-{i}", **extra))
     except BaseException as e:
         for h in handles:
             h.cancel()

@@ -43,16 +43,20 @@ def load_state(
     dtype: Any = None,
     device: str | None = None,
     quantize: str | None = None,
+    lora: dict[str, str] | None = None,
     limits: ServerLimits | None = None,
 ) -> ServerState:
     """Load `model` (a Hugging Face or llmkit folder) and its tokenizer into a `ServerState`.
 
     A decoder gets a continuous-batching `Engine`; an encoder (BERT) serves embeddings only.
     `api_key` defaults to $LLMKIT_API_KEY; `limits` (body size, timeouts, connections) to
-    `ServerLimits()`.
+    `ServerLimits()`. `lora` maps request model names to LoRA adapter folders: requests for them
+    and for the base share one continuous batch (multi-LoRA).
     """
     from llmkit.infer.engine import Engine
+    from llmkit.model.adapters import load_lora
     from llmkit.model.hf import load_model
+    from llmkit.model.lora import set_active_adapter
     from llmkit.tokenizer import load_tokenizer
 
     path = Path(model)
@@ -68,6 +72,12 @@ def load_state(
     net = load_model(path, dtype=dtype, device=device, quantize=quantize)
     tokenizer = load_tokenizer(path)
     name = served_model_name or path.resolve().name
+    for adapter_name, folder in (lora or {}).items():
+        if adapter_name == name or not adapter_name:
+            raise ConfigError(f"--lora {adapter_name}={folder}: the name must be non-empty and differ from the "
+                              f"base model's '{name}'")
+        load_lora(net, folder, adapter_name)
+        set_active_adapter(net, None)  # requests choose their adapter
     engine = embedder = None
     emb_name = None
     if _is_encoder(net):
@@ -95,6 +105,7 @@ def load_state(
         api_key=api_key or os.environ.get(API_KEY_ENV) or None,
         max_tokens=max_tokens,
         request_timeout=request_timeout,
+        adapters=list(lora or {}),
         limits=limits,
     )
 

@@ -43,8 +43,11 @@ class ScoringQueue:
         self.running = 0  # prompts being scored
         self._lock: asyncio.Lock | None = None
 
-    async def score(self, state: ServerState, prompts: list[list[int]], top_n: int) -> list[list]:
-        """Per-prompt `Engine.prompt_logprobs`, after `state.admit(len(prompts))`."""
+    async def score(
+        self, state: ServerState, prompts: list[list[int]], top_n: int, adapter: str | None = None
+    ) -> list[list]:
+        """Per-prompt `Engine.prompt_logprobs` (through LoRA `adapter` if given), after
+        `state.admit(len(prompts))`."""
         k = len(prompts)
         state.admit(k, param="prompt")
         if self._lock is None:
@@ -64,7 +67,7 @@ class ScoringQueue:
             out = []
             for ids in prompts:
                 state.check_shutdown()
-                out.append(await asyncio.to_thread(state.engine.prompt_logprobs, ids, top_n))
+                out.append(await asyncio.to_thread(state.engine.prompt_logprobs, ids, top_n, adapter))
             return out
         finally:
             self.running -= k
@@ -91,6 +94,7 @@ class ServerState:
     request_timeout: float | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
     created: int = field(default_factory=lambda: int(time.time()))
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters served beside the base (multi-LoRA)
     metrics: ServerMetrics = field(default=None)  # type: ignore[assignment]
     scoring: ScoringQueue = field(default_factory=ScoringQueue)
     shutdown_deadline: float | None = None  # set at SIGTERM: in-flight requests are cut off then
@@ -146,13 +150,15 @@ class ServerState:
             self.shutdown_deadline = time.monotonic() + max(grace - min(1.0, grace / 4), 0.0)
 
     def model_names(self) -> list[str]:
-        names = [self.model_name] if self.engine is not None else []
+        names = [self.model_name, *self.adapters] if self.engine is not None else []
         if self.embedder is not None:
             names.append(self.embedding_model_name or self.model_name)
         return names
 
-    def require_generator(self, name: str) -> None:
-        """404 unless `name` is the generative model served here."""
+    def require_generator(self, name: str) -> str | None:
+        """The LoRA adapter `name` selects (None: the base model); 404 unless it is served here."""
+        if self.engine is not None and name in self.adapters:
+            return name
         if self.engine is None or name != self.model_name:
             hint = (
                 f"; this server generates with '{self.model_name}'"
@@ -167,6 +173,7 @@ class ServerState:
                     code="model_not_supported",
                 )
             raise APIError(f"the model '{name}' does not exist{hint}", 404, param="model", code="model_not_found")
+        return None
 
     def deadline(self) -> float | None:
         return time.monotonic() + self.request_timeout if self.request_timeout else None

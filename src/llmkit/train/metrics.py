@@ -34,11 +34,11 @@ class MetricsLog:
         self.records = [r for r in self.records if r["step"] <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], plot: bool = True) -> None:
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.plot:
+        if self.plot and plot:
             plot_losses(self.records, self.plot_path)
 
 
@@ -59,6 +59,37 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_panels(records: list[dict[str, Any]], panels: list[tuple[str, list[str]]], path: str | Path) -> None:
+    """One small chart per (title, keys) against step, written atomically to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(t, ks) for t, ks in panels if any(r.get(k) is not None for r in records for k in ks)]
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), dpi=100, squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in records if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "-", marker="." if len(pts) < 60 else None, label=k)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     tmp = Path(path).with_name(Path(path).name + ".tmp.png")
     fig.savefig(tmp)

@@ -55,6 +55,10 @@ class TrainResult:
     wall_time: float = 0.0
     train_time: float = 0.0
     tokens: int = 0
+    peak_memory: int = 0  # bytes (fine-tuning runs fill these in)
+    trainable_params: int = 0
+    total_params: int = 0
+    truncated: int = 0  # examples cut to the maximum sequence length
 
 
 def lm_loss(
@@ -160,8 +164,10 @@ class Trainer:
             )
         return None
 
+    name = "pretrain"  # the progress bar's label
+
     def _setup(self) -> None:
-        cfg, t = self.cfg, self.t
+        t = self.t
         self.dist = D.setup(t.strategy, t.device, parallel=t.parallel.active())
         info = self.dist
         _set_threads(t.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
@@ -172,31 +178,10 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         D.barrier(info)
 
-        # data (rank 0 prepares raw text; the others then open what it wrote)
-        d = cfg.data
-        if info.is_main:
-            self.data = resolve_data(
-                d.path, self.out_dir, d.tokenizer, d.vocab_size, d.val_fraction, progress=t.progress
-            )
-        D.barrier(info)
-        if not info.is_main:
-            self.data = resolve_data(d.path, self.out_dir, d.tokenizer, d.vocab_size, d.val_fraction, progress=False)
-
-        self.tokenizer = load_tokenizer(self.data.tokenizer_dir)
-
+        self._setup_data()
         # model: every rank initialises identically from `seed`, then gets its own dropout stream
-        self.model_config = cfg.model_config(self.tokenizer.vocab_size)
-        if self.model_config.block_size < t.block_size:
-            raise ConfigError(
-                f"train.block_size={t.block_size} exceeds model.block_size={self.model_config.block_size}"
-            )
         _seed_all(t.seed)
-
-        raw = Transformer(self.model_config)
-        if t.qat:  # fake-quantized projections (straight-through estimator); same parameters
-            raw.prepare_qat(t.qat, t.qat_group_size)
-        raw.check_inputs = False  # token ids were checked once against the vocabulary below
-        self._check_tokens(self.data)
+        raw = self._build_model()
         self.n_params = raw.num_params()
         self.par = None
         if info.strategy == "parallel":  # the mesh, the stages and the shards: parallel.py
@@ -221,9 +206,7 @@ class Trainer:
         self.optimizer = build_adamw(raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, info.device.type)
         self.amp_dtype = autocast_dtype(t.dtype, info.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.sampler = RandomWindowSampler(
-            self.data.train, t.block_size, t.batch_size, t.seed, info.dp_rank, info.dp_size
-        )
+        self.sampler = self._build_sampler()
         _seed_all(t.seed + info.rank)
         self.step, self.tokens = 0, 0
         self.metrics = MetricsLog(self.out_dir, plot=info.is_main) if info.is_main else None
@@ -231,6 +214,48 @@ class Trainer:
             self._restore(self.state)
         elif self.metrics is not None and self.metrics.records:
             self.metrics.truncate(-1)
+
+    def _setup_data(self) -> None:
+        """Token data and tokenizer (rank 0 prepares raw text; the others then open what it wrote)."""
+        t, info, d = self.t, self.dist, self.cfg.data
+        if info.is_main:
+            self.data = resolve_data(
+                d.path, self.out_dir, d.tokenizer, d.vocab_size, d.val_fraction, progress=t.progress
+            )
+        D.barrier(info)
+        if not info.is_main:
+            self.data = resolve_data(d.path, self.out_dir, d.tokenizer, d.vocab_size, d.val_fraction, progress=False)
+        self.tokenizer = load_tokenizer(self.data.tokenizer_dir)
+
+    def _build_model(self) -> nn.Module:
+        """The model to train (built after seeding, so every rank builds the same one)."""
+        t = self.t
+        self.model_config = self.cfg.model_config(self.tokenizer.vocab_size)
+        if self.model_config.block_size < t.block_size:
+            raise ConfigError(
+                f"train.block_size={t.block_size} exceeds model.block_size={self.model_config.block_size}"
+            )
+        raw = Transformer(self.model_config)
+        if t.qat:  # fake-quantized projections (straight-through estimator); same parameters
+            raw.prepare_qat(t.qat, t.qat_group_size)
+        raw.check_inputs = False  # token ids were checked once against the vocabulary below
+        self._check_tokens(self.data)
+        return raw
+
+    def _build_sampler(self):
+        t, info = self.t, self.dist
+        return RandomWindowSampler(self.data.train, t.block_size, t.batch_size, t.seed, info.dp_rank, info.dp_size)
+
+    def describe(self) -> str:
+        """The line printed before the first step."""
+        t, info = self.t, self.dist
+        tokens_per_step = t.batch_size * t.block_size * t.grad_accum * info.dp_size
+        return (
+            f"model: {self.n_params / 1e6:.2f}M parameters, {self.model_config.model_type}; "
+            f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
+            f"{tokens_per_step:,} tokens per step; {info.world_size} process(es), {info.strategy}"
+            + (f" {self.par.layout}" if self.par else "")
+        )
 
     def _check_tokens(self, data: TokenData) -> None:
         V = self.model_config.vocab_size
@@ -294,6 +319,7 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 "model_config": self.model_config.to_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                "extra": self.extra_state(),
             }
             if dcp_dir is not None:
                 self._export_dcp(dcp_dir)
@@ -334,6 +360,9 @@ class Trainer:
             os.replace(f, self.out_dir / f.name)
         shutil.rmtree(tmp, ignore_errors=True)
 
+    def _load_model_state(self, sd: dict[str, torch.Tensor]) -> None:
+        self.raw_model.load_state_dict(sd)
+
     def _restore(self, state: dict[str, Any]) -> None:
         info = self.dist
         if state.get("format") == "dcp" or self.par is not None:
@@ -355,7 +384,7 @@ class Trainer:
                 set_model_state_dict(self.raw_model, state["model"], options=opts)
                 set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=opts)
             else:
-                self.raw_model.load_state_dict(state["model"])
+                self._load_model_state(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(
@@ -364,6 +393,7 @@ class Trainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
+        self.load_extra_state(state.get("extra") or {})
         set_rng_state(state["rng"][info.rank])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         if self.metrics is not None:
@@ -420,6 +450,17 @@ class Trainer:
         total = D.all_reduce_sum(total, info)
         return float(total[0] / total[1])
 
+    def extra_state(self) -> dict[str, Any]:
+        """More state for exact resume (subclasses: an adaptive KL coefficient, ...)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """More fields for the eval record (subclasses: DPO rewards, reward-model accuracy, ...)."""
+        return {}
+
     # ------------------------------------------------------------------ training
     def lr_at(self, step: int, elapsed: float) -> float:
         t = self.t
@@ -428,18 +469,25 @@ class Trainer:
             return cosine_lr_fraction(frac, step, t.lr, t.min_lr, t.warmup_iters)
         return cosine_lr(step, t.lr, t.min_lr, t.warmup_iters, t.lr_decay_iters or t.max_iters)
 
+    def batch_loss(self, batch) -> torch.Tensor:
+        """Mean next-token loss of one micro-batch (x, y windows); adds its tokens (the global
+        batch's) to `step_tokens`."""
+        x, y = (b.to(self.dist.device, non_blocking=True) for b in batch)
+        self.step_tokens += y.numel() * self.dist.dp_size
+        return lm_loss(self.model(x), y, self.t.label_smoothing)  # logits [B, T, V]
+
     def train_step(self) -> torch.Tensor:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss (detached)."""
         t, info, model = self.t, self.dist, self.model
+        self.step_tokens = 0
         if self.par is not None:
+            self.step_tokens = t.batch_size * t.block_size * t.grad_accum * info.dp_size
             return self._parallel_step()
         loss_sum = torch.zeros((), device=info.device)
         for micro in range(t.grad_accum):
-            x, y = self.sampler.next_batch()
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            batch = self.sampler.next_batch()
             with D.no_grad_sync(model, info, sync=micro == t.grad_accum - 1), self._autocast():
-                logits = model(x)  # [B, T, V]
-                loss = lm_loss(logits, y, t.label_smoothing)
+                loss = self.batch_loss(batch)
                 if self.model_config.n_expert > 0:
                     loss = loss + self.model_config.router_aux_loss_coef * self.raw_model.aux_loss
                 scaled = loss / t.grad_accum
@@ -477,25 +525,18 @@ class Trainer:
         wall0 = time.perf_counter()
         self._setup()
         t, info = self.t, self.dist
-        tokens_per_step = t.batch_size * t.block_size * t.grad_accum * info.dp_size
         start = self.step
         bar = tqdm(
             total=t.max_iters,
             initial=start,
-            desc="pretrain",
+            desc=self.name,
             unit="step",
             dynamic_ncols=True,
             disable=not (t.progress and info.is_main),
             smoothing=0.1,
         )
         if info.is_main and start == 0:
-            n = self.n_params
-            tqdm.write(
-                f"model: {n / 1e6:.2f}M parameters, {self.model_config.model_type}; "
-                f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
-                f"{tokens_per_step:,} tokens per step; {info.world_size} process(es), {info.strategy}"
-                + (f" {self.par.layout}" if self.par else "")
-            )
+            tqdm.write(self.describe())
         run_loss = torch.zeros((), dtype=torch.float64, device=info.device)  # no host sync per step
         run_steps, seg_tokens, seg_time = 0, 0, 0.0
         train_time, val_loss = 0.0, None
@@ -511,11 +552,11 @@ class Trainer:
             t0 = time.perf_counter()
             loss = self.train_step()
             self.step += 1
-            self.tokens += tokens_per_step
+            self.tokens += self.step_tokens
             run_loss += loss.double()
             run_steps += 1
             dt = time.perf_counter() - t0
-            seg_time, seg_tokens, train_time = seg_time + dt, seg_tokens + tokens_per_step, train_time + dt
+            seg_time, seg_tokens, train_time = seg_time + dt, seg_tokens + self.step_tokens, train_time + dt
             if self.step % t.log_interval == 0 or self.step == t.max_iters:
                 last_bar_loss = float(loss)
                 if t.max_minutes and self.step > 5:  # a time budget: estimate the final step for the ETA
@@ -543,6 +584,7 @@ class Trainer:
                     "lr": lr,
                     "tokens_per_sec": seg_tokens / max(seg_time, 1e-9),  # seg_tokens counts the global batch
                 }
+                record.update(self.extra_metrics())
                 if self.metrics is not None:
                     self.metrics.log(record)
                     bar.write(

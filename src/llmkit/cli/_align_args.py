@@ -1,0 +1,95 @@
+"""Arguments the alignment commands (rm, dpo, ppo, grpo) share with `llmkit finetune`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_common(p: argparse.ArgumentParser, lr_help: str) -> None:
+    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument("--out", required=True, help="output folder")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (default: one pass over the data)")
+    g.add_argument("--lr", type=float, help=lr_help)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--eval-interval", type=int, help="steps between evaluations and checkpoints (default: 10 per run)")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="continue exactly from --out's latest checkpoint (or checkpoint folder CKPT)")
+    g.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto", help="autocast dtype: auto | float32 | bfloat16 | float16")
+    g.add_argument("--num-threads", type=int, help="CPU threads (0 = time 1 vs all and keep the faster)")
+    lo = p.add_argument_group("lora")
+    lo.add_argument("--lora-r", type=int, default=16)
+    lo.add_argument("--lora-alpha", type=float, default=32.0)
+    lo.add_argument("--lora-dropout", type=float, default=0.0)
+    lo.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma list of q,k,v,o,gate,up,down")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(method=args.method, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+                resume=args.resume, overwrite=args.overwrite, eval_interval=args.eval_interval,
+                warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+                dtype=args.dtype, num_threads=args.num_threads, progress=not args.no_progress, lora_r=args.lora_r,
+                lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
+
+
+def add_rl(p: argparse.ArgumentParser, algo: str) -> None:
+    p.add_argument("--model", required=True, help="the SFT policy to start from (model folder)")
+    p.add_argument("--reward", required=True,
+                   help="a reward model folder (llmkit rm train) or module:function, e.g. examples.align_task:reward; "
+                        "called as fn(prompt, completion, **other_fields_of_the_line) -> float")
+    p.add_argument("--prompts", required=True, nargs="+", help="prompt JSONL: {'prompt': str | messages, ...}")
+    p.add_argument("--val-prompts", nargs="+", help="held-out prompts, decoded greedily at each eval")
+    add_common(p, "peak learning rate (default: full 1e-5, lora 1e-4)")
+    r = p.add_argument_group("rollouts")
+    r.add_argument("--group-size", type=int, default=4 if algo == "grpo" else 1, help="samples per prompt (G)")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--truncation-penalty", type=float,
+                   help="reward given to responses cut at --max-new-tokens (default: keep their reward)")
+    r.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per evaluation")
+    u = p.add_argument_group("update")
+    u.add_argument("--ppo-epochs", type=int,
+                   help=f"passes over each rollout batch (default {4 if algo == 'ppo' else 1})")
+    u.add_argument("--num-minibatches", type=int, default=1)
+    u.add_argument("--clip-range", type=float, default=0.2)
+    if algo == "ppo":
+        u.add_argument("--kl-coef", type=float, default=0.05, help="per-token KL penalty (initial, if adaptive)")
+        u.add_argument("--kl-target", type=float, help="adapt --kl-coef toward this KL per sequence")
+        u.add_argument("--kl-horizon", type=int, default=10000)
+        u.add_argument("--gamma", type=float, default=1.0)
+        u.add_argument("--lam", type=float, default=0.95)
+        u.add_argument("--vf-coef", type=float, default=0.1)
+        u.add_argument("--clip-range-value", type=float, default=0.2)
+        u.add_argument("--ent-coef", type=float, default=0.0)
+        u.add_argument("--no-whiten", action="store_true", help="do not whiten advantages")
+    else:
+        u.add_argument("--beta", type=float, default=0.04, help="weight of the k3 KL to the reference (0 = none)")
+        u.add_argument("--no-scale-rewards", action="store_true", help="do not divide advantages by the group std")
+
+
+def rl_kwargs(args: argparse.Namespace, algo: str) -> dict[str, Any]:
+    kw = common_kwargs(args)
+    kw.update(val_prompts=args.val_prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_k=args.top_k, truncation_penalty=args.truncation_penalty,
+              eval_prompts=args.eval_prompts, ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches,
+              clip_range=args.clip_range)
+    if algo == "ppo":
+        kw.update(kl_coef=args.kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon, gamma=args.gamma,
+                  lam=args.lam, vf_coef=args.vf_coef, clip_range_value=args.clip_range_value,
+                  ent_coef=args.ent_coef, whiten_advantages=not args.no_whiten)
+    else:
+        kw.update(beta=args.beta, scale_rewards=not args.no_scale_rewards)
+    return kw
+
+
+def rl_report(r: Any, algo: str) -> str:
+    val = f"held-out reward {r.val_reward:.4f}, " if getattr(r, "val_reward", None) is not None else ""
+    return f"done: {algo} step {r.step}, {val}{r.wall_time:.1f} s wall; saved to {r.out_dir} (metrics.jsonl, rl.png)"

@@ -1,0 +1,84 @@
+"""`llmkit finetune`: supervised fine-tuning (full, LoRA, prompt tuning, layer freezing) on chat JSONL."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a model on instruction data (full | lora | prompt-tuning | freeze)",
+        description=(
+            "Supervised fine-tuning on JSONL (chat 'messages', Alpaca 'instruction/input/output', or "
+            "'prompt/completion'), rendered with the tokenizer's chat template; the loss covers the "
+            "assistant tokens. full/freeze write a model folder, lora/prompt-tuning a PEFT adapter folder."
+        ),
+    )
+    p.add_argument("--model", required=True, help="base model folder (HF or llmkit format, with tokenizer)")
+    p.add_argument("--data", required=True, nargs="+", help="training JSONL file(s)")
+    p.add_argument("--val-data", nargs="+", help="validation JSONL file(s)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of --data for validation")
+    p.add_argument("--method", choices=["full", "lora", "prompt-tuning", "freeze"], default="lora")
+    p.add_argument("--out", required=True, help="output folder")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs)")
+    g.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: full/freeze 1e-4, lora 1e-3, "
+                   "prompt-tuning 3e-2)")
+    g.add_argument("--batch-size", type=int, default=8, help="examples (or packed rows) per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--warmup-steps", type=int, help="default: 5%% of the steps")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--eval-interval", type=int, help="steps between evaluations and checkpoints (default: 10/run)")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="continue exactly from --out's latest checkpoint (or checkpoint folder CKPT)")
+    g.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto", help="autocast dtype: auto | float32 | bfloat16 | float16")
+    g.add_argument("--num-threads", type=int, help="CPU threads (0 = time 1 vs all and keep the faster)")
+    d = p.add_argument_group("data")
+    d.add_argument("--max-seq-len", type=int,
+                   help="longer examples are truncated and counted (default: the model's context, at most 1024)")
+    d.add_argument("--packing", action="store_true", help="pack several examples per row (per-example attention)")
+    d.add_argument("--train-on-prompt", action="store_true",
+                   help="compute the loss on every token, not just the assistant's")
+    lo = p.add_argument_group("lora")
+    lo.add_argument("--lora-r", type=int, default=16)
+    lo.add_argument("--lora-alpha", type=float, default=32.0)
+    lo.add_argument("--lora-dropout", type=float, default=0.05)
+    lo.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma list of q,k,v,o,gate,up,down")
+    lo.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r)")
+    pt = p.add_argument_group("prompt tuning")
+    pt.add_argument("--num-virtual-tokens", type=int, default=20)
+    pt.add_argument("--prompt-tuning-init-text",
+                    help="initialise the virtual tokens from this text (default: random vocabulary rows)")
+    fr = p.add_argument_group("freeze")
+    fr.add_argument("--trainable", nargs="+", metavar="GLOB",
+                    help="train only parameters matching these globs (e.g. 'blocks.3.*' lm_head.weight)")
+    fr.add_argument("--freeze-layers", type=int, help="freeze the embeddings and the bottom N blocks")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute activations in backward (less memory)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmkit.train.finetune import finetune, report
+
+    result = finetune(
+        args.model, args.data, args.out, method=args.method, val_data=args.val_data, max_steps=args.max_steps,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, resume=args.resume,
+        overwrite=args.overwrite, eval_interval=args.eval_interval, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, seed=args.seed, device=args.device, dtype=args.dtype,
+        num_threads=args.num_threads, progress=not args.no_progress,
+        val_fraction=args.val_fraction, max_seq_len=args.max_seq_len, packing=args.packing,
+        train_on_prompt=args.train_on_prompt, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, use_rslora=args.rslora,
+        num_virtual_tokens=args.num_virtual_tokens, prompt_tuning_init_text=args.prompt_tuning_init_text,
+        trainable=args.trainable or [], freeze_layers=args.freeze_layers,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    print(report(result))
+    return 0

@@ -1,0 +1,246 @@
+"""LoRA (Hu et al., 2021): a frozen projection plus a trainable low-rank update, y = W x + s * B A x.
+
+`LoRALinear` is a kind of Linear: it wraps the model's projection (`base`, any module mapping
+[..., in] -> [..., out]) and is swapped in with `set_submodule`, so the model's forward is
+unchanged. llmkit fuses q/k/v into one projection and SwiGLU's gate/up into another; a wrapped
+projection is therefore split into named *parts* (q, k, v / gate, up), each with its own A and B,
+exactly as PEFT puts one adapter on each of Hugging Face's separate q_proj, k_proj, ... modules.
+
+Several named adapters can live side by side (multi-LoRA serving). `active` selects what runs:
+one adapter name for the whole batch, None for the base model, or per-token routing
+(`route_tokens`) where each row of a batch uses its own adapter.
+
+Scaling s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmkit.errors import ConfigError
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoRAConfig:
+    """What to adapt and how: rank, alpha, dropout, rsLoRA scaling, target projections."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        self.targets = parse_targets(self.targets)
+        if self.r < 1:
+            raise ConfigError(f"LoRA rank r={self.r} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def parse_targets(targets: str | list[str]) -> list[str]:
+    """`all-linear` or a comma list of q,k,v,o,gate,up,down (HF names like q_proj are accepted)."""
+    if isinstance(targets, str):
+        targets = [t for t in targets.replace(" ", "").split(",") if t]
+    out: list[str] = []
+    for t in targets:
+        t = t.removesuffix("_proj")
+        if t in ("all-linear", "all_linear", "all"):
+            out += TARGETS
+        elif t in TARGETS:
+            out.append(t)
+        else:
+            raise ConfigError(f"unknown LoRA target {t!r}; expected all-linear or some of {','.join(TARGETS)}")
+    if not out:
+        raise ConfigError("no LoRA targets given; expected all-linear or some of q,k,v,o,gate,up,down")
+    return [t for t in TARGETS if t in out]
+
+
+class LoRAAdapter(nn.Module):
+    """One adapter on one projection: for each targeted part p, A_p [r, in] and B_p [out_p, r]."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], r: int, scale: float, dropout: float) -> None:
+        super().__init__()
+        self.r, self.scale = r, scale
+        self.lora_A = nn.ParameterDict({p: nn.Parameter(torch.empty(r, in_features)) for p in parts})
+        self.lora_B = nn.ParameterDict({p: nn.Parameter(torch.zeros(n, r)) for p, n in parts.items()})
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for a in self.lora_A.values():  # PEFT's default: A ~ kaiming-uniform, B = 0 (the update starts at 0)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def delta(self, x: torch.Tensor, layout: list[tuple[str, int]]) -> torch.Tensor:
+        """s * B A x for x [..., in] -> [..., out], zeros in the columns of untargeted parts."""
+        names = [p for p, _ in layout if p in self.lora_A]
+        A = self.lora_A[names[0]] if len(names) == 1 else torch.cat([self.lora_A[p] for p in names])
+        z = F.linear(self.dropout(x), A.to(x.dtype)) * self.scale  # [..., P * r]
+        if len(layout) == 1:
+            return F.linear(z, self.lora_B[names[0]].to(x.dtype))
+        zs = dict(zip(names, z.split(self.r, dim=-1)))
+        outs = [F.linear(zs[p], self.lora_B[p].to(x.dtype)) if p in zs else z.new_zeros(*z.shape[:-1], n)
+                for p, n in layout]
+        return torch.cat(outs, dim=-1)
+
+    def weight_delta(self, layout: list[tuple[str, int]]) -> torch.Tensor:
+        """The update as a dense [out, in] matrix (for merging)."""
+        in_features = next(iter(self.lora_A.values())).shape[1]
+        rows = [self.scale * self.lora_B[p] @ self.lora_A[p] if p in self.lora_A
+                else self.lora_B[next(iter(self.lora_B))].new_zeros(n, in_features) for p, n in layout]
+        return torch.cat(rows, 0)
+
+
+class LoRALinear(nn.Module):
+    """base(x) + the active adapter's update. `layout` names the output slices [(part, size), ...]."""
+
+    def __init__(self, base: nn.Module, layout: list[tuple[str, int]]) -> None:
+        super().__init__()
+        self.base = base
+        self.layout = layout
+        self.in_features = base.in_features
+        self.out_features = sum(n for _, n in layout)
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.routing: tuple[torch.Tensor, list[str | None]] | None = None  # (adapter index per token, names)
+
+    @property
+    def weight(self) -> torch.Tensor:  # the base weight, for code that reads dtype/device from it
+        return self.base.weight
+
+    def add_adapter(self, name: str, parts: list[str], r: int, scale: float, dropout: float) -> LoRAAdapter:
+        sizes = dict(self.layout)
+        w = self.base.weight
+        ad = LoRAAdapter(self.in_features, {p: sizes[p] for p in parts}, r, scale, dropout)
+        self.adapters[name] = ad.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
+        return ad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        y = self.base(x)
+        if self.routing is not None:
+            index, names = self.routing  # index: [...] like x without its last dim; -1 = base model
+            y = y.clone()
+            for k in index.unique().tolist():
+                if k < 0 or names[k] not in self.adapters:
+                    continue
+                sel = index == k
+                y[sel] = y[sel] + self.adapters[names[k]].delta(x[sel], self.layout)
+            return y
+        if self.active is None or self.active not in self.adapters:
+            return y
+        return y + self.adapters[self.active].delta(x, self.layout)
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear whose weight includes the active adapter."""
+        base = self.base
+        lin = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
+                        device=base.weight.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            w = base.weight.float()
+            if self.active is not None:
+                w = w + self.adapters[self.active].weight_delta(self.layout).float()
+            lin.weight.copy_(w)
+            if base.bias is not None:
+                lin.bias.copy_(base.bias)
+        return lin
+
+
+# ---------------------------------------------------------------------------- whole models
+
+
+def projection_sites(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
+    """Every adaptable projection of a Transformer: module path -> output layout [(part, size)].
+
+    GPT-2's checkpoints keep q/k/v fused too (c_attn), so there the fused projection is one part.
+    """
+    cfg = model.config
+    nh, nkv, hd, inter = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.intermediate_size
+    sites: dict[str, list[tuple[str, int]]] = {}
+    for i, blk in enumerate(model.blocks):
+        b = f"blocks.{i}."
+        if cfg.model_type == "gpt2":
+            sites[b + "attn.qkv"] = [("qkv", (nh + 2 * nkv) * hd)]
+        else:
+            sites[b + "attn.qkv"] = [("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)]
+        sites[b + "attn.proj"] = [("o", cfg.n_embd)]
+        if hasattr(blk.mlp, "fc"):  # a dense MLP (MoE experts are not Linear modules)
+            sites[b + "mlp.fc"] = [("gate", inter), ("up", inter)] if blk.mlp.swiglu else [("up", inter)]
+            sites[b + "mlp.proj"] = [("down", cfg.n_embd)]
+    return sites
+
+
+def _parts_for(layout: list[tuple[str, int]], targets: list[str]) -> list[str]:
+    parts = []
+    for p, _ in layout:
+        if p == "qkv":  # GPT-2: one fused part, adapted when any of q, k, v is a target
+            if any(t in targets for t in "qkv"):
+                if not all(t in targets for t in "qkv"):
+                    raise ConfigError("GPT-2 keeps q, k and v in one projection (c_attn): target all three or none")
+                parts.append(p)
+        elif p in targets:
+            parts.append(p)
+    return parts
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the LoRA adapters loaded into `model`, in the order they were added."""
+    names: dict[str, None] = {}
+    for m in lora_modules(model).values():
+        names.update(dict.fromkeys(m.adapters))
+    return list(names)
+
+
+def add_lora(model: nn.Module, cfg: LoRAConfig, name: str = "default") -> nn.Module:
+    """Wrap the targeted projections of `model` in LoRALinear (once) and add adapter `name`; activate it."""
+    added = 0
+    for path, layout in projection_sites(model).items():
+        parts = _parts_for(layout, cfg.targets)
+        if not parts:
+            continue
+        mod = model.get_submodule(path)
+        if not isinstance(mod, LoRALinear):
+            mod = LoRALinear(mod, layout)
+            model.set_submodule(path, mod)
+        mod.add_adapter(name, parts, cfg.r, cfg.scale, cfg.dropout)
+        added += 1
+    if not added:
+        raise ConfigError(f"LoRA targets {','.join(cfg.targets)} match no projection of this model")
+    set_active_adapter(model, name)
+    return model
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Run every LoRA projection with adapter `name` (None = the base model)."""
+    for m in lora_modules(model).values():
+        m.active, m.routing = name, None
+
+
+def route_tokens(model: nn.Module, index: torch.Tensor | None, names: list[str | None]) -> None:
+    """Per-token adapters: token t uses adapter names[index[t]] (index -1 = base). None clears it."""
+    for m in lora_modules(model).values():
+        m.routing = None if index is None else (index, names)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the active adapter into the weights; every LoRALinear becomes a plain nn.Linear again."""
+    for path, m in lora_modules(model).items():
+        model.set_submodule(path, m.merged())
+    return model
+
+
+def lora_parameters(model: nn.Module, name: str = "default") -> dict[str, nn.Parameter]:
+    """The adapter's parameters by module name: {'blocks.0.attn.qkv.adapters.default.lora_A.q': ...}."""
+    return {n: p for n, p in model.named_parameters() if f".adapters.{name}." in n}
+

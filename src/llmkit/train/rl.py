@@ -1,0 +1,542 @@
+"""Reinforcement learning from rewards: PPO (RLHF) and GRPO, on the fine-tuning trainer.
+
+One step = rollouts + an update. Rollouts are `llmkit.generate` (batched, KV-cached, the decode fast
+path when the model allows) on `batch_size` prompts, `group_size` samples each. Rewards come from a
+reward-model folder or a Python function `module:function` called as `fn(prompt, completion, **row)`.
+
+- PPO (Schulman et al., 2017; Ziegler et al., 2019; Ouyang et al., 2022): a value head on the
+  policy's last hidden state; per-token reward -kl_coef * (log pi - log ref) plus the score on the
+  last token; fixed or adaptive kl_coef; GAE(gamma, lambda); whitened advantages; clipped policy
+  and value losses, an entropy bonus; `ppo_epochs` passes over shuffled minibatches.
+- GRPO (Shao et al., 2024): G samples per prompt, advantages (r - mean_group) / std_group, no critic,
+  the k3 KL estimator to the reference in the loss (weight `beta`), clipped ratio.
+
+The reference is the starting policy: the base with its LoRA adapters off, or a frozen copy. The
+schedule, checkpoints with exact resume (KL coefficient included), metrics.jsonl are the trainer's;
+every step appends a record (rewards, KL, entropy, clip fraction, value loss, lengths, tokens/s)
+and `rl.png` plots them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from llmkit.data.prefs import PromptRecord
+from llmkit.data.sft import IGNORE, SFTExample, collate
+from llmkit.errors import ConfigError, InputError
+from llmkit.train.align_losses import (
+    entropy_from_logits,
+    gae,
+    group_advantages,
+    k3_kl,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logps,
+    whiten,
+)
+from llmkit.train.config import OptimConfig
+from llmkit.train.finetune import FinetuneConfig, Finetuner
+from llmkit.train.preference import ListBatches, adapters_off, as_list
+from llmkit.train.trainer import TrainResult
+
+ALGOS = ("ppo", "grpo")
+RL_PANELS = [
+    ("reward", ["reward_mean", "reward_min", "reward_max"]),
+    ("held-out reward (greedy)", ["val_reward"]),
+    ("KL to reference", ["kl"]),
+    ("entropy", ["entropy"]),
+    ("clip fraction", ["clipfrac"]),
+    ("value loss", ["value_loss"]),
+    ("response length", ["response_length"]),
+    ("tokens/s", ["rollout_tokens_per_sec", "update_tokens_per_sec"]),
+]
+
+
+# ---------------------------------------------------------------------------- rewards
+
+
+RewardFn = Callable[[list[PromptRecord], list[str]], list[float]]
+
+
+def load_reward(spec: str, device: str | torch.device = "cpu") -> RewardFn:
+    """A batch reward `(prompts, completions) -> scores` from a reward-model folder or `module:function`.
+
+    `module` is an importable name (the working directory is on the path) or a .py file.
+    """
+    from llmkit.model.reward import is_reward_folder
+
+    if os.path.isdir(spec):
+        if not is_reward_folder(spec):
+            raise ConfigError(f"--reward {spec} is a folder but not a reward model (expected a "
+                              "*ForSequenceClassification config.json, e.g. from `llmkit rm train`)")
+        return _rm_reward(spec, device)
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ConfigError(f"--reward {spec!r}: expected a reward model folder or module:function "
+                          "(e.g. examples.align_task:reward or my_rewards.py:exact_match)")
+    try:
+        if mod_name.endswith(".py"):
+            s = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+            if s is None or not Path(mod_name).is_file():
+                raise ModuleNotFoundError(mod_name)
+            module = importlib.util.module_from_spec(s)
+            s.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"--reward {spec!r}: cannot import {mod_name!r} ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"--reward {spec!r}: {mod_name} has no function {fn_name!r}")
+
+    def call(prompts: list[PromptRecord], completions: list[str]) -> list[float]:
+        prompt_text = [p.row.get("prompt") if isinstance(p.row.get("prompt"), str) else p.text for p in prompts]
+        return [fn(t, c, **p.row) for t, c, p in zip(prompt_text, completions, prompts)]
+
+    return call
+
+
+def _rm_reward(path: str, device) -> Callable:
+    from llmkit.data.sft import chat_ids
+    from llmkit.model.reward import load_reward_model, score_ids
+    from llmkit.tokenizer import load_tokenizer
+
+    rm, tok = load_reward_model(path, device=device), load_tokenizer(path)
+
+    def call(prompts: list[PromptRecord], completions: list[str]) -> list[float]:
+        ids = [chat_ids(tok, p.messages + [{"role": "assistant", "content": c}], False)
+               for p, c in zip(prompts, completions)]
+        return score_ids(rm, ids, batch_size=64)
+
+    return call
+
+
+def check_rewards(rewards: list[Any], prompts: list[PromptRecord], completions: list[str]) -> list[float]:
+    """Numbers only: a NaN/inf or non-number reward is an error naming the prompt and completion."""
+    out = []
+    for r, p, c in zip(rewards, prompts, completions):
+        if not isinstance(r, int | float) or not math.isfinite(float(r)):
+            raise InputError(f"the reward for prompt {p.text[:60]!r} / completion {c[:60]!r} is {r!r}; expected a "
+                             "finite number (check the reward function or model)")
+        out.append(float(r))
+    return out
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass
+class RLConfig(FinetuneConfig):
+    """Fine-tuning settings plus the RL algorithm's. `data` holds the prompt file(s)."""
+
+    algo: str = "grpo"
+    reward: str = ""
+    group_size: int = 4  # G samples per prompt (GRPO; PPO defaults to 1)
+    max_new_tokens: int = 64
+    max_prompt_len: int | None = None
+    temperature: float = 1.0
+    top_k: int = 0
+    beta: float = 0.04  # GRPO: weight of the k3 KL term
+    kl_coef: float = 0.05  # PPO: initial per-token KL penalty
+    kl_target: float | None = None  # PPO: adaptive coefficient toward this KL (None = fixed)
+    kl_horizon: int = 10000
+    ppo_epochs: int | None = None  # passes over each rollout batch (PPO 4, GRPO 1)
+    num_minibatches: int = 1
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    scale_rewards: bool = True  # GRPO: divide by the group's std
+    truncation_penalty: float | None = None  # reward given to responses cut at max_new_tokens
+    eval_prompts: int = 64  # held-out prompts decoded greedily at each eval
+
+    def check(self) -> None:
+        super().check()
+        if self.algo not in ALGOS:
+            raise ConfigError(f"unknown algorithm {self.algo!r}; expected one of {', '.join(ALGOS)}")
+        if self.method not in ("full", "lora"):
+            raise ConfigError(f"--method {self.method} is not supported for RL; expected full or lora")
+        if not self.reward:
+            raise ConfigError("no reward given; expected --reward RM_DIR or --reward module:function")
+        if self.algo == "grpo" and self.group_size < 2:
+            raise ConfigError(f"--group-size {self.group_size}: GRPO compares samples of one prompt, so it needs "
+                              "at least 2")
+        if self.group_size < 1 or self.max_new_tokens < 1 or self.num_minibatches < 1:
+            raise ConfigError("--group-size, --max-new-tokens and --num-minibatches must be positive")
+        if (self.ppo_epochs or 1) < 1:
+            raise ConfigError(f"--ppo-epochs {self.ppo_epochs} must be positive")
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled completions and everything the update needs, rows group by group."""
+
+    prompts: list[PromptRecord]  # one per row (repeated G times)
+    completions: list[str]
+    input_ids: torch.Tensor  # [N, T] prompt + response, right-padded, without the last token
+    targets: torch.Tensor  # [N, T] response tokens, IGNORE elsewhere
+    scores: torch.Tensor  # [N] rewards
+    old_logp: torch.Tensor | None  # [N, T]; None: the update's own log-probs (one on-policy pass)
+    ref_logp: torch.Tensor | None  # [N, T]
+    values: torch.Tensor | None = None  # [N, T] (PPO)
+    advantages: torch.Tensor | None = None  # [N, T]
+    returns: torch.Tensor | None = None  # [N, T] (PPO)
+
+
+class RLTrainer(Finetuner):
+    """`llmkit ppo` / `llmkit grpo`: one optimizer pass over fresh rollouts per step."""
+
+    ft: RLConfig
+
+    @property
+    def name(self) -> str:  # the progress bar's label
+        return self.ft.algo
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_data(self) -> None:
+        from llmkit.data.prefs import load_prompts
+        from llmkit.model.hf import config_from_hf, read_config
+        from llmkit.tokenizer import load_tokenizer
+
+        ft, t = self.ft, self.t
+        ctx = config_from_hf(read_config(ft.model)).block_size
+        self.tokenizer = load_tokenizer(ft.model)
+        limit = ft.max_prompt_len or ctx - ft.max_new_tokens
+        if limit < 1:
+            raise ConfigError(f"--max-new-tokens {ft.max_new_tokens} leaves no room for a prompt in the model's "
+                              f"context of {ctx} tokens")
+        prompts = [r for path in ft.data for r in load_prompts(path, self.tokenizer, limit)]
+        if ft.val_data:
+            val = [r for path in ft.val_data for r in load_prompts(path, self.tokenizer, limit)]
+        elif ft.val_fraction > 0:
+            g = torch.Generator().manual_seed(t.seed)
+            order = torch.randperm(len(prompts), generator=g).tolist()
+            n_val = max(1, round(len(prompts) * ft.val_fraction))
+            val = [prompts[i] for i in order[:n_val]]
+            prompts = [prompts[i] for i in sorted(order[n_val:])]
+        else:
+            val = prompts
+        self.train_examples, self.val_examples = prompts, val[: ft.eval_prompts]
+        self.truncated = self.dropped = 0
+        ft.max_seq_len = max(len(p.prompt_ids) for p in prompts + val) + ft.max_new_tokens
+        t.block_size = ft.max_seq_len
+        t.grad_accum = 1
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.reward_fn = load_reward(ft.reward, t.device if t.device not in ("auto", None) else "cpu")
+        self.G = ft.group_size
+        self.epochs = ft.ppo_epochs or (4 if ft.algo == "ppo" else 1)
+        self.on_policy = ft.algo == "grpo" and self.epochs == 1 and ft.num_minibatches == 1
+        self.kl_coef = ft.kl_coef
+
+    def _max_token_id(self) -> int:
+        return max(max(p.prompt_ids) for p in self.train_examples + self.val_examples)
+
+    def _batches_per_epoch(self) -> int:
+        return -(-len(self.train_examples) // self.t.batch_size)
+
+    def _build_sampler(self):
+        t, info = self.t, self.dist
+        return ListBatches(self.train_examples, t.batch_size, self.ft.max_seq_len, False, t.seed, self.pad_id,
+                           info.rank, info.world_size)
+
+    def _build_model(self) -> nn.Module:
+        from llmkit.infer.generate import eos_token_ids
+
+        model = super()._build_model()
+        ft = self.ft
+        self.stop_ids = eos_token_ids(model, self.tokenizer)
+        need_ref = ft.algo == "ppo" or ft.beta > 0
+        self.ref_model = None
+        if need_ref and ft.method == "full":
+            self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.need_ref = need_ref
+        if ft.algo == "ppo":
+            C = model.config.n_embd
+            model.v_head = nn.Linear(C, 1)  # a submodule: trained, checkpointed, not exported
+            nn.init.normal_(model.v_head.weight, 0.0, 1.0 / math.sqrt(C + 1))
+            nn.init.zeros_(model.v_head.bias)
+            model.v_head.requires_grad_(True)
+            self._hidden: dict[str, torch.Tensor] = {}
+            model.ln_f.register_forward_hook(lambda m, i, o: self._hidden.__setitem__("h", o))
+        return model
+
+    def describe(self) -> str:
+        total = sum(p.numel() for p in self.raw_model.parameters())
+        trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+        ft = self.ft
+        return (f"{ft.algo} ({ft.method}): {trainable:,} trainable of {total:,} parameters; "
+                f"{len(self.train_examples):,} train / {len(self.val_examples):,} eval prompts; "
+                f"{self.t.batch_size} prompts x {self.G} samples per step, up to {ft.max_new_tokens} new tokens; "
+                f"{self.t.max_iters} steps")
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_coef}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.kl_coef = state.get("kl_coef", self.kl_coef)
+
+    # ------------------------------------------------------------------ rollouts
+    def _reference(self):
+        if self.ref_model is not None:
+            return contextlib.nullcontext(self.ref_model.to(self.dist.device))
+        return adapters_off(self.raw_model)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[PromptRecord], greedy: bool = False) -> tuple[list[list[int]], float]:
+        """Completions (token ids, the stop token included) of each prompt, and the seconds it took."""
+        from llmkit.infer.generate import generate
+
+        ft, model = self.ft, self.raw_model
+        was = model.training
+        model.eval()  # the decode fast path serves eval-mode models
+        t0 = time.perf_counter()
+        kw = {"temperature": 0.0} if greedy else {"temperature": ft.temperature, "top_k": ft.top_k}
+        outs = generate(model, [p.prompt_ids for p in prompts], max_new_tokens=ft.max_new_tokens,
+                               eos_token_ids=self.stop_ids, **kw)
+        model.train(was)
+        return outs, time.perf_counter() - t0
+
+    def _forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, values: bool = False):
+        """(token log-probs [N, T], logits [N, T, V], values [N, T] or None)."""
+        with self._autocast():
+            logits = model(x)
+        v = None
+        if values:
+            v = self.raw_model.v_head(self._hidden.pop("h")).squeeze(-1).float()
+        return token_logps(logits, y), logits, v
+
+    @torch.no_grad()
+    def rollout(self, batch: list[PromptRecord]) -> tuple[Rollout, dict[str, float]]:
+        ft, dev, G = self.ft, self.dist.device, self.G
+        prompts = [p for p in batch for _ in range(G)]
+        gens, t_gen = self.sample(prompts)
+        texts = [self.tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+        cut = torch.tensor([len(g) >= ft.max_new_tokens and g[-1] not in self.stop_ids for g in gens])
+        scores = check_rewards(self.reward_fn(prompts, texts), prompts, texts)
+        scores = torch.tensor(scores, dtype=torch.float32)
+        if ft.truncation_penalty is not None:
+            scores = torch.where(cut, torch.tensor(ft.truncation_penalty), scores)
+        examples = [SFTExample(p.prompt_ids + g, [IGNORE] * len(p.prompt_ids) + g) for p, g in zip(prompts, gens)]
+        b = collate(examples, self.pad_id)
+        x, y = b["input_ids"].to(dev), b["targets"].to(dev)
+        self.raw_model.eval()
+        old_logp = values = None
+        if not self.on_policy:  # one on-policy pass: the update's own log-probs are the old ones
+            old_logp, _, values = self._forward(self.raw_model, x, y, values=ft.algo == "ppo")
+        ref_logp = None
+        if self.need_ref:
+            with self._reference() as ref:
+                ref_logp, _, _ = self._forward(ref, x, y)
+        self.raw_model.train()
+        n_tokens = sum(len(g) for g in gens)
+        stats = {"reward_mean": float(scores.mean()), "reward_min": float(scores.min()),
+                 "reward_max": float(scores.max()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                 "response_length": n_tokens / len(gens), "truncated": int(cut.sum()),
+                 "rollout_tokens_per_sec": n_tokens / max(t_gen, 1e-9), "rollout_time": t_gen}
+        return Rollout(prompts, texts, x, y, scores.to(dev), old_logp, ref_logp, values), stats
+
+    def advantages(self, ro: Rollout, stats: dict[str, float]) -> None:
+        """PPO: KL-shaped per-token rewards, GAE, whitening. GRPO: group-normalised scores on every token."""
+        ft = self.ft
+        mask = (ro.targets != IGNORE).float()
+        if ft.algo == "ppo":
+            kl = (ro.old_logp - ro.ref_logp) * mask  # k1 per token
+            rewards = -self.kl_coef * kl
+            last = mask.cumsum(1).argmax(1)  # each row's last response position
+            rewards[torch.arange(len(last)), last] += ro.scores
+            adv, ret = gae(rewards, ro.values, mask, ft.gamma, ft.lam)
+            ro.advantages = whiten(adv, mask) if ft.whiten_advantages else adv
+            ro.returns = ret
+            seq_kl = kl.sum(1).mean()
+            stats.update(kl=float(seq_kl), kl_coef=self.kl_coef,
+                         non_score_reward=float((-self.kl_coef * kl).sum(1).mean()))
+            if ft.kl_target:  # Ziegler et al.: move the coefficient toward the target KL
+                err = max(-0.2, min(0.2, float(seq_kl) / ft.kl_target - 1))
+                self.kl_coef *= 1 + err * self.t.batch_size * self.G / ft.kl_horizon
+        else:
+            adv, std = group_advantages(ro.scores, self.G, scale=ft.scale_rewards)
+            flat = int((std == 0).sum())
+            stats["flat_groups"] = flat
+            if flat == len(std) and not getattr(self, "_warned_flat", False):
+                self._warned_flat = True
+                tqdm.write(f"warning: all {flat} reward groups of step {self.step + 1} are flat (every sample of a "
+                           "prompt got the same reward), so there is no learning signal; raise --temperature or "
+                           "--group-size, or check the reward function")
+            ro.advantages = adv[:, None] * mask
+
+    # ------------------------------------------------------------------ update
+    def minibatch_loss(self, ro: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ft = self.ft
+        x, y = ro.input_ids[idx], ro.targets[idx]
+        mask = (y != IGNORE).float()
+        logp, logits, values = self._forward(self.model, x, y, values=ft.algo == "ppo")
+        entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+        old = ro.old_logp[idx] if ro.old_logp is not None else None
+        adv = ro.advantages[idx]
+        if ft.algo == "ppo":
+            pg, clipfrac = ppo_policy_loss(logp, old, adv, mask, ft.clip_range)
+            vl, vclip = ppo_value_loss(values, ro.values[idx], ro.returns[idx], mask, ft.clip_range_value)
+            ent = masked_mean(entropy_from_logits(logits), mask) if ft.ent_coef else entropy
+            loss = pg + ft.vf_coef * vl - ft.ent_coef * ent
+            return loss, {"policy_loss": pg.detach(), "value_loss": vl.detach(), "clipfrac": clipfrac,
+                          "value_clipfrac": vclip, "entropy": entropy}
+        if old is None:
+            old = logp.detach()
+        ratio = torch.exp(logp - old)
+        per_tok = -torch.minimum(ratio * adv, ratio.clamp(1 - ft.clip_range, 1 + ft.clip_range) * adv)
+        stats = {}
+        if ro.ref_logp is not None:
+            kl = k3_kl(logp, ro.ref_logp[idx])
+            stats["kl"] = masked_mean(kl.detach(), mask, 1).mean()
+            if ft.beta > 0:
+                per_tok = per_tok + ft.beta * kl
+        loss = masked_mean(per_tok, mask, 1).mean()  # mean over each response, then over responses
+        clipfrac = masked_mean(((ratio - 1).abs() > ft.clip_range).float(), mask)
+        return loss, {"policy_loss": loss.detach(), "clipfrac": clipfrac.detach(), "entropy": entropy, **stats}
+
+    def train_step(self) -> torch.Tensor:
+        """Rollouts on one batch of prompts, then `ppo_epochs` passes of minibatch updates."""
+        ft = self.ft
+        t_step = time.perf_counter()
+        batch = self.sampler.next_batch()
+        ro, stats = self.rollout(batch)
+        self.advantages(ro, stats)
+        N = ro.input_ids.shape[0]
+        mb = max(1, N // ft.num_minibatches)
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        n = 0
+        for _ in range(self.epochs):
+            order = torch.randperm(N, device=ro.input_ids.device)
+            for s in range(0, N, mb):
+                idx = order[s : s + mb]
+                with self._autocast():
+                    loss, parts = self.minibatch_loss(ro, idx)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                self._optimizer_step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                n += 1
+        dt = time.perf_counter() - t0
+        update_tokens = int((ro.input_ids != self.pad_id).sum()) * self.epochs
+        stats.update({k: v / n for k, v in sums.items()})
+        stats.update(update_tokens_per_sec=update_tokens / max(dt, 1e-9), update_time=dt,
+                     step_time=time.perf_counter() - t_step)
+        self.step_tokens = int((ro.targets != IGNORE).sum())
+        if self.metrics is not None:
+            self.metrics.log({"step": self.step + 1, **stats}, plot=False)
+        self._last_stats = stats
+        return torch.tensor(stats["loss"])
+
+    def _optimizer_step(self) -> None:
+        t = self.t
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), t.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str = "val", full: bool = False) -> float:
+        """Mean reward of greedy completions of the held-out prompts; val_loss is its negative."""
+        prompts = self.val_examples if split == "val" else self.train_examples[: self.ft.eval_prompts]
+        scores: list[float] = []
+        for i in range(0, len(prompts), 64):
+            chunk = prompts[i : i + 64]
+            gens, _ = self.sample(chunk, greedy=True)
+            texts = [self.tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+            scores += check_rewards(self.reward_fn(chunk, texts), chunk, texts)
+        self.val_reward = sum(scores) / len(scores)
+        return -self.val_reward
+
+    def extra_metrics(self) -> dict[str, Any]:
+        from llmkit.train.metrics import plot_panels
+
+        out = {"val_reward": self.val_reward}
+        if self.metrics is not None:
+            plot_panels(self.metrics.records + [{"step": self.step, **out}], RL_PANELS, self.out_dir / "rl.png")
+        return out
+
+    def fit(self) -> TrainResult:
+        result = super().fit()
+        result.val_reward = getattr(self, "val_reward", None)
+        return result
+
+
+def _rl(algo: str, model: str, reward: str, prompts: str | list[str], out: str, method: str,
+        val_prompts, max_steps, lr, batch_size, resume, overwrite, stop_after, eval_interval, warmup_steps,
+        weight_decay, seed, device, dtype, num_threads, progress, options) -> TrainResult:
+    names = set(RLConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(f"unknown {algo} option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}")
+    if algo == "ppo":
+        options.setdefault("group_size", 1)
+    ft = RLConfig(model=str(model), data=as_list(prompts), val_data=as_list(val_prompts), method=method,
+                  algo=algo, reward=reward, **options)
+    rate = lr if lr is not None else {"full": 1e-5, "lora": 1e-4}.get(method, 1e-5)
+    opt = OptimConfig(batch_size=batch_size, grad_accum=1, max_iters=max_steps or 1, lr=rate, min_lr=rate,
+                      warmup_iters=warmup_steps or 0, weight_decay=weight_decay, eval_interval=eval_interval or 1,
+                      seed=seed, device=device, dtype=dtype, num_threads=num_threads, progress=progress,
+                      strategy="single", beta2=0.999)
+    return RLTrainer(ft, opt, out, resume=resume, overwrite=overwrite, stop_after=stop_after,
+                     max_steps=max_steps, eval_interval=eval_interval, warmup_steps=warmup_steps or 0).fit()
+
+
+def grpo(model: str, reward: str, prompts: str | list[str], out: str, method: str = "full", group_size: int = 4,
+         val_prompts: str | list[str] | None = None, max_steps: int | None = None, lr: float | None = None,
+         batch_size: int = 8, resume: str | bool | None = None, overwrite: bool = False,
+         stop_after: int | None = None, eval_interval: int | None = None, warmup_steps: int | None = None,
+         weight_decay: float = 0.0, seed: int = 1337, device: str = "auto", dtype: str = "auto",
+         num_threads: int | None = None, progress: bool = True, **options: Any) -> TrainResult:
+    """GRPO from SFT `model` with `reward` (a reward-model folder or `module:function`) on prompt JSONL `prompts`;
+    `out` becomes a model folder (full) or a PEFT LoRA folder (lora). Options: RLConfig fields (beta,
+    max_new_tokens, temperature, clip_range, ppo_epochs, num_minibatches, truncation_penalty, lora_*, ...)."""
+    return _rl("grpo", model, reward, prompts, out, method, val_prompts, max_steps, lr, batch_size, resume,
+               overwrite, stop_after, eval_interval, warmup_steps, weight_decay, seed, device, dtype, num_threads,
+               progress, dict(options, group_size=group_size))
+
+
+def ppo(model: str, reward: str, prompts: str | list[str], out: str, method: str = "full",
+        val_prompts: str | list[str] | None = None, max_steps: int | None = None, lr: float | None = None,
+        batch_size: int = 8, resume: str | bool | None = None, overwrite: bool = False,
+        stop_after: int | None = None, eval_interval: int | None = None, warmup_steps: int | None = None,
+        weight_decay: float = 0.0, seed: int = 1337, device: str = "auto", dtype: str = "auto",
+        num_threads: int | None = None, progress: bool = True, **options: Any) -> TrainResult:
+    """PPO (RLHF) from SFT `model` with `reward` (a reward-model folder or `module:function`) on prompt JSONL
+    `prompts`. Options: RLConfig fields (kl_coef, kl_target, gamma, lam, ppo_epochs, num_minibatches, vf_coef,
+    ent_coef, clip_range, clip_range_value, max_new_tokens, temperature, group_size, lora_*, ...)."""
+    return _rl("ppo", model, reward, prompts, out, method, val_prompts, max_steps, lr, batch_size, resume,
+               overwrite, stop_after, eval_interval, warmup_steps, weight_decay, seed, device, dtype, num_threads,
+               progress, options)
