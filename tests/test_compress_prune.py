@@ -184,3 +184,34 @@ def test_lowrank_energy_picks_the_hand_svd_rank(model_dir):
         lowrank_model(m, rank=4)
     with pytest.raises(ConfigError, match="exactly one"):
         lowrank_model(llmkit.load_model(model_dir), rank=4, energy=0.5)
+
+
+def test_channel_pruning_writes_a_smaller_model_transformers_loads(model_dir, calib_file, tmp_path, capsys):
+    calib = _calib(model_dir, calib_file)
+    hf = _hf(model_dir)
+    seen = []
+    down = hf.model.layers[1].mlp.down_proj
+    h = down.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in calib:
+            hf(row[None])
+    h.remove()
+    X = torch.cat(seen)
+    score = X.norm(dim=0) * down.weight.detach().norm(dim=0)  # ||X_c|| * ||W_down[:, c]||, by hand
+    hand_keep = sorted(int(i) for i in torch.argsort(score, descending=True)[:96])  # 128 - 25%
+    out = tmp_path / "ch25"
+    rc = main(["prune", "--model", str(model_dir), "--method", "channels", "--sparsity", "0.25", "--calib",
+               str(calib_file), "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)])
+    assert rc == 0
+    capsys.readouterr()
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 96
+    small = _hf(out)
+    assert small.model.layers[1].mlp.down_proj.weight.shape == (64, 96)
+    torch.testing.assert_close(small.model.layers[1].mlp.down_proj.weight, down.weight[:, hand_keep])
+    torch.testing.assert_close(small.model.layers[1].mlp.gate_proj.weight,
+                               hf.model.layers[1].mlp.gate_proj.weight[hand_keep])
+    m = llmkit.load_model(out)
+    assert m.num_params() == sum(p.numel() for p in small.parameters())
+    ids = torch.randint(0, m.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, m(ids), rtol=1e-4, atol=1e-4)

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "--out out/m-w50",
     )
     p.add_argument("--model", required=True, help="float model folder (config.json + safetensors + tokenizer)")
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "2:4"])
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "2:4", "channels"],
+                   help="channels: structured, removes MLP channels (a smaller dense model)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights zeroed per layer (2:4: 0.5)")
     p.add_argument("--calib", help="calibration text file or prepared data folder (wanda, sparsegpt; 2:4 optional)")
     p.add_argument("--calib-samples", type=int, default=32, help="number of calibration windows")

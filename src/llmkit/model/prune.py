@@ -29,7 +29,7 @@ from llmkit.model.quant import (
     run_calibration,
 )
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "2:4")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "2:4", "channels")
 
 
 def lowest_mask(score: Tensor, k: int, dim: int | None = None) -> Tensor:
@@ -99,8 +99,9 @@ def prune_model(model: nn.Module, method: str = "magnitude", sparsity: float = 0
                 calibration: Tensor | list | None = None, progress: bool = False) -> dict[str, float]:
     """Prune `model`'s block projections in place; returns each layer's fraction of zero weights.
 
-    `method`: magnitude | wanda | sparsegpt | 2:4 (sparsity fixed at 0.5). `calibration`: token ids
-    [n, seq], needed by wanda and sparsegpt (2:4 uses Wanda scores when given, |W| otherwise).
+    `method`: magnitude | wanda | sparsegpt | 2:4 (sparsity fixed at 0.5) | channels (structured:
+    removes that fraction of every MLP's intermediate channels, see `prune_channels`). `calibration`:
+    token ids [n, seq], needed by wanda and sparsegpt (2:4 and channels use activations when given).
     """
     if method not in PRUNE_METHODS:
         raise ConfigError(f"prune method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
@@ -114,6 +115,8 @@ def prune_model(model: nn.Module, method: str = "magnitude", sparsity: float = 0
     if method in ("wanda", "sparsegpt") and not batches:
         raise InputError(f"method {method!r} needs calibration data: token ids [n, seq] (--calib FILE)")
     model.eval()
+    if method == "channels":
+        return prune_channels(model, sparsity, batches)
     names = prune_targets(model)
     order = _sequential_groups(model, names) if batches else [names]
     if progress:
@@ -161,3 +164,49 @@ def _collect(model: nn.Module, names: list[str], batches: list[Tensor], method: 
         if method == "sparsegpt":
             s["H"] = s["H"] / max(s["n"], 1)
     return stats
+
+
+@torch.no_grad()
+def prune_channels(model: nn.Module, sparsity: float, batches: list[Tensor] | None = None) -> dict[str, float]:
+    """Structured: drop `round(sparsity * intermediate_size)` channels of every block's MLP, giving a
+    genuinely smaller dense model (config `intermediate_size` shrinks; the same count per block, as
+    Hugging Face configs hold one size). Channel c's importance is ||X_c||_2 * ||W_proj[:, c]||_2 (the
+    Wanda score summed over the output projection's column; X: its calibration inputs), or without
+    calibration ||W_proj[:, c]|| * ||W_fc[c]|| (* ||W_up[c]|| for SwiGLU). Returns {mlp: fraction removed}."""
+    import dataclasses
+
+    from llmkit.model.transformer import MLP
+
+    blocks = list(getattr(model, "blocks", []))
+    if not blocks or not all(type(b.mlp) is MLP for b in blocks):
+        raise InputError("channel pruning needs a decoder whose blocks all have a dense MLP (not MoE)")
+    inter = model.config.intermediate_size
+    keep = inter - int(round(sparsity * inter))
+    if keep < 1:
+        raise ConfigError(f"sparsity {sparsity} would remove every MLP channel")
+    names = [f"blocks.{i}.mlp.proj" for i in range(len(blocks))]
+    stats = _collect(model, names, batches, "wanda") if batches else {}
+    out = {}
+    for i, b in enumerate(blocks):
+        mlp, name = b.mlp, names[i]
+        proj, fc = mlp.proj.weight, mlp.fc.weight  # [C, inter], [inter or 2*inter, C]
+        if name in stats:
+            score = stats[name]["x_norm"] * proj.float().norm(dim=0)
+        else:
+            rows = fc.float().norm(dim=1)
+            score = proj.float().norm(dim=0) * (rows[:inter] * rows[inter:] if mlp.swiglu else rows)
+        idx = torch.sort(torch.topk(score, keep).indices).values  # kept channels, in order
+        rows_idx = torch.cat([idx, idx + inter]) if mlp.swiglu else idx
+        new_fc = nn.Linear(fc.shape[1], len(rows_idx), bias=mlp.fc.bias is not None, device=fc.device, dtype=fc.dtype)
+        new_fc.weight.copy_(fc[rows_idx])
+        if mlp.fc.bias is not None:
+            new_fc.bias.copy_(mlp.fc.bias[rows_idx])
+        new_proj = nn.Linear(keep, proj.shape[0], bias=mlp.proj.bias is not None, device=proj.device,
+                             dtype=proj.dtype)
+        new_proj.weight.copy_(proj[:, idx])
+        if mlp.proj.bias is not None:
+            new_proj.bias.copy_(mlp.proj.bias)
+        mlp.fc, mlp.proj = new_fc, new_proj
+        out[f"blocks.{i}.mlp"] = 1 - keep / inter
+    model.config = dataclasses.replace(model.config, intermediate_size=keep)  # a copy: configs may be shared
+    return out
