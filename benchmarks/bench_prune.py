@@ -10,7 +10,6 @@ and calibration uses other samples: the perplexity measures drift from the dense
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
@@ -25,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stories", required=True, help="stories260K.bin")
     ap.add_argument("--calib", type=int, default=8, help="calibration windows")
-    ap.add_argument("--held", type=int, default=16, help="held-out windows")
+    ap.add_argument("--held", type=int, default=8, help="held-out windows")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--out", default="out/prune-bench")
     args = ap.parse_args()
@@ -39,12 +38,12 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     for method in ("magnitude", "wanda", "sparsegpt"):
         for s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
-            m = copy.deepcopy(base)
+            m = llmkit.load_llama2c(args.stories)  # fresh (deepcopy fails on decode-packed copies)
             prune_model(m, method, s, calibration=calib)
             rows.append(dict(method=method, sparsity=s, ppl=perplexity(m, held, W, args.held)))
             print(json.dumps(rows[-1]), flush=True)
     for label, cal in (("2:4 (magnitude)", None), ("2:4 (wanda)", calib)):
-        m = copy.deepcopy(base)
+        m = llmkit.load_llama2c(args.stories)  # fresh (deepcopy fails on decode-packed copies)
         prune_model(m, "2:4", calibration=cal)
         rows.append(dict(method=label, sparsity=0.5, ppl=perplexity(m, held, W, args.held)))
         print(json.dumps(rows[-1]), flush=True)
