@@ -25,6 +25,9 @@ _LAZY = {
     "SamplingParams": "llmkit.infer.sampling",
     "finetune": "llmkit.train.finetune",
     "LlmkitError": "llmkit.errors",
+    "prune_model": "llmkit.model.prune",
+    "lowrank_model": "llmkit.model.lowrank",
+    "merge_lowrank": "llmkit.model.lowrank",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -17,6 +17,7 @@ from llmkit.errors import CheckpointError, ConfigError
 from llmkit.fsutil import write_dir
 from llmkit.model.config import ModelConfig
 from llmkit.model.families import FAMILIES, get_family
+from llmkit.model.lowrank import build_lowrank
 from llmkit.model.quant import build_quantized
 
 MODEL_CLASSES: dict[str, type] = {}  # "decoder" / "encoder" / "seq2seq" -> the class; registered by
@@ -248,10 +249,11 @@ def _load_model(path, dtype, device):
     if "model_type" not in d:
         raise CheckpointError(f"{p / 'config.json'} has no model_type")
     quantization = d.pop("quantization", None)
+    lowrank = d.pop("lowrank", None)
     cfg = config_from_hf(d)
     device = torch.device(device or "cpu")
-    if quantization is not None:
-        return _load_quantized(p, cfg, quantization, device)
+    if quantization is not None or lowrank is not None:
+        return _load_quantized(p, cfg, quantization, device, lowrank)
     if dtype is None:
         name = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = getattr(torch, name, torch.float32) if device.type != "cpu" else torch.float32
@@ -277,15 +279,20 @@ def _load_model(path, dtype, device):
     return model.eval()
 
 
-def _load_quantized(p: Path, cfg: ModelConfig, quantization: dict[str, Any], device: torch.device):
-    """A folder `save_pretrained` wrote for a quantized model: llmkit tensor names, quantized kinds."""
-    if device.type != "cpu":
+def _load_quantized(p: Path, cfg: ModelConfig, quantization: dict[str, Any] | None, device: torch.device,
+                    lowrank: dict[str, Any] | None = None):
+    """A folder `save_pretrained` wrote for a quantized or low-rank model: llmkit tensor names, its kinds."""
+    if quantization is not None and device.type != "cpu":
         raise ConfigError(f"quantized models run on the CPU kernels; got device {device}")
-    if not isinstance(quantization, dict) or not isinstance(quantization.get("modules"), dict):
+    if quantization is not None and (not isinstance(quantization, dict)
+                                     or not isinstance(quantization.get("modules"), dict)):
         raise CheckpointError(f"{p / 'config.json'}: 'quantization' must be an object with a 'modules' map")
     with torch.device("meta"):
         model = MODEL_CLASSES["decoder"](cfg)
-    build_quantized(model, quantization)
+    if lowrank is not None:
+        build_lowrank(model, lowrank)
+    if quantization is not None:
+        build_quantized(model, quantization)
     sd = read_state_dict(p)
     for k, v in sd.items():  # the int8 kernels' vector loads need 64-byte alignment; safetensors gives 8
         if v.data_ptr() % 64:
@@ -295,7 +302,7 @@ def _load_quantized(p: Path, cfg: ModelConfig, quantization: dict[str, Any], dev
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{p}: tensors do not match the quantized model in config.json: {e}") from None
+        raise CheckpointError(f"{p}: tensors do not match the model kinds in config.json: {e}") from None
     if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     model.init_buffers(device)
@@ -320,11 +327,15 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_s
     cfg = model.config
     hf_cfg = config_to_hf(cfg)
     quantization = getattr(model, "quantization", None)
-    if quantization:  # llmkit's own tensor names: quantized kinds have no Hugging Face equivalent
+    lowrank = getattr(model, "lowrank", None)
+    if quantization or lowrank:  # llmkit's own tensor names: these kinds have no Hugging Face equivalent
         sd = model.state_dict()
         if cfg.tie_embeddings:
             sd.pop("lm_head.weight", None)
-        hf_cfg["quantization"] = quantization
+        if quantization:
+            hf_cfg["quantization"] = quantization
+        if lowrank:
+            hf_cfg["lowrank"] = lowrank
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     else:
         tensors = {prefix + k: v.detach().to("cpu").contiguous().clone() for k, v in llmkit_to_hf(model).items()}

@@ -1,0 +1,212 @@
+"""Unstructured pruning: magnitude, Wanda, SparseGPT and 2:4 semi-structured sparsity, per layer.
+
+Each method zeroes weights of the block projections in place; the model stays a dense model with
+zeros, so a pruned folder is a normal Hugging Face folder (load_model, generate, serve, quantize and
+transformers read it unchanged). The LM head and token embeddings are kept (as in Wanda/SparseGPT).
+- magnitude: the smallest |W| of each layer (layer-wise threshold);
+- Wanda (Sun et al., 2024): score |W_ij| * ||X_j||_2 from calibration inputs, the lowest scores of
+  each output row;
+- SparseGPT (Frantar & Alistarh, 2023): per block of 128 columns, mask by w^2 / [H^-1]_jj^2 and
+  spread each pruned weight's error over the remaining columns through the inverse Hessian H = X^T X;
+- 2:4: in every group of 4 consecutive inputs of a row, the 2 lowest scores are zeroed (Wanda
+  scores with calibration data, |W| without).
+Calibration reuses `llmkit.model.quant`'s capture hooks and sequential block order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from llmkit.errors import ConfigError, InputError
+from llmkit.model.quant import (
+    QUANT_KINDS,
+    _calibration_batches,
+    _sequential_groups,
+    capture_inputs,
+    linear_targets,
+    run_calibration,
+)
+
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "2:4", "channels")
+
+
+def lowest_mask(score: Tensor, k: int, dim: int | None = None) -> Tensor:
+    """Boolean mask of exactly `k` lowest scores (over the whole tensor, or per row along `dim`)."""
+    if dim is None:
+        idx = torch.argsort(score.flatten(), stable=True)[:k]
+        mask = torch.zeros(score.numel(), dtype=torch.bool)
+        mask[idx] = True
+        return mask.view_as(score)
+    idx = torch.argsort(score, dim=dim, stable=True).narrow(dim, 0, k)
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(dim, idx, True)
+
+
+def n_m_mask(score: Tensor, n: int = 2, m: int = 4) -> Tensor:
+    """Mask of the `n` lowest scores in every group of `m` consecutive inputs of each row: [out, in]."""
+    out, k = score.shape
+    if k % m:
+        raise InputError(f"{n}:{m} sparsity needs in_features divisible by {m}, got {k}")
+    return lowest_mask(score.reshape(out, k // m, m), n, dim=2).view(out, k)
+
+
+def wanda_score(w: Tensor, x_norm: Tensor) -> Tensor:
+    """|W_ij| * ||X_j||_2: w [out, in], x_norm [in] (the L2 norm of input feature j over all tokens)."""
+    return w.abs() * x_norm[None, :]
+
+
+def sparsegpt(w: Tensor, H: Tensor, sparsity: float, n_m: tuple[int, int] | None = None,
+              block_size: int = 128, damp: float = 0.01) -> Tensor:
+    """SparseGPT: prune w [out, in] to `sparsity` (or n:m) with OBS updates through H^-1 (H = X^T X)."""
+    N, K = w.shape
+    W = w.detach().float().clone()
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(K)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(N, i2 - i1), Hinv[i1:i2, i1:i2]
+        score = W1**2 / torch.diag(Hinv1)[None] ** 2
+        if n_m is None:  # this block's share of the row's pruned weights
+            mask1 = lowest_mask(score, int(round(sparsity * (i2 - i1))), dim=1)
+        else:
+            mask1 = n_m_mask(score, *n_m)
+        for i in range(i2 - i1):
+            col, d = W1[:, i], Hinv1[i, i]
+            q = col.masked_fill(mask1[:, i], 0)
+            err = (col - q) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None]
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W.masked_fill(mask, 0)
+
+
+def prune_targets(model: nn.Module) -> list[str]:
+    """The projections that are pruned: every block nn.Linear but MoE routers (not the LM head)."""
+    return [n for n in linear_targets(model, skip=("lm_head",)) if n.startswith("blocks.")]
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, method: str = "magnitude", sparsity: float = 0.5,
+                calibration: Tensor | list | None = None, progress: bool = False) -> dict[str, float]:
+    """Prune `model`'s block projections in place; returns each layer's fraction of zero weights.
+
+    `method`: magnitude | wanda | sparsegpt | 2:4 (sparsity fixed at 0.5) | channels (structured:
+    removes that fraction of every MLP's intermediate channels, see `prune_channels`). `calibration`:
+    token ids [n, seq], needed by wanda and sparsegpt (2:4 and channels use activations when given).
+    """
+    if method not in PRUNE_METHODS:
+        raise ConfigError(f"prune method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
+    if method == "2:4":
+        sparsity = 0.5
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    if any(isinstance(m, QUANT_KINDS) for m in model.modules()):
+        raise InputError("prune a float model: this one is quantized (prune first, then quantize)")
+    batches = _calibration_batches(model, calibration)
+    if method in ("wanda", "sparsegpt") and not batches:
+        raise InputError(f"method {method!r} needs calibration data: token ids [n, seq] (--calib FILE)")
+    model.eval()
+    if method == "channels":
+        return prune_channels(model, sparsity, batches)
+    names = prune_targets(model)
+    order = _sequential_groups(model, names) if batches else [names]
+    if progress:
+        from tqdm.auto import tqdm
+
+        order = tqdm(order, desc=f"prune ({method})", unit="layer")
+    out: dict[str, float] = {}
+    for group in order:
+        stats = _collect(model, group, batches, method) if batches else {}
+        for name in group:
+            lin = model.get_submodule(name)
+            w = lin.weight.detach().float()
+            k = int(round(sparsity * w.shape[1]))
+            if method == "magnitude":
+                w = w.masked_fill(lowest_mask(w.abs(), int(round(sparsity * w.numel()))), 0)
+            elif method == "wanda":
+                w = w.masked_fill(lowest_mask(wanda_score(w, stats[name]["x_norm"]), k, dim=1), 0)
+            elif method == "sparsegpt":
+                w = sparsegpt(w, stats[name]["H"], sparsity)
+            else:  # 2:4
+                score = wanda_score(w, stats[name]["x_norm"]) if name in stats else w.abs()
+                w = w.masked_fill(n_m_mask(score), 0)
+            lin.weight.copy_(w.to(lin.weight.dtype))
+            out[name] = float((lin.weight == 0).float().mean())
+    return out
+
+
+def _collect(model: nn.Module, names: list[str], batches: list[Tensor], method: str) -> dict:
+    """Per target: ||X_j||_2 over calibration tokens (Wanda, 2:4) or H = X^T X / n (SparseGPT)."""
+    stats: dict[str, dict] = {n: {"sq": 0, "H": 0, "n": 0} for n in names}
+
+    def see(name: str, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        s = stats[name]
+        s["n"] += x.shape[0]
+        if method == "sparsegpt":
+            s["H"] = s["H"] + x.t() @ x
+        else:
+            s["sq"] = s["sq"] + (x * x).sum(0)
+
+    with capture_inputs(model, names, see):
+        run_calibration(model, batches)
+    for s in stats.values():
+        s["x_norm"] = torch.as_tensor(s["sq"]).sqrt()
+        if method == "sparsegpt":
+            s["H"] = s["H"] / max(s["n"], 1)
+    return stats
+
+
+@torch.no_grad()
+def prune_channels(model: nn.Module, sparsity: float, batches: list[Tensor] | None = None) -> dict[str, float]:
+    """Structured: drop `round(sparsity * intermediate_size)` channels of every block's MLP, giving a
+    genuinely smaller dense model (config `intermediate_size` shrinks; the same count per block, as
+    Hugging Face configs hold one size). Channel c's importance is ||X_c||_2 * ||W_proj[:, c]||_2 (the
+    Wanda score summed over the output projection's column; X: its calibration inputs), or without
+    calibration ||W_proj[:, c]|| * ||W_fc[c]|| (* ||W_up[c]|| for SwiGLU). Returns {mlp: fraction removed}."""
+    import dataclasses
+
+    from llmkit.model.transformer import MLP
+
+    blocks = list(getattr(model, "blocks", []))
+    if not blocks or not all(type(b.mlp) is MLP for b in blocks):
+        raise InputError("channel pruning needs a decoder whose blocks all have a dense MLP (not MoE)")
+    inter = model.config.intermediate_size
+    keep = inter - int(round(sparsity * inter))
+    if keep < 1:
+        raise ConfigError(f"sparsity {sparsity} would remove every MLP channel")
+    names = [f"blocks.{i}.mlp.proj" for i in range(len(blocks))]
+    stats = _collect(model, names, batches, "wanda") if batches else {}
+    out = {}
+    for i, b in enumerate(blocks):
+        mlp, name = b.mlp, names[i]
+        proj, fc = mlp.proj.weight, mlp.fc.weight  # [C, inter], [inter or 2*inter, C]
+        if name in stats:
+            score = stats[name]["x_norm"] * proj.float().norm(dim=0)
+        else:
+            rows = fc.float().norm(dim=1)
+            score = proj.float().norm(dim=0) * (rows[:inter] * rows[inter:] if mlp.swiglu else rows)
+        idx = torch.sort(torch.topk(score, keep).indices).values  # kept channels, in order
+        rows_idx = torch.cat([idx, idx + inter]) if mlp.swiglu else idx
+        new_fc = nn.Linear(fc.shape[1], len(rows_idx), bias=mlp.fc.bias is not None, device=fc.device, dtype=fc.dtype)
+        new_fc.weight.copy_(fc[rows_idx])
+        if mlp.fc.bias is not None:
+            new_fc.bias.copy_(mlp.fc.bias[rows_idx])
+        new_proj = nn.Linear(keep, proj.shape[0], bias=mlp.proj.bias is not None, device=proj.device,
+                             dtype=proj.dtype)
+        new_proj.weight.copy_(proj[:, idx])
+        if mlp.proj.bias is not None:
+            new_proj.bias.copy_(mlp.proj.bias)
+        mlp.fc, mlp.proj = new_fc, new_proj
+        out[f"blocks.{i}.mlp"] = 1 - keep / inter
+    model.config = dataclasses.replace(model.config, intermediate_size=keep)  # a copy: configs may be shared
+    return out

@@ -1,0 +1,217 @@
+"""Pruning (magnitude, Wanda, SparseGPT, 2:4) and low-rank factorisation: exact sparsity counts,
+Wanda's mask against a hand computation on transformers' own activations, SparseGPT against Wanda
+on its layer objective, pruned / merged folders in transformers, full-rank logits, energy ranks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_infer_fixtures import byte_level_bpe, hf_checkpoint
+from tokenizers import Tokenizer as RawTokenizer
+
+import llmkit
+from llmkit.cli import main
+from llmkit.errors import ConfigError, InputError
+from llmkit.model.lowrank import LowRankLinear, lowrank_model
+from llmkit.model.prune import prune_model, prune_targets, sparsegpt, wanda_score
+from llmkit.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pmodel")
+    raw = RawTokenizer.from_str(byte_level_bpe().to_str())
+    tok = Tokenizer(raw, {"eos_token": "<|endoftext|>"})
+    tok.save(folder)
+    hf_checkpoint("llama", folder, vocab_size=tok.vocab_size, max_position_embeddings=256, initializer_range=0.1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("calib") / "calib.txt"
+    f.write_text("To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer. " * 20)
+    return f
+
+
+def _calib(model_dir, calib_file):
+    from llmkit.compress.calibration import load_calibration
+
+    return load_calibration(calib_file, llmkit.load_tokenizer(model_dir), 4, 32)
+
+
+def _hf(folder):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def test_magnitude_zeroes_exactly_the_smallest(model_dir):
+    m = llmkit.load_model(model_dir)
+    before = {n: m.get_submodule(n).weight.detach().clone() for n in prune_targets(m)}
+    fractions = prune_model(m, "magnitude", 0.3)
+    assert set(fractions) == set(before) and len(before) == 2 * 4  # qkv, proj, fc, mlp.proj per block
+    for n, w0 in before.items():
+        w = m.get_submodule(n).weight
+        zero = w == 0
+        assert int(zero.sum()) == round(0.3 * w0.numel())  # counted, exactly
+        assert float(w0[zero].abs().max()) <= float(w0[~zero].abs().min())  # the smallest |W| went
+        torch.testing.assert_close(w[~zero], w0[~zero], rtol=0, atol=0)  # the rest untouched
+    assert torch.count_nonzero(m.lm_head.weight) == m.lm_head.weight.numel()
+
+
+def test_wanda_mask_equals_hand_computation_on_transformers_activations(model_dir, calib_file):
+    calib = _calib(model_dir, calib_file)
+    hf = _hf(model_dir)
+    seen = []
+    layer = hf.model.layers[0].mlp.down_proj
+    h = layer.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in calib:
+            hf(row[None])
+    h.remove()
+    X = torch.cat(seen).double()  # [tokens, in]
+    W = layer.weight.detach().double()  # [out, in]
+    norms = [float(np.sqrt(sum(float(v) ** 2 for v in X[:, j]))) for j in range(W.shape[1])]
+    k = round(0.5 * W.shape[1])
+    hand = torch.zeros_like(W, dtype=torch.bool)
+    for r in range(W.shape[0]):  # per output row: the k lowest |W_rj| * ||X_j||
+        scores = sorted((abs(float(W[r, j])) * norms[j], j) for j in range(W.shape[1]))
+        for _, j in scores[:k]:
+            hand[r, j] = True
+    m = llmkit.load_model(model_dir)
+    prune_model(m, "wanda", 0.5, calib)
+    assert torch.equal(m.blocks[0].mlp.proj.weight == 0, hand)
+    torch.testing.assert_close(wanda_score(W, X.norm(dim=0)), W.abs() * torch.tensor(norms, dtype=W.dtype)[None])
+
+
+def test_sparsegpt_beats_wanda_beats_magnitude_on_the_layer_objective():
+    torch.manual_seed(0)
+    W = torch.randn(32, 64)
+    # LLM-like inputs: a few outlier features (x5) and a shared component across features
+    X = torch.randn(256, 64) * (1 + 4 * (torch.rand(64) < 0.1)) + 0.5 * torch.randn(256, 1)
+    H = X.t() @ X / X.shape[0]
+    Ws = sparsegpt(W, H, 0.5)
+    assert torch.equal((Ws == 0).sum(1), torch.full((32,), 32))  # exactly half of every row
+    score = W.abs() * X.norm(dim=0)  # Wanda, written out
+    Ww = W.masked_fill(score <= score.median(1, True).values, 0)
+    Wm = W.masked_fill(W.abs() <= W.abs().flatten().median(), 0)
+    err = {k: float((X @ (W - v).t()).norm()) for k, v in {"sparsegpt": Ws, "wanda": Ww, "magnitude": Wm}.items()}
+    assert err["sparsegpt"] < 0.95 * err["wanda"] and err["wanda"] < 0.8 * err["magnitude"], err
+
+
+def test_2_4_and_sparsegpt_cli_folders_load_in_transformers(model_dir, calib_file, tmp_path, capsys):
+    for method, extra in (("2:4", []), ("sparsegpt", ["--sparsity", "0.6"])):
+        out = tmp_path / method.replace(":", "_")
+        rc = main(["prune", "--model", str(model_dir), "--method", method, *extra, "--calib", str(calib_file),
+                   "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)])
+        assert rc == 0 and "zero" in capsys.readouterr().out
+        assert "lowrank" not in json.loads((out / "config.json").read_text())
+        m = llmkit.load_model(out)
+        for n in prune_targets(m):
+            w = m.get_submodule(n).weight
+            if method == "2:4":  # every group of 4 consecutive inputs holds exactly 2 zeros
+                per_group = (w.view(w.shape[0], -1, 4) == 0).sum(-1)
+                assert torch.equal(per_group, torch.full_like(per_group, 2))
+            else:
+                assert int((w == 0).sum()) == w.shape[0] * round(0.6 * w.shape[1])
+        ids = torch.randint(0, m.config.vocab_size, (1, 12))
+        with torch.no_grad():
+            torch.testing.assert_close(_hf(out)(ids).logits, m(ids), rtol=1e-4, atol=1e-4)
+        rc = main(["generate", "--model", str(out), "--prompt", "To be", "--temperature", "0",
+                   "--max-new-tokens", "3"])
+        assert rc == 0
+        capsys.readouterr()
+
+
+def test_prune_errors(model_dir, tmp_path, capsys):
+    rc = main(["prune", "--model", str(model_dir), "--method", "wanda", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--calib" in capsys.readouterr().err
+    m = llmkit.load_model(model_dir)
+    with pytest.raises(ConfigError, match="sparsity"):
+        prune_model(m, "magnitude", 1.5)
+    with pytest.raises(ConfigError, match="method"):
+        prune_model(m, "random", 0.5)
+
+
+def test_lowrank_full_rank_reproduces_logits_and_round_trips(model_dir, tmp_path, capsys):
+    m = llmkit.load_model(model_dir)
+    ids = torch.randint(0, m.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        ref = m(ids)
+        ranks = lowrank_model(m, rank=10_000)
+        assert all(r == 64 for r in ranks.values()) and isinstance(m.blocks[0].mlp.fc, LowRankLinear)
+        torch.testing.assert_close(m(ids), ref, rtol=1e-4, atol=1e-4)
+    rc = main(["lowrank", "--model", str(model_dir), "--rank", "8", "--out", str(tmp_path / "r8")])
+    assert rc == 0 and "parameters" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r8" / "config.json").read_text())["lowrank"]["modules"]["blocks.0.attn.qkv"] == {
+        "rank": 8}
+    r8 = llmkit.load_model(tmp_path / "r8")
+    assert r8.blocks[1].attn.proj.rank == 8 and r8.num_params() < m.num_params()
+    same = llmkit.load_model(model_dir)
+    lowrank_model(same, rank=8)
+    with torch.no_grad():
+        torch.testing.assert_close(r8(ids), same(ids))
+    assert len(llmkit.generate(r8, [1, 2, 3], 4)) == 4
+    # merge: a dense folder transformers reads, with the low-rank model's logits
+    rc = main(["lowrank", "merge", "--model", str(tmp_path / "r8"), "--out", str(tmp_path / "dense")])
+    assert rc == 0
+    assert "lowrank" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    with torch.no_grad():
+        torch.testing.assert_close(_hf(tmp_path / "dense")(ids).logits, r8(ids), rtol=1e-4, atol=1e-4)
+    rc = main(["lowrank", "merge", "--model", str(model_dir), "--out", str(tmp_path / "no")])
+    assert rc == 2 and "no low-rank" in capsys.readouterr().err
+    rc = main(["lowrank", "--model", str(model_dir), "--out", str(tmp_path / "no")])
+    assert rc == 2 and "--rank" in capsys.readouterr().err
+
+
+def test_lowrank_energy_picks_the_hand_svd_rank(model_dir):
+    m = llmkit.load_model(model_dir)
+    w = m.blocks[0].mlp.proj.weight.detach().double().numpy()  # [64, 128]
+    s = np.linalg.svd(w, compute_uv=False)
+    total, acc, hand = float((s**2).sum()), 0.0, None
+    for i, v in enumerate(s):  # smallest r keeping 90% of sum S^2
+        acc += float(v) ** 2
+        if acc / total >= 0.9:
+            hand = i + 1
+            break
+    ranks = lowrank_model(m, energy=0.9, only_smaller=False)
+    assert ranks["blocks.0.mlp.proj"] == hand
+    with pytest.raises(InputError, match="already low-rank"):
+        lowrank_model(m, rank=4)
+    with pytest.raises(ConfigError, match="exactly one"):
+        lowrank_model(llmkit.load_model(model_dir), rank=4, energy=0.5)
+
+
+def test_channel_pruning_writes_a_smaller_model_transformers_loads(model_dir, calib_file, tmp_path, capsys):
+    calib = _calib(model_dir, calib_file)
+    hf = _hf(model_dir)
+    seen = []
+    down = hf.model.layers[1].mlp.down_proj
+    h = down.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in calib:
+            hf(row[None])
+    h.remove()
+    X = torch.cat(seen)
+    score = X.norm(dim=0) * down.weight.detach().norm(dim=0)  # ||X_c|| * ||W_down[:, c]||, by hand
+    hand_keep = sorted(int(i) for i in torch.argsort(score, descending=True)[:96])  # 128 - 25%
+    out = tmp_path / "ch25"
+    rc = main(["prune", "--model", str(model_dir), "--method", "channels", "--sparsity", "0.25", "--calib",
+               str(calib_file), "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)])
+    assert rc == 0
+    capsys.readouterr()
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 96
+    small = _hf(out)
+    assert small.model.layers[1].mlp.down_proj.weight.shape == (64, 96)
+    torch.testing.assert_close(small.model.layers[1].mlp.down_proj.weight, down.weight[:, hand_keep])
+    torch.testing.assert_close(small.model.layers[1].mlp.gate_proj.weight,
+                               hf.model.layers[1].mlp.gate_proj.weight[hand_keep])
+    m = llmkit.load_model(out)
+    assert m.num_params() == sum(p.numel() for p in small.parameters())
+    ids = torch.randint(0, m.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, m(ids), rtol=1e-4, atol=1e-4)
