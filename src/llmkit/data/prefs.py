@@ -9,13 +9,12 @@ turn is dropped: it is the reference answer); every other field is passed to the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmkit.data.sft import IGNORE, ROLES, SFTExample, chat_ids, encode_example
+from llmkit.data.sft import IGNORE, ROLES, SFTExample, chat_ids, encode_example, read_jsonl_records
 from llmkit.errors import InputError
 
 PREF_EXPECTED = ('expected one JSON object per line: {"prompt": str | [messages], "chosen": str | [assistant '
@@ -47,24 +46,6 @@ class PromptRecord:
         return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
 
 
-def _jsonl(path: str | Path, kind: str, expected: str) -> Iterator[tuple[dict[str, Any], str]]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{kind} file {str(p)!r} does not exist (expected a JSONL file)")
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg}); {expected}") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: got a JSON {type(record).__name__}; {expected}")
-            yield record, where
-
-
 def _messages(value: Any, where: str, key: str) -> list[dict[str, Any]]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
@@ -89,7 +70,7 @@ def _completion(value: Any, where: str, key: str) -> list[dict[str, Any]]:
 def read_prefs(path: str | Path) -> Iterator[tuple[list[dict], list[dict], list[dict], float, str]]:
     """Yield (prompt messages, chosen messages, rejected messages, margin, 'file:line') per pair."""
     n = 0
-    for record, where in _jsonl(path, "preference data", PREF_EXPECTED):
+    for record, where in read_jsonl_records(path, "preference data", PREF_EXPECTED):
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
         if missing:
             raise InputError(f"{where}: missing {', '.join(map(repr, missing))}; {PREF_EXPECTED}")
@@ -128,7 +109,7 @@ def load_prefs(paths: str | Path | list, tokenizer: Any, max_seq_len: int) -> tu
 def load_prompts(path: str | Path, tokenizer: Any, max_prompt_len: int | None = None) -> list[PromptRecord]:
     """RL prompts rendered with the chat template's generation prompt; other fields kept in `row`."""
     out: list[PromptRecord] = []
-    for record, where in _jsonl(path, "prompt data", PROMPT_EXPECTED):
+    for record, where in read_jsonl_records(path, "prompt data", PROMPT_EXPECTED):
         if "prompt" in record:
             msgs = _messages(record["prompt"], where, "prompt")
         elif "messages" in record:

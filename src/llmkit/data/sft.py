@@ -92,12 +92,12 @@ def to_messages(record: dict[str, Any], fmt: str, where: str) -> tuple[list[dict
     return [{"role": "user", "content": p}, {"role": "assistant", "content": c}], {}
 
 
-def read_sft_jsonl(path: str | Path) -> Iterator[tuple[list[dict[str, Any]], dict[str, Any], str, str]]:
-    """Yield (messages, extra, format, 'file:line') per record; the format is fixed by the first record."""
+def read_jsonl_records(path: str | Path, kind: str, expected: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Yield (record, 'file:line') for each non-blank line of a JSONL file of objects; a missing file, bad
+    JSON or a non-object line is an InputError naming the file, the line and `expected`."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"SFT data file {str(p)!r} does not exist (expected a JSONL file)")
-    fmt = None
+        raise InputError(f"{kind} file {str(p)!r} does not exist (expected a JSONL file)")
     with open(p, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -106,20 +106,27 @@ def read_sft_jsonl(path: str | Path) -> Iterator[tuple[list[dict[str, Any]], dic
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg}); {_EXPECTED}") from None
+                raise InputError(f"{where}: not valid JSON ({e.msg}); {expected}") from None
             if not isinstance(record, dict):
-                raise InputError(f"{where}: got a JSON {type(record).__name__}; {_EXPECTED}")
-            this = detect_format(record)
-            if this is None:
-                raise InputError(f"{where}: keys {sorted(record)} match no format; {_EXPECTED}")
-            if fmt is None:
-                fmt = this
-            elif this != fmt:
-                raise InputError(f"{where}: a {this} record in a {fmt} file; expected every line in one format")
-            msgs, extra = to_messages(record, fmt, where)
-            yield msgs, extra, fmt, where
+                raise InputError(f"{where}: got a JSON {type(record).__name__}; {expected}")
+            yield record, where
+
+
+def read_sft_jsonl(path: str | Path) -> Iterator[tuple[list[dict[str, Any]], dict[str, Any], str, str]]:
+    """Yield (messages, extra, format, 'file:line') per record; the format is fixed by the first record."""
+    fmt = None
+    for record, where in read_jsonl_records(path, "SFT data", _EXPECTED):
+        this = detect_format(record)
+        if this is None:
+            raise InputError(f"{where}: keys {sorted(record)} match no format; {_EXPECTED}")
+        if fmt is None:
+            fmt = this
+        elif this != fmt:
+            raise InputError(f"{where}: a {this} record in a {fmt} file; expected every line in one format")
+        msgs, extra = to_messages(record, fmt, where)
+        yield msgs, extra, fmt, where
     if fmt is None:
-        raise InputError(f"SFT data file {str(p)!r} is empty; {_EXPECTED}")
+        raise InputError(f"SFT data file {str(Path(path))!r} is empty; {_EXPECTED}")
 
 
 # ---------------------------------------------------------------------------- tokenizing
