@@ -114,7 +114,6 @@ def test_prefix_blocks_are_shared_copied_on_write_and_evicted_lru():
     cache = PagedKVCache(L, HKV, D, num_blocks=8, kv_block_size=BS, prefix_caching=True)
     a = list(range(10, 20))  # 2 full blocks + 2 tokens
     assert cache.add_sequence(0, a) == 0
-    ref: dict = {}
     batch = cache.batch([0], [a])
     kv = [(torch.randn(1, HKV, 10, D), torch.randn(1, HKV, 10, D)) for _ in range(L)]
     for layer, (k, v) in enumerate(kv):

@@ -488,8 +488,10 @@ class Engine:
         with self._lock:
             batch.commit()
         self.counters["steps"] += 1
-        n_prompt = sum(max(0, min(s.prompt_len, s.num_computed + len(c)) - s.num_computed) for s, c in zip(seqs, chunks))
-        self.counters["prefill_tokens"] += n_prompt
+        # prompt tokens computed (again, after a preemption); not the prefix-cache hits
+        self.counters["prefill_tokens"] += sum(
+            max(0, min(s.prompt_len, s.num_computed + len(c)) - s.num_computed) for s, c in zip(seqs, chunks)
+        )
         self.counters["prefill_forwards"] += int(any(s.prefilling for s in seqs))
         to_sample, rows = [], []
         for b, (seq, chunk) in enumerate(zip(seqs, chunks)):
