@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import itertools
 import threading
-import warnings
 import weakref
 from collections import deque
 from typing import Any
@@ -97,11 +96,7 @@ class Engine:
         prefix_caching: bool = True,
         mixed_prefill: bool = True,
         max_num_batched_tokens: int | None = None,
-        block_size: int | None = None,
     ):
-        if block_size is not None:  # the KV page size was called block_size before kv_block_size
-            warnings.warn("Engine(block_size=) is deprecated: use kv_block_size=", DeprecationWarning, stacklevel=2)
-            kv_block_size = block_size
         cfg = model.config
         if getattr(model, "is_encoder_decoder", False):
             raise InputError(f"the engine (and `llmkit serve`) runs decoder-only models; {cfg.model_type} is an "
