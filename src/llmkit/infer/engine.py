@@ -42,6 +42,7 @@ from llmkit.model.lora import adapter_names, route_tokens
 __all__ = ["Engine", "EngineClosedError", "GenerationResult", "QueueFullError", "RequestHandle", "TokenEvent"]
 
 PACK_PAD = 1.25  # a padded [B, T] forward may compute at most this many tokens per real one, else pack rows
+SCORING_CHUNK = 64  # prompt-scoring tokens per step while other sequences decode (they keep their pace)
 
 
 class QueueFullError(LlmkitError):
@@ -416,7 +417,9 @@ class Engine:
         get chunks of at most `prefill_chunk` within the `max_num_batched_tokens` budget; then queued
         requests are admitted (FCFS) while batch slots, budget and KV blocks allow. A sequence whose
         blocks cannot be found preempts the newest running one. Without `mixed_prefill` a step
-        with prefill work runs only prefill.
+        with prefill work runs only prefill. Prompt scoring is background work: one scoring request
+        runs at a time (generation requests queued behind it go first), in chunks of `SCORING_CHUNK`
+        while other sequences decode.
         """
         budget = self.max_num_batched_tokens
         taken = 0  # blocks promised to this step's rows
@@ -426,10 +429,15 @@ class Engine:
         )
         decode = [s for s in self._running if not s.prefilling]
         prefill = [s for s in self._running if s.prefilling]
+        streaming = bool(decode) and not prefill_only
+
+        def cap(seq: _Sequence) -> int:  # prompt scoring is background work: small chunks while streams decode
+            return SCORING_CHUNK if seq.score_top is not None and streaming else self.prefill_chunk
+
         for seq in ([] if prefill_only else decode) + prefill:
             if seq not in self._running:  # preempted by an older sequence of this step
                 continue
-            n = 1 if not seq.prefilling else min(len(seq.tokens) - seq.num_computed, self.prefill_chunk, budget)
+            n = 1 if not seq.prefilling else min(len(seq.tokens) - seq.num_computed, cap(seq), budget)
             if n <= 0:
                 continue
             while self.cache.blocks_to_append(seq.seq_id, n) > self.cache.num_free_blocks - taken:
@@ -441,18 +449,24 @@ class Engine:
                 taken += self.cache.blocks_to_append(seq.seq_id, n)
                 budget -= n
                 out.append((seq, n))
-        while self._waiting and len(self._running) < self.max_batch_size and budget > 0:
+        scoring = any(s.score_top is not None for s in self._running)
+        i = 0
+        while i < len(self._waiting) and len(self._running) < self.max_batch_size and budget > 0:
             if out and not self.mixed_prefill and not prefill_only:
                 break  # decode step: prefill waits for a step of its own
-            seq = self._waiting[0]
+            seq = self._waiting[i]
+            if seq.score_top is not None and scoring:
+                i += 1  # one scoring request at a time; generation requests go ahead of the others
+                continue
             cached = self.cache.add_sequence(seq.seq_id, seq.tokens, seq.adapter, lookup=seq.score_top is None)
-            n = min(len(seq.tokens) - cached, self.prefill_chunk, budget)
+            n = min(len(seq.tokens) - cached, cap(seq), budget)
             if self.cache.blocks_to_append(seq.seq_id, n) > self.cache.num_free_blocks - taken:
-                self.cache.free_sequence(seq.seq_id)  # wait for blocks; never skip the head of the queue
+                self.cache.free_sequence(seq.seq_id)  # wait for blocks; never skip a generation request
                 break
-            self._waiting.popleft()
+            del self._waiting[i]
             seq.num_computed = cached
             self._running.append(seq)
+            scoring = scoring or seq.score_top is not None
             taken += self.cache.blocks_to_append(seq.seq_id, n)
             budget -= n
             out.append((seq, n))
