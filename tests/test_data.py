@@ -315,7 +315,7 @@ def test_bad_inputs(tmp_path, bpe_dir):
     )
     assert m["splits"]["train"]["documents"] == 1
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(InputError, match="broken.jsonl:2 is not valid JSON"):
+    with pytest.raises(InputError, match="broken.jsonl:2: not valid JSON"):
         prepare(tmp_path / "broken.jsonl", bpe_dir, tmp_path / "o", progress=False, workers=2)
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(InputError, match="holds no text files"):
