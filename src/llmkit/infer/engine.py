@@ -515,7 +515,7 @@ class Engine:
                     to_sample.append(seq)
                     rows.append(row_of[b] + len(chunk) - 1)
         if to_sample:
-            self._sample_and_emit(to_sample, logits[rows])
+            self._sample_and_emit(to_sample, logits if rows == list(range(len(logits))) else logits[rows])
 
     def _forward(self, seqs: list[_Sequence], batch: PagedBatch, scoring: list[bool]) -> tuple[torch.Tensor, list[int]]:
         """Run the model on `batch`; return logits [K, V] and where row b's logits start in them
