@@ -506,7 +506,9 @@ def test_preempted_sequences_are_recomputed_with_unchanged_output(pair):
             sampled = tight.submit(prompts[1], seeded)
             got = [h.result().token_ids for h in handles]
             s = _wait_idle(tight)
+            evicted = tight.cache.pool.evictions
         assert s["preemptions"] > 0, s
+        assert (evicted > 0) == prefix_caching  # cached blocks of finished requests made room
         assert got == want
         assert sampled.result().token_ids == want_sampled  # the sampler's state survives a preemption
 
