@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import PreTrainedTokenizerFast
 from test_serve_fixtures import CHATML, build_tokenizer
+from transformers import PreTrainedTokenizerFast
 
 from llmkit.errors import InputError
 from llmkit.tokenizer import load_tokenizer
