@@ -149,6 +149,8 @@ def test_not_a_call_stays_content():
     # cut off inside the arguments (finish_reason "length"): the call keeps what was generated
     _, calls = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"x": 1')
     assert calls[0]["function"] == {"name": "f", "arguments": '{"x": 1'}
+    _, calls = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_c')
+    assert calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
 
 
 def test_detect_and_validate():

@@ -429,12 +429,14 @@ class ToolCallParser:
         obj_text, rest = self.buf[:end], self.buf[end:]
         if self.fmt == "hermes":
             r = rest.lstrip()
-            if not r.startswith(HERMES_CLOSE):
-                if not final and HERMES_CLOSE.startswith(r):
-                    return
-                r = None  # no closing tag: not a well-formed call
-            else:
+            if r.startswith(HERMES_CLOSE):
                 rest = r[len(HERMES_CLOSE) :]
+            elif HERMES_CLOSE.startswith(r):  # the closing tag is still coming (or was cut off at the end)
+                if not final:
+                    return
+                rest = ""
+            else:
+                r = None  # something else after the object: not a well-formed call
         else:
             r = ""
         call = self._finish_call(obj_text) if r is not None else None
@@ -445,7 +447,8 @@ class ToolCallParser:
             self.mode = "text"
             return
         if call is None:  # streamed a header already: keep the call with what we have
-            call = _call(self._call_id, self._name, "{}")
+            m = _HEADER.match(self.buf)
+            call = _call(self._call_id, self._name, self.buf[m.end() : m.end() + self._args_sent] if m else "")
         if not self._header_sent:
             out.append(_header_delta(index, call["id"], call["function"]["name"]))
         left = call["function"]["arguments"][self._args_sent :] if self._header_sent else call["function"]["arguments"]
