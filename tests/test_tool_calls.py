@@ -76,8 +76,15 @@ CHAT = [
 ]
 
 
-def test_default_rendering_is_qwen25(tmp_path):
-    build_tokenizer(tmp_path)
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer(out)
+    return out
+
+
+def test_default_rendering_is_qwen25(tok_dir):
+    tmp_path = tok_dir
     ours = load_tokenizer(tmp_path)
     assert ours.chat_template == CHATML
     msgs, extra = prepare_chat(CHAT, TOOLS, ours.chat_template)
@@ -170,3 +177,29 @@ def test_detect_and_validate():
     one = tool_call_schema(TOOLS, ["echo"])
     assert one["properties"]["name"] == {"const": "echo"}
     assert len(tool_call_schema(TOOLS)["anyOf"]) == 2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_forcing_grammar_accepts_the_format(fmt, tok_dir):
+    """The grammar that forces calls (infer/grammar.py) accepts exactly what format_tool_calls writes for a
+    valid call (parallel: two calls), and refuses a call to an undeclared function."""
+    import xgrammar as xgr
+
+    from llmkit.infer.grammar import Grammar, compile_grammar
+
+    tok = load_tokenizer(tok_dir)
+    calls = [{"function": {"name": "add", "arguments": {"a": 2, "b": 40}}},
+             {"function": {"name": "echo", "arguments": {"text": "hi"}}}]
+    schema = tool_call_schema(TOOLS, None, fmt)
+    for parallel, n in ((True, 2), (False, 1)):
+        compiled = compile_grammar(tok, Grammar.tool_call(fmt, schema, parallel), tok.vocab_size, tok.eos_token_ids)
+        text = format_tool_calls(calls[:n], fmt)
+        if fmt == "mistral":
+            text = text.removeprefix("[TOOL_CALLS]")  # a special token: the grammar starts at the list
+        m = xgr.GrammarMatcher(compiled)
+        assert all(m.accept_token(t) for t in tok.encode(text, add_special_tokens=False)), text
+        assert m.accept_token(tok.eos_token_id) and m.is_terminated()
+        assert parse_tool_calls(text, fmt)[1][0]["function"]["name"] == "add"
+    bad = xgr.GrammarMatcher(compiled)
+    wrong = format_tool_calls([{"function": {"name": "mul", "arguments": {"a": 1}}}], fmt).removeprefix("[TOOL_CALLS]")
+    assert not all(bad.accept_token(t) for t in tok.encode(wrong, add_special_tokens=False))

@@ -73,7 +73,7 @@ def tool_plan(state: ServerState, body: ChatCompletionRequest) -> ToolPlan | Non
             400,
             param="tool_choice",
         )
-    grammar = Grammar.tool_call(fmt, tool_call_schema(tools, names), parallel=body.parallel_tool_calls)
+    grammar = Grammar.tool_call(fmt, tool_call_schema(tools, names, fmt), parallel=body.parallel_tool_calls)
     try:  # compiled now: a parameters schema the grammar engine rejects is a 400 before anything runs
         compile_grammar(state.tokenizer, grammar, state.engine.config.vocab_size, state.engine.eos_token_ids)
     except InputError as e:

@@ -28,8 +28,9 @@ Contract (used by serve's /v1/chat/completions, infer's tool-call grammar, agent
   `close()`, `.content` (str | None) and `.tool_calls` (complete calls) hold the result. The fragments of
   a call concatenate to its `arguments`. Text that looks like a call but is not valid JSON stays content.
 - `parse_tool_calls(text, fmt) -> (content, tool_calls)`: the same parser over a whole reply.
-- `validate_tools(tools)` / `tool_call_schema(tools, names)`: checks (InputError) and the JSON schema of
-  a call `{"name", "arguments"}` to one of the named tools (for grammar-forced tool_choice).
+- `validate_tools(tools)` / `tool_call_schema(tools, names, fmt)`: checks (InputError) and the JSON schema
+  of a call `{"name", "arguments"}` (llama3_json: "parameters") to one of the named tools (for
+  grammar-forced tool_choice).
 """
 
 from __future__ import annotations
@@ -79,8 +80,12 @@ def validate_tools(tools: Any) -> list[dict[str, Any]]:
     return tools
 
 
-def tool_call_schema(tools: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
-    """JSON schema of one call {"name": ..., "arguments": {...}} to one of `names` (default: every tool)."""
+def tool_call_schema(
+    tools: list[dict[str, Any]], names: list[str] | None = None, fmt: str = DEFAULT_FORMAT
+) -> dict[str, Any]:
+    """JSON schema of one call {"name": ..., "arguments": {...}} to one of `names` (default: every tool);
+    the arguments key is "parameters" in the llama3_json format."""
+    key = "parameters" if fmt == "llama3_json" else "arguments"
     options = []
     for t in tools:
         fn = t["function"]
@@ -89,8 +94,8 @@ def tool_call_schema(tools: list[dict[str, Any]], names: list[str] | None = None
             options.append(
                 {
                     "type": "object",
-                    "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                    "required": ["name", "arguments"],
+                    "properties": {"name": {"const": fn["name"]}, key: params},
+                    "required": ["name", key],
                     "additionalProperties": False,
                 }
             )
