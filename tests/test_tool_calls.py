@@ -203,3 +203,26 @@ def test_forcing_grammar_accepts_the_format(fmt, tok_dir):
     bad = xgr.GrammarMatcher(compiled)
     wrong = format_tool_calls([{"function": {"name": "mul", "arguments": {"a": 1}}}], fmt).removeprefix("[TOOL_CALLS]")
     assert not all(bad.accept_token(t) for t in tok.encode(wrong, add_special_tokens=False))
+
+
+def test_template_that_checks_call_ids(tok_dir):
+    """Mistral's templates raise unless tool_call_id is 9 alphanumerics: ids pass through encode_chat as they
+    are (not swapped for the span markers), and the native path hands the template tools and dict arguments."""
+    tpl = (
+        "{% for m in messages %}{% if m.role == 'tool' %}"
+        "{% if m.tool_call_id|length != 9 %}{{ raise_exception('Tool call IDs should be 9 characters') }}{% endif %}"
+        "[TOOL_RESULTS]{{ {'content': m.content, 'call_id': m.tool_call_id}|tojson }}[/TOOL_RESULTS]"
+        "{% elif m.tool_calls %}[TOOL_CALLS]{{ m.tool_calls|map(attribute='function')|list|tojson }}</s>"
+        "{% else %}{% if loop.last and tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+        "[INST]{{ m.content }}[/INST]{% endif %}{% endfor %}"
+    )
+    tok = load_tokenizer(tok_dir)
+    assert detect_format(tpl) == "mistral"
+    call = {"id": "a1B2c3D4e", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    chat = [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "a1B2c3D4e", "content": "3"}, {"role": "user", "content": "ok?"}]
+    msgs, extra = prepare_chat(chat, TOOLS[:1], tpl)
+    text = tok.apply_chat_template(msgs, chat_template=tpl, **extra)
+    assert '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}]' in text
+    assert '"call_id": "a1B2c3D4e"' in text and "[AVAILABLE_TOOLS]" in text
+    assert tok.decode(tok.encode_chat(msgs, chat_template=tpl, **extra)) == text
