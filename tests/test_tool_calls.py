@@ -105,8 +105,8 @@ def test_default_rendering_is_qwen25(tok_dir):
     assert ours.apply_chat_template(msgs2, chat_template=QWEN25_TOOLS, **extra2) == expected
 
 
-def _stream(text: str, fmt: str, step: int) -> tuple[ToolCallParser, list[dict]]:
-    p, events = ToolCallParser(fmt), []
+def _stream(text: str, fmt: str, step: int, max_calls: int | None = None) -> tuple[ToolCallParser, list[dict]]:
+    p, events = ToolCallParser(fmt, max_calls), []
     for i in range(0, len(text), step):
         events += p.feed(text[i : i + step])
     return p, events + p.close()
@@ -140,6 +140,10 @@ def test_round_trip_streamed(fmt):
             {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
             for c in p.tool_calls
         ]
+    p, events = _stream(text, fmt, 3)
+    capped, capped_events = _stream(text, fmt, 3, max_calls=1)
+    assert [c["function"] for c in capped.tool_calls] == [p.tool_calls[0]["function"]]
+    assert {d["index"] for e in capped_events for d in e.get("tool_calls", [])} == {0}
     ids = [c["id"] for c in parse_tool_calls(text, fmt)[1]]
     assert len(set(ids)) == 2 and all(len(i) == 9 and i.isalnum() for i in ids) == (fmt == "mistral")
 

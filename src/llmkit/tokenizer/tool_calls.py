@@ -22,7 +22,8 @@ Contract (used by serve's /v1/chat/completions, infer's tool-call grammar, agent
   as `<tool_response>` blocks in a user turn.
 - `format_tool_calls(calls, fmt, content)` -> the assistant text that makes `calls` in format `fmt`
   (the training target and what the model is asked to write).
-- `ToolCallParser(fmt)`: incremental. `feed(text_delta)` and `close()` return OpenAI streaming deltas,
+- `ToolCallParser(fmt, max_calls=None)`: incremental (calls past `max_calls` are dropped).
+  `feed(text_delta)` and `close()` return OpenAI streaming deltas,
   `{"content": str}` or `{"tool_calls": [{"index", "id", "type", "function": {"name", "arguments": ""}}]}`
   first for each call, then `{"tool_calls": [{"index", "function": {"arguments": fragment}}]}`; after
   `close()`, `.content` (str | None) and `.tool_calls` (complete calls) hold the result. The fragments of
@@ -275,7 +276,8 @@ def _args_delta(index: int, fragment: str) -> dict[str, Any]:
 class ToolCallParser:
     """Incremental parser of a model's reply into content and OpenAI tool calls (see module doc)."""
 
-    def __init__(self, fmt: str = DEFAULT_FORMAT):
+    def __init__(self, fmt: str = DEFAULT_FORMAT, max_calls: int | None = None):
+        self.max_calls = max_calls  # calls after the first `max_calls` are dropped (parallel_tool_calls=false)
         if fmt not in FORMATS:
             raise InputError(f"unknown tool-call format {fmt!r}: expected one of {', '.join(FORMATS)}")
         self.fmt = fmt
@@ -300,7 +302,13 @@ class ToolCallParser:
         self.buf += delta
         out: list[dict[str, Any]] = []
         self._step(out, final=False)
-        return out
+        return self._capped(out)
+
+    def _capped(self, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.max_calls is None:
+            return out
+        del self.tool_calls[self.max_calls :]
+        return [d for d in out if "tool_calls" not in d or d["tool_calls"][0]["index"] < self.max_calls]
 
     def close(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -312,7 +320,7 @@ class ToolCallParser:
             self._header_sent, self.buf = False, ""
         self._emit_content(self.buf, out)
         self.buf = ""
-        return out
+        return self._capped(out)
 
     # one pass over the buffer; loops while progress is made
     def _step(self, out: list[dict[str, Any]], final: bool) -> None:
