@@ -132,6 +132,12 @@ class PagedKVCache:
         self.capacity.pop(seq_id, None)
         self.reserved.pop(seq_id, None)
 
+    def rollback(self, seq_id: int, length: int) -> None:
+        """Forget a sequence's tokens from ``length`` on (speculative decoding's rejected drafts); its
+        blocks stay with it and are overwritten as it grows again."""
+        if seq_id in self.lengths:
+            self.lengths[seq_id] = min(self.lengths[seq_id], max(0, length))
+
     def _grow(self, seq_id: int, first_query: int, total: int) -> None:
         """Free blocks below the window of ``first_query``; take blocks up to ``total`` tokens."""
         table, bs = self.block_tables[seq_id], self.block_size
