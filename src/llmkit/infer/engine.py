@@ -31,7 +31,14 @@ from llmkit.infer.generate import eos_token_ids
 from llmkit.infer.paged_cache import PagedKVCache
 from llmkit.infer.request import _END, GenerationResult, RequestHandle
 from llmkit.infer.sampling import SamplingParams
-from llmkit.infer.sequence import Sequence, TokenEvent, sample_step
+from llmkit.infer.sequence import Sequence, TokenEvent, sample_step, speculative_step
+from llmkit.infer.speculative import (
+    SpeculativeConfig,
+    draft_limit,
+    make_proposer,
+    rope_switch_length,
+    speculative_config,
+)
 from llmkit.model.layers import check_token_ids
 from llmkit.model.linear import set_decode_packing
 from llmkit.model.lora import adapter_names, route_tokens
@@ -66,6 +73,9 @@ class Engine:
     blocks of `block_size` tokens (default: enough for a full batch at `max_seq_len`). Prompts
     longer than `prefill_chunk` tokens are prefilled in chunks. `fast_decode` swaps the model's
     dense Linears for the packed-for-decode kind (`model/linear.py`), as `generate` does.
+    `speculative` ("ngram", a dict of `SpeculativeConfig` fields or a config) or `draft_model`
+    (folder or model) turns on speculative decoding: every decode step verifies each row's
+    `num_speculative_tokens` proposed tokens in the same batched forward (infer/speculative.py).
     """
 
     def __init__(
@@ -79,6 +89,9 @@ class Engine:
         num_blocks: int | None = None,
         prefill_chunk: int = 512,
         fast_decode: bool = True,
+        speculative: SpeculativeConfig | dict | str | None = None,
+        draft_model: Any = None,
+        num_speculative_tokens: int | None = None,
     ):
         cfg = model.config
         if getattr(model, "is_encoder_decoder", False):
@@ -120,6 +133,15 @@ class Engine:
             mask_windows=windows,
         )
         self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.rope_switch = rope_switch_length(model)  # LongRoPE: rows crossing it are recomputed
+        self.speculative = speculative_config(speculative, draft_model, num_speculative_tokens)
+        self.proposer = None
+        if self.speculative is not None:
+            if self.speculative.num_speculative_tokens + 1 > self.prefill_chunk:
+                raise InputError("num_speculative_tokens + 1 must not exceed prefill_chunk")
+            self.proposer = make_proposer(self.speculative, model, self.max_seq_len, self.max_batch_size,
+                                          fast_decode=fast_decode)
+        self.spec_accepted_per_pos = [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
         self.adapters = adapter_names(model)  # LoRA adapters a request may name (multi-LoRA)
 
         self._lock = threading.Lock()  # guards the queue, the running list and the block pool
@@ -137,6 +159,9 @@ class Engine:
             "steps": 0,
             "prefill_tokens": 0,
             "prefill_forwards": 0,
+            "spec_decode_num_drafts": 0,  # verification steps of a row with a draft (vLLM's names)
+            "spec_decode_num_draft_tokens": 0,
+            "spec_decode_num_accepted_tokens": 0,
         }
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -258,6 +283,7 @@ class Engine:
                 "block_size": self.cache.block_size,
                 "max_batch_size": self.max_batch_size,
                 **self.counters,
+                "spec_decode_num_accepted_tokens_per_pos": list(self.spec_accepted_per_pos),
             }
 
     # ---- internals ----------------------------------------------------------------------------
@@ -372,8 +398,9 @@ class Engine:
             admitted.append(seq)
         return admitted
 
-    def _forward(self, seqs: list[_Sequence], chunks: list[list[int]]) -> torch.Tensor:
-        """Append `chunks[b]` to sequence b's cache; return the logits of each chunk's last token [B, V].
+    def _forward(self, seqs: list[_Sequence], chunks: list[list[int]], all_logits: bool = False) -> torch.Tensor:
+        """Append `chunks[b]` to sequence b's cache; return the logits of each chunk's last token [B, V]
+        (`all_logits`: of every position [B, T, V], for speculative verification).
 
         Rows are right-padded by repeating their last token at its own position (see `PagedBatch`):
         that slot sees the same keys as the real last token, so every row's last slot holds the
@@ -385,10 +412,9 @@ class Engine:
         meta = batch.meta
         with self._routed([s.adapter for s in seqs], x):
             logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
-                                num_logits_to_keep=1)
-        logits = logits[:, -1]
+                                num_logits_to_keep=0 if all_logits else 1)
         batch.commit()
-        return logits.float()  # [B, V]
+        return logits.float() if all_logits else logits[:, -1].float()  # [B, T, V] or [B, V]
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Run the prompts of newly admitted sequences through the model, then sample their first tokens.
@@ -432,24 +458,65 @@ class Engine:
 
     def _decode_step(self) -> None:
         seqs = list(self._running)
-        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs])
+        if self.proposer is not None:
+            self._speculative_step(seqs)
+            return
+        logits = self._forward(seqs, [self._decode_chunk(s) for s in seqs])
         self.counters["steps"] += 1
         self._sample_and_emit(seqs, logits)
 
+    def _decode_chunk(self, seq: _Sequence) -> list[int]:
+        """The tokens a decode step feeds for `seq`: its last one, or all of them when it crosses a
+        LongRoPE model's original context (as transformers does, its keys are recomputed with the
+        long factors: the cache is emptied and the whole sequence goes through in this forward)."""
+        n = self.rope_switch
+        if n is None or seq.prompt_len > n or len(seq.tokens) != n + 1:
+            return [seq.tokens[-1]]
+        with self._lock:
+            self.cache.free_sequence(seq.seq_id)
+            self.cache.add_sequence(seq.seq_id, seq.prompt_len + seq.handle.params.max_new_tokens)
+        return list(seq.tokens)
+
+    def _speculative_step(self, seqs: list[_Sequence]) -> None:
+        """Propose a draft per row, verify every row's [last token] + draft in one batched forward,
+        emit the kept tokens and roll the rejected ones out of the KV cache."""
+        k = self.speculative.num_speculative_tokens
+        self.proposer.retain([s.seq_id for s in seqs])
+        drafts, q = self.proposer.propose(seqs, [s.seq_id for s in seqs], [draft_limit(s, k, self.model) for s in seqs])
+        chunks = [self._decode_chunk(s) + d for s, d in zip(seqs, drafts)]
+        logits = self._forward(seqs, chunks, all_logits=True)  # [B, T, V]
+        self.counters["steps"] += 1
+        rows = [logits[b, len(c) - len(d) - 1 : len(c)] for b, (c, d) in enumerate(zip(chunks, drafts))]
+        events, accepted = speculative_step(rows, drafts, q, seqs)
+        for seq, d, n in zip(seqs, drafts, accepted):
+            self.cache.rollback(seq.seq_id, len(seq.tokens) - 1)  # keys of [last token] + accepted drafts
+            if d:
+                self.counters["spec_decode_num_drafts"] += 1
+                self.counters["spec_decode_num_draft_tokens"] += len(d)
+                self.counters["spec_decode_num_accepted_tokens"] += n
+                for i in range(n):
+                    self.spec_accepted_per_pos[i] += 1
+        self._emit(seqs, events)
+
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """One shared decode step (`sample_step`), then stream each row's event to its handle."""
-        for seq, event in zip(seqs, sample_step(logits, seqs)):
+        self._emit(seqs, [[event] for event in sample_step(logits, seqs)])
+
+    def _emit(self, seqs: list[_Sequence], events: list[list[TokenEvent]]) -> None:
+        """Stream each row's new events to its handle; finished rows leave the batch."""
+        for seq, row in zip(seqs, events):
             handle = seq.handle
-            handle.token_ids.append(event.token_id)
-            self.counters["tokens_generated"] += 1
-            if handle._cancelled:
-                continue
-            handle.text += event.text
-            if event.finish_reason is not None:
-                handle.finish_reason = event.finish_reason  # before the event, so a late cancel() is a no-op
-            handle._push(event)
-            if event.finish_reason is not None:
-                self._finish(seq, event.finish_reason)
+            for event in row:
+                handle.token_ids.append(event.token_id)
+                self.counters["tokens_generated"] += 1
+                if handle._cancelled:
+                    continue
+                handle.text += event.text
+                if event.finish_reason is not None:
+                    handle.finish_reason = event.finish_reason  # before the event, so a late cancel() is a no-op
+                handle._push(event)
+                if event.finish_reason is not None:
+                    self._finish(seq, event.finish_reason)
 
 
 # An engine thread killed mid-OpenMP at interpreter exit aborts the process ("terminate called
