@@ -5,9 +5,43 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+SPEC_DECODE_COUNTERS = {  # vLLM's spec-decode counter names (exposed with a _total suffix)
+    "spec_decode_num_drafts": "Verification steps of a sequence that had a draft",
+    "spec_decode_num_draft_tokens": "Draft tokens proposed",
+    "spec_decode_num_accepted_tokens": "Draft tokens accepted by the target model",
+}
+
+
+class EngineCounters:
+    """Counters the engine keeps itself, read at scrape time under vLLM's names (`vllm:...`)."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self._stats = stats
+
+    def describe(self):
+        return self._families({})
+
+    def collect(self):
+        return self._families(self._stats())
+
+    def _families(self, s: dict) -> list:
+        out = []
+        for name, doc in SPEC_DECODE_COUNTERS.items():
+            c = CounterMetricFamily(f"vllm:{name}", doc)
+            c.add_metric([], s.get(name, 0))
+            out.append(c)
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted at each draft position", labels=["position"])
+        for i, n in enumerate(s.get("spec_decode_num_accepted_tokens_per_pos", [])):
+            per_pos.add_metric([str(i)], n)
+        out.append(per_pos)
+        return out
 
 
 class ServerMetrics:
@@ -45,6 +79,8 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        if stats is not None:
+            r.register(EngineCounters(stats))
 
     def observe_sequence(self, t_start: float, t_first: float | None, t_end: float, n_tokens: int) -> None:
         """Record one finished sequence: TTFT, TPOT (over tokens after the first), end-to-end latency."""

@@ -45,13 +45,15 @@ def load_state(
     quantize: str | None = None,
     lora: dict[str, str] | None = None,
     limits: ServerLimits | None = None,
+    speculative: Any = None,
 ) -> ServerState:
     """Load `model` (a Hugging Face or llmkit folder) and its tokenizer into a `ServerState`.
 
     A decoder gets a continuous-batching `Engine`; an encoder (BERT) serves embeddings only.
     `api_key` defaults to $LLMKIT_API_KEY; `limits` (body size, timeouts, connections) to
     `ServerLimits()`. `lora` maps request model names to LoRA adapter folders: requests for them
-    and for the base share one continuous batch (multi-LoRA).
+    and for the base share one continuous batch (multi-LoRA). `speculative`: the engine's
+    speculative decoding (a `SpeculativeConfig`, a dict of its fields or "ngram").
     """
     from llmkit.infer.engine import Engine
     from llmkit.model.adapters import load_lora
@@ -84,7 +86,8 @@ def load_state(
         embedder, emb_name = Embedder(net, tokenizer), name
         ctx = int(net.config.block_size)
     else:
-        engine = Engine(net, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue)
+        engine = Engine(net, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue,
+                        speculative=speculative)
         ctx = engine.max_seq_len
     if embedding_model is not None:
         if embedder is not None:
