@@ -175,3 +175,54 @@ def test_rejection_sampling_rule_alone_matches_p_for_random_p_and_q():
         counts[rejection_sample(p, [x], q, g, greedy=False)[0]] += 1
     expected = p[0] * n
     assert float(((counts - expected) ** 2 / expected).sum()) < 18.5  # chi-square(4) at alpha 1e-3
+
+
+# ---- reachable from `llmkit generate` and `llmkit serve` ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from test_serve_fixtures import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("spec_serve"))
+
+
+def test_generate_cli_with_a_draft_model_prints_the_greedy_completion(chat_model):
+    import subprocess
+    import sys
+
+    model = llmkit.load_model(chat_model)
+    tok = llmkit.load_tokenizer(chat_model)
+    prompt = "the king, the king, the king"
+    want = tok.decode(llmkit.generate(model, tok.encode(prompt), 12), skip_special_tokens=True)
+    res = subprocess.run([sys.executable, "-m", "llmkit", "generate", "--model", str(chat_model), "--prompt", prompt,
+                          "--temperature", "0", "--max-new-tokens", "12", "--draft-model", str(chat_model),
+                          "--num-speculative-tokens", "3"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == want + "\n"
+    res = subprocess.run([sys.executable, "-m", "llmkit", "generate", "--model", str(chat_model), "--prompt", "x",
+                          "--num-speculative-tokens", "3"], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "--speculative-method or --draft-model" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_served_completions_speculate_and_metrics_use_vllm_names(chat_model):
+    import httpx
+    import openai
+    from test_serve_fixtures import running_server
+
+    model = llmkit.load_model(chat_model)
+    tok = llmkit.load_tokenizer(chat_model)
+    prompt = "To be, or not to be, to be, or not to be"
+    want = tok.decode(llmkit.generate(model, tok.encode(prompt), 16), skip_special_tokens=True)
+    spec = {"method": "draft_model", "draft_model": str(chat_model), "num_speculative_tokens": 3}  # its own draft
+    with running_server(chat_model, speculative=spec) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+        out = client.completions.create(model=chat_model.name, prompt=prompt, max_tokens=16, temperature=0)
+        assert out.choices[0].text == want
+        metrics = httpx.get(srv.url + "/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("vllm:spec_decode")}
+    assert values["vllm:spec_decode_num_drafts_total"] > 0
+    assert values["vllm:spec_decode_num_accepted_tokens_total"] == values["vllm:spec_decode_num_draft_tokens_total"]
+    assert 'vllm:spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in values
