@@ -105,13 +105,13 @@ def ngram_propose(tokens: list[int], k: int, n_min: int = 1, n_max: int = 4) -> 
     L = len(tokens)
     if k < 1 or L < 2:
         return []
-    t = torch.tensor(tokens)
+    last = tokens[-1]
+    ends = [i for i in range(L - 2, -1, -1) if tokens[i] == last]  # earlier positions of the last token, latest first
     for n in range(min(n_max, L - 1), n_min - 1, -1):
-        windows = t[: L - 1].unfold(0, n, 1)  # [L - n, n]: every n-gram that ends before the last token
-        hits = (windows == t[L - n :]).all(-1).nonzero()
-        if len(hits):
-            start = int(hits[-1]) + n
-            return tokens[start : start + k]
+        suffix = tokens[L - n :]
+        for i in ends:
+            if i >= n - 1 and tokens[i - n + 1 : i + 1] == suffix:
+                return tokens[i + 1 : i + 1 + k]
     return []
 
 
