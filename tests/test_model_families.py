@@ -99,10 +99,10 @@ def test_generate_and_engine_greedy_match_transformers(pair):
     want = [_hf_greedy(ref, p, n) for p, n in zip(PROMPTS, N_NEW)]
     got = llmkit.generate(model, PROMPTS, max_new_tokens=max(N_NEW))  # one left-padded batch
     assert [g[:n] for g, n in zip(got, N_NEW)] == want
-    with Engine(model, max_batch_size=1, block_size=4) as alone:
+    with Engine(model, max_batch_size=1, kv_block_size=4) as alone:
         got_alone = [alone.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0)).result().token_ids
                      for p, n in zip(PROMPTS, N_NEW)]
-    with Engine(model, max_batch_size=3, block_size=4) as batched:
+    with Engine(model, max_batch_size=3, kv_block_size=4) as batched:
         hs = [batched.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0)) for p, n in zip(PROMPTS, N_NEW)]
         got_batched = [h.result().token_ids for h in hs]
     assert got_alone == want
@@ -122,7 +122,7 @@ def test_phi3_longrope_rows_crossing_the_original_length_match_transformers(tmp_
     assert [g[:n] for g, n in zip(got, n_new)] == want
     assert [llmkit.generate(model, p, n, speculative="ngram") for p, n in zip(prompts, n_new)] == want
     for kw in ({}, {"speculative": "ngram"}):
-        with Engine(model, max_batch_size=3, block_size=4, **kw) as engine:
+        with Engine(model, max_batch_size=3, kv_block_size=4, **kw) as engine:
             hs = [engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0)) for p, n in zip(prompts, n_new)]
             assert [h.result().token_ids for h in hs] == want
 

@@ -157,7 +157,7 @@ class DraftModelProposer:
         # keep every block (no sliding-window freeing): a rollback may reach back past a freed block
         self.cache = PagedKVCache(n_layer=cfg.n_layer, n_kv_head=cfg.n_kv_head or cfg.n_head,
                                   head_dim=getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head,
-                                  num_blocks=max_batch_size * blocks_per_seq, block_size=kv_block_size,
+                                  num_blocks=max_batch_size * blocks_per_seq, kv_block_size=kv_block_size,
                                   dtype=p.dtype, device=p.device, max_chunk=max_chunk, mask_windows=windows)
         self.cached: dict[int, list[int]] = {}  # key -> tokens in the draft cache
 
