@@ -137,12 +137,12 @@ def test_sliding_window_engine_frees_old_blocks_and_matches_transformers(tmp_pat
     model = llmkit.load_model(str(tmp_path))
     prompt, n = PROMPTS[3], 30  # 37 + 30 tokens: 34 blocks of 2 without freeing
     with Engine(model, max_batch_size=1, kv_block_size=2, prefill_chunk=4) as engine:
-        held = engine.cache.blocks_to_reserve(len(prompt) + n)
+        held = engine.max_blocks_held(len(prompt) + n)
         assert held == 7
         handle = engine.submit(prompt, _greedy(n))
         peak = 0
         for _ in handle:  # blocks taken from the free list (without freeing it would need 34)
-            peak = max(peak, engine.cache.num_blocks - engine.cache.allocator.num_free)
+            peak = max(peak, engine.cache.num_blocks - engine.cache.num_free_blocks)
         _wait_idle(engine)
     assert 4 <= peak <= held
     assert handle.token_ids == _hf_greedy(hf, prompt, n)
@@ -152,13 +152,14 @@ def test_sliding_window_engine_frees_old_blocks_and_matches_transformers(tmp_pat
 def test_prompts_admitted_together_share_padded_prefill_forwards(pair, fast_decode):
     hf, model = pair
     prompts = [list(range(3 + i, 3 + i + n)) for i, n in enumerate([10, 12, 11, 12])]
-    engine = Engine(model, max_batch_size=4, kv_block_size=4, prefill_chunk=8, fast_decode=fast_decode)
+    engine = Engine(model, max_batch_size=4, kv_block_size=4, prefill_chunk=8, max_num_batched_tokens=32,
+                    fast_decode=fast_decode)
     handles = [engine.submit(p, _greedy(8)) for p in prompts]  # queued before start: admitted at once
     engine.start()
     results = [h.result() for h in handles]
     engine.shutdown()
-    # chunks of 8,8,8,8 in one forward, then 2,3,4,4 in at most two
-    assert engine.stats()["prefill_forwards"] <= 3
+    # chunks of 8,8,8,8 in one forward (the step's budget of 32 tokens), then 2,4,3,4 in one
+    assert engine.stats()["prefill_forwards"] == 2
     for p, r in zip(prompts, results):
         assert r.token_ids == _hf_greedy(hf, p, 8)
         with torch.no_grad():  # every step's log-prob, the first (from the padded prefill) included
@@ -398,8 +399,8 @@ def test_a_failed_forward_raises_in_the_stream_and_the_engine_recovers(pair, fas
     with Engine(model, kv_block_size=4, fast_decode=fast_decode) as engine:
         real_batch, calls = engine.cache.batch, {"n": 0}
 
-        def flaky_batch(seq_ids, q_lens):  # the third forward (a decode step) fails inside the model
-            batch = real_batch(seq_ids, q_lens)
+        def flaky_batch(seq_ids, chunks, **kw):  # the third forward (a decode step) fails inside the model
+            batch = real_batch(seq_ids, chunks, **kw)
             calls["n"] += 1
             if calls["n"] == 3:
 
@@ -452,3 +453,79 @@ def test_streamed_text_is_utf8_safe_and_adds_up_to_the_decoded_tokens():
         # a delta that split a character would show U+FFFD where the full decode has the character
         assert "".join(deltas) == h.text == tok.decode(h.token_ids)
     assert any(len(d.encode()) > len(d) for deltas in streams for d in deltas)  # multi-byte text was streamed
+
+
+# ---- memory and scheduling: prefix caching, on-demand blocks + preemption, mixed chunked prefill ----
+
+
+def test_prefix_cache_prefills_only_new_tokens_and_keeps_outputs_exact(pair):
+    hf, model = pair
+    system = list(range(20, 60))  # a 40-token shared "system prompt": 10 full blocks of 4
+    users = [[5, 17, 3], [9, 9, 9, 9, 9, 1], [60, 61]]
+    want = [_hf_greedy(hf, system + u, 8) for u in users]
+    with Engine(model, max_batch_size=2, kv_block_size=4, prefix_caching=False) as off:
+        got_off = [off.submit(system + u, _greedy(8)).result().token_ids for u in users]
+        assert off.stats()["prefill_tokens"] == sum(len(system + u) for u in users)
+    with Engine(model, max_batch_size=2, kv_block_size=4) as on:
+        first = on.submit(system + users[0], _greedy(8)).result().token_ids
+        before = on.stats()
+        rest = [on.submit(system + u, _greedy(8)).result().token_ids for u in users[1:]]
+        after = on.stats()
+        # the later prompts prefilled only their own tokens; the hit rate counts prompt tokens
+        assert after["prefill_tokens"] - before["prefill_tokens"] == sum(len(u) for u in users[1:])
+        assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == 2 * len(system)
+        assert after["prefix_cache_queries"] == sum(len(system + u) for u in users)
+        # a chat turn resends its history (prompt + answer): the answer's full blocks are cached too
+        history = system + users[0] + first
+        turn = on.submit(history + [7, 7], _greedy(5))
+        assert turn.result().token_ids == _hf_greedy(hf, history + [7, 7], 5)
+        assert on.stats()["prefix_cache_hits"] - after["prefix_cache_hits"] == len(history) // 4 * 4
+        # scoring a cached prompt still scores every position (it does not take cached blocks)
+        scored = on.prompt_logprobs(system + users[0], top_n=1)
+        _wait_idle(on)
+    assert got_off == want and [first, *rest] == want
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([system + users[0]])).logits[0].float(), -1)
+    ids = system + users[0]
+    assert [lp for lp, _ in scored[1:]] == pytest.approx([ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
+                                                         abs=1e-4)
+
+
+def test_preempted_sequences_are_recomputed_with_unchanged_output(pair):
+    hf, model = pair
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3][:20], [7, 8, 9]]
+    n_new = 30
+    want = [_hf_greedy(hf, p, n_new) for p in prompts]
+    seeded = SamplingParams(max_new_tokens=n_new, temperature=1.0, seed=7)
+    with Engine(model, max_batch_size=4, kv_block_size=4) as roomy:
+        want_sampled = roomy.submit(prompts[1], seeded).result().token_ids
+    # 4 sequences of up to 50 tokens would reserve 52 blocks up front; 20 blocks run out mid-way
+    for prefix_caching in (False, True):
+        with Engine(model, max_batch_size=4, kv_block_size=4, num_blocks=20, prefix_caching=prefix_caching) as tight:
+            handles = [tight.submit(p, _greedy(n_new)) for p in prompts]
+            sampled = tight.submit(prompts[1], seeded)
+            got = [h.result().token_ids for h in handles]
+            s = _wait_idle(tight)
+        assert s["preemptions"] > 0, s
+        assert got == want
+        assert sampled.result().token_ids == want_sampled  # the sampler's state survives a preemption
+
+
+def test_long_prompt_prefill_is_mixed_into_the_running_streams_steps(pair):
+    hf, model = pair
+    long_prompt = [(7 * i) % 90 + 3 for i in range(100)]
+    want_long, want_short = _hf_greedy(hf, long_prompt, 4), _hf_greedy(hf, PROMPTS[0], 60)
+    during = {}
+    for mixed in (True, False):
+        with Engine(model, max_batch_size=4, kv_block_size=4, prefill_chunk=8, mixed_prefill=mixed) as engine:
+            short = engine.submit(PROMPTS[0], _greedy(60))
+            it = iter(short)
+            next(it)  # the short stream is decoding ...
+            n0 = len(short.token_ids)
+            long = engine.submit(long_prompt, _greedy(4))
+            first = next(iter(long))  # ... when the long prompt's 13 chunks of 8 run
+            during[mixed] = len(short.token_ids) - n0
+            assert [first.token_id] + [ev.token_id for ev in long] == want_long
+            assert short.result().token_ids == want_short
+    # mixed: a decode step for the short stream rides along every prefill chunk; otherwise it waits
+    assert during[True] >= 12 and during[False] <= 2, during

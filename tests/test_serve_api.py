@@ -397,6 +397,31 @@ def test_metrics_prometheus(server, client):
     assert "llmkit_queue_depth" in fams and "llmkit_running_sequences" in fams
 
 
+def test_prefix_cache_and_preemption_metrics_use_vllm_names(server, hf):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(server.url + "/metrics").text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    model, tok = hf
+    shared = [(11 * i) % 300 + 5 for i in range(64)]  # 4 full KV blocks of 16 tokens
+    tails = ([7, 8, 9], [40, 41])
+    before = scrape()
+    outs = []
+    for tail in tails:
+        body = {"model": MODEL, "prompt": shared + tail, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        outs.append(httpx.post(server.url + "/v1/completions", json=body, timeout=30).json())
+    after = scrape()
+    assert after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"] == 64 * 2 + 5
+    assert after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"] == 64  # the 2nd prompt
+    s = server.state.engine.stats()
+    assert after["vllm:gpu_prefix_cache_hit_rate"] == pytest.approx(s["prefix_cache_hits"] / s["prefix_cache_queries"])
+    assert after["vllm:num_preemptions_total"] == s["preemptions"] and 0 <= after["vllm:kv_cache_usage_perc"] <= 1
+    for out, tail in zip(outs, tails):  # the cached prefix changes nothing in the output
+        assert out["choices"][0]["text"] == tok.decode(hf_greedy(model, shared + tail, 4))
+
+
 def test_api_key_and_timeouts(tiny_dir, monkeypatch):
     monkeypatch.setenv("LLMKIT_API_KEY", "s3cret")
     with running_server(tiny_dir, request_timeout=0.02) as srv:

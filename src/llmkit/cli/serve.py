@@ -39,6 +39,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="max waiting sequences (prompts x n): 429 beyond, 400 if one request needs more",
     )
     p.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: the model's)")
+    eng = p.add_argument_group("engine", "KV memory and scheduling (docs/serving.md, 'Memory and scheduling')")
+    eng.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV-cache block (page)")
+    eng.add_argument("--num-kv-blocks", type=int, default=None,
+                     help="KV blocks in the pool (default: --max-batch-size sequences of the full context)")
+    eng.add_argument("--prefill-chunk", type=int, default=512, help="most prompt tokens of one sequence per step")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=None,
+                     help="most tokens one step computes, decode + prefill (default: --prefill-chunk)")
+    eng.add_argument("--no-prefix-caching", action="store_true",
+                     help="do not share KV blocks between prompts with a common prefix")
+    eng.add_argument("--no-mixed-prefill", action="store_true",
+                     help="run prefill chunks in steps of their own (running streams wait), as before chunked prefill")
     p.add_argument("--max-tokens", type=int, default=None, help="max tokens one request may generate")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is cut off")
     lim = p.add_argument_group("limits", "defaults in docs/serving.md, 'Limits and security'")
@@ -91,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         limits=ServerLimits(enable_docs=args.enable_docs, **given),
         speculative=speculative_kwargs(args),
+        engine_options=dict(
+            kv_block_size=args.kv_block_size,
+            num_blocks=args.num_kv_blocks,
+            prefill_chunk=args.prefill_chunk,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            prefix_caching=not args.no_prefix_caching,
+            mixed_prefill=not args.no_mixed_prefill,
+        ),
     )
     print(f"llmkit serve: '{state.model_name}' on http://{args.host}:{args.port} (web chat at /, API at /v1)")
     if args.rag_store:

@@ -1,10 +1,13 @@
 """Continuous-batching generation engine (Orca-style iteration-level scheduling over a paged KV cache).
 
-A background thread runs the loop: at every step it admits queued requests into the running batch
-(their prompts prefilled in chunks, similar lengths sharing a padded forward), then decodes one
-token for every running sequence in a single batched forward. Sequences leave the batch as soon
-as they finish or are cancelled, and their KV blocks return to the pool, so requests join and
-leave at every step.
+A background thread runs the loop. Every step the scheduler picks, within a token budget, one
+token for every decoding sequence, then prefill chunks of sequences still reading their prompt,
+then newly admitted requests; all of them run in ONE forward (mixed chunked prefill, Sarathi /
+vLLM), so a long prompt never stalls the running streams. KV blocks are taken as sequences grow;
+when the pool runs dry the newest sequence is preempted (its blocks released, recomputed later).
+With prefix caching, prompts that start with blocks already cached (a shared system prompt, a
+chat's history) prefill only their new tokens. Prompt scoring (`prompt_logprobs`) runs in the same
+batch as a prefill-only request. Sequences leave the batch as soon as they finish or are cancelled.
 
     engine = Engine(model, tokenizer).start()
     handle = engine.submit(tokenizer.encode("Hello"), SamplingParams(max_new_tokens=32))
@@ -28,7 +31,7 @@ import torch
 
 from llmkit.errors import InputError, LlmkitError
 from llmkit.infer.generate import eos_token_ids
-from llmkit.infer.paged_cache import PagedKVCache
+from llmkit.infer.paged_cache import PagedBatch, PagedKVCache
 from llmkit.infer.request import _END, GenerationResult, RequestHandle
 from llmkit.infer.sampling import SamplingParams
 from llmkit.infer.sequence import Sequence, TokenEvent, sample_step, speculative_step
@@ -45,7 +48,8 @@ from llmkit.model.lora import adapter_names, route_tokens
 
 __all__ = ["Engine", "EngineClosedError", "GenerationResult", "QueueFullError", "RequestHandle", "TokenEvent"]
 
-PREFILL_PAD = 1.25  # a batched prefill forward may compute at most this many tokens per real one
+PACK_PAD = 1.25  # a padded [B, T] forward may compute at most this many tokens per real one, else pack rows
+SCORING_CHUNK = 64  # prompt-scoring tokens per step while other sequences decode (they keep their pace)
 
 
 class QueueFullError(LlmkitError):
@@ -57,25 +61,36 @@ class EngineClosedError(LlmkitError):
 
 
 class _Sequence(Sequence):
-    """Engine-thread state of one request: its `Sequence` plus the handle and KV-cache id."""
+    """Engine-thread state of one request: its `Sequence` plus the handle, KV-cache id and progress."""
 
     def __init__(self, handle: RequestHandle, seq_id: int, eos_token_ids: set[int], tokenizer: Any):
         super().__init__(handle.prompt_ids, handle.params, eos_token_ids, tokenizer)
         self.handle, self.seq_id = handle, seq_id
         self.adapter: str | None = None  # LoRA adapter name (None: the base model)
+        self.num_computed = 0  # leading tokens whose keys/values are in the cache
+        self.score_top: int | None = None  # a scoring request: top-N alternatives per prompt position
+        self.scores: list[tuple[float | None, list | None]] = []
+
+    @property
+    def prefilling(self) -> bool:
+        """Still reading its prompt (or recomputing after a preemption): more than one token to feed."""
+        return len(self.tokens) - self.num_computed > 1 or self.score_top is not None
 
 
 class Engine:
     """Continuous-batching generation over a paged KV cache, run by a background thread.
 
-    `max_batch_size` sequences decode together; up to `max_queue` more wait. `max_seq_len`
+    `max_batch_size` sequences run together; up to `max_queue` more wait. `max_seq_len`
     (default: the model's context) bounds prompt + max_new_tokens. The KV pool has `num_blocks`
-    blocks of `kv_block_size` tokens (default: enough for a full batch at `max_seq_len`). Prompts
-    longer than `prefill_chunk` tokens are prefilled in chunks. `fast_decode` swaps the model's
-    dense Linears for the packed-for-decode kind (`model/linear.py`), as `generate` does.
+    blocks of `kv_block_size` tokens (default: a full batch at `max_seq_len`), taken as sequences
+    grow. One step computes at most `max_num_batched_tokens` tokens (default `prefill_chunk`):
+    every decoding sequence's next token first, then prompt chunks of at most `prefill_chunk`.
+    `prefix_caching` shares full KV blocks between prompts with a common prefix; `mixed_prefill`
+    False runs prefill chunks in steps of their own (decoding waits, as before chunked prefill).
+    `fast_decode` swaps the model's dense Linears for the packed-for-decode kind (`model/linear.py`).
     `speculative` ("ngram", a dict of `SpeculativeConfig` fields or a config) or `draft_model`
-    (folder or model) turns on speculative decoding: every decode step verifies each row's
-    `num_speculative_tokens` proposed tokens in the same batched forward (infer/speculative.py).
+    (folder or model) turns on speculative decoding: a decoding row feeds its last token plus up to
+    `num_speculative_tokens` proposed ones, verified in the step's forward (infer/speculative.py).
     """
 
     def __init__(
@@ -89,6 +104,9 @@ class Engine:
         num_blocks: int | None = None,
         prefill_chunk: int = 512,
         fast_decode: bool = True,
+        prefix_caching: bool = True,
+        mixed_prefill: bool = True,
+        max_num_batched_tokens: int | None = None,
         speculative: SpeculativeConfig | dict | str | None = None,
         draft_model: Any = None,
         num_speculative_tokens: int | None = None,
@@ -108,14 +126,17 @@ class Engine:
             raise InputError(f"max_seq_len={self.max_seq_len} exceeds the model's context of {cfg.block_size} tokens")
         self.max_queue = int(max_queue)
         self.prefill_chunk = int(prefill_chunk)
+        self.max_num_batched_tokens = int(max_num_batched_tokens or prefill_chunk)
+        self.mixed_prefill = bool(mixed_prefill)
         self.fast_decode = fast_decode
         set_decode_packing(model, fast_decode)
-        if self.prefill_chunk < 1 or kv_block_size < 1:
-            raise InputError(f"prefill_chunk and kv_block_size must be >= 1, got {prefill_chunk}, {kv_block_size}")
+        if self.prefill_chunk < 1 or kv_block_size < 1 or self.max_num_batched_tokens < 1:
+            raise InputError(f"prefill_chunk, kv_block_size and max_num_batched_tokens must be >= 1, got "
+                             f"{prefill_chunk}, {kv_block_size}, {max_num_batched_tokens}")
         if num_blocks is None:
             num_blocks = self.max_batch_size * -(-self.max_seq_len // kv_block_size)
         windows = {cfg.window_for_layer(i) for i in range(cfg.n_layer)}
-        # one window for all layers: blocks that leave it are freed; mixed sliding/full layers keep all
+        # one window for all layers: blocks that leave it are released; mixed sliding/full layers keep all
         free_window = next(iter(windows)) if len(windows) == 1 else None
         p = next(model.parameters())
         self.device = p.device
@@ -129,16 +150,18 @@ class Engine:
             dtype=p.dtype,
             device=p.device,
             sliding_window=free_window,
-            max_chunk=self.prefill_chunk,
             mask_windows=windows,
+            prefix_caching=prefix_caching,
         )
+        # rows packed into one forward share its RoPE variant; LongRoPE picks one per row
+        self._can_pack = getattr(cfg, "rope_type", None) != "longrope"
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.rope_switch = rope_switch_length(model)  # LongRoPE: rows crossing it are recomputed
         self.speculative = speculative_config(speculative, draft_model, num_speculative_tokens)
         self.proposer = None
         if self.speculative is not None:
-            if self.speculative.num_speculative_tokens + 1 > self.prefill_chunk:
-                raise InputError("num_speculative_tokens + 1 must not exceed prefill_chunk")
+            if self.speculative.num_speculative_tokens + 1 > self.max_num_batched_tokens:
+                raise InputError("num_speculative_tokens + 1 must not exceed max_num_batched_tokens")
             self.proposer = make_proposer(self.speculative, model, self.max_seq_len, self.max_batch_size,
                                           fast_decode=fast_decode)
         self.spec_accepted_per_pos = [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
@@ -146,9 +169,9 @@ class Engine:
 
         self._lock = threading.Lock()  # guards the queue, the running list and the block pool
         self._wake = threading.Condition(self._lock)
-        self._model_lock = threading.Lock()  # one forward at a time (engine step or prompt_logprobs)
+        self._model_lock = threading.Lock()  # one forward at a time
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        self._running: list[_Sequence] = []  # in admission order: the last one is preempted first
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -159,10 +182,15 @@ class Engine:
             "steps": 0,
             "prefill_tokens": 0,
             "prefill_forwards": 0,
+            "preemptions": 0,
             "spec_decode_num_drafts": 0,  # verification steps of a row with a draft (vLLM's names)
             "spec_decode_num_draft_tokens": 0,
             "spec_decode_num_accepted_tokens": 0,
         }
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.cache.prefix_caching
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -222,14 +250,30 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} exceeds the "
                 f"context of {self.max_seq_len} tokens; shorten the prompt or lower max_new_tokens"
             )
-        if self.cache.blocks_to_reserve(need) > self.cache.num_blocks:
+        return self._enqueue(ids, params, request_id, adapter, need, None)
+
+    def submit_scoring(
+        self, prompt_ids: list[int], top_n: int = 0, request_id: str | None = None, adapter: str | None = None
+    ) -> RequestHandle:
+        """Queue a prefill-only request that scores its prompt (see `prompt_logprobs`); it runs in
+        the continuous batch and counts against `max_queue`. When the handle is done,
+        `handle.prompt_logprobs` holds the result."""
+        ids = self._check_ids(prompt_ids)
+        self._check_adapter(adapter)
+        if len(ids) > self.max_seq_len:
+            raise InputError(f"prompt has {len(ids)} tokens but the context is {self.max_seq_len}")
+        return self._enqueue(ids, SamplingParams(max_new_tokens=1), request_id, adapter, len(ids), int(top_n))
+
+    def _enqueue(self, ids: list[int], params: SamplingParams, request_id: str | None, adapter: str | None,
+                 need: int, score_top: int | None) -> RequestHandle:
+        if self.max_blocks_held(need) > self.cache.num_blocks:
             raise InputError(
                 f"a request of {need} tokens needs more KV blocks than the pool has ({self.cache.num_blocks})"
             )
         seq_id = next(self._ids)
         handle = RequestHandle(self, request_id or f"req-{seq_id}", ids, params)
         seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer)
-        seq.adapter = adapter
+        seq.adapter, seq.score_top = adapter, score_top
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is shutting down and accepts no new requests")
@@ -241,47 +285,50 @@ class Engine:
             self._wake.notify()
         return handle
 
+    def max_blocks_held(self, n_tokens: int) -> int:
+        """Most KV blocks a sequence of `n_tokens` tokens holds at once (a sliding window releases
+        blocks that left it; one step appends at most `prefill_chunk` tokens)."""
+        n = self.cache.blocks_needed(n_tokens)
+        w = self.cache.sliding_window
+        if w is not None:
+            n = min(n, self.cache.blocks_needed(w - 1 + self.prefill_chunk) + 1)
+        return n
+
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[GenerationResult]:
         """Submit every prompt at once and wait for all results (starts the engine if needed)."""
         self.start()
         handles = [self.submit(p, params) for p in prompts]
         return [h.result() for h in handles]
 
-    @torch.inference_mode()
     def prompt_logprobs(
         self, prompt_ids: list[int], top_n: int = 0, adapter: str | None = None
     ) -> list[tuple[float | None, list | None]]:
         """log p(token_i | tokens_<i) for every prompt token, with the top-N (token_id, logprob)
-        alternatives at each position; position 0 has no prefix and gets (None, None)."""
-        ids = self._check_ids(prompt_ids)
-        self._check_adapter(adapter)
-        if len(ids) > self.max_seq_len:
-            raise InputError(f"prompt has {len(ids)} tokens but the context is {self.max_seq_len}")
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with self._model_lock, self._routed([adapter], x):
-            logits = self.model(x)[0].float()  # [T, V]
-        lp = torch.log_softmax(logits[:-1], dim=-1)  # [T-1, V]: prediction for token i+1
-        target = x[0, 1:]
-        chosen = lp.gather(1, target[:, None]).squeeze(1).tolist()
-        out: list[tuple[float | None, list | None]] = [(None, None)]
-        if top_n > 0:
-            top_lp, top_ids = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
-            tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_lp.tolist())]
-        else:
-            tops = [[] for _ in chosen]
-        out += list(zip(chosen, tops))
-        return out
+        alternatives at each position; position 0 has no prefix and gets (None, None).
+        Runs as a prefill-only request in the engine's batch (starts the engine if needed)."""
+        self.start()
+        handle = self.submit_scoring(prompt_ids, top_n, adapter=adapter)
+        for _ in handle:  # no events: ends when scored (raises if the engine failed)
+            pass
+        if handle.prompt_logprobs is None:
+            raise LlmkitError(f"scoring was {handle.finish_reason} before it finished")
+        return handle.prompt_logprobs
 
     def stats(self) -> dict[str, int]:
-        """Running and queued request counts, KV block usage and lifetime counters."""
+        """Running and queued request counts, KV block usage, prefix-cache and lifetime counters."""
         with self._lock:
             return {
                 "running": len(self._running),
                 "queued": len(self._waiting),
+                "scoring_running": sum(s.score_top is not None for s in self._running),
+                "scoring_queued": sum(s.score_top is not None for s in self._waiting),
                 "free_blocks": self.cache.num_free_blocks,
                 "total_blocks": self.cache.num_blocks,
                 "kv_block_size": self.cache.kv_block_size,
                 "max_batch_size": self.max_batch_size,
+                "prefix_cache_queries": self.cache.prefix_queries,
+                "prefix_cache_hits": self.cache.prefix_hits,
+                "prefix_cache_blocks": len(self.cache.pool.cached),
                 **self.counters,
                 "spec_decode_num_accepted_tokens_per_pos": list(self.spec_accepted_per_pos),
             }
@@ -293,13 +340,15 @@ class Engine:
             raise InputError(f"unknown LoRA adapter {adapter!r}; this engine has: {known}")
 
     @contextlib.contextmanager
-    def _routed(self, adapters: list[str | None], x: torch.Tensor):
-        """Route row b of `x` [B, T] through LoRA adapter adapters[b] (None: the base) for one forward."""
+    def _routed(self, adapters: list[str | None], x: torch.Tensor, rows: torch.Tensor | None = None):
+        """Route the tokens of `x` [B, T] through LoRA adapters for one forward: row b through
+        adapters[b] (None: the base), or with `rows` [T] (a packed row) token t through adapters[rows[t]]."""
         if not self.adapters:
             yield
             return
         index = torch.tensor([self.adapters.index(a) if a is not None else -1 for a in adapters], device=x.device)
-        route_tokens(self.model, index[:, None].expand(x.shape), self.adapters)
+        per_token = index[rows][None, :] if rows is not None else index[:, None].expand(x.shape)
+        route_tokens(self.model, per_token, self.adapters)
         try:
             yield
         finally:
@@ -326,12 +375,13 @@ class Engine:
             for seq in self._waiting:
                 if seq.handle is handle:
                     self._waiting.remove(seq)
+                    self.cache.free_sequence(seq.seq_id)  # a preempted sequence may hold none; no-op
                     break
             self._wake.notify()
         handle._push(_END)
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
-        """Remove a sequence from the batch and return its blocks (caller holds no lock)."""
+        """Remove a sequence from the batch and release its blocks (caller holds no lock)."""
         with self._lock:
             if seq in self._running:
                 self._running.remove(seq)
@@ -361,142 +411,241 @@ class Engine:
                         self._wake.wait()
                     if self._closed and (not self._drain or not (self._waiting or self._running)):
                         break
-                    # cancelled sequences leave the batch and free their blocks
+                    # cancelled sequences leave the batch and release their blocks
                     for seq in [s for s in self._running if s.handle._cancelled]:
                         self._running.remove(seq)
                         self.cache.free_sequence(seq.seq_id)
-                    admitted = self._admit()
+                    scheduled = self._schedule()
+                    if not scheduled:
+                        self._wake.wait(0.05)  # nothing fits now (e.g. only cancelled work): look again
+                        continue
                 try:
                     with self._model_lock:
-                        if admitted:
-                            self._prefill(admitted)
-                        if self._running:
-                            self._decode_step()
+                        self._step(scheduled)
                 except Exception as e:  # a failed forward must not hang the callers
                     err = e if isinstance(e, LlmkitError) else LlmkitError(f"engine step failed: {e!r}")
                     with self._lock:
                         seqs = list(self._running)
                         self._running.clear()
-                        for seq in seqs + admitted:
+                        for seq in seqs:
                             self.cache.free_sequence(seq.seq_id)
-                    for seq in seqs + [s for s in admitted if s not in seqs]:
+                    for seq in seqs:
                         seq.handle.finish_reason = "error"
                         seq.handle._push(err)
         if not self._drain:
             self._abort_all()
 
-    def _admit(self) -> list[_Sequence]:
-        """Move queued requests into the batch while slots and KV blocks allow (FCFS, lock held)."""
-        admitted = []
-        while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
-            seq = self._waiting[0]
-            need = seq.prompt_len + seq.handle.params.max_new_tokens
-            if not self.cache.can_allocate(need):
-                break  # wait for blocks; never skip the head of the queue (no starvation)
-            self._waiting.popleft()
-            self.cache.add_sequence(seq.seq_id, need)
-            admitted.append(seq)
-        return admitted
+    # ---- scheduling -----------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """Pick this step's work (lock held): [(sequence, tokens to compute)].
 
-    def _forward(self, seqs: list[_Sequence], chunks: list[list[int]], all_logits: bool = False) -> torch.Tensor:
-        """Append `chunks[b]` to sequence b's cache; return the logits of each chunk's last token [B, V]
-        (`all_logits`: of every position [B, T, V], for speculative verification).
-
-        Rows are right-padded by repeating their last token at its own position (see `PagedBatch`):
-        that slot sees the same keys as the real last token, so every row's last slot holds the
-        logits wanted and the padding is never written to the cache.
+        Decoding sequences (oldest first) get one token each; sequences still reading their prompt
+        get chunks of at most `prefill_chunk` within the `max_num_batched_tokens` budget; then queued
+        requests are admitted (FCFS) while batch slots, budget and KV blocks allow. A sequence whose
+        blocks cannot be found preempts the newest running one. Without `mixed_prefill` a step
+        with prefill work runs only prefill. Prompt scoring is background work: one scoring request
+        runs at a time (generation requests queued behind it go first), in chunks of `SCORING_CHUNK`
+        while other sequences decode.
         """
-        batch = self.cache.batch([s.seq_id for s in seqs], [len(c) for c in chunks])
-        T = max(len(c) for c in chunks)
-        x = torch.tensor([c + [c[-1]] * (T - len(c)) for c in chunks], dtype=torch.long, device=self.device)
+        budget = self.max_num_batched_tokens
+        taken = 0  # blocks promised to this step's rows
+        out: list[tuple[_Sequence, int]] = []
+        prefill_only = not self.mixed_prefill and (
+            any(s.prefilling for s in self._running) or (self._waiting and len(self._running) < self.max_batch_size)
+        )
+        decode = [s for s in self._running if not s.prefilling]
+        prefill = [s for s in self._running if s.prefilling]
+        streaming = bool(decode) and not prefill_only
+
+        def cap(seq: _Sequence) -> int:  # prompt scoring is background work: small chunks while streams decode
+            return SCORING_CHUNK if seq.score_top is not None and streaming else self.prefill_chunk
+
+        for seq in ([] if prefill_only else decode) + prefill:
+            if seq not in self._running:  # preempted by an older sequence of this step
+                continue
+            if self._crosses_rope_switch(seq):  # recompute the whole sequence with LongRoPE's long factors
+                self.cache.free_sequence(seq.seq_id)
+                self.cache.add_sequence(seq.seq_id, None, seq.adapter)
+                seq.num_computed = 0
+                n = len(seq.tokens)  # one forward: a chunk of it would still get the short factors
+            elif not seq.prefilling:  # its last token, plus the proposed ones to verify
+                n = 1 + (draft_limit(seq, self.speculative.num_speculative_tokens, self.model)
+                         if self.proposer is not None else 0)
+            else:
+                n = min(len(seq.tokens) - seq.num_computed, cap(seq), budget)
+            if n <= 0:
+                continue
+            while self.cache.blocks_to_append(seq.seq_id, n) > self.cache.num_free_blocks - taken:
+                victim = self._running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                taken += self.cache.blocks_to_append(seq.seq_id, n)
+                budget -= n
+                out.append((seq, n))
+        scoring = any(s.score_top is not None for s in self._running)
+        i = 0
+        while i < len(self._waiting) and len(self._running) < self.max_batch_size and budget > 0:
+            if out and not self.mixed_prefill and not prefill_only:
+                break  # decode step: prefill waits for a step of its own
+            seq = self._waiting[i]
+            if seq.score_top is not None and scoring:
+                i += 1  # one scoring request at a time; generation requests go ahead of the others
+                continue
+            cached = self.cache.add_sequence(seq.seq_id, seq.tokens, seq.adapter, lookup=seq.score_top is None)
+            n = min(len(seq.tokens) - cached, cap(seq), budget)
+            if self.cache.blocks_to_append(seq.seq_id, n) > self.cache.num_free_blocks - taken:
+                self.cache.free_sequence(seq.seq_id)  # wait for blocks; never skip a generation request
+                break
+            del self._waiting[i]
+            seq.num_computed = cached
+            self._running.append(seq)
+            scoring = scoring or seq.score_top is not None
+            taken += self.cache.blocks_to_append(seq.seq_id, n)
+            budget -= n
+            out.append((seq, n))
+        return out
+
+    def _crosses_rope_switch(self, seq: _Sequence) -> bool:
+        """True when a decoding row's next token sits at a LongRoPE model's original context length
+        (transformers then recomputes the whole sequence with the long factors; so does the engine)."""
+        n = self.rope_switch
+        return (n is not None and not seq.prefilling and seq.score_top is None and seq.prompt_len <= n
+                and len(seq.tokens) == n + 1)
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Release a running sequence's blocks and requeue it first; it is recomputed (its prompt and
+        generated tokens prefilled again, cached blocks reused) when readmitted (lock held)."""
+        self._running.remove(seq)
+        self.cache.free_sequence(seq.seq_id)
+        seq.num_computed = 0
+        seq.scores = []
+        self._waiting.appendleft(seq)
+        self.counters["preemptions"] += 1
+
+    # ---- one forward --------------------------------------------------------------------------
+    def _step(self, scheduled: list[tuple[_Sequence, int]]) -> None:
+        """One forward over every scheduled row, then sample the rows that reached their last token
+        and score the scoring rows' positions."""
+        seqs = [s for s, _ in scheduled]
+        drafts, qs = self._propose(scheduled)
+        chunks = [s.tokens[s.num_computed : s.num_computed + (1 if d or n > 1 and not s.prefilling else n)] + d
+                  for (s, n), d in zip(scheduled, drafts)]
+        N, B, T = sum(len(c) for c in chunks), len(chunks), max(len(c) for c in chunks)
+        scoring = [s.score_top is not None for s in seqs]
+        keep_all = [sc or bool(d) for sc, d in zip(scoring, drafts)]  # scoring and verified rows: every position
+        packed = self._can_pack and (any(keep_all) or B * T > PACK_PAD * N)
+        with self._lock:  # blocks come from the shared pool
+            batch = self.cache.batch([s.seq_id for s in seqs], chunks, packed=packed)
+        logits, row_of = self._forward(seqs, batch, keep_all)
+        with self._lock:
+            batch.commit()
+        self.counters["steps"] += 1
+        # prompt tokens computed (again, after a preemption); not the prefix-cache hits
+        self.counters["prefill_tokens"] += sum(
+            max(0, min(s.prompt_len, s.num_computed + len(c)) - s.num_computed) for s, c in zip(seqs, chunks)
+        )
+        self.counters["prefill_forwards"] += int(any(s.prefilling for s in seqs))
+        to_sample, rows = [], []
+        verify = [b for b, d in enumerate(drafts) if d]
+        for b, (seq, chunk) in enumerate(zip(seqs, chunks)):
+            if drafts[b]:
+                continue
+            if scoring[b]:
+                self._score(seq, logits[row_of[b] : row_of[b] + len(chunk)], chunk)
+            seq.num_computed += len(chunk)
+            if seq.num_computed == len(seq.tokens):
+                if scoring[b]:
+                    seq.handle.prompt_logprobs = seq.scores
+                    self._finish(seq, "length")
+                else:
+                    to_sample.append(seq)
+                    rows.append(row_of[b] + len(chunk) - 1)
+        if to_sample:
+            self._sample_and_emit(to_sample, logits[rows])
+        if verify:
+            self._verify([seqs[b] for b in verify], [logits[row_of[b] : row_of[b] + len(chunks[b])] for b in verify],
+                         [drafts[b] for b in verify], [qs[b] for b in verify])
+
+    def _propose(self, scheduled: list[tuple[_Sequence, int]]) -> tuple[list[list[int]], list]:
+        """Speculative decoding: the draft of each decoding row scheduled for more than one token."""
+        drafts: list[list[int]] = [[] for _ in scheduled]
+        qs: list = [None for _ in scheduled]
+        rows = [b for b, (s, n) in enumerate(scheduled) if self.proposer is not None and n > 1 and not s.prefilling]
+        if self.proposer is not None:
+            self.proposer.retain([s.seq_id for s in self._running])
+        if rows:
+            d, q = self.proposer.propose([scheduled[b][0] for b in rows], [scheduled[b][0].seq_id for b in rows],
+                                         [scheduled[b][1] - 1 for b in rows])
+            for i, b in enumerate(rows):
+                drafts[b] = d[i]
+                qs[b] = q[i] if q is not None else None
+        return drafts, qs
+
+    def _verify(self, seqs: list[_Sequence], logits: list[torch.Tensor], drafts: list[list[int]], qs: list) -> None:
+        """Keep each row's accepted draft prefix plus one token of the model's (`speculative_step`),
+        roll the rejected tokens out of the KV cache and stream the kept ones."""
+        events, accepted = speculative_step(logits, drafts, qs, seqs)
+        with self._lock:
+            for seq in seqs:
+                seq.num_computed = len(seq.tokens) - 1  # keys of its last token are not computed yet
+                self.cache.rollback(seq.seq_id, seq.num_computed)
+        for d, n in zip(drafts, accepted):
+            self.counters["spec_decode_num_drafts"] += 1
+            self.counters["spec_decode_num_draft_tokens"] += len(d)
+            self.counters["spec_decode_num_accepted_tokens"] += n
+            for i in range(n):
+                self.spec_accepted_per_pos[i] += 1
+        self._emit(seqs, events)
+
+    def _forward(self, seqs: list[_Sequence], batch: PagedBatch, scoring: list[bool]) -> tuple[torch.Tensor, list[int]]:
+        """Run the model on `batch`; return logits [K, V] and where row b's logits start in them
+        (the last token of each row; every token of a scoring row or of a row verifying a draft)."""
+        x = batch.input_ids()
         meta = batch.meta
+        if batch.packed:
+            keep, row_of = [], []
+            start = 0
+            for q, sc in zip(batch.q_lens, scoring):
+                row_of.append(len(keep) - (q - 1 if not sc else 0))
+                keep += list(range(start, start + q)) if sc else [start + q - 1]
+                start += q
+            keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
+            tok_rows = torch.repeat_interleave(torch.arange(len(seqs), device=self.device),
+                                               torch.tensor(batch.q_lens, device=self.device))
+            with self._routed([s.adapter for s in seqs], x, tok_rows):
+                logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
+                                    num_logits_to_keep=keep_t)
+            return logits[0].float(), row_of
+        if any(scoring):  # padded rows that keep every position: [B, T, V] flattened, row b at b * T
+            with self._routed([s.adapter for s in seqs], x):
+                logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta)
+            B, T = logits.shape[:2]
+            return logits.reshape(B * T, -1).float(), [b * T for b in range(B)]
         with self._routed([s.adapter for s in seqs], x):
             logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
-                                num_logits_to_keep=0 if all_logits else 1)
-        batch.commit()
-        return logits.float() if all_logits else logits[:, -1].float()  # [B, T, V] or [B, V]
+                                num_logits_to_keep=1)
+        # row b's last real token sits in the last slot (padding repeats it at its own position)
+        return logits[:, -1].float(), [b - (len(c) - 1) for b, c in enumerate(batch.chunks)]
 
-    def _prefill(self, seqs: list[_Sequence]) -> None:
-        """Run the prompts of newly admitted sequences through the model, then sample their first tokens.
-
-        Prompts go in chunks of at most `prefill_chunk` tokens; chunks of similar length share one
-        padded forward (padding at most `PREFILL_PAD` of the real tokens).
-        """
-        with self._lock:
-            for seq in [s for s in seqs if s.handle._cancelled]:
-                self.cache.free_sequence(seq.seq_id)
-        seqs = [s for s in seqs if not s.handle._cancelled]
-        done: dict[int, torch.Tensor] = {}  # seq_id -> logits of the prompt's last token [V]
-        pos = {s.seq_id: 0 for s in seqs}
-        while pending := [s for s in seqs if pos[s.seq_id] < s.prompt_len]:
-            chunks = {
-                s.seq_id: s.tokens[pos[s.seq_id] : min(s.prompt_len, pos[s.seq_id] + self.prefill_chunk)]
-                for s in pending
-            }
-            pending.sort(key=lambda s: len(chunks[s.seq_id]))
-            groups: list[list[_Sequence]] = [[]]
-            real = 0
-            for s in pending:  # ascending length: the newest row sets the padded width
-                n = len(chunks[s.seq_id])
-                if groups[-1] and (len(groups[-1]) + 1) * n > PREFILL_PAD * (real + n):
-                    groups.append([])
-                    real = 0
-                groups[-1].append(s)
-                real += n
-            for group in groups:
-                logits = self._forward(group, [chunks[s.seq_id] for s in group])  # [B, V]
-                self.counters["prefill_forwards"] += 1
-                for b, s in enumerate(group):
-                    pos[s.seq_id] += len(chunks[s.seq_id])
-                    if pos[s.seq_id] == s.prompt_len:
-                        done[s.seq_id] = logits[b]
-        self.counters["prefill_tokens"] += sum(s.prompt_len for s in seqs)
-        if seqs:
-            with self._lock:
-                self._running.extend(seqs)
-            self._sample_and_emit(seqs, torch.stack([done[s.seq_id] for s in seqs]))
-
-    def _decode_step(self) -> None:
-        seqs = list(self._running)
-        if self.proposer is not None:
-            self._speculative_step(seqs)
+    def _score(self, seq: _Sequence, logits: torch.Tensor, chunk: list[int]) -> None:
+        """Prompt log-probs from one chunk's logits [q, V]: position i predicts token i + 1."""
+        start = seq.num_computed
+        if start == 0:
+            seq.scores = [(None, None)]
+        lp = torch.log_softmax(logits, dim=-1)
+        targets = seq.tokens[start + 1 : start + 1 + len(chunk)]  # the last position predicts nothing
+        lp = lp[: len(targets)]
+        if not targets:
             return
-        logits = self._forward(seqs, [self._decode_chunk(s) for s in seqs])
-        self.counters["steps"] += 1
-        self._sample_and_emit(seqs, logits)
-
-    def _decode_chunk(self, seq: _Sequence) -> list[int]:
-        """The tokens a decode step feeds for `seq`: its last one, or all of them when it crosses a
-        LongRoPE model's original context (as transformers does, its keys are recomputed with the
-        long factors: the cache is emptied and the whole sequence goes through in this forward)."""
-        n = self.rope_switch
-        if n is None or seq.prompt_len > n or len(seq.tokens) != n + 1:
-            return [seq.tokens[-1]]
-        with self._lock:
-            self.cache.free_sequence(seq.seq_id)
-            self.cache.add_sequence(seq.seq_id, seq.prompt_len + seq.handle.params.max_new_tokens)
-        return list(seq.tokens)
-
-    def _speculative_step(self, seqs: list[_Sequence]) -> None:
-        """Propose a draft per row, verify every row's [last token] + draft in one batched forward,
-        emit the kept tokens and roll the rejected ones out of the KV cache."""
-        k = self.speculative.num_speculative_tokens
-        self.proposer.retain([s.seq_id for s in seqs])
-        drafts, q = self.proposer.propose(seqs, [s.seq_id for s in seqs], [draft_limit(s, k, self.model) for s in seqs])
-        chunks = [self._decode_chunk(s) + d for s, d in zip(seqs, drafts)]
-        logits = self._forward(seqs, chunks, all_logits=True)  # [B, T, V]
-        self.counters["steps"] += 1
-        rows = [logits[b, len(c) - len(d) - 1 : len(c)] for b, (c, d) in enumerate(zip(chunks, drafts))]
-        events, accepted = speculative_step(rows, drafts, q, seqs)
-        for seq, d, n in zip(seqs, drafts, accepted):
-            self.cache.rollback(seq.seq_id, len(seq.tokens) - 1)  # keys of [last token] + accepted drafts
-            if d:
-                self.counters["spec_decode_num_drafts"] += 1
-                self.counters["spec_decode_num_draft_tokens"] += len(d)
-                self.counters["spec_decode_num_accepted_tokens"] += n
-                for i in range(n):
-                    self.spec_accepted_per_pos[i] += 1
-        self._emit(seqs, events)
+        chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None]).squeeze(1).tolist()
+        if seq.score_top:
+            top_lp, top_ids = lp.topk(min(seq.score_top, lp.shape[-1]), dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_lp.tolist())]
+        else:
+            tops = [[] for _ in chosen]
+        seq.scores += list(zip(chosen, tops))
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """One shared decode step (`sample_step`), then stream each row's event to its handle."""

@@ -44,6 +44,7 @@ class RequestHandle:
         self.token_ids: list[int] = []  # generated so far (the stop token included)
         self.text = ""  # emitted so far
         self.finish_reason: str | None = None
+        self.prompt_logprobs: list | None = None  # a scoring request's result (`Engine.submit_scoring`)
         # time.monotonic() stamps, for latency metrics (time to first token, total)
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None

@@ -158,7 +158,7 @@ class DraftModelProposer:
         self.cache = PagedKVCache(n_layer=cfg.n_layer, n_kv_head=cfg.n_kv_head or cfg.n_head,
                                   head_dim=getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head,
                                   num_blocks=max_batch_size * blocks_per_seq, kv_block_size=kv_block_size,
-                                  dtype=p.dtype, device=p.device, max_chunk=max_chunk, mask_windows=windows)
+                                  dtype=p.dtype, device=p.device, mask_windows=windows)
         self.cached: dict[int, list[int]] = {}  # key -> tokens in the draft cache
 
     def retain(self, keys: list[int]) -> None:
@@ -170,9 +170,9 @@ class DraftModelProposer:
     def _sync(self, seq: Sequence, key: int) -> list[int] | None:
         """Cut the key's cache back to its common prefix with seq.tokens[:-1]; the tokens to feed next."""
         if key not in self.cached:
-            if not self.cache.can_allocate(self.max_seq_len):
+            if self.cache.num_free_blocks < self.cache.blocks_needed(self.max_seq_len):
                 return None
-            self.cache.add_sequence(key, self.max_seq_len)
+            self.cache.add_sequence(key)
             self.cached[key] = []
         have, toks = self.cached[key], seq.tokens
         n = 0
@@ -186,9 +186,8 @@ class DraftModelProposer:
 
     def _forward(self, keys: list[int], chunks: list[list[int]]) -> Tensor:
         """Append chunks[b] to key b's draft cache; logits of each chunk's last token [B, V_target]."""
-        batch = self.cache.batch(keys, [len(c) for c in chunks])
-        T = max(len(c) for c in chunks)
-        x = torch.tensor([c + [c[-1]] * (T - len(c)) for c in chunks], dtype=torch.long, device=self.device)
+        batch = self.cache.batch(keys, chunks)
+        x = batch.input_ids()  # [B, T] right-padded by repeating each row's last token
         logits = self.model(x, position_ids=batch.meta.position_ids, kv_cache=batch, attn_meta=batch.meta,
                             num_logits_to_keep=1)[:, -1].float()
         batch.commit()

@@ -303,7 +303,8 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [B, S] 1 = token, 0 = padding (S = past + T)
         position_ids: torch.Tensor | None = None,  # [B, T]
         kv_cache: Any = None,
-        num_logits_to_keep: int = 0,  # > 0: only the last positions' logits (generation)
+        num_logits_to_keep: int | torch.Tensor = 0,  # > 0: only the last positions' logits (generation);
+        # a 1-D tensor: the logits of these positions only (a packed engine batch)
         attn_meta: AttnMeta | None = None,  # from a cache (generation, engine): positions and masks;
         # its position_ids are the ones used
     ) -> torch.Tensor:
@@ -338,7 +339,9 @@ class Transformer(nn.Module):
         masks = {w: self._mask(meta, w, x.dtype) for w in self.windows}
         for block in self.blocks:
             x = block(x, cos_sin, masks[block.attn.window], kv_cache)
-        if num_logits_to_keep:
+        if isinstance(num_logits_to_keep, torch.Tensor):
+            x = x[:, num_logits_to_keep]
+        elif num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         logits = self.lm_head(self.ln_f(x))
         if cfg.final_softcap is not None:

@@ -22,10 +22,12 @@ from llmkit.serve.sequences import (
     EventStreamResponse,
     SequenceState,
     collect,
+    collect_scores,
     guarded_stream,
     merged_events,
     record,
     submit_all,
+    submit_scoring_all,
 )
 from llmkit.serve.sse import sse
 from llmkit.serve.state import ServerState, check_logit_bias, check_token_ids, new_id, sampling_params
@@ -132,8 +134,10 @@ async def create_completion(body: CompletionRequest, request: Request):
 
     # the prompt's own logprobs (echo + logprobs): admitted and counted like generation
     scored: list[list[tuple[float | None, list | None]]] = []
-    if body.echo and want_lp:
-        scored = await state.scoring.score(state, prompt_ids, top_n, adapter)
+    if body.echo and want_lp:  # prefill-only requests in the engine's batch, admitted like generation
+        state.admit(len(prompt_ids), param="prompt")
+        scoring = submit_scoring_all(state.engine, prompt_ids, top_n, new_id("score"), adapter)
+        scored = await collect_scores(scoring, request, state)
 
     rid, created = new_id("cmpl"), int(time.time())
     n = body.n

@@ -45,7 +45,9 @@ class EngineCounters:
 
 
 class ServerMetrics:
-    """Request counts by status, queue depth, running sequences, token counters, latency histograms."""
+    """Request counts by status, queue depth, running sequences, token counters, latency histograms,
+    and the KV cache's counters under vLLM's names (`vllm:prefix_cache_queries` / `_hits` in tokens,
+    `vllm:gpu_prefix_cache_hit_rate`, `vllm:num_preemptions`, `vllm:kv_cache_usage_perc`)."""
 
     def __init__(self, stats: Callable[[], dict] | None = None):
         self.registry = CollectorRegistry()
@@ -73,6 +75,17 @@ class ServerMetrics:
             buckets=TPOT_BUCKETS,
             registry=r,
         )
+        # vLLM's names, so dashboards built for vLLM read them unchanged (the pool sits on the model's device)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)",
+                                   registry=r)
+        self.prefix_hit_rate = Gauge("vllm:gpu_prefix_cache_hit_rate",
+                                     "Prefix cache hit rate: cached / looked-up prompt tokens since start", registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Sequences preempted (KV blocks ran out; recomputed later)",
+                                   registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", registry=r)
+        self._seen: dict[str, float] = {}
         self.e2e = Histogram(
             "llmkit_e2e_request_latency_seconds",
             "Time from request to its last token",
@@ -97,4 +110,13 @@ class ServerMetrics:
             s = self._stats()
             self.queue_depth.set(s.get("queued", 0))
             self.running.set(s.get("running", 0))
+            for counter, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),
+                                 (self.preemptions, "preemptions")):
+                value = s.get(key, 0)
+                counter.inc(max(0, value - self._seen.get(key, 0)))  # engine totals -> counter increments
+                self._seen[key] = value
+            q = s.get("prefix_cache_queries", 0)
+            self.prefix_hit_rate.set(s.get("prefix_cache_hits", 0) / q if q else 0.0)
+            total = s.get("total_blocks", 0)
+            self.kv_usage.set(1 - s.get("free_blocks", 0) / total if total else 0.0)
         return generate_latest(self.registry)

@@ -9,8 +9,9 @@ that went away and for its deadline, and in every case cancels what is still run
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,11 +49,28 @@ def submit_all(
     """Submit every (prompt_ids, params) job; all or none: any failure cancels the ones already
     queued, so no choice of a refused request keeps running without a client.
     `adapter`: the LoRA adapter the request's `model` named (None: the base model)."""
-    handles: list[RequestHandle] = []
     extra = {"adapter": adapter} if adapter is not None else {}
+    return _submit_atomically([
+        functools.partial(engine.submit, ids, params, request_id=f"{request_id}-{i}", **extra)
+        for i, (ids, params) in enumerate(jobs)
+    ])
+
+
+def submit_scoring_all(
+    engine: Any, prompts: list[list[int]], top_n: int, request_id: str, adapter: str | None = None
+) -> list[RequestHandle]:
+    """Submit prompt-scoring requests (`Engine.submit_scoring`), all or none, like `submit_all`."""
+    return _submit_atomically([
+        functools.partial(engine.submit_scoring, ids, top_n, request_id=f"{request_id}-{i}", adapter=adapter)
+        for i, ids in enumerate(prompts)
+    ])
+
+
+def _submit_atomically(calls: list[Callable[[], RequestHandle]]) -> list[RequestHandle]:
+    handles: list[RequestHandle] = []
     try:
-        for i, (ids, params) in enumerate(jobs):
-            handles.append(engine.submit(ids, params, request_id=f"{request_id}-{i}", **extra))
+        for call in calls:
+            handles.append(call())
     except BaseException as e:
         for h in handles:
             h.cancel()
@@ -187,6 +205,19 @@ async def collect(
     finally:
         observe_all(server, states, t_start)
     await raise_if_unfinished(states, request)
+
+
+async def collect_scores(handles: list[RequestHandle], request: Request, server: Any) -> list[list]:
+    """Wait for scoring requests (disconnect, deadline and shutdown handled as for generation);
+    return each prompt's `prompt_logprobs`."""
+    async with aclosing(merged_events(handles, request, server.deadline(), server)) as events:
+        async for _ in events:  # scoring requests stream no events
+            pass
+    if any(h.prompt_logprobs is None for h in handles):
+        if await request.is_disconnected():
+            raise APIError("client disconnected", 499, code="client_closed_request")
+        raise APIError("scoring was aborted before it finished (is the server shutting down?)", 503, code="aborted")
+    return [h.prompt_logprobs for h in handles]
 
 
 async def guarded_stream(

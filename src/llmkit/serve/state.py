@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,47 +32,6 @@ class ServerLimits:
     enable_docs: bool = False
 
 
-class ScoringQueue:
-    """Admission for prompt scoring (echo + logprobs, lm-eval's loglikelihood): these forwards
-    do not go through the engine's batch, so they are counted here, against the same
-    `--max-queue` as generation, run one request at a time, and reported by /health and /metrics."""
-
-    def __init__(self) -> None:
-        self.queued = 0  # prompts waiting
-        self.running = 0  # prompts being scored
-        self._lock: asyncio.Lock | None = None
-
-    async def score(
-        self, state: ServerState, prompts: list[list[int]], top_n: int, adapter: str | None = None
-    ) -> list[list]:
-        """Per-prompt `Engine.prompt_logprobs` (through LoRA `adapter` if given), after
-        `state.admit(len(prompts))`."""
-        k = len(prompts)
-        state.admit(k, param="prompt")
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        self.queued += k
-        try:
-            while True:  # wait for our turn, but not past the server's shutdown deadline
-                try:
-                    await asyncio.wait_for(self._lock.acquire(), timeout=0.25)
-                    break
-                except asyncio.TimeoutError:
-                    state.check_shutdown()
-        finally:
-            self.queued -= k
-        self.running += k
-        try:
-            out = []
-            for ids in prompts:
-                state.check_shutdown()
-                out.append(await asyncio.to_thread(state.engine.prompt_logprobs, ids, top_n, adapter))
-            return out
-        finally:
-            self.running -= k
-            self._lock.release()
-
-
 @dataclass
 class ServerState:
     """One served model (and optionally an embedding model) with the server's limits.
@@ -96,7 +54,6 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     adapters: list[str] = field(default_factory=list)  # LoRA adapters served beside the base (multi-LoRA)
     metrics: ServerMetrics = field(default=None)  # type: ignore[assignment]
-    scoring: ScoringQueue = field(default_factory=ScoringQueue)
     shutdown_deadline: float | None = None  # set at SIGTERM: in-flight requests are cut off then
 
     def __post_init__(self) -> None:
@@ -104,14 +61,8 @@ class ServerState:
             self.metrics = ServerMetrics(self.stats if self.engine is not None else None)
 
     def stats(self) -> dict[str, int]:
-        """The engine's stats with prompt scoring folded in: `running` and `queued` count both."""
-        if self.engine is None:
-            return {}
-        s = self.engine.stats()
-        s["scoring_running"], s["scoring_queued"] = self.scoring.running, self.scoring.queued
-        s["running"] += self.scoring.running
-        s["queued"] += self.scoring.queued
-        return s
+        """The engine's stats; `running` and `queued` count prompt scoring too (it runs in the batch)."""
+        return self.engine.stats() if self.engine is not None else {}
 
     def admit(self, k: int, param: str = "n") -> None:
         """Admission control for a request of `k` sequences: 400 (naming `param`) if it can never
@@ -124,7 +75,7 @@ class ServerState:
                 400,
                 param=param,
             )
-        queued = self.engine.stats()["queued"] + self.scoring.queued
+        queued = self.engine.stats()["queued"]
         if queued + k > cap:
             raise APIError(
                 f"the request queue is full ({queued} of {cap} waiting); retry later",
