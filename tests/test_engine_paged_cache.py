@@ -162,6 +162,30 @@ def test_prefix_blocks_are_shared_copied_on_write_and_evicted_lru():
     _check_pool(cache)
 
 
+def test_rollback_forgets_tokens_and_never_overwrites_a_cached_block():
+    torch.manual_seed(0)
+    cache = PagedKVCache(L, HKV, D, num_blocks=8, kv_block_size=BS, prefix_caching=True)
+    cache.add_sequence(0, [1, 2, 3])
+    k = torch.randn(1, HKV, 6, D)
+    batch = cache.batch([0], [[1, 2, 3, 9, 9, 9]])  # 3 tokens + a 3-token draft: fills block 0
+    batch.update(0, k, k)
+    batch.commit()
+    named = cache.block_tables[0][0]
+    assert cache.pool.hash_of[named] == cache.hashes[0][0]
+    cache.rollback(0, 3)  # the draft was rejected after its first token
+    assert cache.lengths[0] == 3 and cache.tokens[0] == [1, 2, 3] and cache.hashes[0] == []
+    k2 = torch.randn(1, HKV, 1, D)
+    batch = cache.batch([0], [[7]])  # rewriting position 3 copies the named block first
+    k_all, _ = batch.update(0, k2, k2)
+    batch.commit()
+    assert cache.block_tables[0][0] != named
+    torch.testing.assert_close(k_all[0, :, :3], k[0, :, :3], rtol=0, atol=0)
+    torch.testing.assert_close(k_all[0, :, 3], k2[0, :, 0], rtol=0, atol=0)
+    assert cache.add_sequence(1, [1, 2, 3, 9, 5]) == 4  # the drafted prefix's keys are still right for it
+    assert cache.add_sequence(2, [1, 2, 3, 7, 5]) == 4  # and the accepted one's too
+    _check_pool(cache)
+
+
 def test_errors_name_the_problem():
     cache = PagedKVCache(L, HKV, D, num_blocks=2, kv_block_size=BS)
     cache.add_sequence(0)

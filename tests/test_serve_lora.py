@@ -83,6 +83,30 @@ def test_one_batch_mixes_adapters_and_matches_peft(setup, want):
         assert g == want[name][PROMPTS.index(p)], name
 
 
+def test_adapters_joining_mid_stream_and_sharing_a_prompt_match_peft(setup, want):
+    base, adapters = setup
+    state = load_state(base, lora={k: str(v) for k, v in adapters.items()}, max_batch_size=8,
+                       engine_options={"kv_block_size": 4})
+    eng = state.engine.start()
+    params = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
+    try:
+        first = eng.submit(PROMPTS[0], params, adapter="a")
+        it = iter(first)
+        head = [next(it).token_id]
+        # the same prompt through the base and "b" while "a" decodes: their prefill rows share packed
+        # steps with its decode row (per-token adapter routing), and the prefix cache is keyed by adapter
+        others = {name: eng.submit(PROMPTS[0], params, adapter=name) for name in (None, "b")}
+        head += [ev.token_id for ev in it]
+        got = {name: h.result().token_ids for name, h in others.items()}
+        again = eng.submit(PROMPTS[0], params, adapter="a").result().token_ids  # hits "a"'s cached block
+        hits = eng.stats()["prefix_cache_hits"]
+    finally:
+        eng.shutdown()
+    assert head == want["a"][0] and again == want["a"][0]
+    assert got[None] == want[None][0] and got["b"] == want["b"][0]
+    assert hits == 4  # one full block of 4, for the same adapter only
+
+
 def test_openai_client_picks_the_adapter_by_model_name(setup, want):
     base, adapters = setup
     with running_server(base, lora={"a": str(adapters["a"])}) as srv:

@@ -199,6 +199,17 @@ class PagedKVCache:
         for d in (self.lengths, self.tokens, self.hashes, self.extra_keys):
             d.pop(seq_id, None)
 
+    def rollback(self, seq_id: int, length: int) -> None:
+        """Forget a sequence's tokens from ``length`` on (speculative decoding's rejected drafts). Its
+        blocks stay with it; a block already named in the prefix cache is copied before it is
+        written again (its keys stay right for the tokens it was named by)."""
+        if seq_id not in self.lengths:
+            return
+        length = min(self.lengths[seq_id], max(0, length))
+        self.lengths[seq_id] = length
+        del self.tokens[seq_id][length:]
+        del self.hashes[seq_id][length // self.kv_block_size :]
+
     def blocks_to_append(self, seq_id: int, n: int) -> int:
         """New blocks that storing `n` more tokens of the sequence takes (a copy-on-write included)."""
         table, start = self.block_tables.get(seq_id, []), self.lengths.get(seq_id, 0)
@@ -207,24 +218,6 @@ class PagedKVCache:
         if n > 0 and j < len(table) and table[j] is not None and self._shared(table[j]):
             need += 1
         return need
-
-    def rollback(self, seq_id: int, length: int) -> None:
-        """Forget a sequence's tokens from ``length`` on (speculative decoding's rejected drafts): blocks
-        past it are released (a full one stays in the prefix cache under its tokens' hash), and the
-        block ``length`` falls in is no longer named, so a shared one is copied before it is rewritten."""
-        toks = self.tokens.get(seq_id)
-        if toks is None or length >= len(toks):
-            return
-        length = max(0, length)
-        del toks[length:]
-        self.lengths[seq_id] = length
-        bs, table = self.kv_block_size, self.block_tables[seq_id]
-        del self.hashes[seq_id][length // bs :]
-        keep = self.blocks_needed(length)
-        for b in reversed(table[keep:]):
-            if b is not None:
-                self.pool.release(b)
-        del table[keep:]
 
     def _shared(self, b: int) -> bool:
         return self.pool.ref[b] > 1 or b in self.pool.hash_of
