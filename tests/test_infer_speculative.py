@@ -51,8 +51,9 @@ def test_engine_verifies_drafts_of_a_batch_in_one_forward_with_the_same_tokens(m
     _, model, _, draft_dir = models
     prompts = [REPETITIVE, [1, 2, 3, 1, 2, 3, 1, 2], [9, 8, 7, 6, 5], [4, 4, 4, 4]]
     ref = llmkit.generate(model, prompts, 20)
+    small_pool = dict(speculative="ngram", kv_block_size=4, num_blocks=14)  # preempts: recomputed rows stay exact
     for kw in (dict(speculative="ngram"), dict(draft_model=str(draft_dir), num_speculative_tokens=2),
-               dict(draft_model=model)):
+               dict(draft_model=model), small_pool):
         with Engine(model, max_batch_size=3, **kw) as engine:
             out = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0))
             s = engine.stats()
@@ -61,6 +62,8 @@ def test_engine_verifies_drafts_of_a_batch_in_one_forward_with_the_same_tokens(m
         assert 0 < s["spec_decode_num_drafts"] and s["spec_decode_num_accepted_tokens"] <= s[
             "spec_decode_num_draft_tokens"]
         assert sum(s["spec_decode_num_accepted_tokens_per_pos"]) == s["spec_decode_num_accepted_tokens"]
+        if kw is small_pool:
+            assert s["preemptions"] > 0
         if kw.get("draft_model") is model:  # the target as its own draft: every greedy draft is accepted
             assert s["spec_decode_num_accepted_tokens"] == s["spec_decode_num_draft_tokens"]
 
