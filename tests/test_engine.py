@@ -494,14 +494,14 @@ def test_prefix_cache_prefills_only_new_tokens_and_keeps_outputs_exact(pair):
 def test_preempted_sequences_are_recomputed_with_unchanged_output(pair):
     hf, model = pair
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3][:20], [7, 8, 9]]
-    n_new = 30
+    n_new = 20
     want = [_hf_greedy(hf, p, n_new) for p in prompts]
     seeded = SamplingParams(max_new_tokens=n_new, temperature=1.0, seed=7)
     with Engine(model, max_batch_size=4, kv_block_size=4) as roomy:
         want_sampled = roomy.submit(prompts[1], seeded).result().token_ids
-    # 4 sequences of up to 50 tokens would reserve 52 blocks up front; 20 blocks run out mid-way
+    # 4 sequences of up to 40 tokens would reserve 31 blocks up front; 16 blocks run out mid-way
     for prefix_caching in (False, True):
-        with Engine(model, max_batch_size=4, kv_block_size=4, num_blocks=20, prefix_caching=prefix_caching) as tight:
+        with Engine(model, max_batch_size=4, kv_block_size=4, num_blocks=16, prefix_caching=prefix_caching) as tight:
             handles = [tight.submit(p, _greedy(n_new)) for p in prompts]
             sampled = tight.submit(prompts[1], seeded)
             got = [h.result().token_ids for h in handles]

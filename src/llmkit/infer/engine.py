@@ -563,7 +563,7 @@ class Engine:
                     to_sample.append(seq)
                     rows.append(row_of[b] + len(chunk) - 1)
         if to_sample:
-            self._sample_and_emit(to_sample, logits[rows])
+            self._sample_and_emit(to_sample, logits if rows == list(range(len(logits))) else logits[rows])
         if verify:
             self._verify([seqs[b] for b in verify], [logits[row_of[b] : row_of[b] + len(chunks[b])] for b in verify],
                          [drafts[b] for b in verify], [qs[b] for b in verify])
