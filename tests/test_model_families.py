@@ -82,9 +82,8 @@ def test_save_pretrained_loads_in_transformers(pair, tmp_path):
     assert arch(llmkit.load_model(tmp_path / "out").config) == arch(model.config)
 
 
-# Phi-3 (16 original positions): every row stays within them or starts past them. transformers drops
-# its cache and recomputes the sequence with the long factors when a row crosses; llmkit keeps the
-# cache (docs/models.md), so a crossing row may differ after the crossing.
+# Phi-3 (16 original positions): these rows stay within them or start past them; crossing rows are
+# tested in test_phi3_longrope_rows_crossing_the_original_length_match_transformers.
 PROMPTS = [[5, 17, 3, 88, 41], [9] * 11, list(range(10, 31)), [60]]
 N_NEW = [12, 5, 6, 14]
 
@@ -108,6 +107,36 @@ def test_generate_and_engine_greedy_match_transformers(pair):
         got_batched = [h.result().token_ids for h in hs]
     assert got_alone == want
     assert got_batched == want
+
+
+def test_phi3_longrope_rows_crossing_the_original_length_match_transformers(tmp_path):
+    """When a row grows past original_max_position_embeddings (16) transformers drops its cache and
+    recomputes the whole sequence with the long factors; generate, the engine and speculative
+    decoding do the same, alone and batched with rows that do not cross."""
+    ref, path = make_reference("phi3", tmp_path)
+    model = llmkit.load_model(path)
+    prompts, n_new = [[5, 17, 3, 88, 41, 5, 17, 3, 88, 41], [7, 8, 9] * 5, [60, 61]], [14, 6, 9]
+    want = [_hf_greedy(ref, p, n) for p, n in zip(prompts, n_new)]
+    assert want[0] != _hf_greedy_kept_cache(ref, prompts[0], n_new[0])  # the recompute changes the tokens
+    got = llmkit.generate(model, prompts, max_new_tokens=max(n_new))
+    assert [g[:n] for g, n in zip(got, n_new)] == want
+    assert [llmkit.generate(model, p, n, speculative="ngram") for p, n in zip(prompts, n_new)] == want
+    for kw in ({}, {"speculative": "ngram"}):
+        with Engine(model, max_batch_size=3, kv_block_size=4, **kw) as engine:
+            hs = [engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0)) for p, n in zip(prompts, n_new)]
+            assert [h.result().token_ids for h in hs] == want
+
+
+def _hf_greedy_kept_cache(hf, prompt, n):
+    """Greedy decoding with transformers' cache kept across the crossing (what llmkit did before)."""
+    ids, cache, out = torch.tensor([prompt]), None, []
+    with torch.no_grad():
+        for _ in range(n):
+            o = hf(ids, cache=cache, use_cache=True)
+            cache, nxt = o.cache, int(o.logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.tensor([[nxt]])
+    return out
 
 
 def test_gemma_tokenizer_ids_match_transformers(tmp_path):

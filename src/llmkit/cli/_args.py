@@ -30,6 +30,35 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> 
     g.add_argument("--ignore-eos", action="store_true", help="keep going past EOS until --max-new-tokens")
 
 
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding", "propose tokens cheaply, verify them in one forward "
+                             "(docs/inference.md); greedy output is unchanged")
+    g.add_argument("--speculative-method", choices=["ngram", "draft_model"],
+                   help="ngram: prompt lookup, no second model; draft_model: --draft-model proposes")
+    g.add_argument("--draft-model", metavar="DIR", help="a smaller model with the same tokenizer that proposes tokens")
+    g.add_argument("--num-speculative-tokens", type=int, help="tokens proposed per step (default 4)")
+    g.add_argument("--prompt-lookup-max", type=int, help="ngram: longest suffix looked up (default 4)")
+    g.add_argument("--prompt-lookup-min", type=int, help="ngram: shortest suffix looked up (default 1)")
+
+
+def speculative_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The `SpeculativeConfig` fields the flags set (None: no speculative decoding)."""
+    from llmkit.errors import ConfigError
+
+    method = args.speculative_method or ("draft_model" if args.draft_model else None)
+    extra = {k: getattr(args, k) for k in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+             if getattr(args, k) is not None}
+    if method is None:
+        if extra:
+            raise ConfigError(f"--{next(iter(extra)).replace('_', '-')} needs --speculative-method or --draft-model")
+        return None
+    if method == "draft_model" and not args.draft_model:
+        raise ConfigError("--speculative-method draft_model needs --draft-model DIR")
+    if method == "ngram" and args.draft_model:
+        raise ConfigError("--draft-model was given with --speculative-method ngram; drop one of them")
+    return {"method": method, **({"draft_model": args.draft_model} if args.draft_model else {}), **extra}
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         max_new_tokens=args.max_new_tokens,

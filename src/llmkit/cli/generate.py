@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmkit.cli._args import add_model_args, add_sampling_args, load_model_and_tokenizer, sampling_kwargs
+from llmkit.cli._args import (
+    add_model_args,
+    add_sampling_args,
+    add_speculative_args,
+    load_model_and_tokenizer,
+    sampling_kwargs,
+    speculative_kwargs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="onnxruntime: decode an `llmkit export onnx` folder with ONNX Runtime")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: torch's)")
     add_sampling_args(p)
+    add_speculative_args(p)
     p.set_defaults(func=run)
 
 
@@ -25,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.infer.generate import stream_text
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    spec = speculative_kwargs(args)
     if args.backend == "onnxruntime":
         import llmkit
         from llmkit.compress.onnx import OrtModel
@@ -33,10 +42,15 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = llmkit.load_tokenizer(args.tokenizer or args.model)
     else:
         model, tokenizer = load_model_and_tokenizer(args)
+    if spec is not None and args.backend != "torch":
+        from llmkit.errors import ConfigError
+
+        raise ConfigError("speculative decoding runs on the torch backend only; drop --backend onnxruntime")
     if args.echo:
         sys.stdout.write(prompt)
     for delta in stream_text(
-        model, tokenizer, prompt, add_special_tokens=not args.no_special_tokens, **sampling_kwargs(args)
+        model, tokenizer, prompt, add_special_tokens=not args.no_special_tokens, speculative=spec,
+        **sampling_kwargs(args),
     ):
         sys.stdout.write(delta)
         sys.stdout.flush()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from llmkit.cli._args import add_speculative_args, speculative_kwargs
+
 LIMIT_FLAGS = (
     "max_body_bytes",
     "header_timeout",
@@ -67,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="serve a LoRA adapter folder under model name NAME (repeatable; one shared batch)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights on load (RTN, CPU kernels)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_speculative_args(p)
     p.set_defaults(func=run)
 
 
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         lora=lora,
         quantize=args.quantize,
         limits=ServerLimits(enable_docs=args.enable_docs, **given),
+        speculative=speculative_kwargs(args),
         engine_options=dict(
             kv_block_size=args.kv_block_size,
             num_blocks=args.num_kv_blocks,

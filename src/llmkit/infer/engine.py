@@ -34,7 +34,14 @@ from llmkit.infer.generate import eos_token_ids
 from llmkit.infer.paged_cache import PagedBatch, PagedKVCache
 from llmkit.infer.request import _END, GenerationResult, RequestHandle
 from llmkit.infer.sampling import SamplingParams
-from llmkit.infer.sequence import Sequence, TokenEvent, sample_step
+from llmkit.infer.sequence import Sequence, TokenEvent, sample_step, speculative_step
+from llmkit.infer.speculative import (
+    SpeculativeConfig,
+    draft_limit,
+    make_proposer,
+    rope_switch_length,
+    speculative_config,
+)
 from llmkit.model.layers import check_token_ids
 from llmkit.model.linear import set_decode_packing
 from llmkit.model.lora import adapter_names, route_tokens
@@ -81,6 +88,9 @@ class Engine:
     `prefix_caching` shares full KV blocks between prompts with a common prefix; `mixed_prefill`
     False runs prefill chunks in steps of their own (decoding waits, as before chunked prefill).
     `fast_decode` swaps the model's dense Linears for the packed-for-decode kind (`model/linear.py`).
+    `speculative` ("ngram", a dict of `SpeculativeConfig` fields or a config) or `draft_model`
+    (folder or model) turns on speculative decoding: a decoding row feeds its last token plus up to
+    `num_speculative_tokens` proposed ones, verified in the step's forward (infer/speculative.py).
     """
 
     def __init__(
@@ -97,6 +107,9 @@ class Engine:
         prefix_caching: bool = True,
         mixed_prefill: bool = True,
         max_num_batched_tokens: int | None = None,
+        speculative: SpeculativeConfig | dict | str | None = None,
+        draft_model: Any = None,
+        num_speculative_tokens: int | None = None,
     ):
         cfg = model.config
         if getattr(model, "is_encoder_decoder", False):
@@ -143,6 +156,15 @@ class Engine:
         # rows packed into one forward share its RoPE variant; LongRoPE picks one per row
         self._can_pack = getattr(cfg, "rope_type", None) != "longrope"
         self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.rope_switch = rope_switch_length(model)  # LongRoPE: rows crossing it are recomputed
+        self.speculative = speculative_config(speculative, draft_model, num_speculative_tokens)
+        self.proposer = None
+        if self.speculative is not None:
+            if self.speculative.num_speculative_tokens + 1 > self.max_num_batched_tokens:
+                raise InputError("num_speculative_tokens + 1 must not exceed max_num_batched_tokens")
+            self.proposer = make_proposer(self.speculative, model, self.max_seq_len, self.max_batch_size,
+                                          fast_decode=fast_decode)
+        self.spec_accepted_per_pos = [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
         self.adapters = adapter_names(model)  # LoRA adapters a request may name (multi-LoRA)
 
         self._lock = threading.Lock()  # guards the queue, the running list and the block pool
@@ -161,6 +183,9 @@ class Engine:
             "prefill_tokens": 0,
             "prefill_forwards": 0,
             "preemptions": 0,
+            "spec_decode_num_drafts": 0,  # verification steps of a row with a draft (vLLM's names)
+            "spec_decode_num_draft_tokens": 0,
+            "spec_decode_num_accepted_tokens": 0,
         }
 
     @property
@@ -305,6 +330,7 @@ class Engine:
                 "prefix_cache_hits": self.cache.prefix_hits,
                 "prefix_cache_blocks": len(self.cache.pool.cached),
                 **self.counters,
+                "spec_decode_num_accepted_tokens_per_pos": list(self.spec_accepted_per_pos),
             }
 
     # ---- internals ----------------------------------------------------------------------------
@@ -437,7 +463,16 @@ class Engine:
         for seq in ([] if prefill_only else decode) + prefill:
             if seq not in self._running:  # preempted by an older sequence of this step
                 continue
-            n = 1 if not seq.prefilling else min(len(seq.tokens) - seq.num_computed, cap(seq), budget)
+            if self._crosses_rope_switch(seq):  # recompute the whole sequence with LongRoPE's long factors
+                self.cache.free_sequence(seq.seq_id)
+                self.cache.add_sequence(seq.seq_id, None, seq.adapter)
+                seq.num_computed = 0
+                n = len(seq.tokens)  # one forward: a chunk of it would still get the short factors
+            elif not seq.prefilling:  # its last token, plus the proposed ones to verify
+                n = 1 + (draft_limit(seq, self.speculative.num_speculative_tokens, self.model)
+                         if self.proposer is not None else 0)
+            else:
+                n = min(len(seq.tokens) - seq.num_computed, cap(seq), budget)
             if n <= 0:
                 continue
             while self.cache.blocks_to_append(seq.seq_id, n) > self.cache.num_free_blocks - taken:
@@ -472,6 +507,13 @@ class Engine:
             out.append((seq, n))
         return out
 
+    def _crosses_rope_switch(self, seq: _Sequence) -> bool:
+        """True when a decoding row's next token sits at a LongRoPE model's original context length
+        (transformers then recomputes the whole sequence with the long factors; so does the engine)."""
+        n = self.rope_switch
+        return (n is not None and not seq.prefilling and seq.score_top is None and seq.prompt_len <= n
+                and len(seq.tokens) == n + 1)
+
     def _preempt(self, seq: _Sequence) -> None:
         """Release a running sequence's blocks and requeue it first; it is recomputed (its prompt and
         generated tokens prefilled again, cached blocks reused) when readmitted (lock held)."""
@@ -487,13 +529,16 @@ class Engine:
         """One forward over every scheduled row, then sample the rows that reached their last token
         and score the scoring rows' positions."""
         seqs = [s for s, _ in scheduled]
-        chunks = [s.tokens[s.num_computed : s.num_computed + n] for s, n in scheduled]
+        drafts, qs = self._propose(scheduled)
+        chunks = [s.tokens[s.num_computed : s.num_computed + (1 if d or n > 1 and not s.prefilling else n)] + d
+                  for (s, n), d in zip(scheduled, drafts)]
         N, B, T = sum(len(c) for c in chunks), len(chunks), max(len(c) for c in chunks)
         scoring = [s.score_top is not None for s in seqs]
-        packed = self._can_pack and (any(scoring) or B * T > PACK_PAD * N)
+        keep_all = [sc or bool(d) for sc, d in zip(scoring, drafts)]  # scoring and verified rows: every position
+        packed = self._can_pack and (any(keep_all) or B * T > PACK_PAD * N)
         with self._lock:  # blocks come from the shared pool
             batch = self.cache.batch([s.seq_id for s in seqs], chunks, packed=packed)
-        logits, row_of = self._forward(seqs, batch, scoring)
+        logits, row_of = self._forward(seqs, batch, keep_all)
         with self._lock:
             batch.commit()
         self.counters["steps"] += 1
@@ -503,7 +548,10 @@ class Engine:
         )
         self.counters["prefill_forwards"] += int(any(s.prefilling for s in seqs))
         to_sample, rows = [], []
+        verify = [b for b, d in enumerate(drafts) if d]
         for b, (seq, chunk) in enumerate(zip(seqs, chunks)):
+            if drafts[b]:
+                continue
             if scoring[b]:
                 self._score(seq, logits[row_of[b] : row_of[b] + len(chunk)], chunk)
             seq.num_computed += len(chunk)
@@ -516,10 +564,44 @@ class Engine:
                     rows.append(row_of[b] + len(chunk) - 1)
         if to_sample:
             self._sample_and_emit(to_sample, logits if rows == list(range(len(logits))) else logits[rows])
+        if verify:
+            self._verify([seqs[b] for b in verify], [logits[row_of[b] : row_of[b] + len(chunks[b])] for b in verify],
+                         [drafts[b] for b in verify], [qs[b] for b in verify])
+
+    def _propose(self, scheduled: list[tuple[_Sequence, int]]) -> tuple[list[list[int]], list]:
+        """Speculative decoding: the draft of each decoding row scheduled for more than one token."""
+        drafts: list[list[int]] = [[] for _ in scheduled]
+        qs: list = [None for _ in scheduled]
+        rows = [b for b, (s, n) in enumerate(scheduled) if self.proposer is not None and n > 1 and not s.prefilling]
+        if self.proposer is not None:
+            self.proposer.retain([s.seq_id for s in self._running])
+        if rows:
+            d, q = self.proposer.propose([scheduled[b][0] for b in rows], [scheduled[b][0].seq_id for b in rows],
+                                         [scheduled[b][1] - 1 for b in rows])
+            for i, b in enumerate(rows):
+                drafts[b] = d[i]
+                qs[b] = q[i] if q is not None else None
+        return drafts, qs
+
+    def _verify(self, seqs: list[_Sequence], logits: list[torch.Tensor], drafts: list[list[int]], qs: list) -> None:
+        """Keep each row's accepted draft prefix plus one token of the model's (`speculative_step`),
+        roll the rejected tokens out of the KV cache and stream the kept ones."""
+        events, accepted = speculative_step(logits, drafts, qs, seqs)
+        with self._lock:
+            for seq in seqs:
+                seq.num_computed = len(seq.tokens) - 1  # keys of its last token are not computed yet
+                self.cache.rollback(seq.seq_id, seq.num_computed)
+        for d, n in zip(drafts, accepted):
+            self.counters["spec_decode_num_drafts"] += 1
+            self.counters["spec_decode_num_draft_tokens"] += len(d)
+            self.counters["spec_decode_num_accepted_tokens"] += n
+            for i in range(n):
+                self.spec_accepted_per_pos[i] += 1
+        self._emit(seqs, events)
 
     def _forward(self, seqs: list[_Sequence], batch: PagedBatch, scoring: list[bool]) -> tuple[torch.Tensor, list[int]]:
         """Run the model on `batch`; return logits [K, V] and where row b's logits start in them
-        (the last token of each row; every token of a scoring row)."""
+        (the last token of each row; every token of a scoring row or of a row verifying a draft)."""
         x = batch.input_ids()
         meta = batch.meta
         if batch.packed:
@@ -536,6 +618,11 @@ class Engine:
                 logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
                                     num_logits_to_keep=keep_t)
             return logits[0].float(), row_of
+        if any(scoring):  # padded rows that keep every position: [B, T, V] flattened, row b at b * T
+            with self._routed([s.adapter for s in seqs], x):
+                logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta)
+            B, T = logits.shape[:2]
+            return logits.reshape(B * T, -1).float(), [b * T for b in range(B)]
         with self._routed([s.adapter for s in seqs], x):
             logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
                                 num_logits_to_keep=1)
@@ -562,18 +649,23 @@ class Engine:
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """One shared decode step (`sample_step`), then stream each row's event to its handle."""
-        for seq, event in zip(seqs, sample_step(logits, seqs)):
+        self._emit(seqs, [[event] for event in sample_step(logits, seqs)])
+
+    def _emit(self, seqs: list[_Sequence], events: list[list[TokenEvent]]) -> None:
+        """Stream each row's new events to its handle; finished rows leave the batch."""
+        for seq, row in zip(seqs, events):
             handle = seq.handle
-            handle.token_ids.append(event.token_id)
-            self.counters["tokens_generated"] += 1
-            if handle._cancelled:
-                continue
-            handle.text += event.text
-            if event.finish_reason is not None:
-                handle.finish_reason = event.finish_reason  # before the event, so a late cancel() is a no-op
-            handle._push(event)
-            if event.finish_reason is not None:
-                self._finish(seq, event.finish_reason)
+            for event in row:
+                handle.token_ids.append(event.token_id)
+                self.counters["tokens_generated"] += 1
+                if handle._cancelled:
+                    continue
+                handle.text += event.text
+                if event.finish_reason is not None:
+                    handle.finish_reason = event.finish_reason  # before the event, so a late cancel() is a no-op
+                handle._push(event)
+                if event.finish_reason is not None:
+                    self._finish(seq, event.finish_reason)
 
 
 # An engine thread killed mid-OpenMP at interpreter exit aborts the process ("terminate called

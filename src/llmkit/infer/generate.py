@@ -20,7 +20,14 @@ from torch import Tensor
 from llmkit.errors import InputError
 from llmkit.infer.kv_cache import StaticKVCache
 from llmkit.infer.sampling import SamplingParams
-from llmkit.infer.sequence import Sequence, TokenEvent, sample_step
+from llmkit.infer.sequence import Sequence, TokenEvent, sample_step, speculative_step
+from llmkit.infer.speculative import (
+    SpeculativeConfig,
+    draft_limit,
+    make_proposer,
+    rope_switch_length,
+    speculative_config,
+)
 from llmkit.model.attention import AttnMeta
 from llmkit.model.layers import check_token_ids
 from llmkit.model.linear import set_decode_packing
@@ -99,6 +106,7 @@ class Generator:
         use_cache: bool = True,
         fast: bool = True,
         tokenizer: Any = None,
+        speculative: SpeculativeConfig | None = None,
     ):
         self.model = model
         self.B = B = len(prompts)
@@ -132,10 +140,19 @@ class Generator:
             set_decode_packing(model, True)
         elif not fast:
             set_decode_packing(model, False)
+        self.rope_switch = rope_switch_length(model)  # LongRoPE: recompute the rows that cross it
+        self.speculative = speculative
+        self.proposer = None
+        self.spec_counters = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0}
+        if speculative is not None:
+            if B != 1 or self.seq2seq or not use_cache:
+                raise InputError("speculative decoding runs one decoder-only prompt at a time with the KV cache "
+                                 "(generate() splits a batch into rows; the Engine batches them)")
+            self.proposer = make_proposer(speculative, model, L + self.max_new, 1, fast_decode=fast)
 
-    def _forward(self, ids: Tensor) -> Tensor:
+    def _forward(self, ids: Tensor, n_logits: int | None = None) -> Tensor:
         """Logits [B, V] of the last position after running ids [B, T] (appended to the cache, or the
-        whole sequence so far when there is no cache)."""
+        whole sequence so far when there is no cache); with `n_logits`, the last n positions' [B, n, V]."""
         T = ids.shape[1]
         if self.cache is not None:
             meta = self.cache.attn_meta(T)
@@ -146,8 +163,17 @@ class Generator:
         if self.seq2seq:
             return self.model.decode(ids, self.encoded, kv_cache=self.cache, attn_meta=meta,
                                      num_logits_to_keep=1)[:, -1].float()
-        kw = {"position_ids": meta.position_ids, "attn_meta": meta, "num_logits_to_keep": 1}
-        return self.model(ids, kv_cache=self.cache, **kw)[:, -1].float()
+        kw = {"position_ids": meta.position_ids, "attn_meta": meta, "num_logits_to_keep": n_logits or 1}
+        logits = self.model(ids, kv_cache=self.cache, **kw).float()
+        return logits if n_logits else logits[:, -1]
+
+    def _crosses_rope_switch(self) -> bool:
+        """True when a row's next token sits at a LongRoPE model's original context length and its
+        cache holds short-factor keys: like transformers, the whole sequence is then recomputed
+        with the long factors (Phi-3)."""
+        n = self.rope_switch
+        return n is not None and self.cache is not None and any(
+            s.finish_reason is None and s.prompt_len <= n and len(s.tokens) == n + 1 for s in self.seqs)
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[list[TokenEvent | None]]:
@@ -159,10 +185,35 @@ class Generator:
             yield events
             if all(s.finish_reason is not None for s in self.seqs):
                 return
+            if self.proposer is not None:
+                yield from self._speculate()
+                return
             nxt = torch.tensor([[s.tokens[-1]] for s in self.seqs], device=self.device)  # [B, 1]
-            if self.cache is None:
-                seq = torch.cat([seq, nxt], dim=1)
-            logits = self._forward(nxt if self.cache is not None else seq)
+            seq = torch.cat([seq, nxt], dim=1)
+            if self._crosses_rope_switch():
+                self.cache.reset()
+            logits = self._forward(nxt if self.cache is not None and self.cache.length else seq)
+
+    def _speculate(self) -> Iterator[list[TokenEvent | None]]:
+        """Decode the one row by proposing k tokens and verifying them in one forward per step."""
+        s = self.seqs[0]
+        k_max = self.speculative.num_speculative_tokens
+        while s.finish_reason is None:
+            drafts, q = self.proposer.propose([s], [0], [draft_limit(s, k_max, self.model)])
+            d = drafts[0]
+            x = [s.tokens[-1]] + d
+            if self._crosses_rope_switch():
+                self.cache.reset()
+                x = s.tokens + d
+            logits = self._forward(torch.tensor([x], device=self.device), n_logits=len(d) + 1)  # [1, k+1, V]
+            events, accepted = speculative_step([logits[0]], drafts, q, self.seqs)
+            self.cache.rollback(len(d) + 1 - len(events[0]))  # drop the rejected drafts' keys/values
+            if d:
+                self.spec_counters["num_drafts"] += 1
+                self.spec_counters["num_draft_tokens"] += len(d)
+                self.spec_counters["num_accepted_tokens"] += accepted[0]
+            for ev in events[0]:
+                yield [ev]
 
 
 def _as_batch(prompt_ids: list[int] | list[list[int]] | Tensor) -> tuple[list[list[int]], bool]:
@@ -187,6 +238,9 @@ def generate(
     use_cache: bool = True,
     fast: bool = True,
     return_logprobs: bool = False,
+    speculative: SpeculativeConfig | dict | str | None = None,
+    draft_model: Any = None,
+    num_speculative_tokens: int | None = None,
     **sampling: Any,
 ) -> list[int] | list[list[int]] | Generation | list[Generation]:
     """Generate new tokens after each prompt; return only the new ids (list, or list of lists).
@@ -201,7 +255,11 @@ def generate(
     `fast=False` uses the model's own forward instead of the decode fast path.
     `return_logprobs=True` returns `Generation`s: ids, the chosen tokens' log-probabilities and,
     with `logprobs=N`, the top-N alternatives of every step.
+    Speculative decoding: `speculative="ngram"` (prompt lookup) or `draft_model=` (a folder or a
+    loaded model with the same tokenizer) proposes `num_speculative_tokens` tokens per step, verified
+    in one forward: greedy output is unchanged, sampled output keeps the model's distribution.
     """
+    spec = speculative_config(speculative, draft_model, num_speculative_tokens)
     prompts, batched = _as_batch(prompt_ids)
     if params is None:
         sampling.setdefault("temperature", 0.0)  # the Python API is greedy unless asked to sample
@@ -212,15 +270,24 @@ def generate(
         if p.stop:
             raise InputError("stop strings need a tokenizer: use generate_text/stream_text, or stop_token_ids")
     eos = set(eos_token_ids) if eos_token_ids is not None else _eos_from(model)
-    gen = Generator(model, prompts, plist, eos, use_cache=use_cache, fast=fast)
+    if spec is not None and spec.method == "draft_model" and not isinstance(spec.draft_model, torch.nn.Module):
+        from llmkit.model.hf import load_model  # load the draft once for every row
+
+        p0 = next(model.parameters())
+        spec.draft_model = load_model(spec.draft_model, dtype=p0.dtype, device=p0.device)
+    # speculative decoding verifies one row at a time here (the Engine batches it)
+    groups = [([i], Generator(model, [prompts[i]], [plist[i]], eos, use_cache=use_cache, fast=fast,
+                              speculative=spec)) for i in range(len(prompts))] if spec is not None else \
+        [(list(range(len(prompts))), Generator(model, prompts, plist, eos, use_cache=use_cache, fast=fast))]
     rows = [Generation([], [], [] if p.logprobs else None) for p in plist]
-    for events in gen:
-        for row, ev in zip(rows, events):
-            if ev is not None:
-                row.token_ids.append(ev.token_id)
-                row.logprobs.append(ev.logprob)
-                if row.top_logprobs is not None:
-                    row.top_logprobs.append(ev.top_logprobs or [])
+    for idx, gen in groups:
+        for events in gen:
+            for i, ev in zip(idx, events):
+                if ev is not None:
+                    rows[i].token_ids.append(ev.token_id)
+                    rows[i].logprobs.append(ev.logprob)
+                    if rows[i].top_logprobs is not None:
+                        rows[i].top_logprobs.append(ev.top_logprobs or [])
     outs = rows if return_logprobs else [r.token_ids for r in rows]
     return outs if batched else outs[0]
 
@@ -245,14 +312,19 @@ def stream_text(
     *,
     params: SamplingParams | None = None,
     add_special_tokens: bool = True,
+    speculative: SpeculativeConfig | dict | str | None = None,
+    draft_model: Any = None,
+    num_speculative_tokens: int | None = None,
     **sampling: Any,
 ) -> Iterator[str]:
     """Yield the completion of `prompt` as text deltas that never split a UTF-8 character.
 
     Greedy unless sampling keywords say otherwise (see `generate`). Stop strings (`stop=[...]`)
     are honoured across token boundaries and never emitted; EOS ids come from the model and the
-    tokenizer; the EOS/stop token's text is not emitted.
+    tokenizer; the EOS/stop token's text is not emitted. `speculative`, `draft_model` and
+    `num_speculative_tokens` turn on speculative decoding (see `generate`).
     """
+    spec = speculative_config(speculative, draft_model, num_speculative_tokens)
     if params is None:
         sampling.setdefault("temperature", 0.0)
     if isinstance(prompt, str):
@@ -261,7 +333,8 @@ def stream_text(
     else:
         prompt_ids = list(prompt)
     p = make_params(params, max_new_tokens=max_new_tokens, **sampling).validate(model.config.vocab_size)
-    gen = Generator(model, [prompt_ids], [p], eos_token_ids(model, tokenizer), tokenizer=tokenizer)
+    gen = Generator(model, [prompt_ids], [p], eos_token_ids(model, tokenizer), tokenizer=tokenizer,
+                    speculative=spec)
     for (event,) in gen:
         if event is None:
             return

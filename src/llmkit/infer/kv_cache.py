@@ -87,6 +87,10 @@ class StaticKVCache:
             return AttnMeta(torch.arange(start, end, device=device).expand(self.k[0].shape[0], T), end)
         return AttnMeta(self.positions[:, start:end], end, key_mask=self.key_mask[:, :end])
 
+    def rollback(self, n: int) -> None:
+        """Forget the last n stored positions of every row (speculative decoding's rejected drafts)."""
+        self.length = max(self.prefix, self.length - n)
+
     def get_seq_length(self) -> int:
         return self.length
 

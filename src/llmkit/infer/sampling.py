@@ -219,3 +219,34 @@ def sample_next(
         top_logits, top_ids = logits.topk(n_top, dim=-1)
         top_lp = top_logits - log_z[:, None]
     return SampleOutput(token_ids=token_ids, logprobs=chosen_lp, top_ids=top_ids, top_logprobs=top_lp)
+
+
+def sampling_probs(
+    logits: Tensor,
+    params: list[SamplingParams],
+    history: list[list[int]],
+    prompt_lens: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The distribution `sample_next` draws each row's token from, and the model's log-probabilities.
+
+    Returns (probs [B, V] in vocab order: after bias, penalties, temperature, top-k/top-p/min-p;
+    one-hot on the argmax for greedy rows) and (logprobs [B, V]: log-softmax after bias and
+    penalties only, what `sample_next` reports). Speculative decoding verifies drafts against it.
+    """
+    logits = logits.float()
+    if any(p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+        logits = apply_penalties(logits.clone(), params, history, prompt_lens)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    probs = torch.zeros_like(logits)
+    greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
+    if not bool(greedy.all()):
+        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
+        V = logits.shape[-1]
+        top_k = torch.tensor([min(p.top_k, V) for p in params], dtype=torch.long, device=logits.device)
+        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+        sorted_logits, sorted_idx = (logits / temp[:, None]).sort(dim=-1, descending=True, stable=True)
+        kept = truncate_sorted(sorted_logits, top_k, top_p, min_p)
+        probs.scatter_(1, sorted_idx, torch.softmax(kept, dim=-1))
+    one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], one_hot, probs), logprobs

@@ -2,7 +2,9 @@
 
 A `Sequence` is one row being generated: its tokens, sampling state and the single
 token -> text/finish path (stop ids and EOS, UTF-8-safe detokenizing, stop strings, length).
-`sample_step` turns one forward's last-position logits into one `TokenEvent` per row.
+`sample_step` turns one forward's last-position logits into one `TokenEvent` per row;
+`speculative_step` turns one verification forward over `[last token] + draft` into 1..k+1 events
+per row (infer/speculative.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 
 from llmkit.infer.detok import IncrementalDetokenizer
 from llmkit.infer.grammar import Constraint
-from llmkit.infer.sampling import SamplingParams, sample_next
+from llmkit.infer.sampling import SamplingParams, sample_next, sampling_probs
+from llmkit.infer.speculative import rejection_sample
 from llmkit.infer.stopping import StopChecker
 
 
@@ -117,3 +120,56 @@ def sample_step(
         text, finish = seq.add(token_ids[b])
         events.append(TokenEvent(token_ids[b], text, logprobs[b], top, finish))
     return events
+
+
+def speculative_step(
+    logits: list[torch.Tensor],
+    drafts: list[list[int]],
+    draft_probs: list[torch.Tensor | None] | None,
+    seqs: list[Sequence],
+) -> tuple[list[list[TokenEvent]], list[int]]:
+    """Verify each row's draft and pass the tokens it keeps through its `Sequence`.
+
+    logits[b] [1 + len(drafts[b]), V]: the target's next-token logits after the row's last token and
+    after each draft prefix; draft_probs[b] [len(drafts[b]), V] the draft's distributions (None: a
+    deterministic n-gram draft). Returns the events of every row (its accepted draft prefix, then
+    the target's own token; cut at the first finish) and the number of draft tokens each row
+    accepted. A row without a draft takes a plain `sample_step`.
+    """
+    events: list[list[TokenEvent]] = [[] for _ in seqs]
+    accepted = [0] * len(seqs)
+    plain = [b for b, d in enumerate(drafts) if not d]
+    if plain:
+        evs = sample_step(torch.stack([logits[b][0] for b in plain]), [seqs[b] for b in plain])
+        for b, ev in zip(plain, evs):
+            events[b] = [ev]
+    spec = [b for b, d in enumerate(drafts) if d]
+    if not spec:
+        return events, accepted
+    params, hist, plens = [], [], []
+    for b in spec:  # one row per verified position: the history it is sampled after (for penalties)
+        s, d = seqs[b], drafts[b]
+        for i in range(len(d) + 1):
+            params.append(s.params)
+            hist.append(s.tokens + d[:i])
+            plens.append(s.prompt_len)
+    p, lp = sampling_probs(torch.cat([logits[b][: len(drafts[b]) + 1] for b in spec]), params, hist, plens)
+    off = 0
+    for b in spec:
+        s, d = seqs[b], drafts[b]
+        q = draft_probs[b] if draft_probs is not None else None
+        tokens = rejection_sample(p[off : off + len(d) + 1], d, q, s.generator, s.params.temperature == 0)
+        accepted[b] = len(tokens) - 1
+        n_top = s.params.logprobs
+        for i, t in enumerate(tokens):
+            row = lp[off + i]
+            top = None
+            if n_top:
+                v, ids = row.topk(n_top)
+                top = list(zip(ids.tolist(), v.tolist()))
+            text, finish = s.add(t)
+            events[b].append(TokenEvent(t, text, float(row[t]), top, finish))
+            if finish is not None:
+                break
+        off += len(d) + 1
+    return events, accepted

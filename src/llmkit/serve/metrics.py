@@ -13,7 +13,9 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 class ServerMetrics:
     """Request counts by status, queue depth, running sequences, token counters, latency histograms,
     and the KV cache's counters under vLLM's names (`vllm:prefix_cache_queries` / `_hits` in tokens,
-    `vllm:gpu_prefix_cache_hit_rate`, `vllm:num_preemptions`, `vllm:kv_cache_usage_perc`)."""
+    `vllm:gpu_prefix_cache_hit_rate`, `vllm:num_preemptions`, `vllm:kv_cache_usage_perc`; speculative
+    decoding's `vllm:spec_decode_num_drafts`, `_num_draft_tokens`, `_num_accepted_tokens` and
+    `_num_accepted_tokens_per_pos{position}`)."""
 
     def __init__(self, stats: Callable[[], dict] | None = None):
         self.registry = CollectorRegistry()
@@ -51,6 +53,12 @@ class ServerMetrics:
         self.preemptions = Counter("vllm:num_preemptions", "Sequences preempted (KV blocks ran out; recomputed later)",
                                    registry=r)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", registry=r)
+        self.spec_drafts = Counter("vllm:spec_decode_num_drafts", "Verification steps of a sequence with a draft",
+                                   registry=r)
+        self.spec_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed", registry=r)
+        self.spec_accepted = Counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.spec_accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                             "Draft tokens accepted at each draft position", ["position"], registry=r)
         self._seen: dict[str, float] = {}
         self.e2e = Histogram(
             "llmkit_e2e_request_latency_seconds",
@@ -74,8 +82,14 @@ class ServerMetrics:
             s = self._stats()
             self.queue_depth.set(s.get("queued", 0))
             self.running.set(s.get("running", 0))
+            per_pos = s.get("spec_decode_num_accepted_tokens_per_pos", [])
+            s = {**s, **{f"spec_accepted_pos{i}": n for i, n in enumerate(per_pos)}}
             for counter, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),
-                                 (self.preemptions, "preemptions")):
+                                 (self.preemptions, "preemptions"), (self.spec_drafts, "spec_decode_num_drafts"),
+                                 (self.spec_draft_tokens, "spec_decode_num_draft_tokens"),
+                                 (self.spec_accepted, "spec_decode_num_accepted_tokens"),
+                                 *((self.spec_accepted_per_pos.labels(position=str(i)), f"spec_accepted_pos{i}")
+                                   for i in range(len(per_pos)))):
                 value = s.get(key, 0)
                 counter.inc(max(0, value - self._seen.get(key, 0)))  # engine totals -> counter increments
                 self._seen[key] = value

@@ -45,6 +45,7 @@ def load_state(
     quantize: str | None = None,
     lora: dict[str, str] | None = None,
     limits: ServerLimits | None = None,
+    speculative: Any = None,
     engine_options: dict[str, Any] | None = None,
 ) -> ServerState:
     """Load `model` (a Hugging Face or llmkit folder) and its tokenizer into a `ServerState`.
@@ -53,7 +54,9 @@ def load_state(
     `api_key` defaults to $LLMKIT_API_KEY; `limits` (body size, timeouts, connections) to
     `ServerLimits()`. `lora` maps request model names to LoRA adapter folders: requests for them
     and for the base share one continuous batch (multi-LoRA). `engine_options` go to `Engine`
-    (kv_block_size, num_blocks, prefill_chunk, max_num_batched_tokens, prefix_caching, mixed_prefill).
+    (kv_block_size, num_blocks, prefill_chunk, max_num_batched_tokens, prefix_caching, mixed_prefill);
+    `speculative` is the engine's speculative decoding (a `SpeculativeConfig`, a dict of its fields
+    or "ngram").
     """
     from llmkit.infer.engine import Engine
     from llmkit.model.adapters import load_lora
@@ -87,7 +90,7 @@ def load_state(
         ctx = int(net.config.block_size)
     else:
         engine = Engine(net, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue,
-                        **(engine_options or {}))
+                        speculative=speculative, **(engine_options or {}))
         ctx = engine.max_seq_len
     if embedding_model is not None:
         if embedder is not None:
