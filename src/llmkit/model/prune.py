@@ -22,8 +22,8 @@ from torch import Tensor
 from llmkit.errors import ConfigError, InputError
 from llmkit.model.quant import (
     QUANT_KINDS,
-    _calibration_batches,
-    _sequential_groups,
+    calibration_batches,
+    sequential_groups,
     capture_inputs,
     linear_targets,
     run_calibration,
@@ -111,14 +111,14 @@ def prune_model(model: nn.Module, method: str = "magnitude", sparsity: float = 0
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
     if any(isinstance(m, QUANT_KINDS) for m in model.modules()):
         raise InputError("prune a float model: this one is quantized (prune first, then quantize)")
-    batches = _calibration_batches(model, calibration)
+    batches = calibration_batches(model, calibration)
     if method in ("wanda", "sparsegpt") and not batches:
         raise InputError(f"method {method!r} needs calibration data: token ids [n, seq] (--calib FILE)")
     model.eval()
     if method == "channels":
         return prune_channels(model, sparsity, batches)
     names = prune_targets(model)
-    order = _sequential_groups(model, names) if batches else [names]
+    order = sequential_groups(model, names) if batches else [names]
     if progress:
         from tqdm.auto import tqdm
 
