@@ -215,3 +215,77 @@ def test_channel_pruning_writes_a_smaller_model_transformers_loads(model_dir, ca
     ids = torch.randint(0, m.config.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(small(ids).logits, m(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv", [4, 2])  # MHA: heads go with their keys/values; GQA: query heads per group
+def test_head_pruning_writes_a_smaller_model_transformers_loads(model_dir, calib_file, tmp_path, kv):
+    from test_infer_fixtures import hf_checkpoint as make
+
+    src = tmp_path / "src"
+    src.mkdir()
+    make("llama", src, vocab_size=llmkit.load_tokenizer(model_dir).vocab_size, max_position_embeddings=256,
+         initializer_range=0.1, num_key_value_heads=kv)
+    llmkit.load_tokenizer(model_dir).save(src)
+    calib = _calib(model_dir, calib_file)
+    hf = _hf(src)
+    seen = []
+    o = hf.model.layers[0].self_attn.o_proj
+    h = o.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in calib:
+            hf(row[None])
+    h.remove()
+    X = torch.cat(seen)  # [tokens, 4 heads * 16]
+    score = (X.norm(dim=0) * o.weight.detach().norm(dim=0)).view(4, 16).sum(1)  # per head, by hand
+    if kv == 4:  # the 2 best heads of 4
+        keep = sorted(int(i) for i in torch.topk(score, 2).indices)
+    else:  # the best query head of each KV group of 2
+        keep = [int(torch.argmax(score[g * 2:(g + 1) * 2])) + 2 * g for g in range(2)]
+    out = tmp_path / "h50"
+    rc = main(["prune", "--model", str(src), "--method", "heads", "--sparsity", "0.5", "--calib", str(calib_file),
+               "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 2 if kv == 4 else 2, 16)
+    small = _hf(out)
+    cols = torch.cat([torch.arange(16) + 16 * k for k in keep])
+    torch.testing.assert_close(small.model.layers[0].self_attn.o_proj.weight, o.weight[:, cols])
+    torch.testing.assert_close(small.model.layers[0].self_attn.q_proj.weight,
+                               hf.model.layers[0].self_attn.q_proj.weight[cols])
+    m = llmkit.load_model(out)
+    assert m.num_params() == sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, m.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, m(ids), rtol=1e-4, atol=1e-4)
+    assert len(llmkit.generate(m, [1, 2, 3], 4)) == 4  # the KV cache follows the new head counts
+
+
+def test_layer_pruning_drops_the_lowest_block_influence(model_dir, calib_file, tmp_path, capsys):
+    calib = _calib(model_dir, calib_file)
+    hf = _hf(model_dir)
+    io = {}
+    hooks = [layer.register_forward_hook(lambda m, a, kw, out, i=i: io.setdefault(i, []).append(
+        (kw.get("hidden_states", a[0] if a else None), out[0] if isinstance(out, tuple) else out)), with_kwargs=True)
+        for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        for row in calib:
+            hf(row[None])
+    for h in hooks:
+        h.remove()
+    bi = [1 - float(torch.cat([torch.nn.functional.cosine_similarity(x, y, dim=-1).flatten() for x, y in io[i]]).mean())
+          for i in range(2)]  # ShortGPT's Block Influence, from transformers' layers
+    gone = int(np.argmin(bi))
+    out = tmp_path / "l50"
+    rc = main(["prune", "--model", str(model_dir), "--method", "layers", "--sparsity", "0.5", "--calib",
+               str(calib_file), "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)])
+    assert rc == 0 and "blocks" in capsys.readouterr().out
+    small = _hf(out)
+    assert small.config.num_hidden_layers == 1
+    kept = hf.model.layers[1 - gone]
+    torch.testing.assert_close(small.model.layers[0].mlp.down_proj.weight, kept.mlp.down_proj.weight)
+    m = llmkit.load_model(out)
+    ids = torch.randint(0, m.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, m(ids), rtol=1e-4, atol=1e-4)
+    rc = main(["prune", "--model", str(model_dir), "--method", "layers", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--calib" in capsys.readouterr().err
