@@ -289,3 +289,36 @@ def test_layer_pruning_drops_the_lowest_block_influence(model_dir, calib_file, t
         torch.testing.assert_close(small(ids).logits, m(ids), rtol=1e-4, atol=1e-4)
     rc = main(["prune", "--model", str(model_dir), "--method", "layers", "--out", str(tmp_path / "x")])
     assert rc == 2 and "--calib" in capsys.readouterr().err
+
+
+def test_asvd_beats_plain_svd_on_activation_weighted_error(model_dir, calib_file, tmp_path):
+    from llmkit.model.lowrank import asvd_scales
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    # LLM-like inputs: a few input channels carry large activations
+    X = torch.randn(512, 64) * (1 + 9 * (torch.arange(64) % 16 == 0))
+    s = X.abs().mean(0) ** 0.5  # ASVD's scales, written out
+    for r in (4, 8, 16):
+        plain, aware = LowRankLinear.from_linear(lin, r), LowRankLinear.from_linear(lin, r, s)
+        with torch.no_grad():
+            e_plain = float((X @ (lin.weight - plain.up.weight @ plain.down.weight).t()).norm())
+            e_aware = float((X @ (lin.weight - aware.up.weight @ aware.down.weight).t()).norm())
+            w_err = [float((lin.weight - m.up.weight @ m.down.weight).norm()) for m in (plain, aware)]
+        assert e_aware < 0.9 * e_plain, (r, e_aware, e_plain)
+        assert w_err[0] <= w_err[1] + 1e-5  # plain SVD stays the best in plain Frobenius norm (Eckart-Young)
+    # on a model: the scales are mean |X_j|^0.5 of the layer's calibration inputs, and the CLI folder loads
+    calib = _calib(model_dir, calib_file)
+    m = llmkit.load_model(model_dir)
+    seen = []
+    h = m.blocks[0].mlp.proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        m(calib)
+    h.remove()
+    sc = asvd_scales(m, ["blocks.0.mlp.proj"], calib)["blocks.0.mlp.proj"]
+    torch.testing.assert_close(sc, torch.cat(seen).abs().mean(0) ** 0.5)
+    rc = main(["lowrank", "--model", str(model_dir), "--rank", "8", "--calib", str(calib_file), "--calib-samples",
+               "4", "--calib-seq-len", "32", "--out", str(tmp_path / "asvd")])
+    assert rc == 0
+    a = llmkit.load_model(tmp_path / "asvd")
+    assert a.blocks[0].mlp.proj.rank == 8
