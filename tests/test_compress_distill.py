@@ -21,7 +21,7 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.train.distill import distill, distill_loss, kd_kl, layer_map
 
 STUDENT = {"n_layer": 1, "n_head": 2, "n_embd": 32, "intermediate_size": 64}
-RUN = dict(seq_len=32, batch_size=8, num_threads=1, progress=False, lr=3e-3, eval_iters=4)
+RUN = dict(seq_len=32, batch_size=8, num_threads=1, progress=False, lr=3e-3, eval_iters=4, eval_interval=12)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_prune_recover_steps_keeps_zeros_and_lowers_loss(teacher, text, tmp_path
     assert rc == 0
     rc = main(["prune", "--model", str(teacher), "--method", "magnitude", "--sparsity", "0.6", "--recover-steps",
                "12", "--recover-data", str(text), "--recover-seq-len", "32", "--recover-alpha", "1.0",
-               "--recover-lr", "3e-3", "--out", str(out)])
+               "--recover-lr", "1e-3", "--out", str(out)])
     assert rc == 0 and "recovered 12 steps" in capsys.readouterr().out
     plain, rec = llmkit.load_model(tmp_path / "plain"), llmkit.load_model(out)
     for n in ("blocks.0.attn.qkv", "blocks.1.mlp.proj"):

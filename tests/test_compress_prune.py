@@ -322,3 +322,31 @@ def test_asvd_beats_plain_svd_on_activation_weighted_error(model_dir, calib_file
     assert rc == 0
     a = llmkit.load_model(tmp_path / "asvd")
     assert a.blocks[0].mlp.proj.rank == 8
+
+
+def test_compress_report_table_matches_transformers(model_dir, calib_file, tmp_path, capsys):
+    pruned = tmp_path / "mag50"
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--out",
+                 str(pruned)]) == 0
+    rc = main(["compress", "report", "--model", str(model_dir), "--variants", str(pruned), "--data", str(calib_file),
+               "--max-tokens", "200", "--seq-len", "64", "--new-tokens", "8", "--repeats", "1", "--out",
+               str(tmp_path / "rep")])
+    assert rc == 0 and "| variant | size (MB) |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert (tmp_path / "rep" / "report.png").stat().st_size > 1000
+    assert "mag50" in (tmp_path / "rep" / "report.md").read_text()
+    ids = llmkit.load_tokenizer(model_dir).encode(calib_file.read_text())[:200]
+    for row, folder in zip(rows, (model_dir, pruned), strict=True):
+        hf = _hf(folder)
+        nll, n = 0.0, 0
+        with torch.no_grad():  # the same non-overlapping 64-token windows, scored by transformers
+            for b in range(0, len(ids), 64):
+                x = torch.tensor(ids[b : b + 64])[None]
+                if x.shape[1] < 2:
+                    break
+                out = hf(x, labels=x)
+                nll, n = nll + float(out.loss) * (x.shape[1] - 1), n + x.shape[1] - 1
+        assert row["perplexity"] == pytest.approx(float(np.exp(nll / n)), rel=1e-4)
+        assert row["parameters"] == sum(p.numel() for p in hf.parameters())
+        assert row["decode_tokens_per_s"] > 0 and row["peak_memory_mb"] > 0 and row["size_mb"] > 0
+    assert rows[0]["sparsity"] == 0 and rows[1]["sparsity"] == pytest.approx(0.5, abs=1e-3)

@@ -1,4 +1,5 @@
-"""`llmkit distill --teacher DIR (--student DIR | --student-preset NAME | --student-config YAML) --data PATH --out DIR`."""
+"""`llmkit distill --teacher DIR (--student DIR | --student-preset NAME | --student-config YAML) --data PATH
+--out DIR [--max-steps N]`."""
 
 from __future__ import annotations
 

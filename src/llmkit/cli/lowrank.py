@@ -1,4 +1,5 @@
-"""`llmkit lowrank --model DIR (--rank R | --energy E) [--calib FILE] --out DIR` and `llmkit lowrank merge --model DIR --out DIR`."""
+"""`llmkit lowrank --model DIR (--rank R | --energy E) [--calib FILE] --out DIR`,
+`llmkit lowrank merge --model DIR --out DIR`."""
 
 from __future__ import annotations
 

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                         max_steps=args.recover_steps, alpha=args.recover_alpha, temperature=1.0, lr=args.recover_lr,
                         seq_len=min(args.recover_seq_len, model.config.block_size),
                         batch_size=args.recover_batch_size, keep_zeros=args.method not in STRUCTURED,
-                        warmup_steps=max(1, args.recover_steps // 10), overwrite=True)
+                        warmup_steps=max(1, args.recover_steps // 10),
+                        eval_interval=args.recover_steps, overwrite=True)
         finally:
             shutil.rmtree(target, ignore_errors=True)
         print(f"recovered {r.step} steps: val loss {r.val_loss:.4f}")

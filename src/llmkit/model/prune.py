@@ -24,10 +24,10 @@ from llmkit.errors import ConfigError, InputError
 from llmkit.model.quant import (
     QUANT_KINDS,
     calibration_batches,
-    sequential_groups,
     capture_inputs,
     linear_targets,
     run_calibration,
+    sequential_groups,
 )
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "2:4", "heads", "channels", "layers")
@@ -124,7 +124,8 @@ def prune_model(model: nn.Module, method: str = "magnitude", sparsity: float = 0
         return prune_heads(model, sparsity, batches)
     if method == "layers":
         if not batches:
-            raise InputError("method 'layers' needs calibration data (block influence): token ids [n, seq] (--calib FILE)")
+            raise InputError("method 'layers' needs calibration data (block influence): token ids [n, seq] "
+                             "(--calib FILE)")
         return prune_layers(model, sparsity, batches)
     names = prune_targets(model)
     order = sequential_groups(model, names) if batches else [names]

@@ -288,7 +288,7 @@ class Distiller(Trainer):
                                   info.dp_size)
 
     def describe(self) -> str:
-        src = "top-%d cache" % self.cache_topk if self.cache_topk else "on the fly"
+        src = f"top-{self.cache_topk} cache" if self.cache_topk else "on the fly"
         return (super().describe() + f"\ndistill: teacher {self.teacher.num_params() / 1e6:.2f}M -> student "
                 f"{self.n_params / 1e6:.2f}M; alpha {self.alpha}, T {self.temperature}, {self.kl} KL "
                 f"(teacher {src})" + (f", hidden x{self.hidden_weight}" if self.hidden_weight > 0 else ""))
