@@ -24,7 +24,8 @@ from llmkit.errors import InputError
 from llmkit.fsutil import atomic_path, atomic_write_text
 
 COLUMNS = (("name", "variant"), ("size_mb", "size (MB)"), ("parameters", "parameters"),
-           ("sparsity", "sparsity"), ("perplexity", "perplexity"), ("decode_tokens_per_s", "decode tok/s"), ("peak_memory_mb", "peak memory (MB)"))
+           ("sparsity", "sparsity"), ("perplexity", "perplexity"), ("decode_tokens_per_s", "decode tok/s"),
+           ("peak_memory_mb", "peak memory (MB)"))
 
 
 def block_sparsity(model: torch.nn.Module) -> float | None:
