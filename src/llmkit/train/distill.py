@@ -239,12 +239,12 @@ class Distiller(Trainer):
         else:
             spec = self.student_spec if self.student_spec is not None else self.cfg.model
             if isinstance(spec, str) and not Path(spec).is_file():
-                student = Transformer(student_config(tc, preset=spec, seq_len=t.block_size))
+                student = Transformer(student_config(tc, preset=spec, seq_len=t.seq_len))
             else:
-                student = Transformer(student_config(tc, config=spec, seq_len=t.block_size))
+                student = Transformer(student_config(tc, config=spec, seq_len=t.seq_len))
         self.model_config = student.config
-        if student.config.block_size < t.block_size or tc.block_size < t.block_size:
-            raise ConfigError(f"seq_len {t.block_size} exceeds the student's or teacher's context "
+        if student.config.block_size < t.seq_len or tc.block_size < t.seq_len:
+            raise ConfigError(f"seq_len {t.seq_len} exceeds the student's or teacher's context "
                               f"({student.config.block_size}, {tc.block_size})")
         self._check_tokens(self.data)
         student.check_inputs = self.teacher.check_inputs = False
@@ -274,17 +274,17 @@ class Distiller(Trainer):
         if not self.cache_topk:
             return super()._build_sampler()
         t, info = self.t, self.dist
-        key = {"teacher": str(Path(self.teacher_dir).resolve()), "k": self.cache_topk, "seq_len": t.block_size,
+        key = {"teacher": str(Path(self.teacher_dir).resolve()), "k": self.cache_topk, "seq_len": t.seq_len,
                "tokens": len(self.data.train), "data": str(self.data.data_dir)}
         folder = self.out_dir / "teacher_topk"
         if info.is_main:
-            TopKCache.build(self.teacher, self.data.train, t.block_size, self.cache_topk, folder, key,
+            TopKCache.build(self.teacher, self.data.train, t.seq_len, self.cache_topk, folder, key,
                             info.device, progress=t.progress)
         from llmkit.train import distributed as D
 
         D.barrier(info)
         cache = TopKCache(folder)
-        return FixedWindowSampler(self.data.train, t.block_size, t.batch_size, t.seed, cache, info.dp_rank,
+        return FixedWindowSampler(self.data.train, t.seq_len, t.batch_size, t.seed, cache, info.dp_rank,
                                   info.dp_size)
 
     def describe(self) -> str:
@@ -355,7 +355,7 @@ def distill(teacher: str, data: str, out: str, student: str | None = None, stude
     the student stay zero (recovery of an unstructured-pruned model). `train` are more OptimConfig fields."""
     if sum(s is not None for s in (student, student_preset, student_config)) != 1:
         raise ConfigError("give exactly one of --student DIR, --student-preset NAME, --student-config YAML")
-    opt = OptimConfig(batch_size=batch_size, block_size=seq_len, grad_accum=grad_accum, max_iters=max_steps,
+    opt = OptimConfig(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, max_iters=max_steps,
                       lr=lr, min_lr=lr / 10, warmup_iters=warmup_steps if warmup_steps is not None else
                       max(1, max_steps // 20), eval_interval=eval_interval or max(1, max_steps // 10),
                       eval_iters=eval_iters, seed=seed, device=device, num_threads=num_threads,
