@@ -3,14 +3,17 @@
 Needs the teacher first (configs/shakespeare-char-llmkit.yaml, here 1500 steps):
     llmkit pretrain --config configs/shakespeare-char-llmkit.yaml --out_dir out/shk --max_iters 1500 \
         --train.lr_decay_iters 1500
-    python benchmarks/bench_compress.py --model out/shk --out out/compress-bench [--distill-steps 500]
+    nice -n 10 python benchmarks/bench_compress.py --model out/shk --out out/compress-bench \
+        --only distill prune structured lowrank variants
+    python benchmarks/bench_compress.py --model out/shk --out out/compress-bench --only report   # timed
+    python benchmarks/bench_compress.py --out out/compress-bench --markdown                      # the tables
 
 1. distillation: a half-size student (2 of 4 blocks) distilled from it (alpha 0.5, T 2) against the same
    student trained from scratch (alpha 0: cross-entropy only) on the same windows and steps; both
    held-out curves in one plot.
 2. pruning: perplexity against sparsity (0-70%) for magnitude, Wanda, SparseGPT, and 2:4.
-3. structured: heads and channels at 25% / 50% (and layers at 25% / 50%), perplexity and decode tok/s
-   before and after `--recover-steps`.
+3. structured: heads and channels at 25% / 50% (and layers at 25%), perplexity before and after
+   recovery (`--recover-steps 200`: distillation from the unpruned model); decode tok/s in the report.
 4. low-rank: perplexity and parameters against rank, plain SVD and ASVD.
 5. `llmkit compress report` over a set of the folders.
 Held-out = the first --held tokens of the teacher's validation split (the last 10% of the text,
@@ -31,7 +34,6 @@ import numpy as np
 import torch
 
 import llmkit
-from llmkit.eval.compress_report import measure
 from llmkit.model.lowrank import lowrank_model
 from llmkit.model.prune import prune_model
 from llmkit.train.distill import distill
@@ -59,6 +61,44 @@ def cli(*args: str) -> None:
                    stderr=subprocess.DEVNULL)
 
 
+def markdown(results: dict) -> str:
+    """The figures as Markdown tables (for docs/compress.md and docs/benchmarks.md)."""
+    d = results["dense"]
+    lines = [f"Teacher: {d['params']:,} parameters, held-out perplexity {d['ppl']:.3f}. Load: {results['uptime']}", ""]
+    if "distill" in results:
+        lines += ["| student (2 blocks) | parameters | held-out perplexity | final val loss | seconds |",
+                  "|---|---|---|---|---|"]
+        for name, r in results["distill"].items():
+            lines.append(f"| {name} | {r['params']:,} | {r['held_ppl']:.3f} | {r['curve'][-1][1]:.4f} | "
+                         f"{r['seconds']:.0f} |")
+        lines.append("")
+    if "prune" in results:
+        sp = sorted({r["sparsity"] for r in results["prune"] if r["method"] in ("magnitude", "wanda", "sparsegpt")})
+        lines += ["| method | " + " | ".join(f"{int(100 * s)}%" for s in sp) + " |", "|---|" + "---|" * len(sp)]
+        for m in ("magnitude", "wanda", "sparsegpt"):
+            by = {r["sparsity"]: r["ppl"] for r in results["prune"] if r["method"] == m}
+            lines.append(f"| {m} | " + " | ".join(f"{by[s]:.3f}" for s in sp) + " |")
+        for r in results["prune"]:
+            if r["method"].startswith("2:4"):
+                lines.append(f"| {r['method']} | " + " | ".join(f"{r['ppl']:.3f}" if s == 0.5 else "" for s in sp)
+                             + " |")
+        lines.append("")
+    if "structured" in results:
+        lines += ["| removed | stage | parameters | held-out perplexity |", "|---|---|---|---|",
+                  f"| none (dense) | - | {d['params']:,} | {d['ppl']:.3f} |"]
+        for r in results["structured"]:
+            lines.append(f"| {int(100 * r['removed'])}% {r['method']} | {r['stage']} | {r['params']:,} | "
+                         f"{r['ppl']:.3f} |")
+        lines.append("")
+    if "lowrank" in results:
+        lines += ["| rank | parameters | SVD perplexity | ASVD perplexity |", "|---|---|---|---|"]
+        for r in sorted({r["rank"] for r in results["lowrank"]}):
+            by = {x["method"]: x for x in results["lowrank"] if x["rank"] == r}
+            lines.append(f"| {r} | {by['svd']['params']:,} | {by['svd']['ppl']:.3f} | {by['asvd']['ppl']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="out/shk")
@@ -66,8 +106,12 @@ def main() -> None:
     ap.add_argument("--held", type=int, default=32768)
     ap.add_argument("--distill-steps", type=int, default=500)
     ap.add_argument("--recover-steps", type=int, default=200)
-    ap.add_argument("--only", nargs="*", default=["distill", "prune", "structured", "lowrank", "report"])
+    ap.add_argument("--only", nargs="*", default=["distill", "prune", "structured", "lowrank", "variants", "report"])
+    ap.add_argument("--markdown", action="store_true", help="print the tables of --out/results.json and exit")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads((Path(args.out) / "results.json").read_text())))
+        return
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,24 +195,26 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(out / "prune.png", dpi=110)
 
-    if "structured" in args.only:  # 3. heads / channels / layers, before and after recovery
+    if "structured" in args.only:  # 3. heads / channels (and layers), before and after recovery
+        # the same steps as `llmkit prune --method M --sparsity S --calib D --recover-steps R`, in this process
+        # (one thread: the box is shared); decode tok/s comes from the compress report below (an architecture
+        # decodes at the same speed before and after recovery)
         rows = []
-        for method in ("heads", "channels", "layers"):
-            for s in (0.25, 0.5):
+        for method, levels in (("heads", (0.25, 0.5)), ("channels", (0.25, 0.5)), ("layers", (0.25,))):
+            for s in levels:
                 d0, d1 = out / f"{method}{int(s * 100)}", out / f"{method}{int(s * 100)}-rec"
-                cli("prune", "--model", str(base_dir), "--method", method, "--sparsity", str(s), "--calib", str(data),
-                    "--calib-samples", "32", "--calib-seq-len", "64", "--out", str(d0))
-                cli("prune", "--model", str(base_dir), "--method", method, "--sparsity", str(s), "--calib", str(data),
-                    "--calib-samples", "32", "--calib-seq-len", "64", "--recover-steps", str(args.recover_steps),
-                    "--recover-data", str(data), "--recover-lr", "1e-3", "--recover-batch-size", "12", "--out", str(d1))
+                m = llmkit.load_model(base_dir)
+                prune_model(m, method, s, calibration=calib)
+                m.save_pretrained(d0)
+                llmkit.load_tokenizer(base_dir).save(d0)
+                distill(str(base_dir), str(data), str(d1), student=str(d0), max_steps=args.recover_steps, alpha=0.5,
+                        temperature=1.0, lr=1e-3, batch_size=12, seq_len=64, eval_interval=args.recover_steps,
+                        warmup_steps=max(1, args.recover_steps // 10), num_threads=1, overwrite=True, progress=False)
                 for label, d in (("pruned", d0), ("recovered", d1)):
                     m = llmkit.load_model(d)
-                    row = {"method": method, "removed": s, "stage": label, "ppl": ppl(m, held),
-                           "params": m.num_params(),
-                           "decode_tok_s": measure(d, None, new_tokens=48, repeats=3)["decode_tokens_per_s"]}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-        results["dense"]["decode_tok_s"] = measure(base_dir, None, new_tokens=48, repeats=3)["decode_tokens_per_s"]
+                    rows.append({"method": method, "removed": s, "stage": label, "ppl": ppl(m, held),
+                                 "params": m.num_params(), "folder": d.name})
+                    print(json.dumps(rows[-1]), flush=True)
         results["structured"] = rows
         save()
 
@@ -203,8 +249,8 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(out / "lowrank.png", dpi=110)
 
-    if "report" in args.only:  # 5. the table, from the command
-        v = out / "variants"
+    v = out / "variants"
+    if "variants" in args.only:  # 5a. the other folders of the report
         cli("prune", "--model", str(base_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(data),
             "--calib-samples", "32", "--calib-seq-len", "64", "--out", str(v / "wanda50"))
         cli("prune", "--model", str(base_dir), "--method", "2:4", "--calib", str(data), "--calib-samples", "32",
@@ -214,11 +260,12 @@ def main() -> None:
         cli("quantize", "--model", str(base_dir), "--dtype", "int8", "--group-size", "0", "--out", str(v / "int8"))
         cli("quantize", "--model", str(base_dir), "--dtype", "int4", "--method", "gptq", "--group-size", "64",
             "--calib", str(data), "--calib-samples", "32", "--calib-seq-len", "64", "--out", str(v / "gptq-int4"))
+    if "report" in args.only:  # 5b. the table, from the command (run it without `nice`: it times decoding)
         folders = [str(v / n) for n in ("wanda50", "2-4", "asvd-r64", "int8", "gptq-int4")]
-        folders += [str(out / n) for n in ("channels50-rec", "heads50-rec", "layers25-rec", "student-distilled")
-                    if (out / n / "config.json").is_file()]
+        folders += [str(out / n) for n in ("heads25-rec", "heads50-rec", "channels25-rec", "channels50-rec",
+                                           "layers25-rec", "student-distilled") if (out / n / "config.json").is_file()]
         subprocess.run([sys.executable, "-m", "llmkit", "compress", "report", "--model", str(base_dir), "--variants",
-                        *folders, "--data", str(data), "--max-tokens", str(args.held), "--seq-len", "64",
+                        *folders, "--data", str(data), "--max-tokens", "8192", "--seq-len", "64",
                         "--out", str(out / "report")], check=True)
 
 
