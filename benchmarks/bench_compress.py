@@ -13,7 +13,7 @@ Needs the teacher first (configs/shakespeare-char-llmkit.yaml, here 1500 steps):
    held-out curves in one plot.
 2. pruning: perplexity against sparsity (0-70%) for magnitude, Wanda, SparseGPT, and 2:4.
 3. structured: heads and channels at 25% / 50% (and layers at 25%), perplexity before and after
-   recovery (`--recover-steps 200`: distillation from the unpruned model); decode tok/s in the report.
+   recovery (`--recover-steps 100`: distillation from the unpruned model); decode tok/s in the report.
 4. low-rank: perplexity and parameters against rank, plain SVD and ASVD.
 5. `llmkit compress report` over a set of the folders.
 Held-out = the first --held tokens of the teacher's validation split (the last 10% of the text,
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/compress-bench")
     ap.add_argument("--held", type=int, default=32768)
     ap.add_argument("--distill-steps", type=int, default=500)
-    ap.add_argument("--recover-steps", type=int, default=200)
+    ap.add_argument("--recover-steps", type=int, default=100)
     ap.add_argument("--only", nargs="*", default=["distill", "prune", "structured", "lowrank", "variants", "report"])
     ap.add_argument("--markdown", action="store_true", help="print the tables of --out/results.json and exit")
     args = ap.parse_args()
@@ -200,7 +200,7 @@ def main() -> None:
         # (one thread: the box is shared); decode tok/s comes from the compress report below (an architecture
         # decodes at the same speed before and after recovery)
         rows = []
-        for method, levels in (("heads", (0.25, 0.5)), ("channels", (0.25, 0.5)), ("layers", (0.25,))):
+        for method, levels in (("heads", (0.25, 0.5)), ("channels", (0.25, 0.5))):
             for s in levels:
                 d0, d1 = out / f"{method}{int(s * 100)}", out / f"{method}{int(s * 100)}-rec"
                 m = llmkit.load_model(base_dir)
@@ -220,7 +220,7 @@ def main() -> None:
 
     if "lowrank" in args.only:  # 4. perplexity and parameters against rank
         rows = []
-        for r in (8, 16, 32, 48, 64, 96):
+        for r in (16, 32, 64, 96):
             for label, cal in (("svd", None), ("asvd", calib)):
                 m = llmkit.load_model(base_dir)
                 lowrank_model(m, rank=r, calibration=cal)
@@ -257,13 +257,15 @@ def main() -> None:
             "--calib-seq-len", "64", "--out", str(v / "2-4"))
         cli("lowrank", "--model", str(base_dir), "--rank", "64", "--calib", str(data), "--calib-samples", "32",
             "--calib-seq-len", "64", "--out", str(v / "asvd-r64"))
+        cli("prune", "--model", str(base_dir), "--method", "layers", "--sparsity", "0.25", "--calib", str(data),
+            "--calib-samples", "32", "--calib-seq-len", "64", "--out", str(v / "layers25"))
         cli("quantize", "--model", str(base_dir), "--dtype", "int8", "--group-size", "0", "--out", str(v / "int8"))
         cli("quantize", "--model", str(base_dir), "--dtype", "int4", "--method", "gptq", "--group-size", "64",
             "--calib", str(data), "--calib-samples", "32", "--calib-seq-len", "64", "--out", str(v / "gptq-int4"))
     if "report" in args.only:  # 5b. the table, from the command (run it without `nice`: it times decoding)
-        folders = [str(v / n) for n in ("wanda50", "2-4", "asvd-r64", "int8", "gptq-int4")]
+        folders = [str(v / n) for n in ("wanda50", "2-4", "asvd-r64", "layers25", "int8", "gptq-int4")]
         folders += [str(out / n) for n in ("heads25-rec", "heads50-rec", "channels25-rec", "channels50-rec",
-                                           "layers25-rec", "student-distilled") if (out / n / "config.json").is_file()]
+                                           "student-distilled") if (out / n / "config.json").is_file()]
         subprocess.run([sys.executable, "-m", "llmkit", "compress", "report", "--model", str(base_dir), "--variants",
                         *folders, "--data", str(data), "--max-tokens", "8192", "--seq-len", "64",
                         "--out", str(out / "report")], check=True)
