@@ -30,6 +30,7 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.hf import load_model
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import load_tokenizer
+from llmkit.train import distributed as D
 from llmkit.train.batches import windows
 from llmkit.train.config import DataConfig, OptimConfig, TrainConfig
 from llmkit.train.trainer import Trainer, TrainResult, lm_loss
@@ -280,8 +281,6 @@ class Distiller(Trainer):
         if info.is_main:
             TopKCache.build(self.teacher, self.data.train, t.seq_len, self.cache_topk, folder, key,
                             info.device, progress=t.progress)
-        from llmkit.train import distributed as D
-
         D.barrier(info)
         cache = TopKCache(folder)
         return FixedWindowSampler(self.data.train, t.seq_len, t.batch_size, t.seed, cache, info.dp_rank,
