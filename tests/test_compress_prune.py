@@ -350,3 +350,6 @@ def test_compress_report_table_matches_transformers(model_dir, calib_file, tmp_p
         assert row["parameters"] == sum(p.numel() for p in hf.parameters())
         assert row["decode_tokens_per_s"] > 0 and row["peak_memory_mb"] > 0 and row["size_mb"] > 0
     assert rows[0]["sparsity"] == 0 and rows[1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    rc = main(["compress", "report", "--model", str(model_dir), "--variants", str(tmp_path / "nope"), "--out",
+               str(tmp_path / "rep2")])
+    assert rc == 2 and "not a model folder" in capsys.readouterr().err
