@@ -215,3 +215,141 @@ def test_channel_pruning_writes_a_smaller_model_transformers_loads(model_dir, ca
     ids = torch.randint(0, m.config.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(small(ids).logits, m(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv", [4, 2])  # MHA: heads go with their keys/values; GQA: query heads per group
+def test_head_pruning_writes_a_smaller_model_transformers_loads(model_dir, calib_file, tmp_path, kv):
+    from test_infer_fixtures import hf_checkpoint as make
+
+    src = tmp_path / "src"
+    src.mkdir()
+    make("llama", src, vocab_size=llmkit.load_tokenizer(model_dir).vocab_size, max_position_embeddings=256,
+         initializer_range=0.1, num_key_value_heads=kv)
+    llmkit.load_tokenizer(model_dir).save(src)
+    calib = _calib(model_dir, calib_file)
+    hf = _hf(src)
+    seen = []
+    o = hf.model.layers[0].self_attn.o_proj
+    h = o.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in calib:
+            hf(row[None])
+    h.remove()
+    X = torch.cat(seen)  # [tokens, 4 heads * 16]
+    score = (X.norm(dim=0) * o.weight.detach().norm(dim=0)).view(4, 16).sum(1)  # per head, by hand
+    if kv == 4:  # the 2 best heads of 4
+        keep = sorted(int(i) for i in torch.topk(score, 2).indices)
+    else:  # the best query head of each KV group of 2
+        keep = [int(torch.argmax(score[g * 2:(g + 1) * 2])) + 2 * g for g in range(2)]
+    out = tmp_path / "h50"
+    rc = main(["prune", "--model", str(src), "--method", "heads", "--sparsity", "0.5", "--calib", str(calib_file),
+               "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 2 if kv == 4 else 2, 16)
+    small = _hf(out)
+    cols = torch.cat([torch.arange(16) + 16 * k for k in keep])
+    torch.testing.assert_close(small.model.layers[0].self_attn.o_proj.weight, o.weight[:, cols])
+    torch.testing.assert_close(small.model.layers[0].self_attn.q_proj.weight,
+                               hf.model.layers[0].self_attn.q_proj.weight[cols])
+    m = llmkit.load_model(out)
+    assert m.num_params() == sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, m.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, m(ids), rtol=1e-4, atol=1e-4)
+    assert len(llmkit.generate(m, [1, 2, 3], 4)) == 4  # the KV cache follows the new head counts
+
+
+def test_layer_pruning_drops_the_lowest_block_influence(model_dir, calib_file, tmp_path, capsys):
+    calib = _calib(model_dir, calib_file)
+    hf = _hf(model_dir)
+    io = {}
+    hooks = [layer.register_forward_hook(lambda m, a, kw, out, i=i: io.setdefault(i, []).append(
+        (kw.get("hidden_states", a[0] if a else None), out[0] if isinstance(out, tuple) else out)), with_kwargs=True)
+        for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        for row in calib:
+            hf(row[None])
+    for h in hooks:
+        h.remove()
+    bi = [1 - float(torch.cat([torch.nn.functional.cosine_similarity(x, y, dim=-1).flatten() for x, y in io[i]]).mean())
+          for i in range(2)]  # ShortGPT's Block Influence, from transformers' layers
+    gone = int(np.argmin(bi))
+    out = tmp_path / "l50"
+    rc = main(["prune", "--model", str(model_dir), "--method", "layers", "--sparsity", "0.5", "--calib",
+               str(calib_file), "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)])
+    assert rc == 0 and "blocks" in capsys.readouterr().out
+    small = _hf(out)
+    assert small.config.num_hidden_layers == 1
+    kept = hf.model.layers[1 - gone]
+    torch.testing.assert_close(small.model.layers[0].mlp.down_proj.weight, kept.mlp.down_proj.weight)
+    m = llmkit.load_model(out)
+    ids = torch.randint(0, m.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, m(ids), rtol=1e-4, atol=1e-4)
+    rc = main(["prune", "--model", str(model_dir), "--method", "layers", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--calib" in capsys.readouterr().err
+
+
+def test_asvd_beats_plain_svd_on_activation_weighted_error(model_dir, calib_file, tmp_path):
+    from llmkit.model.lowrank import asvd_scales
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    # LLM-like inputs: a few input channels carry large activations
+    X = torch.randn(512, 64) * (1 + 9 * (torch.arange(64) % 16 == 0))
+    s = X.abs().mean(0) ** 0.5  # ASVD's scales, written out
+    for r in (4, 8, 16):
+        plain, aware = LowRankLinear.from_linear(lin, r), LowRankLinear.from_linear(lin, r, s)
+        with torch.no_grad():
+            e_plain = float((X @ (lin.weight - plain.up.weight @ plain.down.weight).t()).norm())
+            e_aware = float((X @ (lin.weight - aware.up.weight @ aware.down.weight).t()).norm())
+            w_err = [float((lin.weight - m.up.weight @ m.down.weight).norm()) for m in (plain, aware)]
+        assert e_aware < 0.9 * e_plain, (r, e_aware, e_plain)
+        assert w_err[0] <= w_err[1] + 1e-5  # plain SVD stays the best in plain Frobenius norm (Eckart-Young)
+    # on a model: the scales are mean |X_j|^0.5 of the layer's calibration inputs, and the CLI folder loads
+    calib = _calib(model_dir, calib_file)
+    m = llmkit.load_model(model_dir)
+    seen = []
+    h = m.blocks[0].mlp.proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        m(calib)
+    h.remove()
+    sc = asvd_scales(m, ["blocks.0.mlp.proj"], calib)["blocks.0.mlp.proj"]
+    torch.testing.assert_close(sc, torch.cat(seen).abs().mean(0) ** 0.5)
+    rc = main(["lowrank", "--model", str(model_dir), "--rank", "8", "--calib", str(calib_file), "--calib-samples",
+               "4", "--calib-seq-len", "32", "--out", str(tmp_path / "asvd")])
+    assert rc == 0
+    a = llmkit.load_model(tmp_path / "asvd")
+    assert a.blocks[0].mlp.proj.rank == 8
+
+
+def test_compress_report_table_matches_transformers(model_dir, calib_file, tmp_path, capsys):
+    pruned = tmp_path / "mag50"
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--out",
+                 str(pruned)]) == 0
+    rc = main(["compress", "report", "--model", str(model_dir), "--variants", str(pruned), "--data", str(calib_file),
+               "--max-tokens", "200", "--seq-len", "64", "--new-tokens", "8", "--repeats", "1", "--out",
+               str(tmp_path / "rep")])
+    assert rc == 0 and "| variant | size (MB) |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert (tmp_path / "rep" / "report.png").stat().st_size > 1000
+    assert "mag50" in (tmp_path / "rep" / "report.md").read_text()
+    ids = llmkit.load_tokenizer(model_dir).encode(calib_file.read_text())[:200]
+    for row, folder in zip(rows, (model_dir, pruned), strict=True):
+        hf = _hf(folder)
+        nll, n = 0.0, 0
+        with torch.no_grad():  # the same non-overlapping 64-token windows, scored by transformers
+            for b in range(0, len(ids), 64):
+                x = torch.tensor(ids[b : b + 64])[None]
+                if x.shape[1] < 2:
+                    break
+                out = hf(x, labels=x)
+                nll, n = nll + float(out.loss) * (x.shape[1] - 1), n + x.shape[1] - 1
+        assert row["perplexity"] == pytest.approx(float(np.exp(nll / n)), rel=1e-4)
+        assert row["parameters"] == sum(p.numel() for p in hf.parameters())
+        assert row["decode_tokens_per_s"] > 0 and row["peak_memory_mb"] > 0 and row["size_mb"] > 0
+    assert rows[0]["sparsity"] == 0 and rows[1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    rc = main(["compress", "report", "--model", str(model_dir), "--variants", str(tmp_path / "nope"), "--out",
+               str(tmp_path / "rep2")])
+    assert rc == 2 and "not a model folder" in capsys.readouterr().err

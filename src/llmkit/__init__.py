@@ -28,6 +28,8 @@ _LAZY = {
     "prune_model": "llmkit.model.prune",
     "lowrank_model": "llmkit.model.lowrank",
     "merge_lowrank": "llmkit.model.lowrank",
+    "distill": "llmkit.train.distill",
+    "compress_report": "llmkit.eval.compress_report",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

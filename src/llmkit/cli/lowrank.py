@@ -1,4 +1,5 @@
-"""`llmkit lowrank --model DIR (--rank R | --energy E) --out DIR` and `llmkit lowrank merge --model DIR --out DIR`."""
+"""`llmkit lowrank --model DIR (--rank R | --energy E) [--calib FILE] --out DIR`,
+`llmkit lowrank merge --model DIR --out DIR`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--rank", type=int, help="the rank of every factorised layer (capped at min(in, out))")
     g.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this fraction of sum S^2")
     p.add_argument("--lm-head", action="store_true", help="factorise the LM head too")
+    p.add_argument("--calib", help="calibration text file or prepared data folder: activation-aware SVD (ASVD)")
+    p.add_argument("--calib-samples", type=int, default=32, help="number of calibration windows")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--alpha", type=float, default=0.5, help="ASVD: scale s_j = mean|X_j|^alpha")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
 
@@ -42,7 +47,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.rank is None and args.energy is None:
             raise InputError("llmkit lowrank needs --rank R or --energy E")
-        ranks = lowrank_model(model, args.rank, args.energy, skip=() if args.lm_head else ("lm_head",))
+        calib = None
+        if args.calib:
+            from llmkit.compress.calibration import load_calibration
+
+            tok = llmkit.load_tokenizer(args.model) if (Path(args.model) / "tokenizer.json").is_file() else None
+            calib = load_calibration(args.calib, tok, args.calib_samples,
+                                     min(args.calib_seq_len, model.config.block_size))
+        ranks = lowrank_model(model, args.rank, args.energy, skip=() if args.lm_head else ("lm_head",),
+                              calibration=calib, alpha=args.alpha)
         lo, hi = min(ranks.values(), default=0), max(ranks.values(), default=0)
         print(f"factorised {len(ranks)} layers, ranks {lo}..{hi}")
     model.save_pretrained(args.out)

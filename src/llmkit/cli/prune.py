@@ -1,29 +1,46 @@
-"""`llmkit prune --model DIR --method magnitude|wanda|sparsegpt|2:4 [--sparsity S] [--calib FILE] --out DIR`."""
+"""`llmkit prune --model DIR --method magnitude|wanda|sparsegpt|2:4|heads|channels|layers [--sparsity S]
+[--calib FILE] [--recover-steps N] --out DIR`."""
 
 from __future__ import annotations
 
 import argparse
 
+STRUCTURED = ("heads", "channels", "layers")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
-        help="prune a model's projections (magnitude, Wanda, SparseGPT, 2:4) into a normal model folder",
+        help="prune a model (magnitude, Wanda, SparseGPT, 2:4; heads, channels, layers) into a model folder",
         description="Example: llmkit prune --model out/m --method wanda --sparsity 0.5 --calib data.txt "
                     "--out out/m-w50",
     )
     p.add_argument("--model", required=True, help="float model folder (config.json + safetensors + tokenizer)")
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "2:4", "channels"],
-                   help="channels: structured, removes MLP channels (a smaller dense model)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights zeroed per layer (2:4: 0.5)")
-    p.add_argument("--calib", help="calibration text file or prepared data folder (wanda, sparsegpt; 2:4 optional)")
+    p.add_argument("--method", required=True,
+                   choices=["magnitude", "wanda", "sparsegpt", "2:4", "heads", "channels", "layers"],
+                   help="heads / channels / layers: structured, a smaller dense model (fewer attention heads, "
+                        "a smaller intermediate_size, fewer blocks)")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="fraction of weights zeroed per layer (2:4: 0.5), or of heads / channels / blocks removed")
+    p.add_argument("--calib", help="calibration text file or prepared data folder (wanda, sparsegpt, layers; "
+                   "2:4, heads and channels optional)")
     p.add_argument("--calib-samples", type=int, default=32, help="number of calibration windows")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
+    g = p.add_argument_group("recovery")
+    g.add_argument("--recover-steps", type=int, default=0,
+                   help="then train the pruned model N steps, distilled from the unpruned one (zeros stay zero)")
+    g.add_argument("--recover-data", help="text file or prepared data folder to recover on (default: --calib)")
+    g.add_argument("--recover-alpha", type=float, default=0.5, help="KL weight of the recovery loss (0: plain CE)")
+    g.add_argument("--recover-lr", type=float, default=3e-4)
+    g.add_argument("--recover-seq-len", type=int, default=64)
+    g.add_argument("--recover-batch-size", type=int, default=8)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import shutil
+    import uuid
     from pathlib import Path
 
     import llmkit
@@ -31,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.errors import InputError
     from llmkit.model.prune import prune_model
 
+    if args.recover_steps < 0:
+        raise InputError(f"--recover-steps must be >= 0, got {args.recover_steps}")
+    if args.recover_steps and not (args.recover_data or args.calib):
+        raise InputError("--recover-steps needs text to train on: --recover-data FILE (or --calib FILE)")
     model = llmkit.load_model(args.model)
     if not hasattr(model, "blocks"):
         raise InputError(f"{args.model} is not a decoder model; llmkit prune works on decoders")
@@ -38,15 +59,36 @@ def run(args: argparse.Namespace) -> int:
     if (Path(args.model) / "tokenizer.json").is_file():
         tokenizer = llmkit.load_tokenizer(args.model)
     calib = None
-    if args.method in ("wanda", "sparsegpt") and not args.calib:
+    if args.method in ("wanda", "sparsegpt", "layers") and not args.calib:
         raise InputError(f"--method {args.method} needs --calib FILE (text file or prepared data folder)")
     if args.calib:
         seq = min(args.calib_seq_len, model.config.block_size)
         calib = load_calibration(args.calib, tokenizer, args.calib_samples, seq)
+    before = model.num_params()
     layers = prune_model(model, args.method, args.sparsity, calib, progress=True)
-    model.save_pretrained(args.out)
+    out = Path(args.out)
+    target = out.parent / f".{out.name}.pruned-{uuid.uuid4().hex[:8]}" if args.recover_steps else out
+    model.save_pretrained(target)
     if tokenizer is not None:
-        tokenizer.save(args.out)
-    mean = sum(layers.values()) / max(len(layers), 1)
-    print(f"wrote {args.out}: {args.method}, {len(layers)} layers, {mean:.1%} of their weights zero")
+        tokenizer.save(target)
+    if args.method in STRUCTURED:
+        what = {"heads": "attention heads", "channels": "MLP channels", "layers": "blocks"}[args.method]
+        print(f"pruned {what}: {before:,} -> {model.num_params():,} parameters ({model.config.model_type} folder)")
+    else:
+        mean = sum(layers.values()) / max(len(layers), 1)
+        print(f"pruned: {args.method}, {len(layers)} layers, {mean:.1%} of their weights zero")
+    if args.recover_steps:
+        from llmkit.train.distill import distill
+
+        try:
+            r = distill(args.model, args.recover_data or args.calib, str(out), student=str(target),
+                        max_steps=args.recover_steps, alpha=args.recover_alpha, temperature=1.0, lr=args.recover_lr,
+                        seq_len=min(args.recover_seq_len, model.config.block_size),
+                        batch_size=args.recover_batch_size, keep_zeros=args.method not in STRUCTURED,
+                        warmup_steps=max(1, args.recover_steps // 10),
+                        eval_interval=args.recover_steps, overwrite=True)
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+        print(f"recovered {r.step} steps: val loss {r.val_loss:.4f}")
+    print(f"wrote {out}")
     return 0

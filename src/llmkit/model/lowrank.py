@@ -4,7 +4,8 @@ A swappable Linear kind: `down` (in -> r, no bias) then `up` (r -> out, the orig
 up.weight = U_r sqrt(S_r) and down.weight = sqrt(S_r) V_r^T (truncated SVD, the best rank-r
 approximation in Frobenius norm). Saved with llmkit's tensor names and a config.json "lowrank"
 section ({"modules": {name: {"rank": r}}}) that `load_model` reads; `merge_lowrank` returns a
-dense model (W = up.weight @ down.weight) that any Hugging Face loader reads.
+dense model (W = up.weight @ down.weight) that any Hugging Face loader reads. With calibration
+inputs the factorisation is activation-aware (ASVD): see `lowrank_model`.
 """
 
 from __future__ import annotations
@@ -28,13 +29,19 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, rank: int) -> LowRankLinear:
+    def from_linear(cls, lin: nn.Linear, rank: int, scale: Tensor | None = None) -> LowRankLinear:
+        """Truncated SVD of W, or with `scale` s [in] (ASVD) of W·diag(s), the factor then times diag(1/s)."""
         w = lin.weight.detach().float()
+        if scale is not None:
+            w = w * scale[None, :]
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # [out, k], [k], [k, in]
         root = S[:rank].sqrt()
         m = cls(lin.in_features, lin.out_features, rank, lin.bias is not None, device="meta")
         dt = lin.weight.dtype
-        m.down.weight = nn.Parameter((root[:, None] * Vh[:rank]).to(dt).contiguous())
+        down = root[:, None] * Vh[:rank]
+        if scale is not None:
+            down = down / scale[None, :]
+        m.down.weight = nn.Parameter(down.to(dt).contiguous())
         m.up.weight = nn.Parameter((U[:, :rank] * root[None]).to(dt).contiguous())
         if lin.bias is not None:
             m.up.bias = nn.Parameter(lin.bias.detach().clone())
@@ -68,13 +75,34 @@ def lowrank_targets(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> l
     return [n for n in linear_targets(model, skip) if n.startswith("blocks.") or n == "lm_head"]
 
 
+def asvd_scales(model: nn.Module, names: list[str], calibration, alpha: float = 0.5) -> dict[str, Tensor]:
+    """ASVD's per-input-channel scales s_j = (mean_tokens |X_j|)^alpha of each named Linear's inputs."""
+    from llmkit.model.quant import calibration_batches, capture_inputs, run_calibration
+
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def see(name: str, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        sums[name] = sums.get(name, 0) + x.abs().sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    with capture_inputs(model, names, see):
+        run_calibration(model, calibration_batches(model, calibration))
+    return {n: (sums[n] / counts[n]).clamp(min=1e-6) ** alpha for n in sums}
+
+
 @torch.no_grad()
 def lowrank_model(model: nn.Module, rank: int | None = None, energy: float | None = None,
-                  skip: tuple[str, ...] = ("lm_head",), only_smaller: bool = True) -> dict[str, int]:
+                  skip: tuple[str, ...] = ("lm_head",), only_smaller: bool = True,
+                  calibration: Tensor | list | None = None, alpha: float = 0.5) -> dict[str, int]:
     """Factorise the block projections in place; returns {name: rank}.
 
     Exactly one of `rank` (capped at min(out, in)) or `energy` (per layer, the rank keeping that
     fraction of sum S^2). `only_smaller`: keep a layer dense when r (in + out) >= in * out.
+    `calibration` (token ids [n, seq]) switches to ASVD (Yuan et al., 2023): W·diag(s) is factorised,
+    s_j = mean|X_j|^alpha from the layer's calibration inputs, and diag(1/s) folded into `down`, so
+    the input channels that carry large activations are approximated best.
     """
     if (rank is None) == (energy is None):
         raise ConfigError("give exactly one of rank or energy")
@@ -86,17 +114,21 @@ def lowrank_model(model: nn.Module, rank: int | None = None, energy: float | Non
         raise InputError("factorise a dense float model: this one is quantized or already low-rank")
     model.eval()
     ranks: dict[str, int] = {}
-    for name in lowrank_targets(model, skip):
+    names = lowrank_targets(model, skip)
+    scales = asvd_scales(model, names, calibration, alpha) if calibration is not None else {}
+    for name in names:
         lin = model.get_submodule(name)
         full = min(lin.in_features, lin.out_features)
+        s = scales.get(name)
         if rank is not None:
             r = min(rank, full)
         else:
-            r = energy_rank(torch.linalg.svdvals(lin.weight.detach().float()), energy)
+            w = lin.weight.detach().float()
+            r = energy_rank(torch.linalg.svdvals(w * s[None, :] if s is not None else w), energy)
         if only_smaller and r * (lin.in_features + lin.out_features) >= lin.in_features * lin.out_features \
                 and rank is None:
             continue
-        model.set_submodule(name, LowRankLinear.from_linear(lin, r))
+        model.set_submodule(name, LowRankLinear.from_linear(lin, r, s))
         ranks[name] = r
     model.lowrank = {"modules": {n: {"rank": r} for n, r in ranks.items()}}
     if getattr(model, "config", None) is not None and model.config.tie_embeddings and "lm_head" in ranks:

@@ -1,4 +1,5 @@
-"""Unstructured pruning: magnitude, Wanda, SparseGPT and 2:4 semi-structured sparsity, per layer.
+"""Pruning: unstructured (magnitude, Wanda, SparseGPT), 2:4 semi-structured, and structured (attention
+heads, MLP channels, whole blocks).
 
 Each method zeroes weights of the block projections in place; the model stays a dense model with
 zeros, so a pruned folder is a normal Hugging Face folder (load_model, generate, serve, quantize and
@@ -22,14 +23,14 @@ from torch import Tensor
 from llmkit.errors import ConfigError, InputError
 from llmkit.model.quant import (
     QUANT_KINDS,
-    _calibration_batches,
-    _sequential_groups,
+    calibration_batches,
     capture_inputs,
     linear_targets,
     run_calibration,
+    sequential_groups,
 )
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "2:4", "channels")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "2:4", "heads", "channels", "layers")
 
 
 def lowest_mask(score: Tensor, k: int, dim: int | None = None) -> Tensor:
@@ -99,9 +100,11 @@ def prune_model(model: nn.Module, method: str = "magnitude", sparsity: float = 0
                 calibration: Tensor | list | None = None, progress: bool = False) -> dict[str, float]:
     """Prune `model`'s block projections in place; returns each layer's fraction of zero weights.
 
-    `method`: magnitude | wanda | sparsegpt | 2:4 (sparsity fixed at 0.5) | channels (structured:
-    removes that fraction of every MLP's intermediate channels, see `prune_channels`). `calibration`:
-    token ids [n, seq], needed by wanda and sparsegpt (2:4 and channels use activations when given).
+    `method`: magnitude | wanda | sparsegpt | 2:4 (sparsity fixed at 0.5), or structured (a smaller
+    dense model): heads (`prune_heads`), channels (`prune_channels`: MLP intermediate channels),
+    layers (`prune_layers`: whole blocks). `calibration`: token ids [n, seq], needed by wanda,
+    sparsegpt and layers (2:4, heads and channels use activations when given). Structured methods
+    return {module: fraction removed}.
     """
     if method not in PRUNE_METHODS:
         raise ConfigError(f"prune method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
@@ -111,14 +114,21 @@ def prune_model(model: nn.Module, method: str = "magnitude", sparsity: float = 0
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
     if any(isinstance(m, QUANT_KINDS) for m in model.modules()):
         raise InputError("prune a float model: this one is quantized (prune first, then quantize)")
-    batches = _calibration_batches(model, calibration)
+    batches = calibration_batches(model, calibration)
     if method in ("wanda", "sparsegpt") and not batches:
         raise InputError(f"method {method!r} needs calibration data: token ids [n, seq] (--calib FILE)")
     model.eval()
     if method == "channels":
         return prune_channels(model, sparsity, batches)
+    if method == "heads":
+        return prune_heads(model, sparsity, batches)
+    if method == "layers":
+        if not batches:
+            raise InputError("method 'layers' needs calibration data (block influence): token ids [n, seq] "
+                             "(--calib FILE)")
+        return prune_layers(model, sparsity, batches)
     names = prune_targets(model)
-    order = _sequential_groups(model, names) if batches else [names]
+    order = sequential_groups(model, names) if batches else [names]
     if progress:
         from tqdm.auto import tqdm
 
@@ -210,3 +220,119 @@ def prune_channels(model: nn.Module, sparsity: float, batches: list[Tensor] | No
         out[f"blocks.{i}.mlp"] = 1 - keep / inter
     model.config = dataclasses.replace(model.config, intermediate_size=keep)  # a copy: configs may be shared
     return out
+
+
+def _new_linear(old: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Linear:
+    """A Linear holding the chosen output `rows` / input `cols` of `old`."""
+    w = old.weight
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    b = old.bias
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    new.weight.copy_(w)
+    if b is not None:
+        new.bias.copy_(b[rows] if rows is not None else b)
+    return new
+
+
+@torch.no_grad()
+def prune_heads(model: nn.Module, sparsity: float, batches: list[Tensor] | None = None) -> dict[str, float]:
+    """Structured: remove attention heads, the same count in every layer (configs hold one n_head).
+
+    Head h's importance in a layer is sum_c ||X_c||_2 * ||W_o[:, c]||_2 over its head_dim columns c of
+    the output projection (X: the projection's calibration inputs, i.e. the heads' outputs), or without
+    calibration ||W_o[:, h]||_F * ||W_q[h]||_F. MHA (n_kv_head = n_head): round(s * n_head) heads go with
+    their keys and values; GQA/MQA: round(s * group) query heads of every KV group go (the KV heads
+    stay, so each group keeps the same size). Families whose Hugging Face config cannot hold a
+    head_dim other than n_embd / n_head (gpt2, phi3) are saved as model_type llmkit. Returns
+    {attn: fraction of query heads removed}."""
+    import dataclasses
+
+    cfg = model.config
+    blocks = list(getattr(model, "blocks", []))
+    if not blocks:
+        raise InputError("head pruning needs a decoder with blocks")
+    if cfg.pos == "alibi":
+        raise InputError("head pruning of ALiBi models is not supported (the slopes depend on the head count)")
+    nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    g = nh // nkv
+    mha = nkv == nh
+    drop = int(round(sparsity * (nh if mha else g)))
+    if drop >= (nh if mha else g):
+        raise ConfigError(f"sparsity {sparsity} would remove every attention head"
+                          + ("" if mha else " of a KV group"))
+    names = [f"blocks.{i}.attn.proj" for i in range(len(blocks))]
+    stats = _collect(model, names, batches, "wanda") if batches else {}
+    out = {}
+    new_nh, new_nkv = (nh - drop, nkv - drop) if mha else (nkv * (g - drop), nkv)
+    for i, b in enumerate(blocks):
+        attn = b.attn
+        wo, wqkv = attn.proj.weight.float(), attn.qkv.weight.float()  # [C, nh*hd], [(nh+2nkv)*hd, C]
+        if names[i] in stats:
+            score = (stats[names[i]]["x_norm"] * wo.norm(dim=0)).view(nh, hd).sum(1)
+        else:
+            score = wo.view(-1, nh, hd).norm(dim=(0, 2)) * wqkv[: nh * hd].view(nh, hd, -1).norm(dim=(1, 2))
+        if mha:
+            q_keep = torch.sort(torch.topk(score, nh - drop).indices).values
+            kv_keep = q_keep
+        else:  # the best (g - drop) query heads of every group
+            per = torch.topk(score.view(nkv, g), g - drop, dim=1).indices.sort(dim=1).values
+            q_keep = (per + torch.arange(nkv)[:, None] * g).flatten()
+            kv_keep = torch.arange(nkv)
+        cols = (q_keep[:, None] * hd + torch.arange(hd)).flatten()
+        k_rows = ((nh + kv_keep)[:, None] * hd + torch.arange(hd)).flatten()
+        v_rows = ((nh + nkv + kv_keep)[:, None] * hd + torch.arange(hd)).flatten()
+        attn.qkv = _new_linear(attn.qkv, rows=torch.cat([cols, k_rows, v_rows]))
+        attn.proj = _new_linear(attn.proj, cols=cols)
+        attn.n_head, attn.n_kv_head = new_nh, new_nkv
+        out[f"blocks.{i}.attn"] = 1 - new_nh / nh
+    new = dataclasses.replace(cfg, n_head=new_nh, n_kv_head=new_nkv, head_dim=hd)
+    if cfg.model_type in ("gpt2", "phi3") and new_nh * hd != cfg.n_embd:
+        new = dataclasses.replace(new, model_type="llmkit")  # their configs derive head_dim from n_embd
+    model.config = new
+    return out
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, batches: list[Tensor]) -> list[float]:
+    """ShortGPT's Block Influence per block: 1 - mean over tokens of cos(block input, block output)."""
+    sums = [0.0] * len(model.blocks)
+    count = [0] * len(model.blocks)
+
+    def hook(i):
+        def fn(_m, args, out):
+            x, y = args[0].float(), out.float()
+            cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)  # [B, T]
+            sums[i] += float(cos.sum())
+            count[i] += cos.numel()
+        return fn
+
+    hooks = [b.register_forward_hook(hook(i)) for i, b in enumerate(model.blocks)]
+    try:
+        run_calibration(model, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [1 - s / max(n, 1) for s, n in zip(sums, count, strict=True)]
+
+
+@torch.no_grad()
+def prune_layers(model: nn.Module, sparsity: float, batches: list[Tensor]) -> dict[str, float]:
+    """Structured: remove the round(s * n_layer) blocks with the lowest Block Influence (ShortGPT, Men
+    et al., 2024); config `n_layer` (and `layer_types`) shrink. Returns {removed block: its influence}."""
+    import dataclasses
+
+    cfg = model.config
+    n = len(model.blocks)
+    drop = int(round(sparsity * n))
+    if drop >= n:
+        raise ConfigError(f"sparsity {sparsity} would remove every block")
+    bi = block_influence(model, batches)
+    gone = sorted(sorted(range(n), key=lambda i: (bi[i], i))[:drop])
+    keep = [i for i in range(n) if i not in gone]
+    model.blocks = nn.ModuleList(model.blocks[i] for i in keep)
+    for j, b in enumerate(model.blocks):
+        b.attn.layer_idx = j  # the KV-cache slot
+    types = [cfg.layer_types[i] for i in keep] if cfg.layer_types is not None else None
+    model.config = dataclasses.replace(cfg, n_layer=len(keep), layer_types=types)
+    return {f"blocks.{i}": bi[i] for i in gone}

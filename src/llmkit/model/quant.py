@@ -538,7 +538,7 @@ def quantize_model(
     spec = spec_for("int8" if method == "w8a8" else dtype, 0 if method == "w8a8" else group_size)
     if act_calib not in ("dynamic", "kl"):
         raise ConfigError(f"act_calib must be 'dynamic' or 'kl', got {act_calib!r}")
-    batches = _calibration_batches(model, calibration)
+    batches = calibration_batches(model, calibration)
     if method != "rtn" and not batches:
         raise InputError(f"method {method!r} needs calibration data: token ids [n, seq] (calibration=...)")
     if any(isinstance(m, QUANT_KINDS) for m in model.modules()):
@@ -547,7 +547,7 @@ def quantize_model(
     split_moe_experts(model)
     names = linear_targets(model, skip)
     entries: dict[str, dict] = {}
-    order = _sequential_groups(model, names) if method in ("gptq", "awq") else [names]
+    order = sequential_groups(model, names) if method in ("gptq", "awq") else [names]
     it = order
     if progress:
         from tqdm.auto import tqdm
@@ -572,7 +572,7 @@ def quantize_model(
     return model
 
 
-def _calibration_batches(model: nn.Module, calibration) -> list[Tensor]:
+def calibration_batches(model: nn.Module, calibration) -> list[Tensor]:
     if calibration is None:
         return []
     if isinstance(calibration, Tensor):
@@ -591,7 +591,7 @@ def _calibration_batches(model: nn.Module, calibration) -> list[Tensor]:
     return [r[None] for r in rows]  # one sequence per forward (lengths may differ)
 
 
-def _sequential_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
+def sequential_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
     """Targets grouped by transformer block, in depth order: a block is calibrated with all earlier
     blocks already quantized (GPTQ's sequential mode)."""
     groups: dict[str, list[str]] = {}
