@@ -91,16 +91,21 @@ def load_llama_cpp(path, threads: int):
 def llama_cpp_greedy(llm, prompt: list[int], n: int, on_first=None) -> list[int]:
     """Greedy decode through llama-cpp-python, one `eval` per token (argmax of the last position's
     logits); `on_first()` is called after the first token (prefill) is known."""
+    import llama_cpp
     import numpy as np
 
+    def next_token() -> int:  # argmax of the last position's logits (`scores` needs logits_all=True)
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+
+    vocab = llm.n_vocab()
     llm.reset()
     llm.eval(prompt)
-    toks = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    toks = [next_token()]
     if on_first is not None:
         on_first()
     for _ in range(n - 1):
         llm.eval([toks[-1]])
-        toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        toks.append(next_token())
     return toks
 
 
