@@ -64,11 +64,12 @@ class StaticKVCache:
                 f"KV cache holds {self.max_len} positions but {end} are needed; "
                 "allocate a longer cache (max_len) or generate fewer tokens"
             )
-        self.k[layer_idx][:, :, start:end] = k
-        self.v[layer_idx][:, :, start:end] = v
+        K, V = self.k[layer_idx], self.v[layer_idx]
+        K.narrow(2, start, T).copy_(k)  # narrow: one cheap op, where [:, :, a:b] indexing is several
+        V.narrow(2, start, T).copy_(v)
         if layer_idx == self.n_layer - 1:
             self.length = end
-        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+        return K.narrow(2, 0, end), V.narrow(2, 0, end)
 
     def set_padding(self, key_mask: Tensor) -> None:
         """Rows are left-padded: `key_mask` [B, max_len] marks real columns; positions start at 0 at

@@ -54,7 +54,8 @@ class PackedLinear(nn.Linear):
         version = (w._version, w.data_ptr())
         if version != self._version:
             self._copies, self._version = {}, version
-        if kind not in self._copies:
+        c = self._copies.get(kind)
+        if c is None:
             w = w.detach()
             if kind == "input_major":  # [out, in] values in [in, out]-contiguous storage
                 c = w.t().contiguous().t()
@@ -64,27 +65,26 @@ class PackedLinear(nn.Linear):
             else:  # oneDNN blocked layout
                 c = torch.ops.mkldnn._reorder_linear_weight(w, 8)
             self._copies[kind] = c
-        return self._copies[kind]
+        return c
 
     def _n_blocks(self) -> int:
         return 8 if self.out_features >= 8192 else 2
 
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
-        w = self.weight
-        if (torch.is_grad_enabled() and w.requires_grad) or w.device.type != "cpu" or w.dtype != torch.float32:
-            return F.linear(x, w, self.bias)
+        w, bias = self.weight, self.bias
+        if (w.requires_grad and torch.is_grad_enabled()) or w.device.type != "cpu" or w.dtype != torch.float32:
+            return F.linear(x, w, bias)
         batch = x.shape[0] if x.dim() == 3 else x.shape[:-1].numel()
         if batch == 1 and torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:
             blocks = self._copy("blocks")
             rows = x.reshape(-1, self.in_features)  # [M, in]
             y = torch.bmm(rows.expand(blocks.shape[0], *rows.shape), blocks)  # [nb, M, out/nb]
             y = y.transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
+            return y if bias is None else y + bias
         if batch == 1 or not _onednn_ok():
-            return F.linear(x, self._copy("input_major"), self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, self.in_features), self._copy("onednn"), self.bias, "none", [], ""
-        )
+            return F.linear(x, self._copy("input_major"), bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self._copy("onednn"), bias, "none",
+                                               [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
