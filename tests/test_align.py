@@ -130,8 +130,9 @@ def test_dpo_loss_and_rewards_match_transformers_logprobs(base, tmp_path, loss_t
     from llmkit.train.preference import DPOTrainer, PrefConfig
 
     beta = 0.3
+    rpo = 0.5 if loss_type == "sigmoid" else 0.0  # RPO: + alpha x the chosen answers' mean token NLL
     ft = PrefConfig(model=str(base / "base"), data=[str(base / "prefs.jsonl")], method="lora", beta=beta,
-                    loss_type=loss_type, lora_r=4, lora_dropout=0.0)
+                    loss_type=loss_type, lora_r=4, lora_dropout=0.0, rpo_alpha=rpo)
     tr = DPOTrainer(ft, OptimConfig(batch_size=4, max_iters=1, progress=False, device="cpu"), tmp_path / "o",
                     max_steps=1)
     tr._setup()
@@ -147,15 +148,18 @@ def test_dpo_loss_and_rewards_match_transformers_logprobs(base, tmp_path, loss_t
     merge_lora(copy.deepcopy(tr.raw_model)).save_pretrained(str(tmp_path / "merged"))
     pol = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     ref = AutoModelForCausalLM.from_pretrained(base / "base", dtype=torch.float32).eval()
+    n_chosen = [sum(lab != -100 for lab in p.chosen.labels[1:]) for p in pairs]
+    nll = -sum(_hf_logps(pol, p.chosen) for p in pairs) / sum(n_chosen)
+    assert float(stats["nll_loss"][0]) == pytest.approx(nll, abs=1e-4)
     for k, p in enumerate(pairs):
         pc, pr, rc, rr = (_hf_logps(m, e) for m, e in ((pol, p.chosen), (pol, p.rejected), (ref, p.chosen),
                                                         (ref, p.rejected)))
         if loss_type == "ipo":  # IPO uses length-normalised log-probs (as trl)
-            nc, nr = (sum(lab != -100 for lab in e.labels[1:]) for e in (p.chosen, p.rejected))
+            nc, nr = n_chosen[k], sum(lab != -100 for lab in p.rejected.labels[1:])
             pc, rc, pr, rr = pc / nc, rc / nc, pr / nr, rr / nr
         h = (pc - pr) - (rc - rr)
         want = {"sigmoid": -math.log(1 / (1 + math.exp(-beta * h))), "ipo": (h - 1 / (2 * beta)) ** 2,
-                "hinge": max(0.0, 1 - beta * h)}[loss_type]
+                "hinge": max(0.0, 1 - beta * h)}[loss_type] + rpo * nll
         assert float(losses[k]) == pytest.approx(want, abs=1e-4, rel=1e-4)
         assert float(stats["rewards/chosen"][k]) == pytest.approx(beta * (pc - rc), abs=1e-4)
         assert float(stats["rewards/rejected"][k]) == pytest.approx(beta * (pr - rr), abs=1e-4)
