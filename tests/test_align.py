@@ -256,6 +256,39 @@ def test_grpo_run_metrics_plot_fast_path_and_exact_resume(base, tmp_path):
     assert full.val_reward is not None
 
 
+def test_lora_policy_trains_through_the_packed_frozen_layers(base, tmp_path):
+    """After a rollout the frozen base projections are the packed-for-decode kind, whose CPU kernel has no
+    backward: the input gradient must still equal F.linear's, and one GRPO step under LoRA must move the
+    adapters of the first block (the gradient crosses every frozen layer above it)."""
+    from llmkit.model.linear import PackedLinear
+    from llmkit.train import rl
+
+    lin = torch.nn.Linear(8, 16).requires_grad_(False)
+    x = torch.randn(4, 3, 8, requires_grad=True)
+    (g_packed,) = torch.autograd.grad(PackedLinear(lin)(x).square().sum(), x)
+    (g_dense,) = torch.autograd.grad(F.linear(x, lin.weight, lin.bias).square().sum(), x)
+    torch.testing.assert_close(g_packed, g_dense)
+
+    seen = {}
+    real = rl.RLTrainer.minibatch_loss
+
+    def spy(self, ro, idx):
+        out = real(self, ro, idx)
+        seen["model"] = self.raw_model
+        return out
+
+    (tmp_path / "length.py").write_text("def reward(prompt, completion, **row):\n    return float(len(completion))\n")
+    rl.RLTrainer.minibatch_loss = spy
+    try:  # a reward that differs between samples, so the advantages are not all 0
+        rl.grpo(str(base / "base"), f"{tmp_path / 'length.py'}:reward", str(base / "prompts.jsonl"), str(tmp_path / "l"),
+                method="lora", lora_r=4, lora_dropout=0.0, max_steps=1, batch_size=2, lr=1e-2, max_new_tokens=6,
+                progress=False, eval_prompts=2, beta=0.1)
+    finally:
+        rl.RLTrainer.minibatch_loss = real
+    first = [p for n, p in seen["model"].named_parameters() if "blocks.0." in n and "lora_B" in n]
+    assert first and any(float(p.abs().sum()) > 0 for p in first)  # B starts at 0: it moved
+
+
 def test_rollouts_use_the_decode_fast_path(base, tmp_path):
     """Rollouts go through `llmkit.generate` with the KV cache and the decode fast path (the
     packed-for-decode Linear kind), never the slow recompute-everything path."""
