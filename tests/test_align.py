@@ -280,7 +280,8 @@ def test_lora_policy_trains_through_the_packed_frozen_layers(base, tmp_path):
     (tmp_path / "length.py").write_text("def reward(prompt, completion, **row):\n    return float(len(completion))\n")
     rl.RLTrainer.minibatch_loss = spy
     try:  # a reward that differs between samples, so the advantages are not all 0
-        rl.grpo(str(base / "base"), f"{tmp_path / 'length.py'}:reward", str(base / "prompts.jsonl"), str(tmp_path / "l"),
+        rl.grpo(str(base / "base"), f"{tmp_path / 'length.py'}:reward", str(base / "prompts.jsonl"),
+                str(tmp_path / "l"),
                 method="lora", lora_r=4, lora_dropout=0.0, max_steps=1, batch_size=2, lr=1e-2, max_new_tokens=6,
                 progress=False, eval_prompts=2, beta=0.1)
     finally:
