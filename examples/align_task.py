@@ -55,9 +55,10 @@ def write_prompts(data: str, out: str, limit: int | None = None) -> Path:
 
 
 def write_prefs(data: str, out: str, model: str | None = None, limit: int | None = None, seed: int = 0,
-                samples: int = 4) -> tuple[Path, int]:
-    """Pairs (correct, wrong); with `model`, wrong answers are the model's own (sampled) mistakes when it makes
-    any, else corrupted answers. Returns the path and how many rejected answers came from the model."""
+                samples: int = 4, temperature: float = 0.5) -> tuple[Path, int]:
+    """Pairs (correct, wrong); with `model`, wrong answers are the model's own mistakes (greedy first, then
+    samples at `temperature`) when it makes any, else corrupted answers. Returns the path and how many
+    rejected answers came from the model."""
     rng = random.Random(seed)
     recs = _records(data)[:limit]
     wrong: dict[int, str] = {}
@@ -72,7 +73,7 @@ def write_prefs(data: str, out: str, model: str | None = None, limit: int | None
         for k in range(samples):
             for i in range(0, len(ids), 64):
                 outs = llmkit.generate(m, ids[i : i + 64], max_new_tokens=24, eos_token_ids=stop,
-                                       temperature=0.0 if k == 0 else 1.0)
+                                       temperature=0.0 if k == 0 else temperature)
                 for j, g in enumerate(outs):
                     text = tok.decode(g, skip_special_tokens=True).strip()
                     if text != recs[i + j][1] and i + j not in wrong:
@@ -96,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--model", help="take rejected answers from this model's mistakes")
     q.add_argument("--limit", type=int)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--temperature", type=float, default=0.5, help="sampling temperature of the model's answers")
     args = ap.parse_args(argv)
     if args.cmd == "prompts":
         print(f"wrote {write_prompts(args.data, args.out, args.limit)}")
     else:
-        path, n = write_prefs(args.data, args.out, args.model, args.limit, args.seed)
+        path, n = write_prefs(args.data, args.out, args.model, args.limit, args.seed,
+                              temperature=args.temperature)
         print(f"wrote {path} ({n} rejected answers from the model, the rest corrupted)")
     return 0
 

@@ -130,8 +130,9 @@ def test_dpo_loss_and_rewards_match_transformers_logprobs(base, tmp_path, loss_t
     from llmkit.train.preference import DPOTrainer, PrefConfig
 
     beta = 0.3
+    rpo = 0.5 if loss_type == "sigmoid" else 0.0  # RPO: + alpha x the chosen answers' mean token NLL
     ft = PrefConfig(model=str(base / "base"), data=[str(base / "prefs.jsonl")], method="lora", beta=beta,
-                    loss_type=loss_type, lora_r=4, lora_dropout=0.0)
+                    loss_type=loss_type, lora_r=4, lora_dropout=0.0, rpo_alpha=rpo)
     tr = DPOTrainer(ft, OptimConfig(batch_size=4, max_iters=1, progress=False, device="cpu"), tmp_path / "o",
                     max_steps=1)
     tr._setup()
@@ -147,15 +148,18 @@ def test_dpo_loss_and_rewards_match_transformers_logprobs(base, tmp_path, loss_t
     merge_lora(copy.deepcopy(tr.raw_model)).save_pretrained(str(tmp_path / "merged"))
     pol = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     ref = AutoModelForCausalLM.from_pretrained(base / "base", dtype=torch.float32).eval()
+    n_chosen = [sum(lab != -100 for lab in p.chosen.labels[1:]) for p in pairs]
+    nll = -sum(_hf_logps(pol, p.chosen) for p in pairs) / sum(n_chosen)
+    assert float(stats["nll_loss"][0]) == pytest.approx(nll, abs=1e-4)
     for k, p in enumerate(pairs):
         pc, pr, rc, rr = (_hf_logps(m, e) for m, e in ((pol, p.chosen), (pol, p.rejected), (ref, p.chosen),
                                                         (ref, p.rejected)))
         if loss_type == "ipo":  # IPO uses length-normalised log-probs (as trl)
-            nc, nr = (sum(lab != -100 for lab in e.labels[1:]) for e in (p.chosen, p.rejected))
+            nc, nr = n_chosen[k], sum(lab != -100 for lab in p.rejected.labels[1:])
             pc, rc, pr, rr = pc / nc, rc / nc, pr / nr, rr / nr
         h = (pc - pr) - (rc - rr)
         want = {"sigmoid": -math.log(1 / (1 + math.exp(-beta * h))), "ipo": (h - 1 / (2 * beta)) ** 2,
-                "hinge": max(0.0, 1 - beta * h)}[loss_type]
+                "hinge": max(0.0, 1 - beta * h)}[loss_type] + rpo * nll
         assert float(losses[k]) == pytest.approx(want, abs=1e-4, rel=1e-4)
         assert float(stats["rewards/chosen"][k]) == pytest.approx(beta * (pc - rc), abs=1e-4)
         assert float(stats["rewards/rejected"][k]) == pytest.approx(beta * (pr - rr), abs=1e-4)
@@ -250,6 +254,40 @@ def test_grpo_run_metrics_plot_fast_path_and_exact_resume(base, tmp_path):
     for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, msg=n)
     assert full.val_reward is not None
+
+
+def test_lora_policy_trains_through_the_packed_frozen_layers(base, tmp_path):
+    """After a rollout the frozen base projections are the packed-for-decode kind, whose CPU kernel has no
+    backward: the input gradient must still equal F.linear's, and one GRPO step under LoRA must move the
+    adapters of the first block (the gradient crosses every frozen layer above it)."""
+    from llmkit.model.linear import PackedLinear
+    from llmkit.train import rl
+
+    lin = torch.nn.Linear(8, 16).requires_grad_(False)
+    x = torch.randn(4, 3, 8, requires_grad=True)
+    (g_packed,) = torch.autograd.grad(PackedLinear(lin)(x).square().sum(), x)
+    (g_dense,) = torch.autograd.grad(F.linear(x, lin.weight, lin.bias).square().sum(), x)
+    torch.testing.assert_close(g_packed, g_dense)
+
+    seen = {}
+    real = rl.RLTrainer.minibatch_loss
+
+    def spy(self, ro, idx):
+        out = real(self, ro, idx)
+        seen["model"] = self.raw_model
+        return out
+
+    (tmp_path / "length.py").write_text("def reward(prompt, completion, **row):\n    return float(len(completion))\n")
+    rl.RLTrainer.minibatch_loss = spy
+    try:  # a reward that differs between samples, so the advantages are not all 0
+        rl.grpo(str(base / "base"), f"{tmp_path / 'length.py'}:reward", str(base / "prompts.jsonl"),
+                str(tmp_path / "l"),
+                method="lora", lora_r=4, lora_dropout=0.0, max_steps=1, batch_size=2, lr=1e-2, max_new_tokens=6,
+                progress=False, eval_prompts=2, beta=0.1)
+    finally:
+        rl.RLTrainer.minibatch_loss = real
+    first = [p for n, p in seen["model"].named_parameters() if "blocks.0." in n and "lora_B" in n]
+    assert first and any(float(p.abs().sum()) > 0 for p in first)  # B starts at 0: it moved
 
 
 def test_rollouts_use_the_decode_fast_path(base, tmp_path):

@@ -20,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (sigmoid)")
+    p.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="add this weight x the chosen answers' NLL to the loss (RPO; keeps their likelihood up)")
     p.add_argument("--precompute-ref", action="store_true", help="compute the reference log-probs once, up front")
     p.add_argument("--max-seq-len", type=int)
     add_common(p, "peak learning rate (default: full 1e-5, lora 1e-4)")
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.train.preference import dpo
 
     r = dpo(args.model, args.data, args.out, beta=args.beta, loss_type=args.loss, val_data=args.val_data,
-            val_fraction=args.val_fraction, label_smoothing=args.label_smoothing, precompute_ref=args.precompute_ref,
+            val_fraction=args.val_fraction, label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha,
+            precompute_ref=args.precompute_ref,
             max_seq_len=args.max_seq_len, **common_kwargs(args))
     last = next((m for m in reversed(r.metrics) if "eval_rewards/accuracies" in m), {})
     acc = f"held-out reward accuracy {last['eval_rewards/accuracies']:.3f}, " if last else ""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from llmkit.cli._train_args import add_lora_args, add_run_args
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -30,26 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--max-minutes", type=float, help="time budget: stop (schedule finished) after this long")
     g.add_argument("--warmup-steps", type=int, help="default: 5%% of the steps")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--eval-interval", type=int, help="steps between evaluations and checkpoints (default: 10/run)")
-    g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                   help="continue exactly from --out's latest checkpoint (or checkpoint folder CKPT)")
-    g.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto", help="autocast dtype: auto | float32 | bfloat16 | float16")
-    g.add_argument("--num-threads", type=int, help="CPU threads (0 = time 1 vs all and keep the faster)")
+    add_run_args(g)
     d = p.add_argument_group("data")
     d.add_argument("--max-seq-len", type=int,
                    help="longer examples are truncated and counted (default: the model's context, at most 1024)")
     d.add_argument("--packing", action="store_true", help="pack several examples per row (per-example attention)")
     d.add_argument("--train-on-prompt", action="store_true",
                    help="compute the loss on every token, not just the assistant's")
-    lo = p.add_argument_group("lora")
-    lo.add_argument("--lora-r", type=int, default=16)
-    lo.add_argument("--lora-alpha", type=float, default=32.0)
-    lo.add_argument("--lora-dropout", type=float, default=0.05)
-    lo.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma list of q,k,v,o,gate,up,down")
+    lo = add_lora_args(p, dropout=0.05)
     lo.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r)")
     pt = p.add_argument_group("prompt tuning")
     pt.add_argument("--num-virtual-tokens", type=int, default=20)

@@ -72,7 +72,10 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
         w, bias = self.weight, self.bias
-        if (w.requires_grad and torch.is_grad_enabled()) or w.device.type != "cpu" or w.dtype != torch.float32:
+        # the packed kernels have no backward: any graph through this layer (trained weights, or frozen ones
+        # under LoRA whose input carries gradients) takes F.linear
+        if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or w.device.type != "cpu" \
+                or w.dtype != torch.float32:
             return F.linear(x, w, bias)
         batch = x.shape[0] if x.dim() == 3 else x.shape[:-1].numel()
         if batch == 1 and torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:

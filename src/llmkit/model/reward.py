@@ -12,14 +12,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 from llmkit.errors import CheckpointError, ConfigError
+from llmkit.fsutil import write_dir
+from llmkit.model.hf import (
+    _resolve,
+    config_from_hf,
+    config_to_hf,
+    hf_to_llmkit,
+    llmkit_to_hf,
+    read_config,
+    read_state_dict,
+)
+from llmkit.model.transformer import Transformer
 
 SEQ_CLS = {"gpt2": "GPT2ForSequenceClassification"}  # others: <Family>ForCausalLM -> <Family>ForSequenceClassification
 
@@ -67,11 +77,6 @@ def is_reward_folder(path: str | os.PathLike) -> bool:
 
 def save_reward_model(model: nn.Module, path: str | os.PathLike, pad_token_id: int | None = None) -> None:
     """Write a Hugging Face `*ForSequenceClassification` folder (num_labels=1) atomically."""
-    from safetensors.torch import save_file
-
-    from llmkit.fsutil import replace_dir
-    from llmkit.model.hf import config_to_hf, llmkit_to_hf
-
     cfg = model.config
     backbone = dataclasses.replace(cfg, tie_embeddings=True)  # no lm_head rule: the head is `score`
     hf_cfg = config_to_hf(backbone)
@@ -88,15 +93,12 @@ def save_reward_model(model: nn.Module, path: str | os.PathLike, pad_token_id: i
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     hf_cfg["torch_dtype"] = str(tensors["score.weight"].dtype).removeprefix("torch.")
 
-    path = Path(path).resolve()
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:  # write beside, then swap in: a crash never leaves a half-written folder
+
+    def write(tmp: Path) -> None:  # written beside, then swapped in: never a half-written folder
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir(path, write)
 
 
 class _Backbone:
@@ -111,9 +113,6 @@ class _Backbone:
 
 def load_reward_model(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
     """Load a `*ForSequenceClassification` folder with one label (ours or transformers') in eval mode."""
-    from llmkit.model.hf import _resolve, config_from_hf, hf_to_llmkit, read_config, read_state_dict
-    from llmkit.model.transformer import Transformer
-
     p = _resolve(path)
     d = read_config(p)
     arch = (d.get("architectures") or ["?"])[0]

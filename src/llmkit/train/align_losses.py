@@ -14,10 +14,21 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) per position; logits [B, T, V], targets [B, T] (IGNORE -> 0) -> [B, T] fp32."""
+    return token_logps_entropy(logits, targets, None)[0]
+
+
+def token_logps_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                        entropy: str | None = "detached") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logps` and, from the same log-softmax, the entropy [B, T] of each position's next-token
+    distribution: "detached" (a statistic), "grad" (a loss term) or None (not computed)."""
     mask = targets != IGNORE
-    safe = targets.masked_fill(~mask, 0)
-    logp = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, safe[..., None]).squeeze(-1)
-    return logp * mask
+    logp_all = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+    logp = torch.gather(logp_all, 2, targets.masked_fill(~mask, 0)[..., None]).squeeze(-1)
+    ent = None
+    if entropy is not None:
+        lp = logp_all if entropy == "grad" else logp_all.detach()
+        ent = -(lp.exp() * lp).sum(-1)
+    return logp * mask, ent
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,15 @@ class FinetuneConfig:
             raise ConfigError(f"--max-seq-len={self.max_seq_len} must be at least 2")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction={self.val_fraction} must be in [0, 1)")
+
+
+def split_val(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded random `fraction` held out; with 0, the train items serve as both."""
+    if fraction <= 0:
+        return items, items
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(items) * fraction))
+    return [items[i] for i in sorted(order[n_val:])], [items[i] for i in order[:n_val]]
 
 
 def lora_config(ft: FinetuneConfig):
@@ -163,14 +173,8 @@ class Finetuner(Trainer):
             val = load_sft_data(ft.val_data, self.tokenizer, ft.max_seq_len, ft.train_on_prompt)
             self.val_examples = val.examples
             self.truncated, self.dropped = self.truncated + val.truncated, self.dropped + val.dropped
-        elif ft.val_fraction > 0:
-            g = torch.Generator().manual_seed(t.seed)
-            order = torch.randperm(len(examples), generator=g).tolist()
-            n_val = max(1, round(len(examples) * ft.val_fraction))
-            self.val_examples = [examples[i] for i in order[:n_val]]
-            examples = [examples[i] for i in sorted(order[n_val:])]
         else:
-            self.val_examples = examples
+            examples, self.val_examples = split_val(examples, ft.val_fraction, t.seed)
         self.train_examples = examples
         t.seq_len = ft.max_seq_len
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -278,13 +282,18 @@ class Finetuner(Trainer):
         ft = self.ft
         if ft.method in ("full", "freeze"):
             return super()._export(model_sd)
-        tmp = self.out_dir / ".export.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         base = str(Path(ft.model).resolve())
         if ft.method == "lora":
-            save_lora(self.raw_model, tmp, lora_config(ft), base_model_name_or_path=base)
+            self._export_with(lambda tmp: save_lora(self.raw_model, tmp, lora_config(ft), base_model_name_or_path=base))
         else:
-            save_prompt_tuning(self.raw_model, tmp, ft.prompt_tuning_init_text, base_model_name_or_path=base)
+            self._export_with(lambda tmp: save_prompt_tuning(self.raw_model, tmp, ft.prompt_tuning_init_text,
+                                                             base_model_name_or_path=base))
+
+    def _export_with(self, save: Callable[[Path], None]) -> None:
+        """`save(tmp)` writes a folder beside the run's files; with the tokenizer, its files then move into out."""
+        tmp = self.out_dir / ".export.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save(tmp)
         self.tokenizer.save(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, self.out_dir / f.name)

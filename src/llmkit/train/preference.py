@@ -10,22 +10,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
-from llmkit.data.prefs import PrefPair
+from llmkit.data.prefs import PrefPair, load_prefs
 from llmkit.data.sft import SFTBatches, collate
 from llmkit.errors import ConfigError
+from llmkit.fsutil import atomic_write_text
+from llmkit.model.hf import config_from_hf, read_config
+from llmkit.model.lora import lora_modules, merge_lora
+from llmkit.model.reward import add_score_head, last_token_scores, load_reward_model, save_reward_model, score_ids
+from llmkit.tokenizer import load_tokenizer
 from llmkit.train.align_losses import DPO_LOSSES, bradley_terry_loss, dpo_loss, token_logps
 from llmkit.train.config import OptimConfig
-from llmkit.train.finetune import DEFAULT_LR, FinetuneConfig, Finetuner
-from llmkit.train.trainer import TrainResult
+from llmkit.train.finetune import DEFAULT_LR, FinetuneConfig, Finetuner, split_val
+from llmkit.train.metrics import plot_panels
+from llmkit.train.trainer import TrainResult, autocast_dtype
 
 DPO_PANELS = [
     ("reward margin", ["rewards/margins", "eval_rewards/margins"]),
@@ -49,8 +56,6 @@ class ListBatches(SFTBatches):
 @contextlib.contextmanager
 def adapters_off(model: nn.Module):
     """Run a LoRA model as its base (the reference policy); the active adapter comes back after."""
-    from llmkit.model.lora import lora_modules
-
     mods = list(lora_modules(model).values())
     saved = [m.active for m in mods]
     for m in mods:
@@ -69,6 +74,7 @@ class PrefConfig(FinetuneConfig):
     beta: float = 0.1
     loss_type: str = "sigmoid"  # DPO: sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
+    rpo_alpha: float = 0.0  # weight of the chosen answers' NLL added to the loss (RPO, Pang et al., 2024)
     precompute_ref: bool = False
 
     def check(self) -> None:
@@ -77,6 +83,8 @@ class PrefConfig(FinetuneConfig):
             raise ConfigError(f"--method {self.method} is not supported here; expected full or lora")
         if self.loss_type not in DPO_LOSSES:
             raise ConfigError(f"unknown --loss {self.loss_type!r}; expected one of {', '.join(DPO_LOSSES)}")
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"--rpo-alpha={self.rpo_alpha} must be >= 0")
         if not self.beta > 0:
             raise ConfigError(f"--beta={self.beta} must be positive")
 
@@ -87,10 +95,6 @@ class PairTrainer(Finetuner):
     ft: PrefConfig
 
     def _setup_data(self) -> None:
-        from llmkit.data.prefs import load_prefs
-        from llmkit.model.hf import config_from_hf, read_config
-        from llmkit.tokenizer import load_tokenizer
-
         ft, t = self.ft, self.t
         ctx = config_from_hf(read_config(ft.model)).block_size
         if ft.max_seq_len is None:
@@ -103,14 +107,8 @@ class PairTrainer(Finetuner):
             self.truncated += n
             for p in val:
                 p.index += len(pairs)
-        elif ft.val_fraction > 0:
-            g = torch.Generator().manual_seed(t.seed)
-            order = torch.randperm(len(pairs), generator=g).tolist()
-            n_val = max(1, round(len(pairs) * ft.val_fraction))
-            val = [pairs[i] for i in order[:n_val]]
-            pairs = [pairs[i] for i in sorted(order[n_val:])]
         else:
-            val = pairs
+            pairs, val = split_val(pairs, ft.val_fraction, t.seed)
         self.train_examples, self.val_examples = pairs, val
         t.seq_len = ft.max_seq_len
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -177,8 +175,6 @@ class RewardModelTrainer(PairTrainer):
     name = "rm train"
 
     def _load_base(self) -> nn.Module:
-        from llmkit.model.reward import add_score_head
-
         return add_score_head(super()._load_base())  # the head exists before LoRA wraps the projections
 
     def _build_model(self) -> nn.Module:
@@ -187,8 +183,6 @@ class RewardModelTrainer(PairTrainer):
         return model
 
     def pair_scores(self, pairs: list[PrefPair]) -> tuple[torch.Tensor, torch.Tensor]:
-        from llmkit.model.reward import last_token_scores
-
         x, lengths = collate_full([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id)
         with self._autocast():
             r = last_token_scores(self.model(x.to(self.dist.device)), lengths)
@@ -222,19 +216,10 @@ class RewardModelTrainer(PairTrainer):
         return float(torch.cat(losses).mean())
 
     def _export(self, model_sd: dict[str, torch.Tensor]) -> None:
-        from llmkit.model.lora import merge_lora
-        from llmkit.model.reward import save_reward_model
-
         model = self.raw_model
         if self.ft.method == "lora":
             model = merge_lora(copy.deepcopy(model))
-        tmp = self.out_dir / ".export.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_reward_model(model, tmp, pad_token_id=self.pad_id)
-        self.tokenizer.save(tmp)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, self.out_dir / f.name)
-        shutil.rmtree(tmp, ignore_errors=True)
+        self._export_with(lambda tmp: save_reward_model(model, tmp, pad_token_id=self.pad_id))
 
     def fit(self) -> TrainResult:
         result = super().fit()
@@ -257,8 +242,6 @@ class DPOTrainer(PairTrainer):
             self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         self.ref_logps: dict[int, tuple[float, float]] | None = None
         if self.ft.precompute_ref:  # from the starting weights, before any checkpoint is restored
-            from llmkit.train.trainer import autocast_dtype
-
             self.amp_dtype = autocast_dtype(self.t.dtype, self.dist.device)
             self.ref_logps = self._precompute(model.to(self.dist.device))
         return model
@@ -269,22 +252,25 @@ class DPOTrainer(PairTrainer):
             return contextlib.nullcontext(self.ref_model)
         return adapters_off(model)
 
-    def pair_logps(self, model: nn.Module, pairs: list[PrefPair]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed (IPO: mean) completion log-probs of the chosen and rejected sides, [B] each."""
+    def pair_logps(self, model: nn.Module, pairs: list[PrefPair], nll: bool = False):
+        """Summed (IPO: mean) completion log-probs of the chosen and rejected sides, [B] each; with `nll`,
+        also the chosen answers' mean token NLL (RPO's term)."""
         b = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id)
         dev = next(model.parameters()).device
         x, y = b["input_ids"].to(dev), b["targets"].to(dev)
         with self._autocast():
             logits = model(x)
-        lp = token_logps(logits, y).sum(-1)
-        if self.ft.loss_type == "ipo":
-            lp = lp / (y != -100).sum(-1).clamp(min=1)
-        return lp[: len(pairs)], lp[len(pairs) :]
+        tok = token_logps(logits, y)  # [2B, T]
+        n_tok = (y != -100).sum(-1).clamp(min=1)
+        lp = tok.sum(-1)
+        out = (lp / n_tok if self.ft.loss_type == "ipo" else lp)
+        out = out[: len(pairs)], out[len(pairs) :]
+        if nll:
+            return *out, -lp[: len(pairs)].sum() / n_tok[: len(pairs)].sum()
+        return out
 
     @torch.no_grad()
     def _precompute(self, model: nn.Module) -> dict[int, tuple[float, float]]:
-        from tqdm import tqdm
-
         out: dict[int, tuple[float, float]] = {}
         seen = {p.index for p in self.train_examples}
         pairs = self.train_examples + [p for p in self.val_examples if p.index not in seen]
@@ -313,11 +299,14 @@ class DPOTrainer(PairTrainer):
 
     def _pair_losses(self, pairs: list[PrefPair]):
         ft = self.ft
-        pc, pr = self.pair_logps(self.model, pairs)
+        pc, pr, nll = self.pair_logps(self.model, pairs, nll=True)
         rc, rr = self.ref_pair_logps(pairs)
         losses, cr, rj = dpo_loss(pc, pr, rc, rr, ft.beta, ft.loss_type, ft.label_smoothing)
         stats = {"rewards/chosen": cr, "rewards/rejected": rj, "rewards/margins": cr - rj,
-                 "rewards/accuracies": (cr > rj).float(), "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
+                 "rewards/accuracies": (cr > rj).float(), "logps/chosen": pc.detach(), "logps/rejected": pr.detach(),
+                 "nll_loss": nll.detach().expand(len(pairs))}
+        if ft.rpo_alpha:
+            losses = losses + ft.rpo_alpha * nll  # trl's rpo_alpha: the batch's chosen-token NLL, on every pair
         return losses, stats
 
     def batch_loss(self, pairs: list[PrefPair]) -> torch.Tensor:
@@ -327,8 +316,6 @@ class DPOTrainer(PairTrainer):
         return losses.mean()
 
     def extra_metrics(self) -> dict[str, Any]:
-        from llmkit.train.metrics import plot_panels
-
         out = super().extra_metrics()
         if self.metrics is not None:
             plot_panels(self.metrics.records + [{"step": self.step, **out}], DPO_PANELS, self.out_dir / "dpo.png")
@@ -414,9 +401,6 @@ def dpo(model: str, data: str | list[str], out: str, method: str = "full", beta:
 
 def rm_score_texts(model_dir: str, texts: list[str], add_special_tokens: bool = True) -> list[float]:
     """Scores of plain texts, tokenized as the reward model's tokenizer does."""
-    from llmkit.model.reward import load_reward_model, score_ids
-    from llmkit.tokenizer import load_tokenizer
-
     tok = load_tokenizer(model_dir)
     return score_ids(load_reward_model(model_dir), [tok.encode(t, add_special_tokens=add_special_tokens)
                                                     for t in texts])
@@ -425,13 +409,6 @@ def rm_score_texts(model_dir: str, texts: list[str], add_special_tokens: bool = 
 def rm_score_file(model_dir: str, data: str, out: str | None = None, max_seq_len: int = 1024) -> list[dict]:
     """{"chosen": s, "rejected": s} per preference pair of `data` (rendered as training renders them);
     written as JSONL to `out` when given."""
-    import json
-
-    from llmkit.data.prefs import load_prefs
-    from llmkit.fsutil import atomic_write_text
-    from llmkit.model.reward import load_reward_model, score_ids
-    from llmkit.tokenizer import load_tokenizer
-
     tok = load_tokenizer(model_dir)
     pairs, _ = load_prefs(data, tok, max_seq_len)
     model = load_reward_model(model_dir)

@@ -36,22 +36,27 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from llmkit.data.prefs import PromptRecord
-from llmkit.data.sft import IGNORE, SFTExample, collate
+from llmkit.data.prefs import PromptRecord, load_prompts
+from llmkit.data.sft import IGNORE, SFTExample, chat_ids, collate
 from llmkit.errors import ConfigError, InputError
+from llmkit.infer.generate import eos_token_ids, generate
+from llmkit.model.hf import config_from_hf, read_config
+from llmkit.model.linear import set_decode_packing
+from llmkit.model.reward import is_reward_folder, load_reward_model, score_ids
+from llmkit.tokenizer import load_tokenizer
 from llmkit.train.align_losses import (
-    entropy_from_logits,
     gae,
     group_advantages,
     k3_kl,
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
-    token_logps,
+    token_logps_entropy,
     whiten,
 )
 from llmkit.train.config import OptimConfig
-from llmkit.train.finetune import FinetuneConfig, Finetuner
+from llmkit.train.finetune import FinetuneConfig, Finetuner, split_val
+from llmkit.train.metrics import plot_panels
 from llmkit.train.preference import ListBatches, adapters_off, as_list
 from llmkit.train.trainer import TrainResult
 
@@ -79,8 +84,6 @@ def load_reward(spec: str, device: str | torch.device = "cpu") -> RewardFn:
 
     `module` is an importable name (the working directory is on the path) or a .py file.
     """
-    from llmkit.model.reward import is_reward_folder
-
     if os.path.isdir(spec):
         if not is_reward_folder(spec):
             raise ConfigError(f"--reward {spec} is a folder but not a reward model (expected a "
@@ -115,10 +118,6 @@ def load_reward(spec: str, device: str | torch.device = "cpu") -> RewardFn:
 
 
 def _rm_reward(path: str, device) -> Callable:
-    from llmkit.data.sft import chat_ids
-    from llmkit.model.reward import load_reward_model, score_ids
-    from llmkit.tokenizer import load_tokenizer
-
     rm, tok = load_reward_model(path, device=device), load_tokenizer(path)
 
     def call(prompts: list[PromptRecord], completions: list[str]) -> list[float]:
@@ -198,13 +197,13 @@ class Rollout:
     prompts: list[PromptRecord]  # one per row (repeated G times)
     completions: list[str]
     input_ids: torch.Tensor  # [N, T] prompt + response, right-padded, without the last token
-    targets: torch.Tensor  # [N, T] response tokens, IGNORE elsewhere
+    targets: torch.Tensor  # [N, K] targets of the last K positions (every response token), IGNORE elsewhere
     scores: torch.Tensor  # [N] rewards
-    old_logp: torch.Tensor | None  # [N, T]; None: the update's own log-probs (one on-policy pass)
-    ref_logp: torch.Tensor | None  # [N, T]
-    values: torch.Tensor | None = None  # [N, T] (PPO)
-    advantages: torch.Tensor | None = None  # [N, T]
-    returns: torch.Tensor | None = None  # [N, T] (PPO)
+    old_logp: torch.Tensor | None  # [N, K]; None: the update's own log-probs (one on-policy pass)
+    ref_logp: torch.Tensor | None  # [N, K]
+    values: torch.Tensor | None = None  # [N, K] (PPO)
+    advantages: torch.Tensor | None = None  # [N, K]
+    returns: torch.Tensor | None = None  # [N, K] (PPO)
 
 
 class RLTrainer(Finetuner):
@@ -218,10 +217,6 @@ class RLTrainer(Finetuner):
 
     # ------------------------------------------------------------------ set-up
     def _setup_data(self) -> None:
-        from llmkit.data.prefs import load_prompts
-        from llmkit.model.hf import config_from_hf, read_config
-        from llmkit.tokenizer import load_tokenizer
-
         ft, t = self.ft, self.t
         ctx = config_from_hf(read_config(ft.model)).block_size
         self.tokenizer = load_tokenizer(ft.model)
@@ -232,14 +227,8 @@ class RLTrainer(Finetuner):
         prompts = [r for path in ft.data for r in load_prompts(path, self.tokenizer, limit)]
         if ft.val_data:
             val = [r for path in ft.val_data for r in load_prompts(path, self.tokenizer, limit)]
-        elif ft.val_fraction > 0:
-            g = torch.Generator().manual_seed(t.seed)
-            order = torch.randperm(len(prompts), generator=g).tolist()
-            n_val = max(1, round(len(prompts) * ft.val_fraction))
-            val = [prompts[i] for i in order[:n_val]]
-            prompts = [prompts[i] for i in sorted(order[n_val:])]
         else:
-            val = prompts
+            prompts, val = split_val(prompts, ft.val_fraction, t.seed)
         self.train_examples, self.val_examples = prompts, val[: ft.eval_prompts]
         self.truncated = self.dropped = 0
         ft.max_seq_len = max(len(p.prompt_ids) for p in prompts + val) + ft.max_new_tokens
@@ -264,15 +253,13 @@ class RLTrainer(Finetuner):
                            info.rank, info.world_size)
 
     def _build_model(self) -> nn.Module:
-        from llmkit.infer.generate import eos_token_ids
-
         model = super()._build_model()
         ft = self.ft
         self.stop_ids = eos_token_ids(model, self.tokenizer)
         need_ref = ft.algo == "ppo" or ft.beta > 0
         self.ref_model = None
-        if need_ref and ft.method == "full":
-            self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        if need_ref and ft.method == "full":  # frozen: its no-grad forwards use the packed CPU kernels
+            self.ref_model = set_decode_packing(copy.deepcopy(model).requires_grad_(False).eval())
         self.need_ref = need_ref
         if ft.algo == "ppo":
             C = model.config.n_embd
@@ -308,8 +295,6 @@ class RLTrainer(Finetuner):
     @torch.no_grad()
     def sample(self, prompts: list[PromptRecord], greedy: bool = False) -> tuple[list[list[int]], float]:
         """Completions (token ids, the stop token included) of each prompt, and the seconds it took."""
-        from llmkit.infer.generate import generate
-
         ft, model = self.ft, self.raw_model
         was = model.training
         model.eval()  # the decode fast path serves eval-mode models
@@ -320,14 +305,19 @@ class RLTrainer(Finetuner):
         model.train(was)
         return outs, time.perf_counter() - t0
 
-    def _forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, values: bool = False):
-        """(token log-probs [N, T], logits [N, T, V], values [N, T] or None)."""
+    def _forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, values: bool = False,
+                 entropy: str | None = None):
+        """(token log-probs [N, K], entropy [N, K] or None, values [N, K] or None) for the targets y [N, K]
+        of the last K positions of x [N, T]: the head and softmax run on those positions only."""
         with self._autocast():
-            logits = model(x)
+            logits = model(x, num_logits_to_keep=y.shape[1])  # [N, K, V]
+        if self.ft.temperature > 0:  # the sampling distribution's log-probs (as trl)
+            logits = logits / self.ft.temperature
         v = None
         if values:
             v = self.raw_model.v_head(self._hidden.pop("h")).squeeze(-1).float()
-        return token_logps(logits, y), logits, v
+        logp, ent = token_logps_entropy(logits, y, entropy)
+        return logp, ent, v
 
     @torch.no_grad()
     def rollout(self, batch: list[PromptRecord]) -> tuple[Rollout, dict[str, float]]:
@@ -342,7 +332,8 @@ class RLTrainer(Finetuner):
             scores = torch.where(cut, torch.tensor(ft.truncation_penalty), scores)
         examples = [SFTExample(p.prompt_ids + g, [IGNORE] * len(p.prompt_ids) + g) for p, g in zip(prompts, gens)]
         b = collate(examples, self.pad_id)
-        x, y = b["input_ids"].to(dev), b["targets"].to(dev)
+        start = min(len(p.prompt_ids) for p in prompts) - 1  # the first position with a response target
+        x, y = b["input_ids"].to(dev), b["targets"][:, start:].to(dev)
         self.raw_model.eval()
         old_logp = values = None
         if not self.on_policy:  # one on-policy pass: the update's own log-probs are the old ones
@@ -393,15 +384,16 @@ class RLTrainer(Finetuner):
         ft = self.ft
         x, y = ro.input_ids[idx], ro.targets[idx]
         mask = (y != IGNORE).float()
-        logp, logits, values = self._forward(self.model, x, y, values=ft.algo == "ppo")
-        entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+        grad_ent = ft.algo == "ppo" and ft.ent_coef != 0
+        logp, ent, values = self._forward(self.model, x, y, values=ft.algo == "ppo",
+                                          entropy="grad" if grad_ent else "detached")
+        entropy = masked_mean(ent.detach(), mask)
         old = ro.old_logp[idx] if ro.old_logp is not None else None
         adv = ro.advantages[idx]
         if ft.algo == "ppo":
             pg, clipfrac = ppo_policy_loss(logp, old, adv, mask, ft.clip_range)
             vl, vclip = ppo_value_loss(values, ro.values[idx], ro.returns[idx], mask, ft.clip_range_value)
-            ent = masked_mean(entropy_from_logits(logits), mask) if ft.ent_coef else entropy
-            loss = pg + ft.vf_coef * vl - ft.ent_coef * ent
+            loss = pg + ft.vf_coef * vl - (ft.ent_coef * masked_mean(ent, mask) if grad_ent else 0.0)
             return loss, {"policy_loss": pg.detach(), "value_loss": vl.detach(), "clipfrac": clipfrac,
                           "value_clipfrac": vclip, "entropy": entropy}
         if old is None:
@@ -437,7 +429,7 @@ class RLTrainer(Finetuner):
                 with self._autocast():
                     loss, parts = self.minibatch_loss(ro, idx)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-                self._optimizer_step()
+                self.optimizer_step()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -452,19 +444,6 @@ class RLTrainer(Finetuner):
             self.metrics.log({"step": self.step + 1, **stats}, plot=False)
         self._last_stats = stats
         return torch.tensor(stats["loss"])
-
-    def _optimizer_step(self) -> None:
-        t = self.t
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), t.grad_clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -481,8 +460,6 @@ class RLTrainer(Finetuner):
         return -self.val_reward
 
     def extra_metrics(self) -> dict[str, Any]:
-        from llmkit.train.metrics import plot_panels
-
         out = {"val_reward": self.val_reward}
         if self.metrics is not None:
             plot_panels(self.metrics.records + [{"step": self.step, **out}], RL_PANELS, self.out_dir / "rl.png")

@@ -510,17 +510,21 @@ class Trainer:
                 scaled = loss / t.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
+        self.optimizer_step()
+        return loss_sum / t.grad_accum
+
+    def optimizer_step(self) -> None:
+        """Unscale (fp16), clip the gradient norm, step the optimizer, zero the gradients."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), t.grad_clip)
+        if self.t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.t.grad_clip)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / t.grad_accum
 
     def _parallel_step(self) -> torch.Tensor:
         """`train_step` under a DeviceMesh: the pipeline schedule or the TP/FSDP forward-backward."""
