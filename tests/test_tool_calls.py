@@ -1,0 +1,170 @@
+"""Tool-call formats (tokenizer/tool_calls.py): llmkit's default rendering equals Qwen2.5's template as
+`transformers` renders it; each format's parser reads back what its formatter writes, streamed in any
+chunking, with OpenAI-shaped deltas; text that only looks like a call stays content."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_serve_fixtures import CHATML, build_tokenizer
+from transformers import PreTrainedTokenizerFast
+
+from llmkit.errors import InputError
+from llmkit.tokenizer import load_tokenizer
+from llmkit.tokenizer.tool_calls import (
+    FORMATS,
+    ToolCallParser,
+    detect_format,
+    format_tool_calls,
+    parse_tool_calls,
+    prepare_chat,
+    tool_call_schema,
+    validate_tools,
+)
+
+# Qwen2.5-Instruct's chat template, its tool-calling part (as published in tokenizer_config.json)
+QWEN25_TOOLS = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{%- endif %}"
+    "{{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}"
+    "{%- for tool in tools %}{{- \"\\n\" }}{{- tool | tojson }}{%- endfor %}"
+    "{{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
+    "\\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}"
+    "{%- else %}{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) "
+    "or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+TOOLS = [
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers: ä+ö", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}},
+    {"type": "function", "function": {"name": "echo", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}},
+]
+CALLS = [
+    {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 40}'}},
+    {"id": "call_2", "type": "function", "function": {"name": "echo", "arguments": '{"text": "}\\"<tool_call>ü"}'}},
+]
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "2+40? and echo"},
+    {"role": "assistant", "content": "Calling.", "tool_calls": CALLS},
+    {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "}\"<tool_call>ü"},
+    {"role": "assistant", "content": "42"},
+    {"role": "user", "content": "again"},
+    {"role": "assistant", "content": None, "tool_calls": CALLS[:1]},
+]
+
+
+def test_default_rendering_is_qwen25(tmp_path):
+    build_tokenizer(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    assert ours.chat_template == CHATML
+    msgs, extra = prepare_chat(CHAT, TOOLS, ours.chat_template)
+    # transformers renders Qwen2.5's template with arguments as dicts (its documented convention)
+    ref = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    hf_chat = [
+        {**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                             for c in m["tool_calls"]]} if m.get("tool_calls") else m
+        for m in CHAT
+    ]
+    expected = ref.apply_chat_template(hf_chat, tools=TOOLS, chat_template=QWEN25_TOOLS, tokenize=False,
+                                       add_generation_prompt=True)
+    assert ours.apply_chat_template(msgs, **extra) == expected
+    assert ours.encode_chat(msgs, **extra) == ref(expected, add_special_tokens=False)["input_ids"]
+    # a template that knows tools renders them itself: same text again, through its own markup
+    msgs2, extra2 = prepare_chat(CHAT, TOOLS, QWEN25_TOOLS)
+    assert extra2 == {"tools": TOOLS}
+    assert ours.apply_chat_template(msgs2, chat_template=QWEN25_TOOLS, **extra2) == expected
+
+
+def _stream(text: str, fmt: str, step: int) -> tuple[ToolCallParser, list[dict]]:
+    p, events = ToolCallParser(fmt), []
+    for i in range(0, len(text), step):
+        events += p.feed(text[i : i + step])
+    return p, events + p.close()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_streamed(fmt):
+    content = None if fmt == "llama3_json" else "Calling."
+    text = format_tool_calls(CALLS, fmt, content)
+    for step in (1, 2, 7, len(text)):
+        p, events = _stream(text, fmt, step)
+        assert p.content == content
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in p.tool_calls] == [
+            (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in CALLS
+        ]
+        # OpenAI's streaming shape: per call, first {index, id, type, function{name, arguments: ""}}, then
+        # argument fragments that concatenate to the final arguments
+        seen: dict[int, dict] = {}
+        text_out = ""
+        for e in events:
+            text_out += e.get("content", "")
+            for d in e.get("tool_calls", []):
+                if d["index"] not in seen:
+                    assert d["id"] and d["type"] == "function" and d["function"]["arguments"] == ""
+                    seen[d["index"]] = {"id": d["id"], "name": d["function"]["name"], "arguments": ""}
+                else:
+                    assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
+                    seen[d["index"]]["arguments"] += d["function"]["arguments"]
+        assert (text_out or None) == content
+        assert [seen[i] for i in sorted(seen)] == [
+            {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in p.tool_calls
+        ]
+    ids = [c["id"] for c in parse_tool_calls(text, fmt)[1]]
+    assert len(set(ids)) == 2 and all(len(i) == 9 and i.isalnum() for i in ids) == (fmt == "mistral")
+
+
+def test_not_a_call_stays_content():
+    assert parse_tool_calls("so <tool_call>\n{not json}\n</tool_call> ok") == (
+        "so <tool_call>\n{not json}\n</tool_call> ok", [])
+    assert parse_tool_calls("a < b and <tool") == ("a < b and <tool", [])
+    assert parse_tool_calls("plain text", "llama3_json") == ("plain text", [])
+    assert parse_tool_calls("[1, 2]", "mistral") == ("[1, 2]", [])
+    # property order name-after-arguments still parses (sent whole once complete)
+    _, calls = parse_tool_calls('<tool_call>\n{"arguments": {"x": 1}, "name": "f"}\n</tool_call>')
+    assert calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    # cut off inside the arguments (finish_reason "length"): the call keeps what was generated
+    _, calls = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"x": 1')
+    assert calls[0]["function"] == {"name": "f", "arguments": '{"x": 1'}
+
+
+def test_detect_and_validate():
+    assert detect_format(None) == detect_format(CHATML) == detect_format(QWEN25_TOOLS) == "hermes"
+    assert detect_format("{{ '[TOOL_CALLS]' }}") == "mistral"
+    assert detect_format("<|start_header_id|>ipython<|end_header_id|> <|python_tag|>") == "llama3_json"
+    validate_tools(TOOLS)
+    for bad, match in [
+        ([], "non-empty list"),
+        ([{"type": "function"}], r"tools\[0\]"),
+        ([{"type": "function", "function": {"name": "no spaces"}}], "name"),
+        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], "type 'object'"),
+        (TOOLS + TOOLS[:1], "duplicate"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            validate_tools(bad)
+    one = tool_call_schema(TOOLS, ["echo"])
+    assert one["properties"]["name"] == {"const": "echo"}
+    assert len(tool_call_schema(TOOLS)["anyOf"]) == 2
