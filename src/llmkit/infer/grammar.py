@@ -20,14 +20,17 @@ from typing import Any
 import torch
 
 from llmkit.errors import InputError
+from llmkit.tokenizer.tool_calls import FORMATS, HERMES_CLOSE, HERMES_OPEN
 
-GRAMMAR_KINDS = ("json_object", "json_schema", "regex", "choice")
+GRAMMAR_KINDS = ("json_object", "json_schema", "regex", "choice", "tool_call")
 
 
 @dataclass(frozen=True)
 class Grammar:
     """What the output must match. `kind` is one of GRAMMAR_KINDS; `value` is the JSON schema
-    (a JSON string), the regex, or the choices (a JSON list of strings); "" for json_object."""
+    (a JSON string), the regex, the choices (a JSON list of strings), "" for json_object, or for
+    tool_call a JSON {"format", "schema", "parallel"}: one or more calls (`parallel`) written in a
+    tool-call format of tokenizer/tool_calls.py, each a JSON `schema` (`tool_call_schema`)."""
 
     kind: str
     value: str = ""
@@ -39,6 +42,32 @@ class Grammar:
     @staticmethod
     def choice(options: list[str]) -> Grammar:
         return Grammar("choice", json.dumps(list(options)))
+
+    @staticmethod
+    def tool_call(fmt: str, schema: dict[str, Any], parallel: bool = True) -> Grammar:
+        # not sort_keys: the schema's property order is the order the call is written in ("name" first)
+        return Grammar("tool_call", json.dumps({"format": fmt, "schema": schema, "parallel": parallel}))
+
+
+def _tool_call_ebnf(xgr: Any, value: str) -> str:
+    """EBNF of one or more tool calls: each a JSON object under the schema, framed as the format writes it
+    (hermes `<tool_call>` blocks, llama3_json `;`-separated objects, mistral a JSON list)."""
+    spec = json.loads(value)
+    fmt = spec["format"]
+    if fmt not in FORMATS:
+        raise InputError(f"unknown tool-call format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    call = str(xgr.Grammar.from_json_schema(json.dumps(spec["schema"]), any_whitespace=False, strict_mode=True))
+    call = re.sub(r"\broot\b", "tool_call_object", call)
+    # xgrammar's length-bounded strings admit raw control characters, which JSON forbids (RFC 8259)
+    call = call.replace(r"[^\"\\\r\n]", r"[^\0-\x1f\"\\]")
+    first, sep, last = {
+        "hermes": (HERMES_OPEN + "\n", "\n" + HERMES_CLOSE + "\n" + HERMES_OPEN + "\n", "\n" + HERMES_CLOSE),
+        "llama3_json": ("", "; ", ""),
+        "mistral": ("[", ", ", "]"),  # the [TOOL_CALLS] mark is a special token: the parser accepts `[{` alone
+    }[fmt]
+    lit = json.dumps  # a JSON string literal is an EBNF string literal
+    more = f" ({lit(sep)} tool_call_object)*" if spec["parallel"] else ""
+    return f"root ::= {lit(first)} tool_call_object{more} {lit(last)}\n{call}"
 
 
 _lock = threading.Lock()
@@ -96,6 +125,8 @@ def compile_grammar(tokenizer: Any, grammar: Grammar, vocab_size: int, stop_ids:
             if not options or not all(isinstance(o, str) for o in options):
                 raise InputError("guided_choice must be a non-empty list of strings")
             compiled = compiler.compile_regex("|".join(re.escape(o) for o in options))
+        elif grammar.kind == "tool_call":
+            compiled = compiler.compile_grammar(_tool_call_ebnf(_xgrammar(), grammar.value))
         else:
             raise InputError(f"unknown grammar kind {grammar.kind!r}: expected one of {', '.join(GRAMMAR_KINDS)}")
     except InputError:

@@ -27,18 +27,21 @@ from llmkit.serve.sequences import (
 )
 from llmkit.serve.sse import sse
 from llmkit.serve.state import ServerState, check_logit_bias, new_id, sampling_params
+from llmkit.serve.tools import finish_reason, tool_plan
+from llmkit.tokenizer.tool_calls import prepare_chat
 
 router = APIRouter()
 
 
-def render_messages(state: ServerState, body: ChatCompletionRequest) -> list[int]:
-    """Prompt token ids: the conversation through the chat template, with the assistant turn opened.
+def render_messages(state: ServerState, body: ChatCompletionRequest, tools: list[dict] | None = None) -> list[int]:
+    """Prompt token ids: the conversation (tools, tool calls and tool results included, in the template's
+    tool format: tokenizer/tool_calls.prepare_chat) through the chat template, the assistant turn opened.
 
     Message contents are encoded as plain text (`Tokenizer.encode_chat`): a client cannot forge
     a system turn by typing the template's special tokens.
     """
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
-    return state.tokenizer.encode_chat(messages, add_generation_prompt=True)
+    messages, extra = prepare_chat([m.as_dict() for m in body.messages], tools, state.tokenizer.chat_template)
+    return state.tokenizer.encode_chat(messages, add_generation_prompt=True, **extra)
 
 
 def _check_response_format(body: ChatCompletionRequest) -> None:
@@ -108,8 +111,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     t_start = time.monotonic()
     n = body.n
     state.admit(n)
-    prompt_ids = await asyncio.to_thread(render_messages, state, body)  # off the event loop
+    plan = await asyncio.to_thread(tool_plan, state, body)  # None without tools
+    prompt_ids = await asyncio.to_thread(render_messages, state, body, plan and plan.tools)  # off the event loop
     grammar = await asyncio.to_thread(request_grammar, state, body)
+    if plan is not None and plan.grammar is not None:
+        grammar = plan.grammar
+    parsers = [plan.parser() if plan is not None else None for _ in range(n)]
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = state.check_context(len(prompt_ids), requested)
     top_n = body.top_logprobs or 0
@@ -157,10 +164,21 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                     lp = None
                     if body.logprobs:
                         lp = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs, top_n)]}
-                    if ev.text or lp is not None:
-                        yield sse(chunk(i, {"content": ev.text}, lp, None))
+                    parser = parsers[i]
+                    if parser is None:
+                        if ev.text or lp is not None:
+                            yield sse(chunk(i, {"content": ev.text}, lp, None))
+                    else:  # content and tool-call deltas, as OpenAI streams them
+                        deltas = parser.feed(ev.text) if ev.text else []
+                        if ev.finish_reason is not None:
+                            deltas += parser.close()
+                        if lp is not None and not deltas:
+                            deltas = [{}]
+                        for d in deltas:
+                            yield sse(chunk(i, d, lp, None))
+                            lp = None
                     if ev.finish_reason is not None:
-                        yield sse(chunk(i, {}, None, ev.finish_reason))
+                        yield sse(chunk(i, {}, None, finish_reason(ev.finish_reason, parser)))
             if include_usage:
                 final = chunk(0, {}, None, None)
                 yield sse({**final, "choices": [], "usage": usage()})
@@ -179,12 +197,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                     for t, v, top in zip(s.token_ids, s.logprobs, s.top_logprobs)
                 ]
             }
+        message: dict[str, Any] = {"role": "assistant", "content": s.text}
+        parser = parsers[s.index]
+        if parser is not None:
+            parser.feed(s.text)
+            parser.close()
+            message = {"role": "assistant", "content": parser.content}
+            if parser.tool_calls:
+                message["tool_calls"] = parser.tool_calls
         choices.append(
             {
                 "index": s.index,
-                "message": {"role": "assistant", "content": s.text},
+                "message": message,
                 "logprobs": lp,
-                "finish_reason": s.finish_reason,
+                "finish_reason": finish_reason(s.finish_reason, parser),
             }
         )
     return {

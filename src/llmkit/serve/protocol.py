@@ -120,10 +120,34 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # a JSON object, as a string (OpenAI's shape)
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # role "tool": the call this result answers
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as a chat-template dict (tokenizer/tool_calls.py's shapes)."""
+        m: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name:
+            m["name"] = self.name
+        if self.tool_calls:
+            m["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        return m
 
     def text(self) -> str:
         if self.content is None:
@@ -156,6 +180,10 @@ class ChatCompletionRequest(_SamplingFields):
     guided_choice: list[str] | None = None
     guided_regex: str | None = None
     rag: bool | dict | None = None  # retrieval from --rag-store (serve/rag.py)
+    # tool calling (checked in serve/tools.py: tokenizer/tool_calls.validate_tools)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 class EmbeddingRequest(_Request):

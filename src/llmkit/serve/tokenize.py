@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from llmkit.serve.errors import APIError
 from llmkit.serve.protocol import DetokenizeRequest, TokenizeRequest
 from llmkit.serve.state import ServerState, check_token_ids
+from llmkit.tokenizer.tool_calls import prepare_chat
 
 router = APIRouter()
 
@@ -49,8 +50,8 @@ async def tokenize(body: TokenizeRequest, request: Request):
     if (body.prompt is None) == (body.messages is None):
         raise APIError("give exactly one of 'prompt' (text) or 'messages' (a chat)", 400, param="prompt")
     if body.messages is not None:  # message contents as plain text, exactly as chat completions sees them
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = await asyncio.to_thread(tok.encode_chat, messages, body.add_generation_prompt)
+        messages, extra = prepare_chat([m.as_dict() for m in body.messages], None, tok.chat_template)
+        ids = await asyncio.to_thread(tok.encode_chat, messages, body.add_generation_prompt, **extra)
     else:
         ids = await asyncio.to_thread(tok.encode, body.prompt, body.add_special_tokens)
     # a JSONResponse skips FastAPI's per-item encoding: a long token list serializes in milliseconds

@@ -71,6 +71,11 @@ def validate_tools(tools: Any) -> list[dict[str, Any]]:
         params = fn.get("parameters")
         if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
             raise InputError(f"tools[{i}].function.parameters must be a JSON schema of type 'object'")
+        props, required = (params or {}).get("properties", {}), (params or {}).get("required", [])
+        if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
+            raise InputError(f"tools[{i}].function.parameters.properties must map names to JSON schemas")
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise InputError(f"tools[{i}].function.parameters.required must be a list of property names")
     return tools
 
 
