@@ -76,10 +76,10 @@ def calculate(expression: str) -> int | float:
 
 @tool(name="calculator")
 def calculator(expression: str) -> int | float:
-    """Evaluate an arithmetic expression exactly, e.g. '1234 * 5678' or '(17 + 5) / 4'.
+    """Evaluate an arithmetic expression exactly.
 
     Args:
-        expression: numbers, + - * / // % ** and parentheses; also abs, round, min, max, sqrt, log, exp, pi
+        expression: e.g. '(17 + 5) * 4'
     """
     return calculate(expression)
 
