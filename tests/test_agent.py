@@ -197,7 +197,8 @@ def test_react_loop_and_max_steps(tmp_path):
     ])
     res = Agent(model, tools=["calculator"], loop="react").run("What is 123 * 456 + 1?")
     assert res.answer == "56089" and res.steps == 4
-    assert model.prompts[0][0]["role"] == "system" and "calculator(expression: string)" in model.prompts[0][0]["content"]
+    system = model.prompts[0][0]
+    assert system["role"] == "system" and "calculator(expression: string)" in system["content"]
     assert model.prompts[1][-1] == {"role": "user", "content": "Observation: 56088"}
     assert model.prompts[2][-1] == {"role": "user", "content": "Observation: 56089"}
     assert "Follow the format" in model.prompts[3][-1]["content"]

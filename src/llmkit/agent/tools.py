@@ -102,7 +102,8 @@ class Tool:
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as e:
-                raise InputError(f"arguments of {self.name} are not valid JSON ({e.msg}): {arguments[:200]!r}") from None
+                raise InputError(
+                    f"arguments of {self.name} are not valid JSON ({e.msg}): {arguments[:200]!r}") from None
         if not isinstance(arguments, dict):
             raise InputError(f"arguments of {self.name} must be a JSON object, got {json.dumps(arguments)[:200]}")
         if self.validator is None:

@@ -45,7 +45,8 @@ def read_trace(path: str | Path) -> list[dict[str, Any]]:
     """The events of a trace file; `InputError` naming the line when it is not one."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"trace file {str(p)!r} does not exist (expected the JSONL file of `llmkit agent run --trace`)")
+        raise InputError(f"trace file {str(p)!r} does not exist "
+                         "(expected the JSONL file of `llmkit agent run --trace`)")
     events = []
     for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -103,6 +104,7 @@ def format_trace(path: str | Path, show_prompts: bool = False) -> str:
             out.append(f"  [memory] {e.get('kind')}: {e.get('text', '')}")
         elif kind == "end":
             out.append(f"\nanswer: {e.get('answer')}")
-            out.append(f"stopped: {e.get('stopped')} after {e.get('steps')} steps, {e.get('prompt_tokens', 0)} prompt + "
-                       f"{e.get('completion_tokens', 0)} completion tokens, {e.get('seconds', 0):.2f} s")
+            out.append(f"stopped: {e.get('stopped')} after {e.get('steps')} steps, "
+                       f"{e.get('prompt_tokens', 0)} prompt + {e.get('completion_tokens', 0)} completion tokens, "
+                       f"{e.get('seconds', 0):.2f} s")
     return "\n".join(out)
