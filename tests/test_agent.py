@@ -352,3 +352,18 @@ def test_cli_run_and_trace(tiny_dir, tmp_path, capsys):
     assert "not a model folder" in capsys.readouterr().err
     Path(tmp_path / "bad.jsonl").write_text("{}\n")
     assert cli(["agent", "trace", str(tmp_path / "bad.jsonl")]) == 2
+
+
+def test_long_term_memory_in_a_rag_store(tmp_path):
+    from llmkit.rag.memory import StoreMemory
+
+    mem = StoreMemory(tmp_path / "store")
+    assert len(mem) == 0 and mem.search("anything") == []
+    for fact in ("The capital of France is Paris.", "Alice's favourite number is 42.", "Alice's favourite number is 42."):
+        mem.add(fact)
+    assert len(mem) == 2
+    model = Scripted(["42"])
+    Agent(model, memory=mem, recall_k=1).run("Which number does Alice like best?")
+    assert model.prompts[0][0]["content"].endswith("- Alice's favourite number is 42.")
+    assert len(mem) == 3  # the answer was stored
+    mem.close()

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--rag-store", default=None, metavar="STORE", help="the rag tool's store (`llmkit rag index`)")
     q.add_argument("--memory", default=None, metavar="DIR",
                    help="long-term memory folder: recalled facts go into the prompt, answers are stored")
+    q.add_argument("--memory-store", default=None, metavar="STORE",
+                   help="long-term memory in a RAG store instead (a folder or postgresql:// URI; MiniLM embeddings)")
     q.add_argument("--context-budget", type=int, default=None, metavar="TOKENS",
                    help="summarise old turns with the model when the conversation grows past this")
     q.add_argument("--system", default=None, help="a system message")
@@ -70,7 +72,16 @@ def run_agent(args) -> int:
             def search(q: str, k: int) -> list[dict]:
                 return [h.to_dict() for h in index.query(q, k)]
 
+        if args.memory and args.memory_store:
+            from llmkit.errors import InputError
+
+            raise InputError("use one of --memory DIR (a simple embedded store) and --memory-store STORE (RAG)")
         memory = LongTermMemory(args.memory) if args.memory else None
+        if args.memory_store:
+            from llmkit.rag.memory import StoreMemory
+
+            memory = StoreMemory(args.memory_store)
+            stack.callback(memory.close)
         tools = builtin_tools(names, workspace=args.workspace, rag=search, memory=memory)
         for cmd in args.mcp:
             from llmkit.agent.mcp import MCPTools
