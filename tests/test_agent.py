@@ -359,7 +359,7 @@ def test_long_term_memory_in_a_rag_store(tmp_path):
 
     mem = StoreMemory(tmp_path / "store")
     assert len(mem) == 0 and mem.search("anything") == []
-    for fact in ("The capital of France is Paris.", "Alice's favourite number is 42.", "Alice's favourite number is 42."):
+    for fact in ("The capital of France is Paris.", "Alice's favourite number is 42.") * 2:
         mem.add(fact)
     assert len(mem) == 2
     model = Scripted(["42"])
