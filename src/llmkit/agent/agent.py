@@ -201,7 +201,7 @@ def run_agent(task: str, model_or_url: Any, tools: list[Any] | tuple[Any, ...] =
     return Agent(model_or_url, tools, **kw).run(task)
 
 
-def tool_result_json(result: AgentResult) -> str:
+def result_json(result: AgentResult) -> str:
     """The result as one JSON object (what `llmkit agent run --json` prints)."""
     return json.dumps({"answer": result.answer, "stopped": result.stopped, "steps": result.steps,
                        "tool_calls": result.tool_calls, "prompt_tokens": result.prompt_tokens,

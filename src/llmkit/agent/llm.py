@@ -38,6 +38,7 @@ class LocalChat:
         from llmkit.model.hf import load_model
         from llmkit.tokenizer import load_tokenizer
 
+        self.name = str(model) if isinstance(model, str | Path) else type(model).__name__
         if isinstance(model, str | Path):
             if not Path(model).is_dir():
                 raise InputError(f"--model {model!r} is not a model folder (expected a folder with config.json)")
@@ -52,7 +53,6 @@ class LocalChat:
         # is the hermes format, what `llmkit finetune` teaches); other templates get ReAct text
         self.native_tools = template_knows_tools(self.template) or self.template == CHATML_TEMPLATE
         self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
-        self.name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
 
     def encode(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Prompt ids: the conversation (tool calls and results included) with the assistant turn opened."""

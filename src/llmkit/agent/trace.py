@@ -72,10 +72,11 @@ def _indent(text: str, prefix: str = "    ", width: int = 110, max_lines: int = 
     return "\n".join(prefix + line for line in lines)
 
 
-def format_trace(path: str | Path, show_prompts: bool = False) -> str:
-    """A trace as readable text: the task, each step's output, tool calls and observations, and the answer."""
+def format_trace(trace: str | Path | list[dict[str, Any]], show_prompts: bool = False) -> str:
+    """A trace (a file, or `AgentResult.trace`) as readable text: the task, each step's output, tool calls and
+    observations, and the answer."""
     out = []
-    for e in read_trace(path):
+    for e in trace if isinstance(trace, list) else read_trace(trace):
         kind = e["event"]
         if kind == "start":
             model = e.get("model", {})

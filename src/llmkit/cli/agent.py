@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-tokens", type=int, default=256, help="tokens per model reply (default 256)")
     q.add_argument("--temperature", type=float, default=0.0)
     q.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    q.add_argument("--verbose", "-v", action="store_true", help="print the trace after the answer")
+    q.add_argument("--verbose", "-v", action="store_true", help="print the trace (to stderr) before the answer")
     q.set_defaults(func=run_agent)
 
     q = ps.add_parser("trace", help="show an agent trace (JSONL) readably")
@@ -93,12 +93,12 @@ def run_agent(args) -> int:
                       temperature=args.temperature, served_model=args.served_model, api_key=args.api_key)
         result = agent.run(args.task)
     if args.json:
-        from llmkit.agent.agent import tool_result_json
+        from llmkit.agent.agent import result_json
 
-        print(tool_result_json(result))
+        print(result_json(result))
     else:
-        if args.verbose and args.trace:
-            print(format_trace(args.trace), file=sys.stderr)
+        if args.verbose:
+            print(format_trace(result.trace), file=sys.stderr)
         print(result.answer if result.answer is not None else "")
         if result.stopped != "answer":
             print(f"llmkit agent: no answer within --max-steps {args.max_steps}", file=sys.stderr)
