@@ -109,6 +109,13 @@ def test_auto_parses_calls_and_takes_tool_results(client, server):
     assert ch.finish_reason == "tool_calls" and ch.message.content is None
     (call,) = ch.message.tool_calls
     assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 2, "b": 40}
+    # parallel_tool_calls false: of two written calls only the first is returned
+    two = "".join("\\" + c if c in "{}[]().*+?|^$\\" else c for c in text + "\n" + text)
+    r = client.chat.completions.create(
+        model="tiny", messages=USER, tools=TOOLS, max_tokens=200, parallel_tool_calls=False,
+        extra_body={"guided_regex": two},
+    )
+    assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1
     # tool_choice none: the same text stays content
     r = client.chat.completions.create(
         model="tiny", messages=USER, tools=TOOLS, tool_choice="none", max_tokens=120,

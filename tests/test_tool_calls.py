@@ -76,8 +76,15 @@ CHAT = [
 ]
 
 
-def test_default_rendering_is_qwen25(tmp_path):
-    build_tokenizer(tmp_path)
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer(out)
+    return out
+
+
+def test_default_rendering_is_qwen25(tok_dir):
+    tmp_path = tok_dir
     ours = load_tokenizer(tmp_path)
     assert ours.chat_template == CHATML
     msgs, extra = prepare_chat(CHAT, TOOLS, ours.chat_template)
@@ -98,8 +105,8 @@ def test_default_rendering_is_qwen25(tmp_path):
     assert ours.apply_chat_template(msgs2, chat_template=QWEN25_TOOLS, **extra2) == expected
 
 
-def _stream(text: str, fmt: str, step: int) -> tuple[ToolCallParser, list[dict]]:
-    p, events = ToolCallParser(fmt), []
+def _stream(text: str, fmt: str, step: int, max_calls: int | None = None) -> tuple[ToolCallParser, list[dict]]:
+    p, events = ToolCallParser(fmt, max_calls), []
     for i in range(0, len(text), step):
         events += p.feed(text[i : i + step])
     return p, events + p.close()
@@ -133,6 +140,10 @@ def test_round_trip_streamed(fmt):
             {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
             for c in p.tool_calls
         ]
+    p, events = _stream(text, fmt, 3)
+    capped, capped_events = _stream(text, fmt, 3, max_calls=1)
+    assert [c["function"] for c in capped.tool_calls] == [p.tool_calls[0]["function"]]
+    assert {d["index"] for e in capped_events for d in e.get("tool_calls", [])} == {0}
     ids = [c["id"] for c in parse_tool_calls(text, fmt)[1]]
     assert len(set(ids)) == 2 and all(len(i) == 9 and i.isalnum() for i in ids) == (fmt == "mistral")
 
@@ -149,6 +160,8 @@ def test_not_a_call_stays_content():
     # cut off inside the arguments (finish_reason "length"): the call keeps what was generated
     _, calls = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"x": 1')
     assert calls[0]["function"] == {"name": "f", "arguments": '{"x": 1'}
+    _, calls = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_c')
+    assert calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
 
 
 def test_detect_and_validate():
@@ -168,3 +181,52 @@ def test_detect_and_validate():
     one = tool_call_schema(TOOLS, ["echo"])
     assert one["properties"]["name"] == {"const": "echo"}
     assert len(tool_call_schema(TOOLS)["anyOf"]) == 2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_forcing_grammar_accepts_the_format(fmt, tok_dir):
+    """The grammar that forces calls (infer/grammar.py) accepts exactly what format_tool_calls writes for a
+    valid call (parallel: two calls), and refuses a call to an undeclared function."""
+    import xgrammar as xgr
+
+    from llmkit.infer.grammar import Grammar, compile_grammar
+
+    tok = load_tokenizer(tok_dir)
+    calls = [{"function": {"name": "add", "arguments": {"a": 2, "b": 40}}},
+             {"function": {"name": "echo", "arguments": {"text": "hi"}}}]
+    schema = tool_call_schema(TOOLS, None, fmt)
+    for parallel, n in ((True, 2), (False, 1)):
+        compiled = compile_grammar(tok, Grammar.tool_call(fmt, schema, parallel), tok.vocab_size, tok.eos_token_ids)
+        text = format_tool_calls(calls[:n], fmt)
+        if fmt == "mistral":
+            text = text.removeprefix("[TOOL_CALLS]")  # a special token: the grammar starts at the list
+        m = xgr.GrammarMatcher(compiled)
+        assert all(m.accept_token(t) for t in tok.encode(text, add_special_tokens=False)), text
+        assert m.accept_token(tok.eos_token_id) and m.is_terminated()
+        assert parse_tool_calls(text, fmt)[1][0]["function"]["name"] == "add"
+    bad = xgr.GrammarMatcher(compiled)
+    wrong = format_tool_calls([{"function": {"name": "mul", "arguments": {"a": 1}}}], fmt).removeprefix("[TOOL_CALLS]")
+    assert not all(bad.accept_token(t) for t in tok.encode(wrong, add_special_tokens=False))
+
+
+def test_template_that_checks_call_ids(tok_dir):
+    """Mistral's templates raise unless tool_call_id is 9 alphanumerics: ids pass through encode_chat as they
+    are (not swapped for the span markers), and the native path hands the template tools and dict arguments."""
+    tpl = (
+        "{% for m in messages %}{% if m.role == 'tool' %}"
+        "{% if m.tool_call_id|length != 9 %}{{ raise_exception('Tool call IDs should be 9 characters') }}{% endif %}"
+        "[TOOL_RESULTS]{{ {'content': m.content, 'call_id': m.tool_call_id}|tojson }}[/TOOL_RESULTS]"
+        "{% elif m.tool_calls %}[TOOL_CALLS]{{ m.tool_calls|map(attribute='function')|list|tojson }}</s>"
+        "{% else %}{% if loop.last and tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+        "[INST]{{ m.content }}[/INST]{% endif %}{% endfor %}"
+    )
+    tok = load_tokenizer(tok_dir)
+    assert detect_format(tpl) == "mistral"
+    call = {"id": "a1B2c3D4e", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    chat = [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "a1B2c3D4e", "content": "3"}, {"role": "user", "content": "ok?"}]
+    msgs, extra = prepare_chat(chat, TOOLS[:1], tpl)
+    text = tok.apply_chat_template(msgs, chat_template=tpl, **extra)
+    assert '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}]' in text
+    assert '"call_id": "a1B2c3D4e"' in text and "[AVAILABLE_TOOLS]" in text
+    assert tok.decode(tok.encode_chat(msgs, chat_template=tpl, **extra)) == text

@@ -1,6 +1,7 @@
 """Tool calling for `/v1/chat/completions`: `tools`, `tool_choice`, `parallel_tool_calls` -> a `ToolPlan`.
 
-- `auto`: the model may write calls in its template's format (tokenizer/tool_calls.py); they are parsed out.
+- `auto`: the model may write calls in its template's format (tokenizer/tool_calls.py); they are parsed out
+  (only the first with `parallel_tool_calls: false`).
 - `none`: the tools stay in the prompt, nothing is parsed: the reply is text.
 - `required` / `{"type": "function", "function": {"name": ...}}`: the grammar engine forces one or more
   (one when `parallel_tool_calls` is false) calls to the declared function(s), arguments valid under each
@@ -28,8 +29,10 @@ class ToolPlan:
     parse: bool  # whether replies are parsed for calls (not for tool_choice "none")
     grammar: Grammar | None  # forced calls (tool_choice "required" or named)
 
+    max_calls: int | None = None  # 1 with parallel_tool_calls=false
+
     def parser(self) -> ToolCallParser | None:
-        return ToolCallParser(self.fmt) if self.parse else None
+        return ToolCallParser(self.fmt, self.max_calls) if self.parse else None
 
 
 def _named(choice: dict[str, Any]) -> str:
@@ -56,8 +59,9 @@ def tool_plan(state: ServerState, body: ChatCompletionRequest) -> ToolPlan | Non
     except InputError as e:
         raise APIError(str(e), 400, param="tools") from None
     fmt = detect_format(state.tokenizer.chat_template)
+    max_calls = None if body.parallel_tool_calls else 1
     if choice is None or choice in ("auto", "none"):
-        return ToolPlan(tools, fmt, parse=choice != "none", grammar=None)
+        return ToolPlan(tools, fmt, parse=choice != "none", grammar=None, max_calls=max_calls)
     declared = [t["function"]["name"] for t in tools]
     names = declared if choice == "required" else [_named(choice)]
     if names[0] not in declared:
@@ -73,12 +77,12 @@ def tool_plan(state: ServerState, body: ChatCompletionRequest) -> ToolPlan | Non
             400,
             param="tool_choice",
         )
-    grammar = Grammar.tool_call(fmt, tool_call_schema(tools, names), parallel=body.parallel_tool_calls)
+    grammar = Grammar.tool_call(fmt, tool_call_schema(tools, names, fmt), parallel=body.parallel_tool_calls)
     try:  # compiled now: a parameters schema the grammar engine rejects is a 400 before anything runs
         compile_grammar(state.tokenizer, grammar, state.engine.config.vocab_size, state.engine.eos_token_ids)
     except InputError as e:
         raise APIError(f"tools: {e}", 400, param="tools") from None
-    return ToolPlan(tools, fmt, parse=True, grammar=grammar)
+    return ToolPlan(tools, fmt, parse=True, grammar=grammar, max_calls=max_calls)
 
 
 def finish_reason(reason: str | None, parser: ToolCallParser | None) -> str | None:

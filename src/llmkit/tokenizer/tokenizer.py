@@ -75,7 +75,7 @@ def _render_with_spans(
     for m in messages:
         mm = dict(m)
         for k, v in m.items():
-            if k != "role" and isinstance(v, str) and v:
+            if k not in ("role", "tool_call_id") and isinstance(v, str) and v:  # ids: templates check them
                 mm[k] = f"\ue000{nonce}:{len(values)}\ue001"
                 values.append(v)
         marked.append(mm)

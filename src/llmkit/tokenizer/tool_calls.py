@@ -22,14 +22,16 @@ Contract (used by serve's /v1/chat/completions, infer's tool-call grammar, agent
   as `<tool_response>` blocks in a user turn.
 - `format_tool_calls(calls, fmt, content)` -> the assistant text that makes `calls` in format `fmt`
   (the training target and what the model is asked to write).
-- `ToolCallParser(fmt)`: incremental. `feed(text_delta)` and `close()` return OpenAI streaming deltas,
+- `ToolCallParser(fmt, max_calls=None)`: incremental (calls past `max_calls` are dropped).
+  `feed(text_delta)` and `close()` return OpenAI streaming deltas,
   `{"content": str}` or `{"tool_calls": [{"index", "id", "type", "function": {"name", "arguments": ""}}]}`
   first for each call, then `{"tool_calls": [{"index", "function": {"arguments": fragment}}]}`; after
   `close()`, `.content` (str | None) and `.tool_calls` (complete calls) hold the result. The fragments of
   a call concatenate to its `arguments`. Text that looks like a call but is not valid JSON stays content.
 - `parse_tool_calls(text, fmt) -> (content, tool_calls)`: the same parser over a whole reply.
-- `validate_tools(tools)` / `tool_call_schema(tools, names)`: checks (InputError) and the JSON schema of
-  a call `{"name", "arguments"}` to one of the named tools (for grammar-forced tool_choice).
+- `validate_tools(tools)` / `tool_call_schema(tools, names, fmt)`: checks (InputError) and the JSON schema
+  of a call `{"name", "arguments"}` (llama3_json: "parameters") to one of the named tools (for
+  grammar-forced tool_choice).
 """
 
 from __future__ import annotations
@@ -79,8 +81,12 @@ def validate_tools(tools: Any) -> list[dict[str, Any]]:
     return tools
 
 
-def tool_call_schema(tools: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
-    """JSON schema of one call {"name": ..., "arguments": {...}} to one of `names` (default: every tool)."""
+def tool_call_schema(
+    tools: list[dict[str, Any]], names: list[str] | None = None, fmt: str = DEFAULT_FORMAT
+) -> dict[str, Any]:
+    """JSON schema of one call {"name": ..., "arguments": {...}} to one of `names` (default: every tool);
+    the arguments key is "parameters" in the llama3_json format."""
+    key = "parameters" if fmt == "llama3_json" else "arguments"
     options = []
     for t in tools:
         fn = t["function"]
@@ -89,8 +95,8 @@ def tool_call_schema(tools: list[dict[str, Any]], names: list[str] | None = None
             options.append(
                 {
                     "type": "object",
-                    "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                    "required": ["name", "arguments"],
+                    "properties": {"name": {"const": fn["name"]}, key: params},
+                    "required": ["name", key],
                     "additionalProperties": False,
                 }
             )
@@ -270,7 +276,8 @@ def _args_delta(index: int, fragment: str) -> dict[str, Any]:
 class ToolCallParser:
     """Incremental parser of a model's reply into content and OpenAI tool calls (see module doc)."""
 
-    def __init__(self, fmt: str = DEFAULT_FORMAT):
+    def __init__(self, fmt: str = DEFAULT_FORMAT, max_calls: int | None = None):
+        self.max_calls = max_calls  # calls after the first `max_calls` are dropped (parallel_tool_calls=false)
         if fmt not in FORMATS:
             raise InputError(f"unknown tool-call format {fmt!r}: expected one of {', '.join(FORMATS)}")
         self.fmt = fmt
@@ -295,7 +302,13 @@ class ToolCallParser:
         self.buf += delta
         out: list[dict[str, Any]] = []
         self._step(out, final=False)
-        return out
+        return self._capped(out)
+
+    def _capped(self, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.max_calls is None:
+            return out
+        del self.tool_calls[self.max_calls :]
+        return [d for d in out if "tool_calls" not in d or d["tool_calls"][0]["index"] < self.max_calls]
 
     def close(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -307,7 +320,7 @@ class ToolCallParser:
             self._header_sent, self.buf = False, ""
         self._emit_content(self.buf, out)
         self.buf = ""
-        return out
+        return self._capped(out)
 
     # one pass over the buffer; loops while progress is made
     def _step(self, out: list[dict[str, Any]], final: bool) -> None:
@@ -429,12 +442,14 @@ class ToolCallParser:
         obj_text, rest = self.buf[:end], self.buf[end:]
         if self.fmt == "hermes":
             r = rest.lstrip()
-            if not r.startswith(HERMES_CLOSE):
-                if not final and HERMES_CLOSE.startswith(r):
-                    return
-                r = None  # no closing tag: not a well-formed call
-            else:
+            if r.startswith(HERMES_CLOSE):
                 rest = r[len(HERMES_CLOSE) :]
+            elif HERMES_CLOSE.startswith(r):  # the closing tag is still coming (or was cut off at the end)
+                if not final:
+                    return
+                rest = ""
+            else:
+                r = None  # something else after the object: not a well-formed call
         else:
             r = ""
         call = self._finish_call(obj_text) if r is not None else None
@@ -445,7 +460,8 @@ class ToolCallParser:
             self.mode = "text"
             return
         if call is None:  # streamed a header already: keep the call with what we have
-            call = _call(self._call_id, self._name, "{}")
+            m = _HEADER.match(self.buf)
+            call = _call(self._call_id, self._name, self.buf[m.end() : m.end() + self._args_sent] if m else "")
         if not self._header_sent:
             out.append(_header_delta(index, call["id"], call["function"]["name"]))
         left = call["function"]["arguments"][self._args_sent :] if self._header_sent else call["function"]["arguments"]
