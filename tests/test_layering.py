@@ -30,6 +30,7 @@ LAYERS = {
     "eval": 6,
     "compress": 6,  # calibration data, GGUF / ONNX export (quantizers live in model/quant.py)
     "rag": 6,  # retrieval; serve gets a rag.service.RagService from the CLI, never imports rag
+    "agent": 6,  # tool-using loop over infer/ or an endpoint; the CLI hands it rag's search, never imports rag
     "cli": 7,
     "__main__": 8,
 }

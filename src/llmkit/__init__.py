@@ -32,10 +32,15 @@ _LAZY = {
     "compress_report": "llmkit.eval.compress_report",
 }
 
+# subpackages reachable as attributes (`@llmkit.agent.tool` after `import llmkit`)
+_SUBPACKAGES = {"agent"}
+
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"llmkit.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'llmkit' has no attribute {name!r}")

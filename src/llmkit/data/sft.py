@@ -19,6 +19,7 @@ import torch
 from llmkit.errors import InputError
 from llmkit.text.sources import read_jsonl_records
 from llmkit.tokenizer.chat_template import CHATML_TEMPLATE
+from llmkit.tokenizer.tool_calls import prepare_chat
 
 IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ignore_index)
 FORMATS = ("chat", "alpaca", "prompt_completion")
@@ -116,7 +117,9 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prom
     """Token ids of a chat rendered with the tokenizer's chat template (ChatML when it has none);
     message contents are encoded as plain text, so no example can forge a turn (`encode_chat`)."""
     template = tokenizer.chat_template or CHATML_TEMPLATE
-    return tokenizer.encode_chat(messages, add_generation_prompt, chat_template=template, **kw)
+    # tools / tool_calls / tool messages rendered the way the template expects (tokenizer/tool_calls.py)
+    messages, extra = prepare_chat(messages, kw.pop("tools", None), template)
+    return tokenizer.encode_chat(messages, add_generation_prompt, chat_template=template, **kw, **extra)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
