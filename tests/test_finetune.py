@@ -268,3 +268,32 @@ def test_cli_finetune_then_generate_with_adapter(base, tmp_path, capsys):
 
 def test_sft_example_is_reexported():
     assert SFTExample([1, 2], [IGNORE, 2]).labels[1] == 2
+
+
+def test_finetune_qat_exports_the_trained_grid(base, tmp_path):
+    """`--qat int8`: training sees fake-quantized weights (STE) and --out holds the real int8 model,
+    whose logits equal a hand-made group-wise int8 round trip of the checkpoint's float weights."""
+    from llmkit.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "qat"
+    finetune(base / "base", base / "train.jsonl", out, method="full", qat="int8", qat_group_size=32, max_steps=3,
+             eval_interval=3, batch_size=4, lr=1e-2, progress=False, num_threads=1)
+    cfg = json.loads((out / "config.json").read_text())
+    modules = cfg["quantization"]["modules"]
+    assert {e["kind"] for e in modules.values()} == {"int8"} and "blocks.0.attn.qkv" in modules
+    quantized = llmkit.load_model(out)
+    assert type(quantized.get_submodule("blocks.0.attn.qkv")).__name__ == "Int8Linear"
+    sd = load_checkpoint(out)["model"]  # the float weights the run trained
+    ref = Transformer(quantized.config)
+    ref.load_state_dict(sd)
+    start = llmkit.load_model(base / "base").state_dict()
+    assert (sd["blocks.0.attn.qkv.weight"] - start["blocks.0.attn.qkv.weight"]).abs().max() > 1e-4  # it trained
+    with torch.no_grad():
+        for name in modules:  # symmetric int8, one scale per output channel and 32 inputs
+            for w in ref.get_submodule(name).weight.split(32, dim=1):
+                s = w.abs().amax(1, keepdim=True) / 127
+                w.copy_(torch.round(w / s).clamp(-127, 127) * s)
+        x = torch.randint(0, 97, (2, 9))
+        torch.testing.assert_close(quantized(x), ref(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="--qat"):
+        finetune(base / "base", base / "train.jsonl", tmp_path / "x", method="lora", qat="int4")
