@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lo.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r)")
     lo.add_argument("--loraplus-lr-ratio", type=float, default=1.0,
                     help="LoRA+: the B matrices learn this many times faster than A (e.g. 16)")
+    lo.add_argument("--quantize", choices=["int8", "int4"],
+                    help="QLoRA: quantize the frozen base on load (int8 per channel, int4 group 64), LoRA on top")
     pt = p.add_argument_group("prompt tuning")
     pt.add_argument("--num-virtual-tokens", type=int, default=20)
     pt.add_argument("--prompt-tuning-init-text",
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         train_on_prompt=args.train_on_prompt, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, use_rslora=args.rslora,
         loraplus_lr_ratio=args.loraplus_lr_ratio, qat=args.qat, qat_group_size=args.qat_group_size,
+        quantize=args.quantize,
         num_virtual_tokens=args.num_virtual_tokens, prompt_tuning_init_text=args.prompt_tuning_init_text,
         trainable=args.trainable or [], freeze_layers=args.freeze_layers,
         activation_checkpointing=args.activation_checkpointing, max_minutes=args.max_minutes,

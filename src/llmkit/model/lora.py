@@ -100,11 +100,13 @@ class LoRAAdapter(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """base(x) + the active adapter's update. `layout` names the output slices [(part, size), ...]."""
+    """base(x) + the active adapter's update. `layout` names the output slices [(part, size), ...].
+    `base` may be a quantized kind (QLoRA): it stays frozen and gradients pass through it to x."""
 
     def __init__(self, base: nn.Module, layout: list[tuple[str, int]]) -> None:
         super().__init__()
         self.base = base
+        self.quantized = hasattr(base, "weight_float")
         self.layout = layout
         self.in_features = base.in_features
         self.out_features = sum(n for _, n in layout)
@@ -118,9 +120,10 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name: str, parts: list[str], r: int, scale: float, dropout: float) -> LoRAAdapter:
         sizes = dict(self.layout)
-        w = self.base.weight
+        w = next(self.base.buffers()) if self.quantized else self.base.weight  # quantized: float32 adapters
         ad = LoRAAdapter(self.in_features, {p: sizes[p] for p in parts}, r, scale, dropout)
-        self.adapters[name] = ad.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
+        self.adapters[name] = ad.to(device=w.device, dtype=w.dtype if w.is_floating_point() and
+                                    not self.quantized else None)
         return ad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
@@ -141,6 +144,9 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain nn.Linear whose weight includes the active adapter."""
         base = self.base
+        if self.quantized:
+            raise ConfigError("cannot merge a LoRA adapter into a quantized projection; merge it into the "
+                              "float base model (llmkit lora merge --model FLOAT_BASE --adapter DIR)")
         lin = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
                         device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():

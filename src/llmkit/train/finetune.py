@@ -66,6 +66,7 @@ class FinetuneConfig:
     activation_checkpointing: bool = False
     qat: str | None = None  # int8 | int4: fake-quantized training (STE); full/freeze export the quantized model
     qat_group_size: int = 64  # inputs per scale (0 = per channel, int8 only)
+    quantize: str | None = None  # int8 | int4: LoRA on the base quantized on load and frozen (QLoRA)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -84,6 +85,11 @@ class FinetuneConfig:
             if self.method not in ("full", "freeze"):
                 raise ConfigError(f"--qat trains the model's own weights: use it with --method full or freeze, "
                                   f"not {self.method}")
+        if self.quantize is not None:
+            if self.quantize not in ("int8", "int4"):
+                raise ConfigError(f"--quantize {self.quantize!r}: expected int8 or int4")
+            if self.method != "lora":
+                raise ConfigError(f"--quantize (a frozen quantized base) needs --method lora, not {self.method}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ConfigError(f"--max-seq-len={self.max_seq_len} must be at least 2")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -223,7 +229,7 @@ class Finetuner(Trainer):
 
     def _load_base(self) -> nn.Module:
 
-        return load_model(self.ft.model)
+        return load_model(self.ft.model, quantize=self.ft.quantize)
 
     def _max_token_id(self) -> int:
         return max(max(e.input_ids) for e in self.train_examples + self.val_examples)
