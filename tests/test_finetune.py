@@ -129,12 +129,12 @@ def test_lora_round_trips_with_peft_and_merges(base, tmp_path, family):
 
     folder = base / "base" if family == "llama" else _gpt2_folder(tmp_path / "gpt2")
     x = torch.randint(0, 97, (2, 9))
-    # llmkit writes, peft loads (all-linear on fused qkv / gate-up; rsLoRA scaling)
+    # llmkit writes, peft loads (all-linear on fused qkv / gate-up and the embedding; rsLoRA scaling)
     lk = llmkit.load_model(folder)
-    lcfg = LoRAConfig(r=4, alpha=8, dropout=0.0, targets="all-linear", use_rslora=True)
+    lcfg = LoRAConfig(r=4, alpha=8, dropout=0.0, targets="all-linear,embed", use_rslora=True)
     add_lora(lk, lcfg)
     for n, p in lk.named_parameters():
-        if "lora_B" in n:
+        if "lora_B" in n or "wte.adapters" in n:
             torch.nn.init.normal_(p, 0, 0.1)
     save_lora(lk, tmp_path / "ours", lcfg)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -145,7 +145,7 @@ def test_lora_round_trips_with_peft_and_merges(base, tmp_path, family):
         torch.testing.assert_close(ours, pm(x).logits, atol=1e-4, rtol=0)
     # peft writes (a subset of parts: q and v of the fused qkv), llmkit loads
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tm = ["q_proj", "v_proj", "up_proj"] if family == "llama" else ["c_attn", "c_fc"]
+    tm = ["q_proj", "v_proj", "up_proj", "embed_tokens"] if family == "llama" else ["c_attn", "c_fc", "wte"]
     pc = peft.LoraConfig(r=3, lora_alpha=5, target_modules=tm, init_lora_weights=False, task_type="CAUSAL_LM",
                          fan_in_fan_out=family == "gpt2")
     pm = peft.get_peft_model(hf, pc).eval()

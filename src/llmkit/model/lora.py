@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from llmkit.errors import ConfigError
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # all-linear
+EMBED = "embed"  # the token embedding (PEFT's embed_tokens target); not part of all-linear
 
 
 @dataclass
@@ -50,21 +51,23 @@ class LoRAConfig:
 
 
 def parse_targets(targets: str | list[str]) -> list[str]:
-    """`all-linear` or a comma list of q,k,v,o,gate,up,down (HF names like q_proj are accepted)."""
+    """`all-linear` or a comma list of q,k,v,o,gate,up,down, plus `embed` (HF names like q_proj and
+    embed_tokens are accepted)."""
     if isinstance(targets, str):
         targets = [t for t in targets.replace(" ", "").split(",") if t]
     out: list[str] = []
     for t in targets:
-        t = t.removesuffix("_proj")
+        t = t.removesuffix("_proj").removesuffix("_tokens")
         if t in ("all-linear", "all_linear", "all"):
             out += TARGETS
-        elif t in TARGETS:
+        elif t in TARGETS or t == EMBED:
             out.append(t)
         else:
-            raise ConfigError(f"unknown LoRA target {t!r}; expected all-linear or some of {','.join(TARGETS)}")
+            raise ConfigError(f"unknown LoRA target {t!r}; expected all-linear or some of "
+                              f"{','.join(TARGETS)},{EMBED}")
     if not out:
         raise ConfigError("no LoRA targets given; expected all-linear or some of q,k,v,o,gate,up,down")
-    return [t for t in TARGETS if t in out]
+    return [t for t in (*TARGETS, EMBED) if t in out]
 
 
 class LoRAAdapter(nn.Module):
@@ -159,6 +162,50 @@ class LoRALinear(nn.Module):
         return lin
 
 
+class LoRAEmbeddingAdapter(LoRAAdapter):
+    """An adapter on the token embedding: E[ids] + s * A^T[ids] B^T with A [r, vocab] = 0 and
+    B [dim, r] ~ N(0, 1) at the start (PEFT's lora_embedding_A / lora_embedding_B)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int, scale: float) -> None:
+        nn.Module.__init__(self)
+        self.r, self.scale = r, scale
+        self.lora_A = nn.ParameterDict({EMBED: nn.Parameter(torch.zeros(r, num_embeddings))})
+        self.lora_B = nn.ParameterDict({EMBED: nn.Parameter(torch.randn(embedding_dim, r))})
+
+    def delta(self, ids: torch.Tensor, layout: list[tuple[str, int]]) -> torch.Tensor:  # [...] -> [..., dim]
+        A, B = self.lora_A[EMBED], self.lora_B[EMBED]
+        return F.embedding(ids, A.t()) @ B.t() * self.scale
+
+    def weight_delta(self, layout: list[tuple[str, int]]) -> torch.Tensor:  # [vocab, dim]
+        return (self.scale * self.lora_B[EMBED] @ self.lora_A[EMBED]).t()
+
+
+class LoRAEmbedding(LoRALinear):
+    """The token embedding plus the active adapter's low-rank update (same routing as LoRALinear)."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        nn.Module.__init__(self)
+        self.base, self.quantized = base, False
+        self.layout = [(EMBED, base.embedding_dim)]
+        self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.routing: tuple[torch.Tensor, list[str | None]] | None = None
+
+    def add_adapter(self, name: str, parts: list[str], r: int, scale: float, dropout: float) -> LoRAAdapter:
+        w = self.base.weight
+        ad = LoRAEmbeddingAdapter(self.in_features, self.out_features, r, scale)
+        self.adapters[name] = ad.to(device=w.device, dtype=w.dtype)
+        return ad
+
+    def merged(self) -> nn.Embedding:
+        """A plain nn.Embedding whose table includes the active adapter (a tied head keeps the old one)."""
+        w = self.base.weight.detach().float()
+        if self.active is not None:
+            w = w + self.adapters[self.active].weight_delta(self.layout).float()
+        return nn.Embedding.from_pretrained(w.to(self.base.weight.dtype), freeze=False)
+
+
 # ---------------------------------------------------------------------------- whole models
 
 
@@ -180,6 +227,8 @@ def projection_sites(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
         if hasattr(blk.mlp, "fc"):  # a dense MLP (MoE experts are not Linear modules)
             sites[b + "mlp.fc"] = [("gate", inter), ("up", inter)] if blk.mlp.swiglu else [("up", inter)]
             sites[b + "mlp.proj"] = [("down", cfg.n_embd)]
+    if isinstance(getattr(model, "wte", None), nn.Embedding | LoRAEmbedding):
+        sites["wte"] = [(EMBED, cfg.n_embd)]
     return sites
 
 
@@ -215,16 +264,22 @@ def add_lora(model: nn.Module, cfg: LoRAConfig, name: str = "default") -> nn.Mod
         parts = _parts_for(layout, cfg.targets)
         if not parts:
             continue
-        mod = model.get_submodule(path)
-        if not isinstance(mod, LoRALinear):
-            mod = LoRALinear(mod, layout)
-            model.set_submodule(path, mod)
+        mod = wrap_site(model, path, layout)
         mod.add_adapter(name, parts, cfg.r, cfg.scale, cfg.dropout)
         added += 1
     if not added:
         raise ConfigError(f"LoRA targets {','.join(cfg.targets)} match no projection of this model")
     set_active_adapter(model, name)
     return model
+
+
+def wrap_site(model: nn.Module, path: str, layout: list[tuple[str, int]]) -> LoRALinear:
+    """The LoRA module at `path`, swapped in for the plain projection (or embedding) the first time."""
+    mod = model.get_submodule(path)
+    if not isinstance(mod, LoRALinear):
+        mod = LoRAEmbedding(mod) if layout[0][0] == EMBED else LoRALinear(mod, layout)
+        model.set_submodule(path, mod)
+    return mod
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
@@ -240,8 +295,12 @@ def route_tokens(model: nn.Module, index: torch.Tensor | None, names: list[str |
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the active adapter into the weights; every LoRALinear becomes a plain nn.Linear again."""
+    """Fold the active adapter into the weights; every LoRALinear becomes a plain nn.Linear again.
+    An adapted embedding unties a tied LM head (the head keeps the base table, as unmerged)."""
     for path, m in lora_modules(model).items():
+        if isinstance(m, LoRAEmbedding) and m.active is not None and model.config.tie_embeddings:
+            model.lm_head.weight = nn.Parameter(m.base.weight.detach().clone())
+            model.config.tie_embeddings = False
         model.set_submodule(path, m.merged())
     return model
 
