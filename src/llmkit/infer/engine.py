@@ -35,6 +35,7 @@ from llmkit.infer.sequence import Sequence, TokenEvent, sample_step
 from llmkit.model.layers import check_token_ids
 from llmkit.model.linear import set_decode_packing
 from llmkit.model.lora import adapter_names, route_tokens
+from llmkit.model.prompt_tuning import prompt_adapter_names, virtual_prefix
 
 __all__ = ["Engine", "EngineClosedError", "GenerationResult", "QueueFullError", "RequestHandle", "TokenEvent"]
 
@@ -52,10 +53,14 @@ class EngineClosedError(LlmkitError):
 class _Sequence(Sequence):
     """Engine-thread state of one request: its `Sequence` plus the handle and KV-cache id."""
 
-    def __init__(self, handle: RequestHandle, seq_id: int, eos_token_ids: set[int], tokenizer: Any):
+    def __init__(self, handle: RequestHandle, seq_id: int, eos_token_ids: set[int], tokenizer: Any,
+                 virtual: list[int] | None = None):
         super().__init__(handle.prompt_ids, handle.params, eos_token_ids, tokenizer)
         self.handle, self.seq_id = handle, seq_id
-        self.adapter: str | None = None  # LoRA adapter name (None: the base model)
+        self.adapter: str | None = None  # adapter name (None: the base model)
+        if virtual:  # a soft prompt's virtual ids run first (positions 0..N-1), unseen by the caller
+            self.tokens[:0] = virtual
+            self.prompt_len += len(virtual)
 
 
 class Engine:
@@ -121,6 +126,7 @@ class Engine:
         )
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.adapters = adapter_names(model)  # LoRA adapters a request may name (multi-LoRA)
+        self.prompt_adapters = prompt_adapter_names(model)  # soft prompts (prompt tuning) likewise
 
         self._lock = threading.Lock()  # guards the queue, the running list and the block pool
         self._wake = threading.Condition(self._lock)
@@ -186,15 +192,16 @@ class Engine:
         `adapter` names a LoRA adapter of the model (None: the base model); requests for
         different adapters share the running batch."""
         ids = self._check_ids(prompt_ids)
-        self._check_adapter(adapter)
+        virtual = self._virtual_prefix(adapter)
         params = dataclasses.replace(params) if params is not None else SamplingParams()
         params.validate(self.config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer: pass tokenizer= to Engine or use stop_token_ids")
-        need = len(ids) + params.max_new_tokens
+        need = len(virtual) + len(ids) + params.max_new_tokens
         if need > self.max_seq_len:
             raise InputError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} exceeds the "
+                f"prompt ({need - params.max_new_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} "
+                f"exceeds the "
                 f"context of {self.max_seq_len} tokens; shorten the prompt or lower max_new_tokens"
             )
         if self.cache.blocks_to_reserve(need) > self.cache.num_blocks:
@@ -203,7 +210,7 @@ class Engine:
             )
         seq_id = next(self._ids)
         handle = RequestHandle(self, request_id or f"req-{seq_id}", ids, params)
-        seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer)
+        seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer, virtual)
         seq.adapter = adapter
         with self._lock:
             if self._closed:
@@ -229,7 +236,8 @@ class Engine:
         """log p(token_i | tokens_<i) for every prompt token, with the top-N (token_id, logprob)
         alternatives at each position; position 0 has no prefix and gets (None, None)."""
         ids = self._check_ids(prompt_ids)
-        self._check_adapter(adapter)
+        virtual = self._virtual_prefix(adapter)
+        n_virtual, ids = len(virtual), virtual + ids
         if len(ids) > self.max_seq_len:
             raise InputError(f"prompt has {len(ids)} tokens but the context is {self.max_seq_len}")
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -245,7 +253,7 @@ class Engine:
         else:
             tops = [[] for _ in chosen]
         out += list(zip(chosen, tops))
-        return out
+        return out[n_virtual:] if n_virtual else out  # a soft prompt's positions are not the caller's
 
     def stats(self) -> dict[str, int]:
         """Running and queued request counts, KV block usage and lifetime counters."""
@@ -261,10 +269,12 @@ class Engine:
             }
 
     # ---- internals ----------------------------------------------------------------------------
-    def _check_adapter(self, adapter: str | None) -> None:
-        if adapter is not None and adapter not in self.adapters:
-            known = ", ".join(self.adapters) or "none loaded"
-            raise InputError(f"unknown LoRA adapter {adapter!r}; this engine has: {known}")
+    def _virtual_prefix(self, adapter: str | None) -> list[int]:
+        """Checks `adapter`; a soft prompt's virtual ids start its requests (none for LoRA or the base)."""
+        if adapter is not None and adapter not in self.adapters + self.prompt_adapters:
+            known = ", ".join(self.adapters + self.prompt_adapters) or "none loaded"
+            raise InputError(f"unknown adapter {adapter!r}; this engine has: {known}")
+        return virtual_prefix(self.model, adapter) if adapter in self.prompt_adapters else []
 
     @contextlib.contextmanager
     def _routed(self, adapters: list[str | None], x: torch.Tensor):
@@ -272,7 +282,8 @@ class Engine:
         if not self.adapters:
             yield
             return
-        index = torch.tensor([self.adapters.index(a) if a is not None else -1 for a in adapters], device=x.device)
+        index = torch.tensor([self.adapters.index(a) if a in self.adapters else -1 for a in adapters],
+                             device=x.device)
         route_tokens(self.model, index[:, None].expand(x.shape), self.adapters)
         try:
             yield

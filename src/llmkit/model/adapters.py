@@ -30,7 +30,7 @@ from llmkit.model.lora import (
     set_active_adapter,
     wrap_site,
 )
-from llmkit.model.prompt_tuning import PromptTuningModel
+from llmkit.model.prompt_tuning import PromptTuningModel, add_prompt_adapter
 from llmkit.tokenizer import load_tokenizer
 
 CONFIG_NAME = "adapter_config.json"
@@ -205,8 +205,8 @@ def save_prompt_tuning(model: PromptTuningModel, out: str | Path, init_text: str
     _atomic_write(Path(out), config, {"prompt_embeddings": model.prompt.float()})
 
 
-def load_prompt_tuning(model: nn.Module, path: str | Path) -> PromptTuningModel:
-    """Wrap `model` with the PEFT prompt-tuning adapter in folder `path`."""
+def read_prompt_tuning(model: nn.Module, path: str | Path) -> torch.Tensor:
+    """The soft prompt [N, n_embd] of the PEFT prompt-tuning folder `path`, checked against `model`."""
     config, sd = read_adapter(path)
     if config.get("peft_type") != "PROMPT_TUNING":
         raise CheckpointError(f"{path}: peft_type {config.get('peft_type')!r}; expected PROMPT_TUNING")
@@ -216,10 +216,28 @@ def load_prompt_tuning(model: nn.Module, path: str | Path) -> PromptTuningModel:
     if emb.dim() != 2 or emb.shape[1] != model.config.n_embd:
         raise CheckpointError(f"{path}: prompt_embeddings has shape {tuple(emb.shape)}; "
                               f"expected [N, {model.config.n_embd}]")
+    return emb
+
+
+def load_prompt_tuning(model: nn.Module, path: str | Path) -> PromptTuningModel:
+    """Wrap `model` with the PEFT prompt-tuning adapter in folder `path`."""
+    emb = read_prompt_tuning(model, path)
     pt = PromptTuningModel(model, emb.shape[0])
     with torch.no_grad():
         pt.prompt.copy_(emb)
     return pt
+
+
+def load_named_adapter(model: nn.Module, path: str | Path, name: str) -> str:
+    """Load adapter folder `path` into `model` under `name` for serving beside the base: LoRA as a
+    routable adapter, prompt tuning as a soft prompt with its own virtual ids. Returns the peft_type."""
+    kind = adapter_type(path)
+    if kind == "LORA":
+        load_lora(model, path, name)
+        set_active_adapter(model, None)  # requests choose their adapter
+    else:
+        add_prompt_adapter(model, name, read_prompt_tuning(model, path))
+    return kind
 
 
 # ---------------------------------------------------------------------------- either
