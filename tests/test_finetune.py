@@ -138,11 +138,27 @@ def test_lora_round_trips_with_peft_and_merges(base, tmp_path, family):
             torch.nn.init.normal_(p, 0, 0.1)
     save_lora(lk, tmp_path / "ours", lcfg)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ours").eval()
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ours", is_trainable=True).eval()
     with torch.no_grad():
         ours = lk(x)
         assert (ours - llmkit.load_model(folder)(x)).abs().max() > 1e-3  # the adapter does something
         torch.testing.assert_close(ours, pm(x).logits, atol=1e-4, rtol=0)
+    # the same adapter gradients as peft's (loss on every position)
+    pm.train()
+    lk.train()
+    y = torch.randint(0, 97, (2, 9))
+    for m in (lk, pm):
+        logits = m(x) if m is lk else m(x).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    ours_g = {k: p.grad for k, p in lk.named_parameters() if ".adapters." in k}
+    theirs_g = {k: p.grad for k, p in pm.named_parameters() if "lora_" in k}
+    assert len(ours_g) == len(theirs_g) > 0
+    site = "blocks.0.attn.qkv.adapters.default.lora_B."
+    hf_q = {"llama": "layers.0.self_attn.q_proj", "gpt2": "h.0.attn.c_attn"}[family]
+    part = "q" if family == "llama" else "qkv"
+    g_theirs = next(g for k, g in theirs_g.items() if hf_q in k and "lora_B" in k)
+    torch.testing.assert_close(ours_g[site + part], g_theirs, atol=1e-5, rtol=1e-4)
+    lk.eval()
     # peft writes (a subset of parts: q and v of the fused qkv), llmkit loads
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tm = ["q_proj", "v_proj", "up_proj", "embed_tokens"] if family == "llama" else ["c_attn", "c_fc", "wte"]

@@ -82,17 +82,21 @@ class LoRAAdapter(nn.Module):
         for a in self.lora_A.values():  # PEFT's default: A ~ kaiming-uniform, B = 0 (the update starts at 0)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
-    def delta(self, x: torch.Tensor, layout: list[tuple[str, int]]) -> torch.Tensor:
-        """s * B A x for x [..., in] -> [..., out], zeros in the columns of untargeted parts."""
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, layout: list[tuple[str, int]]) -> torch.Tensor:
+        """y + s * B A x for y [..., out] = base(x), x [..., in]: each part's B product is accumulated into
+        its slice of y in place (one GEMM each, scale folded in; no concatenation, no extra pass)."""
         names = [p for p, _ in layout if p in self.lora_A]
         A = self.lora_A[names[0]] if len(names) == 1 else torch.cat([self.lora_A[p] for p in names])
-        z = F.linear(self.dropout(x), A.to(x.dtype)) * self.scale  # [..., P * r]
-        if len(layout) == 1:
-            return F.linear(z, self.lora_B[names[0]].to(x.dtype))
-        zs = dict(zip(names, z.split(self.r, dim=-1)))
-        outs = [F.linear(zs[p], self.lora_B[p].to(x.dtype)) if p in zs else z.new_zeros(*z.shape[:-1], n)
-                for p, n in layout]
-        return torch.cat(outs, dim=-1)
+        z = F.linear(self.dropout(x), A.to(x.dtype))  # [..., P * r]
+        y = y if y.is_contiguous() else y.contiguous()
+        y2, z2 = y.view(-1, y.shape[-1]), z.reshape(-1, z.shape[-1])  # [M, out], [M, P * r]
+        zs = dict(zip(names, z2.split(self.r, dim=-1)))
+        start = 0
+        for p, n in layout:
+            if p in zs:
+                y2[:, start : start + n].addmm_(zs[p], self.lora_B[p].to(x.dtype).t(), alpha=self.scale)
+            start += n
+        return y
 
     def weight_delta(self, layout: list[tuple[str, int]]) -> torch.Tensor:
         """The update as a dense [out, in] matrix (for merging)."""
@@ -138,11 +142,11 @@ class LoRALinear(nn.Module):
                 if k < 0 or names[k] not in self.adapters:
                     continue
                 sel = index == k
-                y[sel] = y[sel] + self.adapters[names[k]].delta(x[sel], self.layout)
+                y[sel] = self.adapters[names[k]].add_to(y[sel], x[sel], self.layout)
             return y
         if self.active is None or self.active not in self.adapters:
             return y
-        return y + self.adapters[self.active].delta(x, self.layout)
+        return self.adapters[self.active].add_to(y, x, self.layout)
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear whose weight includes the active adapter."""
@@ -172,9 +176,9 @@ class LoRAEmbeddingAdapter(LoRAAdapter):
         self.lora_A = nn.ParameterDict({EMBED: nn.Parameter(torch.zeros(r, num_embeddings))})
         self.lora_B = nn.ParameterDict({EMBED: nn.Parameter(torch.randn(embedding_dim, r))})
 
-    def delta(self, ids: torch.Tensor, layout: list[tuple[str, int]]) -> torch.Tensor:  # [...] -> [..., dim]
-        A, B = self.lora_A[EMBED], self.lora_B[EMBED]
-        return F.embedding(ids, A.t()) @ B.t() * self.scale
+    def add_to(self, y: torch.Tensor, ids: torch.Tensor, layout: list[tuple[str, int]]) -> torch.Tensor:
+        A, B = self.lora_A[EMBED], self.lora_B[EMBED]  # y [..., dim] = E[ids]
+        return y + F.embedding(ids, A.t()) @ B.t() * self.scale
 
     def weight_delta(self, layout: list[tuple[str, int]]) -> torch.Tensor:  # [vocab, dim]
         return (self.scale * self.lora_B[EMBED] @ self.lora_A[EMBED]).t()

@@ -123,7 +123,8 @@ class FrozenQuantMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, m: nn.Module) -> Tensor:
         ctx.m = m
-        return m(x)  # grad mode is off in here: the kernel path
+        y = m(x)  # grad mode is off in here: the kernel path
+        return y if y._base is None else y.clone()  # not a view: adapters add to it in place
 
     @staticmethod
     def backward(ctx, dy: Tensor):
