@@ -70,6 +70,7 @@ def timed(fn, queries) -> tuple[float, float, float, float]:
 def bench(store, n: int, queries: int, k: int = 10) -> dict:
     rng = np.random.default_rng(0)
     build = fill(store, n, rng)
+    print(f"built {n:,} chunks in {build:.0f} s; querying (pid {os.getpid()})", flush=True)
     qv = synthetic(queries, seed=7)
     qt = [" ".join(w[:3]) for w in words(rng, 2000, queries, 3)]
     for i in range(5):  # warm-up: load snapshots, caches

@@ -24,7 +24,7 @@ CONFIGS = {
 }
 
 
-def nanogpt_style_val_loss(model_dir: Path, data: Path, block_size: int, iters: int = 20, batch: int = 12) -> float:
+def nanogpt_style_val_loss(model_dir: Path, data: Path, seq_len: int, iters: int = 20, batch: int = 12) -> float:
     """nanoGPT's `estimate_loss` on val: the mean loss of `iters` random batches (seeded)."""
     import torch
     import torch.nn.functional as F
@@ -43,7 +43,7 @@ def nanogpt_style_val_loss(model_dir: Path, data: Path, block_size: int, iters: 
     losses = []
     with torch.no_grad():
         for _ in range(iters):
-            x, y = get_batch(val, batch, block_size, generator=g)
+            x, y = get_batch(val, batch, seq_len, generator=g)
             logits = model(x)
             losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item())
     return sum(losses) / len(losses)
@@ -80,7 +80,7 @@ def main() -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         res = pretrain(cfg, overwrite=True)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        nano_est = nanogpt_style_val_loss(Path(cfg.out_dir), data, cfg.train.block_size)
+        nano_est = nanogpt_style_val_loss(Path(cfg.out_dir), data, cfg.train.seq_len)
         rows.append(
             {
                 "config": name,

@@ -278,7 +278,7 @@ def test_readers(tmp_path, bpe_dir):
     # Two ranks read disjoint windows that together equal the single-process stream.
     r0, r1 = SequentialBatches(tokens, 1, 8, 0, 2), SequentialBatches(tokens, 1, 8, 1, 2)
     assert torch.equal(torch.cat([next(r0)[0], next(r1)[0]]), batches[0][0])
-    with pytest.raises(InputError, match="block_size"):
+    with pytest.raises(InputError, match="seq_len"):
         get_batch(tokens, 1, len(tokens))
     with pytest.raises(InputError, match="unknown split"):
         load_tokens(tmp_path / "d", "test")
@@ -315,7 +315,7 @@ def test_bad_inputs(tmp_path, bpe_dir):
     )
     assert m["splits"]["train"]["documents"] == 1
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(InputError, match="broken.jsonl:2 is not valid JSON"):
+    with pytest.raises(InputError, match="broken.jsonl:2: not valid JSON"):
         prepare(tmp_path / "broken.jsonl", bpe_dir, tmp_path / "o", progress=False, workers=2)
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(InputError, match="holds no text files"):

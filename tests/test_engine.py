@@ -92,9 +92,9 @@ def test_greedy_matches_transformers_alone_and_batched(family, tmp_path):
     hf.save_pretrained(tmp_path)
     model = llmkit.load_model(str(tmp_path))
     want = [_hf_greedy(hf, p, n) for p, n in zip(PROMPTS, N_NEW)]
-    with Engine(model, max_batch_size=1, block_size=4) as alone:
+    with Engine(model, max_batch_size=1, kv_block_size=4) as alone:
         got_alone = [alone.submit(p, _greedy(n)).result().token_ids for p, n in zip(PROMPTS, N_NEW)]
-    with Engine(model, max_batch_size=3, block_size=4) as batched:  # 5 requests, 3 slots: join/leave
+    with Engine(model, max_batch_size=3, kv_block_size=4) as batched:  # 5 requests, 3 slots: join/leave
         handles = [batched.submit(p, _greedy(n)) for p, n in zip(PROMPTS, N_NEW)]
         got_batched = [h.result().token_ids for h in handles]
         assert batched.counters["steps"] < sum(N_NEW) - len(N_NEW)  # the requests really shared steps
@@ -107,7 +107,7 @@ def test_requests_joining_mid_way_match_llmkit_generate_and_transformers(pair):
     hf, model = pair
     want = [llmkit.generate(model, p, max_new_tokens=n, temperature=0.0) for p, n in zip(PROMPTS, N_NEW)]
     assert want[0] == _hf_greedy(hf, PROMPTS[0], N_NEW[0])
-    with Engine(model, max_batch_size=2, block_size=4) as engine:
+    with Engine(model, max_batch_size=2, kv_block_size=4) as engine:
         first = engine.submit(PROMPTS[2], _greedy(N_NEW[2]))
         it = iter(first)
         head = [next(it).token_id for _ in range(4)]  # the first request is mid-decode ...
@@ -118,13 +118,13 @@ def test_requests_joining_mid_way_match_llmkit_generate_and_transformers(pair):
     assert results == [w for i, w in enumerate(want) if i != 2]
 
 
-@pytest.mark.parametrize(("block_size", "prefill_chunk", "fast_decode"), [(1, 3, False), (5, 7, True)])
+@pytest.mark.parametrize(("kv_block_size", "prefill_chunk", "fast_decode"), [(1, 3, False), (5, 7, True)])
 def test_chunked_prefill_odd_block_sizes_and_both_forward_paths_give_the_same_tokens(
-    pair, block_size, prefill_chunk, fast_decode
+    pair, kv_block_size, prefill_chunk, fast_decode
 ):
     hf, model = pair
     want = [_hf_greedy(hf, p, 12) for p in PROMPTS[:3]]
-    kw = dict(block_size=block_size, prefill_chunk=prefill_chunk, fast_decode=fast_decode)
+    kw = dict(kv_block_size=kv_block_size, prefill_chunk=prefill_chunk, fast_decode=fast_decode)
     with Engine(model, max_batch_size=2, **kw) as engine:
         got = engine.generate(PROMPTS[:3], _greedy(12))
         assert engine.stats()["prefill_tokens"] == sum(len(p) for p in PROMPTS[:3])
@@ -136,7 +136,7 @@ def test_sliding_window_engine_frees_old_blocks_and_matches_transformers(tmp_pat
     hf.save_pretrained(tmp_path)
     model = llmkit.load_model(str(tmp_path))
     prompt, n = PROMPTS[3], 30  # 37 + 30 tokens: 34 blocks of 2 without freeing
-    with Engine(model, max_batch_size=1, block_size=2, prefill_chunk=4) as engine:
+    with Engine(model, max_batch_size=1, kv_block_size=2, prefill_chunk=4) as engine:
         held = engine.cache.blocks_to_reserve(len(prompt) + n)
         assert held == 7
         handle = engine.submit(prompt, _greedy(n))
@@ -152,7 +152,7 @@ def test_sliding_window_engine_frees_old_blocks_and_matches_transformers(tmp_pat
 def test_prompts_admitted_together_share_padded_prefill_forwards(pair, fast_decode):
     hf, model = pair
     prompts = [list(range(3 + i, 3 + i + n)) for i, n in enumerate([10, 12, 11, 12])]
-    engine = Engine(model, max_batch_size=4, block_size=4, prefill_chunk=8, fast_decode=fast_decode)
+    engine = Engine(model, max_batch_size=4, kv_block_size=4, prefill_chunk=8, fast_decode=fast_decode)
     handles = [engine.submit(p, _greedy(8)) for p in prompts]  # queued before start: admitted at once
     engine.start()
     results = [h.result() for h in handles]
@@ -268,7 +268,7 @@ def test_eos_from_the_model_config_stops_unless_ignored(pair):
 
 def test_cancel_frees_the_slot_and_blocks_and_ends_the_stream(pair):
     _, model = pair
-    with Engine(model, max_batch_size=1, block_size=4) as engine:
+    with Engine(model, max_batch_size=1, kv_block_size=4) as engine:
         total = engine.stats()["total_blocks"]
         running = engine.submit(PROMPTS[3], _greedy(80))
         queued = engine.submit(PROMPTS[0], _greedy(5))
@@ -291,7 +291,7 @@ def test_cancel_frees_the_slot_and_blocks_and_ends_the_stream(pair):
 
 def test_no_blocks_leak_after_many_requests_of_different_lengths(pair):
     _, model = pair
-    with Engine(model, max_batch_size=4, block_size=4, num_blocks=40) as engine:
+    with Engine(model, max_batch_size=4, kv_block_size=4, num_blocks=40) as engine:
         handles = []
         for i in range(30):
             prompt = PROMPTS[i % len(PROMPTS)][: 3 + i % 11]
@@ -395,7 +395,7 @@ def test_engine_rejects_bad_settings(pair):
 @pytest.mark.parametrize("fast_decode", [True, False])
 def test_a_failed_forward_raises_in_the_stream_and_the_engine_recovers(pair, fast_decode):
     hf, model = pair
-    with Engine(model, block_size=4, fast_decode=fast_decode) as engine:
+    with Engine(model, kv_block_size=4, fast_decode=fast_decode) as engine:
         real_batch, calls = engine.cache.batch, {"n": 0}
 
         def flaky_batch(seq_ids, q_lens):  # the third forward (a decode step) fails inside the model
@@ -430,7 +430,7 @@ def test_async_consumer_can_cancel_mid_stream(pair):
                 handle.cancel()  # like a server whose client disconnected
         return got, handle.finish_reason
 
-    with Engine(model, block_size=4) as engine:
+    with Engine(model, kv_block_size=4) as engine:
         got, reason = asyncio.run(main(engine))
         _wait_idle(engine)
     assert reason == "cancelled" and len(got) == 3

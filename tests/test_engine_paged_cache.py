@@ -38,7 +38,7 @@ def _append(cache: PagedKVCache, ref: dict, seq_ids: list[int], q_lens: list[int
 @pytest.mark.parametrize("window", [None, 3])
 def test_paged_batch_matches_contiguous_cache_and_standard_mask(window):
     torch.manual_seed(0)
-    cache = PagedKVCache(L, HKV, D, num_blocks=16, block_size=BS, sliding_window=window)
+    cache = PagedKVCache(L, HKV, D, num_blocks=16, kv_block_size=BS, sliding_window=window)
     ref: dict = {}
     for s, n in [(0, 13), (1, 5), (2, 10)]:
         cache.add_sequence(s, n)
@@ -58,7 +58,7 @@ def test_paged_batch_matches_contiguous_cache_and_standard_mask(window):
 
 
 def test_padded_rows_get_positions_and_masks_of_their_own_length():
-    cache = PagedKVCache(L, HKV, D, num_blocks=8, block_size=BS)
+    cache = PagedKVCache(L, HKV, D, num_blocks=8, kv_block_size=BS)
     cache.add_sequence(7, 8)
     cache.add_sequence(8, 8)
     batch = cache.batch([7, 8], [5, 2])
@@ -70,7 +70,7 @@ def test_padded_rows_get_positions_and_masks_of_their_own_length():
 
 def test_blocks_return_to_the_free_list_after_many_sequences():
     rng = random.Random(0)
-    cache = PagedKVCache(L, HKV, D, num_blocks=20, block_size=BS)
+    cache = PagedKVCache(L, HKV, D, num_blocks=20, kv_block_size=BS)
     live: list[int] = []
     for s in range(200):
         n = rng.randint(1, 30)
@@ -89,7 +89,7 @@ def test_blocks_return_to_the_free_list_after_many_sequences():
 
 
 def test_errors_name_the_problem():
-    cache = PagedKVCache(L, HKV, D, num_blocks=2, block_size=BS)
+    cache = PagedKVCache(L, HKV, D, num_blocks=2, kv_block_size=BS)
     with pytest.raises(OutOfBlocksError, match="need 3 KV blocks"):
         cache.add_sequence(0, 9)
     cache.add_sequence(0, 4)
@@ -102,7 +102,7 @@ def test_errors_name_the_problem():
 def test_sliding_window_frees_out_of_window_blocks_and_keeps_the_window_exact():
     torch.manual_seed(0)
     W, chunk = 5, 3
-    cache = PagedKVCache(1, HKV, D, num_blocks=12, block_size=2, sliding_window=W, max_chunk=chunk)
+    cache = PagedKVCache(1, HKV, D, num_blocks=12, kv_block_size=2, sliding_window=W, max_chunk=chunk)
     cache.add_sequence(0, 60)
     held = cache.blocks_to_reserve(60)
     assert held == 5 < cache.blocks_needed(60)  # ceil((W - 1 + chunk) / 2) + 1

@@ -112,6 +112,27 @@ def test_fast_path_follows_weight_updates():
     assert after != before
 
 
+def test_model_copies_and_pickles_after_generate(tmp_path):
+    """generate() packs Linears for decode (oneDNN's opaque tensors); deepcopy, pickling and the copies'
+    outputs still work, and the copy's packed weights are its own (an update to it leaves the original)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = llmkit.Transformer(llmkit.ModelConfig.from_preset("tiny", initializer_range=0.3)).eval()
+    for prompt in ([1, 2, 3], [[1, 2, 3], [4, 5, 6]]):  # batch 1 and batch 2 make both kinds of copies
+        generate(model, prompt, 6)
+    twin = copy.deepcopy(model)
+    assert generate(twin, [1, 2, 3], 10) == generate(model, [1, 2, 3], 10)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert generate(loaded, [1, 2, 3], 10) == generate(model, [1, 2, 3], 10)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    assert generate(twin, [1, 2, 3], 10) == generate(twin, [1, 2, 3], 10, fast=False)
+    assert generate(model, [1, 2, 3], 10) == generate(model, [1, 2, 3], 10, fast=False)
+
+
 def test_generate_returns_logprobs_of_a_plain_forward():
     """return_logprobs: chosen and top-N log-probs equal log_softmax of one forward over prompt + output."""
     import llmkit

@@ -100,10 +100,10 @@ def test_generate_and_engine_greedy_match_transformers(pair):
     want = [_hf_greedy(ref, p, n) for p, n in zip(PROMPTS, N_NEW)]
     got = llmkit.generate(model, PROMPTS, max_new_tokens=max(N_NEW))  # one left-padded batch
     assert [g[:n] for g, n in zip(got, N_NEW)] == want
-    with Engine(model, max_batch_size=1, block_size=4) as alone:
+    with Engine(model, max_batch_size=1, kv_block_size=4) as alone:
         got_alone = [alone.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0)).result().token_ids
                      for p, n in zip(PROMPTS, N_NEW)]
-    with Engine(model, max_batch_size=3, block_size=4) as batched:
+    with Engine(model, max_batch_size=3, kv_block_size=4) as batched:
         hs = [batched.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0)) for p, n in zip(PROMPTS, N_NEW)]
         got_batched = [h.result().token_ids for h in hs]
     assert got_alone == want

@@ -22,7 +22,7 @@ CTX = 256
 SYSTEM = "You are a player in a Shakespeare play."
 TINY = [
     "--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "2", "--model.n_kv_head", "2",
-    "--model.intermediate_size", "64", "--model.block_size", str(CTX), "--train.block_size", str(CTX),
+    "--model.intermediate_size", "64", "--model.block_size", str(CTX), "--train.seq_len", str(CTX),
     "--train.batch_size", "2", "--train.eval_iters", "1", "--data.vocab_size", "400", "--train.num_threads", "1",
 ]
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no Chromium at /usr/bin/chromium")

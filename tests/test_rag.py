@@ -356,6 +356,11 @@ def test_pgvector_store_matches_the_embedded_store(pg_uri, built, docs):
     pg = Index(pg_uri)
     s = pg.add([docs], chunk_size=48, chunk_overlap=8, progress=False)
     assert (s["indexed"], s["chunks"]) == (7, len(all_chunks(idx)))
+    import psycopg  # the search indexes are built once, at the end of the bulk load, then maintained
+
+    with psycopg.connect(pg_uri) as conn:
+        names = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'llmkit_rag_chunks'")}
+    assert {"llmkit_rag_chunks_hnsw", "llmkit_rag_chunks_tsv"} <= names
     for q in ("When was the Eiffel tower finished?", "How long to boil pasta?", "flux capacitor setting"):
         assert [h.text for h in pg.query(q, 3, mode="dense")] == [h.text for h in idx.query(q, 3, mode="dense")]
     assert pg.query("北京大学", 1, mode="bm25")[0].source.endswith("zh.txt")  # Postgres full-text on our terms

@@ -55,6 +55,18 @@ def test_unknown_key_suggests_close_match(tmp_path):
         TrainConfig.from_dict({"model": {"preset": "tiny", "vocab_size": 10}}).model_config(vocab_size=50)
 
 
+def test_old_train_block_size_key_still_reads_as_seq_len():
+    """`train.block_size` (the training window before the rename) sets train.seq_len, with a warning;
+    `model.block_size` (the context length) keeps its name."""
+    with pytest.warns(DeprecationWarning, match="train.seq_len"):
+        cfg = TrainConfig.from_dict({"model": {"block_size": 128}, "train": {"block_size": 48}})
+    assert cfg.train.seq_len == 48 and cfg.model["block_size"] == 128
+    cfg = TrainConfig()
+    with pytest.warns(DeprecationWarning):
+        cfg.apply_overrides(["--train.block_size", "24"])
+    assert cfg.train.seq_len == 24
+
+
 def test_cosine_schedule_hand_computed():
     lr, lo, warm, decay = 1e-3, 1e-4, 10, 110
     assert cosine_lr(0, lr, lo, warm, decay) == pytest.approx(lr * 1 / 11)  # linear warmup

@@ -28,7 +28,7 @@ MODEL = {
 }
 TRAIN = {
     "batch_size": 4,
-    "block_size": 16,
+    "seq_len": 16,
     "max_iters": 8,
     "lr": 3e-3,
     "min_lr": 3e-4,

@@ -16,7 +16,7 @@ from llmkit.train.trainer import pretrain
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare/input.txt"
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "intermediate_size": 64}
-TRAIN = {"batch_size": 4, "block_size": 32, "max_iters": 6, "lr": 3e-3, "warmup_iters": 1, "eval_interval": 3,
+TRAIN = {"batch_size": 4, "seq_len": 32, "max_iters": 6, "lr": 3e-3, "warmup_iters": 1, "eval_interval": 3,
          "eval_iters": 1, "log_interval": 3, "progress": False, "num_threads": 1}
 
 

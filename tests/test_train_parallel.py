@@ -38,7 +38,7 @@ MODEL = {
 }
 TRAIN = {
     "batch_size": 8,  # the global batch: 8 sequences per step in every layout
-    "block_size": 16,
+    "seq_len": 16,
     "max_iters": 20,
     "lr_decay_iters": 20,
     "lr": 3e-3,

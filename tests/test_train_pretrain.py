@@ -36,7 +36,7 @@ TINY_MODEL = {
 }
 TINY_TRAIN = {
     "batch_size": 4,
-    "block_size": 16,
+    "seq_len": 16,
     "max_iters": 20,
     "lr_decay_iters": 20,
     "lr": 3e-3,
@@ -122,7 +122,7 @@ def test_metrics_plot_and_learning(reference_run, prepared):
 
 def test_output_folder_loads_and_val_loss_is_whole_split(reference_run, prepared):
     """The HF folder loads with llmkit and transformers (same logits); the final val loss equals
-    an independent computation over every block_size window of val.bin."""
+    an independent computation over every seq_len window of val.bin."""
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -286,7 +286,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, prepared):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         pretrain(tiny_config(prepared, tmp_path / "o4"), resume=True)
     with pytest.raises(ConfigError, match="block_size"):
-        pretrain(tiny_config(prepared, tmp_path / "o5", block_size=64))  # model.block_size is 32
+        pretrain(tiny_config(prepared, tmp_path / "o5", seq_len=64))  # model.block_size is 32
 
 
 def test_label_smoothing_loss_matches_formula():

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmkit.data.sft import IGNORE, ROLES, SFTExample, chat_ids, encode_example, read_jsonl_records
+from llmkit.data.sft import IGNORE, ROLES, SFTExample, chat_ids, encode_example
 from llmkit.errors import InputError
+from llmkit.text.sources import read_jsonl_records
 
 PREF_EXPECTED = ('expected one JSON object per line: {"prompt": str | [messages], "chosen": str | [assistant '
                  'messages], "rejected": str | [assistant messages]}')

@@ -9,7 +9,6 @@ produce at inference.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from llmkit.errors import InputError
+from llmkit.text.sources import read_jsonl_records
 from llmkit.tokenizer.chat_template import CHATML_TEMPLATE
 
 IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ignore_index)
@@ -90,26 +90,6 @@ def to_messages(record: dict[str, Any], fmt: str, where: str) -> tuple[list[dict
     if not isinstance(p, str) or not isinstance(c, str):
         raise InputError(f"{where}: 'prompt' and 'completion' must be strings")
     return [{"role": "user", "content": p}, {"role": "assistant", "content": c}], {}
-
-
-def read_jsonl_records(path: str | Path, kind: str, expected: str) -> Iterator[tuple[dict[str, Any], str]]:
-    """Yield (record, 'file:line') for each non-blank line of a JSONL file of objects; a missing file, bad
-    JSON or a non-object line is an InputError naming the file, the line and `expected`."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{kind} file {str(p)!r} does not exist (expected a JSONL file)")
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg}); {expected}") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: got a JSON {type(record).__name__}; {expected}")
-            yield record, where
 
 
 def read_sft_jsonl(path: str | Path) -> Iterator[tuple[list[dict[str, Any]], dict[str, Any], str, str]]:

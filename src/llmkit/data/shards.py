@@ -62,22 +62,22 @@ class TokenShards:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def get_batch(self, batch_size: int, block_size: int, generator=None, device=None):
-        return get_batch(self.tokens, batch_size, block_size, generator, device)
+    def get_batch(self, batch_size: int, seq_len: int, generator=None, device=None):
+        return get_batch(self.tokens, batch_size, seq_len, generator, device)
 
     def __repr__(self) -> str:
         return f"TokenShards({str(self.data_dir)!r}, {self.split!r}, tokens={len(self):,}, vocab={self.vocab_size})"
 
 
-def _check_window(n_tokens: int, block_size: int) -> None:
-    if n_tokens < block_size + 1:
+def _check_window(n_tokens: int, seq_len: int) -> None:
+    if n_tokens < seq_len + 1:
         raise InputError(
-            f"only {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
-            f"use a smaller block_size or more data"
+            f"only {n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+            f"use a smaller seq_len or more data"
         )
 
 
-def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator=None, device=None):
+def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, generator=None, device=None):
     """Random windows: inputs x [B, T] and next-token targets y [B, T] (int64 tensors).
 
     Offsets come from `torch.randint(..., generator=generator)`, so a seeded generator gives the same
@@ -85,15 +85,15 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator=No
     """
     import torch
 
-    _check_window(len(tokens), block_size)
-    ix = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).tolist()
-    x, y = windows(tokens, ix, block_size)
+    _check_window(len(tokens), seq_len)
+    ix = torch.randint(len(tokens) - seq_len, (batch_size,), generator=generator).tolist()
+    x, y = windows(tokens, ix, seq_len)
     if device is not None and str(device) != "cpu":
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.contiguous(), y.contiguous()
 
 
-def windows(tokens: np.ndarray, starts: list[int], block_size: int):
+def windows(tokens: np.ndarray, starts: list[int], seq_len: int):
     """Inputs tokens[i : i+T] and next-token targets tokens[i+1 : i+T+1] for each start i: x, y [B, T] int64.
 
     The one window gather (random batches here and in the trainer's sampler, evaluation windows).
@@ -101,7 +101,7 @@ def windows(tokens: np.ndarray, starts: list[int], block_size: int):
     import torch
 
     # one fancy-index into the memmap gathers the B windows of T+1 tokens
-    idx = np.add.outer(np.asarray(starts, dtype=np.int64), np.arange(block_size + 1))  # [B, T+1]
+    idx = np.add.outer(np.asarray(starts, dtype=np.int64), np.arange(seq_len + 1))  # [B, T+1]
     rows = np.asarray(tokens[idx], dtype=np.int64)
     xy = torch.from_numpy(rows)  # [B, T+1]
     return xy[:, :-1], xy[:, 1:]
@@ -115,16 +115,16 @@ class SequentialBatches:
     Yields (x [B, T], y [B, T]) int64 tensors.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, rank: int = 0, world_size: int = 1):
-        _check_window(len(tokens), block_size)
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
+        _check_window(len(tokens), seq_len)
         if not 0 <= rank < world_size:
             raise InputError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.tokens = tokens
         self.batch_size = batch_size
-        self.block_size = block_size
+        self.seq_len = seq_len
         self.rank = rank
         self.world_size = world_size
-        self.n_windows = (len(tokens) - 1) // block_size
+        self.n_windows = (len(tokens) - 1) // seq_len
         self.step = 0  # global batches consumed so far
 
     def __iter__(self):
@@ -133,7 +133,7 @@ class SequentialBatches:
     def __next__(self):
         import torch
 
-        B, T = self.batch_size, self.block_size
+        B, T = self.batch_size, self.seq_len
         first = (self.step * self.world_size + self.rank) * B
         windows = (np.arange(first, first + B) % self.n_windows) * T  # start offsets [B]
         rows = np.asarray(self.tokens[np.add.outer(windows, np.arange(T + 1))], dtype=np.int64)

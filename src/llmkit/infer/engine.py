@@ -68,7 +68,7 @@ class Engine:
 
     `max_batch_size` sequences decode together; up to `max_queue` more wait. `max_seq_len`
     (default: the model's context) bounds prompt + max_new_tokens. The KV pool has `num_blocks`
-    blocks of `block_size` tokens (default: enough for a full batch at `max_seq_len`). Prompts
+    blocks of `kv_block_size` tokens (default: enough for a full batch at `max_seq_len`). Prompts
     longer than `prefill_chunk` tokens are prefilled in chunks. `fast_decode` swaps the model's
     dense Linears for the packed-for-decode kind (`model/linear.py`), as `generate` does.
     """
@@ -80,7 +80,7 @@ class Engine:
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
         max_queue: int = 64,
-        block_size: int = 16,
+        kv_block_size: int = 16,
         num_blocks: int | None = None,
         prefill_chunk: int = 512,
         fast_decode: bool = True,
@@ -102,10 +102,10 @@ class Engine:
         self.prefill_chunk = int(prefill_chunk)
         self.fast_decode = fast_decode
         set_decode_packing(model, fast_decode)
-        if self.prefill_chunk < 1 or block_size < 1:
-            raise InputError(f"prefill_chunk and block_size must be >= 1, got {prefill_chunk}, {block_size}")
+        if self.prefill_chunk < 1 or kv_block_size < 1:
+            raise InputError(f"prefill_chunk and kv_block_size must be >= 1, got {prefill_chunk}, {kv_block_size}")
         if num_blocks is None:
-            num_blocks = self.max_batch_size * -(-self.max_seq_len // block_size)
+            num_blocks = self.max_batch_size * -(-self.max_seq_len // kv_block_size)
         windows = {cfg.window_for_layer(i) for i in range(cfg.n_layer)}
         # one window for all layers: blocks that leave it are freed; mixed sliding/full layers keep all
         free_window = next(iter(windows)) if len(windows) == 1 else None
@@ -117,7 +117,7 @@ class Engine:
             n_kv_head=cfg.n_kv_head or cfg.n_head,
             head_dim=head_dim,
             num_blocks=num_blocks,
-            block_size=block_size,
+            kv_block_size=kv_block_size,
             dtype=p.dtype,
             device=p.device,
             sliding_window=free_window,
@@ -263,7 +263,7 @@ class Engine:
                 "queued": len(self._waiting),
                 "free_blocks": self.cache.num_free_blocks,
                 "total_blocks": self.cache.num_blocks,
-                "block_size": self.cache.block_size,
+                "kv_block_size": self.cache.kv_block_size,
                 "max_batch_size": self.max_batch_size,
                 **self.counters,
             }

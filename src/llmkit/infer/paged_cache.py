@@ -1,8 +1,8 @@
 """Paged (block) KV cache: many sequences of different lengths share one pool of fixed-size blocks.
 
-Each layer owns a key pool and a value pool of shape [num_blocks, Hkv, block_size, D]. A sequence
+Each layer owns a key pool and a value pool of shape [num_blocks, Hkv, kv_block_size, D]. A sequence
 owns a block table (list of block ids); token ``i`` of the sequence lives in block
-``table[i // block_size]`` at offset ``i % block_size``. Blocks come from one free list and return to
+``table[i // kv_block_size]`` at offset ``i % kv_block_size``. Blocks come from one free list and return to
 it when the sequence finishes or is cancelled, so memory never fragments (PagedAttention,
 Kwon et al. 2023).
 
@@ -53,7 +53,7 @@ class PagedKVCache:
     A sequence reserves its worst-case number of blocks when added (so it can never run out
     mid-generation) and takes them from the free list as it grows. With a sliding window,
     blocks that fell entirely out of the window go back to the pool, so a long sequence only
-    ever holds about ``(window + max_chunk) / block_size`` blocks; ``max_chunk`` is the most
+    ever holds about ``(window + max_chunk) / kv_block_size`` blocks; ``max_chunk`` is the most
     tokens one forward appends to a sequence (the prefill chunk).
     """
 
@@ -63,22 +63,22 @@ class PagedKVCache:
         n_kv_head: int,
         head_dim: int,
         num_blocks: int,
-        block_size: int = 16,
+        kv_block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         sliding_window: int | None = None,
         max_chunk: int = 512,
         mask_windows: set[int | None] | None = None,
     ):
-        if block_size < 1:
-            raise InputError(f"block_size must be >= 1, got {block_size}")
-        self.block_size = block_size  # tokens per KV page (not the model's context length)
+        if kv_block_size < 1:
+            raise InputError(f"kv_block_size must be >= 1, got {kv_block_size}")
+        self.kv_block_size = kv_block_size  # tokens per KV page (not the model's context length)
         self.sliding_window = sliding_window  # blocks out of this window are freed
         # the attention windows masks are built for (models that mix sliding-window and full-attention
         # layers keep every block: sliding_window=None, mask_windows={None, w})
         self.mask_windows = set(mask_windows) if mask_windows is not None else {sliding_window}
         self.max_chunk = max_chunk
-        shape = (num_blocks, n_kv_head, block_size, head_dim)
+        shape = (num_blocks, n_kv_head, kv_block_size, head_dim)
         self.k_pool = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v_pool = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.heads = torch.arange(n_kv_head, device=device)
@@ -90,7 +90,7 @@ class PagedKVCache:
 
     # ---- sequence lifetime -------------------------------------------------------------------
     def blocks_needed(self, n_tokens: int) -> int:
-        return math.ceil(n_tokens / self.block_size)
+        return math.ceil(n_tokens / self.kv_block_size)
 
     def blocks_to_reserve(self, max_tokens: int) -> int:
         """Most blocks a sequence of up to ``max_tokens`` tokens holds at once."""
@@ -134,7 +134,7 @@ class PagedKVCache:
 
     def _grow(self, seq_id: int, first_query: int, total: int) -> None:
         """Free blocks below the window of ``first_query``; take blocks up to ``total`` tokens."""
-        table, bs = self.block_tables[seq_id], self.block_size
+        table, bs = self.block_tables[seq_id], self.kv_block_size
         if self.sliding_window is not None:
             dead = min(max(0, first_query - self.sliding_window + 1) // bs, len(table))
             for j in range(dead):
@@ -170,7 +170,7 @@ class PagedBatch:
         self.seq_ids = list(seq_ids)
         self.q_lens = list(q_lens)
         device = cache.k_pool[0].device
-        bs = cache.block_size
+        bs = cache.kv_block_size
         starts = [cache.lengths[s] for s in seq_ids]
         totals = [st + q for st, q in zip(starts, q_lens)]
         for s, st, tot in zip(seq_ids, starts, totals):

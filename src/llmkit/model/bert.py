@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from llmkit.errors import InputError
 from llmkit.model import hf
 from llmkit.model.config import ModelConfig
-from llmkit.model.layers import ACTIVATIONS, check_token_ids
+from llmkit.model.layers import ACTIVATIONS, EmbeddingModel, check_token_ids
 
 
 class BertLayer(nn.Module):
@@ -34,7 +34,7 @@ class BertLayer(nn.Module):
         return self.ln_mlp(x + self.drop(self.proj(self.act(self.fc(x)))))
 
 
-class BertModel(nn.Module):
+class BertModel(EmbeddingModel):
     """`model(input_ids, attention_mask, token_type_ids) -> last hidden states [B, T, C]`."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -51,26 +51,11 @@ class BertModel(nn.Module):
         if self.wte.weight.device.type != "meta":
             self.apply(self._init_weights)
 
-    def init_buffers(self, device=None) -> None:  # no computed tables; kept for a uniform loader
-        pass
-
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear | nn.Embedding):
             nn.init.normal_(m.weight, 0.0, self.config.initializer_range)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wte.weight.numel() if exclude_embeddings else n
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.wte.weight.device
 
     def forward(
         self,

@@ -17,6 +17,26 @@ ACTIVATIONS = {
 }
 
 
+class EmbeddingModel(nn.Module):
+    """Base of the models whose token embedding `wte` tells their dtype and device (BERT, T5): the
+    parameter count, dtype, device and a no-op `init_buffers` (no computed tables) every loader expects."""
+
+    def init_buffers(self, device=None) -> None:
+        pass
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if exclude_embeddings else n
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * (offset + weight), computed in float32 (Zhang & Sennrich, 2019).
 

@@ -90,6 +90,13 @@ class PackedLinear(nn.Linear):
     def extra_repr(self) -> str:
         return super().extra_repr() + ", packed for decode"
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the parameters, not the packed copies (oneDNN's are opaque tensors
+        that cannot be copied); they are rebuilt on first use."""
+        state = self.__dict__.copy()
+        state["_copies"], state["_version"] = {}, ()
+        return state
+
 
 def set_decode_packing(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Swap every dense `nn.Linear` of `model` for a `PackedLinear` (or back, `enabled=False`).

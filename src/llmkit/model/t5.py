@@ -22,7 +22,7 @@ from llmkit.errors import InputError
 from llmkit.model import hf
 from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
-from llmkit.model.layers import check_token_ids, make_norm
+from llmkit.model.layers import EmbeddingModel, check_token_ids, make_norm
 from llmkit.model.positions import relative_position_bucket
 from llmkit.model.transformer import MLP
 
@@ -102,7 +102,7 @@ class T5Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
-class T5Model(nn.Module):
+class T5Model(EmbeddingModel):
     """Encoder-decoder LM: `model(input_ids, decoder_input_ids=...) -> logits [B, T_dec, vocab]`."""
 
     is_encoder_decoder = True
@@ -126,25 +126,10 @@ class T5Model(nn.Module):
         if self.wte.weight.device.type != "meta":
             self.apply(self._init_weights)
 
-    def init_buffers(self, device=None) -> None:  # no computed tables; kept for a uniform loader
-        pass
-
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear | nn.Embedding):
             std = self.config.initializer_range if isinstance(m, nn.Linear) else 1.0
             nn.init.normal_(m.weight, 0.0, std)
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wte.weight.numel() if exclude_embeddings else n
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.wte.weight.device
 
     # ------------------------------------------------------------------ forward
     def _rel_bias(self, table: nn.Embedding, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool):

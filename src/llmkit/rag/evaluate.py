@@ -8,29 +8,20 @@ not depend on how the documents were chunked.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
 
 from llmkit.errors import InputError
+from llmkit.text.sources import read_jsonl_records
 
 
 def load_qrels(path: str | os.PathLike) -> list[dict]:
     items = []
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise InputError(f"--qrels {path}: cannot read ({e.strerror})") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(rec, dict) or not isinstance(rec.get("query"), str) or not rec.get("relevant"):
-            raise InputError(f'{path}:{n}: expected {{"query": "...", "relevant": ["doc path", ...]}}')
+    expected = '{"query": "...", "relevant": ["doc path", ...]} per line'
+    for rec, where in read_jsonl_records(path, "--qrels", expected):
+        if not isinstance(rec.get("query"), str) or not rec.get("relevant"):
+            raise InputError(f"{where}: expected {expected}")
         rel = rec["relevant"]
         items.append({"query": rec["query"], "relevant": [rel] if isinstance(rel, str) else list(rel)})
     if not items:

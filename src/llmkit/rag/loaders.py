@@ -7,7 +7,6 @@ normalised to Markdown `#` lines so the chunker sees one structure for every for
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from llmkit.errors import InputError
+from llmkit.text.sources import read_jsonl_records
 
 EXTENSIONS = (".txt", ".md", ".markdown", ".rst", ".html", ".htm", ".pdf", ".jsonl")
 
@@ -82,18 +82,12 @@ def _load_pdf(path: Path) -> list[Part]:
 
 def _load_jsonl(path: Path, text_field: str) -> list[Part]:
     parts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                raise InputError(f"{path}:{n}: expected an object with a string field {text_field!r}")
-            meta = {k: v for k, v in rec.items() if k != text_field and isinstance(v, str | int | float | bool)}
-            parts.append(Part(rec[text_field], meta={"line": n, **meta}))
+    expected = f"expected an object with a string field {text_field!r}"
+    for rec, where in read_jsonl_records(path, "document", expected):
+        if not isinstance(rec.get(text_field), str):
+            raise InputError(f"{where}: {expected}")
+        meta = {k: v for k, v in rec.items() if k != text_field and isinstance(v, str | int | float | bool)}
+        parts.append(Part(rec[text_field], meta={"line": int(where.rpartition(":")[2]), **meta}))
     return parts
 
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmkit.errors import InputError
 
@@ -56,23 +57,36 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise InputError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
-    for lineno, line in _lines(path):
+def read_jsonl_records(path: str | os.PathLike, kind: str, expected: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Yield (record, 'file:line') for each non-blank line of a JSONL file of objects; a missing or
+    unreadable file, bad JSON or a non-object line is an InputError naming `kind`, the file, the line
+    and what was `expected`. The one JSONL reader (SFT, preference, prompt, corpus, RAG and qrels files)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{kind} file {str(p)!r} does not exist (expected a JSONL file)")
+    for lineno, line in _lines(p):
         if not line.strip():
             continue
+        where = f"{p}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
-        if not isinstance(record, dict) or text_field not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise InputError(
-                f"{path}:{lineno} has no field {text_field!r} (found {keys}); choose the text field with --text-field"
-            )
+            raise InputError(f"{where}: not valid JSON ({e.msg}); {expected}") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: got a JSON {type(record).__name__}; {expected}")
+        yield record, where
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
+    expected = f"expected an object with a text field {text_field!r} per line"
+    for record, where in read_jsonl_records(path, "corpus", expected):
+        if text_field not in record:
+            raise InputError(f"{where} has no field {text_field!r} (found {sorted(record)}); choose the text field "
+                             "with --text-field")
         text = record[text_field]
         if not isinstance(text, str):
-            raise InputError(f"{path}:{lineno} field {text_field!r} is {type(text).__name__}, expected a string")
-        yield Document(text, f"{path}:{lineno}")
+            raise InputError(f"{where} field {text_field!r} is {type(text).__name__}, expected a string")
+        yield Document(text, where)
 
 
 def _text_documents(path: Path, boundary: str) -> Iterator[Document]:

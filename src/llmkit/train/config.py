@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ class OptimConfig:
     """The optimisation loop: AdamW, warmup + cosine schedule, evaluation and checkpoints."""
 
     batch_size: int = 12  # sequences per micro-batch, per process
-    block_size: int = 64  # tokens per sequence
+    seq_len: int = 64  # tokens per training window (the model's context, block_size, may be longer)
     grad_accum: int = 1  # micro-batches per optimizer step, per process
     max_iters: int = 2000  # optimizer steps
     max_minutes: float | None = None  # time budget: stop (and finish the cosine) after this long
@@ -211,10 +212,10 @@ class TrainConfig:
                 f"({vocab_size}); expected at least {vocab_size}"
             )
         if preset:
-            if "block_size" not in spec and PRESETS.get(preset, {}).get("block_size", 0) < self.train.block_size:
-                spec["block_size"] = self.train.block_size
+            if "block_size" not in spec and PRESETS.get(preset, {}).get("block_size", 0) < self.train.seq_len:
+                spec["block_size"] = self.train.seq_len
             return ModelConfig.from_preset(preset, **spec)
-        spec.setdefault("block_size", self.train.block_size)
+        spec.setdefault("block_size", self.train.seq_len)
         return ModelConfig.from_dict(spec)
 
 
@@ -249,6 +250,10 @@ ALIASES = {
 }
 
 
+# old keys still read (configs and checkpoints written before the rename), with a DeprecationWarning
+DEPRECATED = {"train.block_size": "train.seq_len"}  # the training window; model.block_size is the context
+
+
 def _unknown(key: str, valid: list[str]) -> str:
     head, _, tail = key.rpartition(".")
     close = [k for k in valid if k.rsplit(".", 1)[-1] == ALIASES.get(tail) and k.startswith(head)]
@@ -272,6 +277,10 @@ def _set_field(obj: Any, name: str, value: Any, prefix: str) -> None:
         for k, v in value.items():
             _set_field(sub, str(k), v, prefix=f"{prefix}{head}.")
         return
+    if prefix + name in DEPRECATED:
+        new = DEPRECATED[prefix + name]
+        warnings.warn(f"config key {prefix + name} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+        name = new.rpartition(".")[2]
     if name not in fields:
         raise ConfigError(_unknown(prefix + name, [prefix + k for k in fields]))
     setattr(obj, name, _coerce(value, getattr(type(obj)(), name), prefix + name))

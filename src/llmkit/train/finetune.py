@@ -188,7 +188,7 @@ class Finetuner(Trainer):
         else:
             self.val_examples = examples
         self.train_examples = examples
-        t.block_size = ft.max_seq_len
+        t.seq_len = ft.max_seq_len
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def _build_sampler(self):

@@ -134,11 +134,11 @@ class MaskedLM:
         if whole_word:
             self.starts = word_starts(texts + ["[MASK]"] * (self.vocab_size - V))
 
-    def model_config(self, base: ModelConfig, block_size: int) -> ModelConfig:
+    def model_config(self, base: ModelConfig, seq_len: int) -> ModelConfig:
         return dataclasses.replace(
             base, model_type="bert", vocab_size=self.vocab_size, norm="layernorm", norm_eps=1e-12, norm_bias=True,
             mlp="gelu", activation="gelu", pos="learned", qkv_bias=True, attn_out_bias=True, mlp_bias=True,
-            intermediate_size=base.intermediate_size or 4 * base.n_embd, block_size=block_size, n_kv_head=None,
+            intermediate_size=base.intermediate_size or 4 * base.n_embd, block_size=seq_len, n_kv_head=None,
             tie_embeddings=True, pad_token_id=None, n_expert=0,
         )
 
@@ -188,11 +188,11 @@ class SpanCorruption:
         self.vocab_size = max(tokenizer.vocab_size, self.sentinel0 + 1)
         self.noise, self.mean_span = noise, mean_span
 
-    def model_config(self, base: ModelConfig, block_size: int) -> ModelConfig:
+    def model_config(self, base: ModelConfig, seq_len: int) -> ModelConfig:
         return dataclasses.replace(
             base, model_type="t5", vocab_size=self.vocab_size, norm="rmsnorm", norm_eps=1e-6, mlp="gelu",
             activation="relu", pos="none", head_dim=base.n_embd // base.n_head, n_kv_head=None,
-            intermediate_size=base.intermediate_size or 4 * base.n_embd, block_size=block_size,
+            intermediate_size=base.intermediate_size or 4 * base.n_embd, block_size=seq_len,
             n_decoder_layer=base.n_decoder_layer or base.n_layer, tie_embeddings=True, scale_decoder_outputs=True,
             pad_token_id=0, decoder_start_token_id=0, qkv_bias=False, n_expert=0, norm_offset=0.0,
         )

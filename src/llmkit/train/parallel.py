@@ -99,7 +99,7 @@ def check_model(cfg: Any, layout: Layout, pc: ParallelConfig, batch_size: int, s
     """Raise ConfigError when the model cannot be split as asked (before any collective runs)."""
     if layout.tp > 1:
         if seq_len % layout.tp:
-            raise ConfigError(f"train.block_size={seq_len} must be a multiple of train.parallel.tp={layout.tp} "
+            raise ConfigError(f"train.seq_len={seq_len} must be a multiple of train.parallel.tp={layout.tp} "
                               "(sequence parallel shards the sequence)")
         for name in ("n_head", "n_kv_head", "intermediate_size", "vocab_size"):
             n = getattr(cfg, name)

@@ -112,7 +112,7 @@ class PairTrainer(Finetuner):
         else:
             val = pairs
         self.train_examples, self.val_examples = pairs, val
-        t.block_size = ft.max_seq_len
+        t.seq_len = ft.max_seq_len
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def _max_token_id(self) -> int:

@@ -48,7 +48,7 @@ QUICKSTART = {
     "data": {"tokenizer": "bpe", "vocab_size": 2048, "val_fraction": 0.05},
     "train": {
         "batch_size": 4,  # 4 x 512 = 2048 tokens a step
-        "block_size": 512,
+        "seq_len": 512,
         "max_iters": 100_000,
         "max_minutes": 5.0,
         "lr": 2e-3,
@@ -203,7 +203,7 @@ def quickstart(
     cfg.train.progress = progress
     print(
         f"quickstart: corpus {cfg.data.path}, BPE vocabulary {cfg.data.vocab_size}, context "
-        f"{cfg.train.block_size} tokens, training budget {cfg.train.max_minutes:g} min -> {cfg.out_dir}"
+        f"{cfg.train.seq_len} tokens, training budget {cfg.train.max_minutes:g} min -> {cfg.out_dir}"
     )
     with clock("prepare+pretrain"):
         result = pretrain(cfg, overwrite=True)
@@ -249,7 +249,7 @@ def _chat_stage(cfg: TrainConfig, minutes: float | None, max_steps: int | None, 
     with clock("chat finetune"):
         r = finetune(str(out), str(data_file), str(chat_dir), method="full", lr=CHAT["lr"],
                      batch_size=CHAT["batch_size"],
-                     max_seq_len=min(CHAT["max_seq_len"], cfg.train.block_size), val_fraction=CHAT["val_fraction"],
+                     max_seq_len=min(CHAT["max_seq_len"], cfg.train.seq_len), val_fraction=CHAT["val_fraction"],
                      max_steps=max_steps, max_minutes=budget, overwrite=True, progress=progress,
                      num_threads=cfg.train.num_threads, eval_interval=max_steps)
     print(f"chat model: val loss {r.val_loss:.4f} on held-out dialogue replies, {r.step} steps; folder {chat_dir}\n")

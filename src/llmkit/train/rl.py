@@ -243,7 +243,7 @@ class RLTrainer(Finetuner):
         self.train_examples, self.val_examples = prompts, val[: ft.eval_prompts]
         self.truncated = self.dropped = 0
         ft.max_seq_len = max(len(p.prompt_ids) for p in prompts + val) + ft.max_new_tokens
-        t.block_size = ft.max_seq_len
+        t.seq_len = ft.max_seq_len
         t.grad_accum = 1
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.reward_fn = load_reward(ft.reward, t.device if t.device not in ("auto", None) else "cpu")

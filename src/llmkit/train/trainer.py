@@ -94,7 +94,7 @@ def _set_threads(cfg_threads: int | None, local_world: int) -> None:
         torch.set_num_threads(n)
 
 
-def autotune_threads(model: nn.Module, batch_size: int, block_size: int, steps: int = 2) -> int:
+def autotune_threads(model: nn.Module, batch_size: int, seq_len: int, steps: int = 2) -> int:
     """Time forward+backward of a copy of `model` with 1 thread and with all cores; keep the faster.
 
     On a CPU shared with other jobs, idle OpenMP workers spin and N threads can be many times
@@ -107,7 +107,7 @@ def autotune_threads(model: nn.Module, batch_size: int, block_size: int, steps: 
         return 1
     rng = torch.get_rng_state()
     probe = copy.deepcopy(model).train()
-    x = torch.randint(0, probe.config.vocab_size, (batch_size, block_size), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, probe.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     timings = {}
     for n in (cores, 1, cores):  # cores twice: the first round also warms up the allocator
         torch.set_num_threads(n)
@@ -139,7 +139,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.resume, self.overwrite, self.stop_after = resume, overwrite, stop_after
         t = self.t
-        for name in ("batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "log_interval"):
+        for name in ("batch_size", "seq_len", "grad_accum", "max_iters", "eval_interval", "log_interval"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(t, name)} must be a positive integer")
         if not 0.0 <= t.label_smoothing < 1.0:
@@ -195,14 +195,14 @@ class Trainer:
                     "train.parallel layouts run without torch.compile and without float16 loss scaling; "
                     "expected train.compile false and train.dtype auto, float32 or bfloat16"
                 )
-            self.par = Parallel(raw, t.parallel, info.device, t.batch_size, t.block_size, lm_loss, t.grad_accum,
+            self.par = Parallel(raw, t.parallel, info.device, t.batch_size, t.seq_len, lm_loss, t.grad_accum,
                                 t.label_smoothing)
             info.dp_rank, info.dp_size = self.par.dp_rank, self.par.layout.dp
             raw = self.par.view  # this rank's modules (a pipeline stage holds only its blocks)
         raw.to(info.device)
         self.raw_model = raw
         if t.num_threads == 0 and info.device.type == "cpu" and info.world_size == 1 and self.objective is None:
-            n = autotune_threads(raw, t.batch_size, t.block_size)
+            n = autotune_threads(raw, t.batch_size, t.seq_len)
             if info.is_main and t.progress:
                 tqdm.write(f"threads: {n} (the faster of 1 and {os.cpu_count()} on this machine right now)")
         self.model: nn.Module = raw if self.par else D.wrap_model(raw, info)
@@ -243,10 +243,10 @@ class Trainer:
         self.model_config = self.cfg.model_config(self.tokenizer.vocab_size)
         self.objective = get_objective(t.objective, self.tokenizer, t.whole_word_mask, t.nsp)  # None = causal LM
         if self.objective is not None:  # BERT / T5 config built from the model section's sizes
-            self.model_config = self.objective.model_config(self.model_config, t.block_size)
-        if self.model_config.block_size < t.block_size:
+            self.model_config = self.objective.model_config(self.model_config, t.seq_len)
+        if self.model_config.block_size < t.seq_len:
             raise ConfigError(
-                f"train.block_size={t.block_size} exceeds model.block_size={self.model_config.block_size}"
+                f"train.seq_len={t.seq_len} exceeds model.block_size={self.model_config.block_size}"
             )
         raw = Transformer(self.model_config) if self.objective is None else self.objective.build(self.model_config)
         if t.qat:  # fake-quantized projections (straight-through estimator); same parameters
@@ -257,12 +257,12 @@ class Trainer:
 
     def _build_sampler(self):
         t, info = self.t, self.dist
-        return RandomWindowSampler(self.data.train, t.block_size, t.batch_size, t.seed, info.dp_rank, info.dp_size)
+        return RandomWindowSampler(self.data.train, t.seq_len, t.batch_size, t.seed, info.dp_rank, info.dp_size)
 
     def describe(self) -> str:
         """The line printed before the first step."""
         t, info = self.t, self.dist
-        tokens_per_step = t.batch_size * t.block_size * t.grad_accum * info.dp_size
+        tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * info.dp_size
         return (
             f"model: {self.n_params / 1e6:.2f}M parameters, {self.model_config.model_type}; "
             f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
@@ -439,7 +439,7 @@ class Trainer:
         if self.par is not None and self.par.schedule is not None:
             bs = t.batch_size  # pipeline stages run fixed micro-batch shapes
         max_windows = t.eval_iters * bs * info.dp_size if sample else None
-        mine, per_rank = eval_starts(len(tokens), t.block_size, max_windows, info.dp_rank, info.dp_size)
+        mine, per_rank = eval_starts(len(tokens), t.seq_len, max_windows, info.dp_rank, info.dp_size)
         if per_rank == 0:
             return float("nan")
         self.model.eval()
@@ -447,7 +447,7 @@ class Trainer:
         eval_gen = torch.Generator().manual_seed(t.seed)
         for b in range(0, per_rank, bs):
             chunk = mine[b : b + bs]
-            x, y = windows(tokens, chunk or [0], t.block_size)  # [B, T]; [0] keeps FSDP ranks in step
+            x, y = windows(tokens, chunk or [0], t.seq_len)  # [B, T]; [0] keeps FSDP ranks in step
             x, y = x.to(info.device), y.to(info.device)
             if self.par is not None:
                 with self._autocast():
@@ -503,7 +503,7 @@ class Trainer:
         t, info, model = self.t, self.dist, self.model
         self.step_tokens = 0
         if self.par is not None:
-            self.step_tokens = t.batch_size * t.block_size * t.grad_accum * info.dp_size
+            self.step_tokens = t.batch_size * t.seq_len * t.grad_accum * info.dp_size
             return self._parallel_step()
         loss_sum = torch.zeros((), device=info.device)
         for micro in range(t.grad_accum):

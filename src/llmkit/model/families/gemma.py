@@ -10,6 +10,7 @@ from typing import Any
 from llmkit.errors import ConfigError
 from llmkit.model.config import ModelConfig
 from llmkit.model.families import Family, Rules, act_from_hf, register
+from llmkit.model.families.llama import attention_rules
 
 
 def _rope(d: dict[str, Any]) -> tuple[float, dict | None, float | None]:
@@ -79,24 +80,14 @@ def config_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
 
 def rules(cfg: ModelConfig, p: str, fused_experts: bool = False) -> Rules:
     R = Rules()
-    hd, nh, nkv, inter = cfg.head_dim, cfg.n_head, cfg.n_kv_head, cfg.intermediate_size
+    inter = cfg.intermediate_size
     R.add("wte.weight", f"{p}embed_tokens.weight")
     for i in range(cfg.n_layer):
         b, h = f"blocks.{i}.", f"{p}layers.{i}."
         for ours, theirs in (("ln_1", "input_layernorm"), ("ln_attn_post", "post_attention_layernorm"),
                              ("ln_2", "pre_feedforward_layernorm"), ("ln_mlp_post", "post_feedforward_layernorm")):
             R.add(b + ours + ".weight", h + theirs + ".weight")
-        qkv = [h + f"self_attn.{n}_proj" for n in "qkv"]
-        sizes = [nh * hd, nkv * hd, nkv * hd]
-        R.add(b + "attn.qkv.weight", [n + ".weight" for n in qkv], "cat", sizes)
-        if cfg.qkv_bias:
-            R.add(b + "attn.qkv.bias", [n + ".bias" for n in qkv], "cat", sizes)
-        R.add(b + "attn.proj.weight", h + "self_attn.o_proj.weight")
-        if cfg.attn_out_bias:
-            R.add(b + "attn.proj.bias", h + "self_attn.o_proj.bias")
-        if cfg.qk_norm:
-            R.add(b + "attn.q_norm.weight", h + "self_attn.q_norm.weight")
-            R.add(b + "attn.k_norm.weight", h + "self_attn.k_norm.weight")
+        attention_rules(R, cfg, b, h)
         R.add(b + "mlp.fc.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], "cat", [inter, inter])
         R.add(b + "mlp.proj.weight", h + "mlp.down_proj.weight")
     R.add("ln_f.weight", f"{p}norm.weight")

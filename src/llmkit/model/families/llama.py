@@ -63,25 +63,31 @@ def config_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
                  router_aux_loss_coef=cfg.router_aux_loss_coef)
 
 
+def attention_rules(R: Rules, cfg: ModelConfig, b: str, h: str) -> None:
+    """Block `b`'s fused qkv (+ biases, q/k norms) and output projection from HF `h`self_attn.{q,k,v,o}_proj."""
+    hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
+    qkv = [h + f"self_attn.{n}_proj" for n in "qkv"]
+    sizes = [nh * hd, nkv * hd, nkv * hd]
+    R.add(b + "attn.qkv.weight", [n + ".weight" for n in qkv], "cat", sizes)
+    if cfg.qkv_bias:
+        R.add(b + "attn.qkv.bias", [n + ".bias" for n in qkv], "cat", sizes)
+    R.add(b + "attn.proj.weight", h + "self_attn.o_proj.weight")
+    if cfg.attn_out_bias:
+        R.add(b + "attn.proj.bias", h + "self_attn.o_proj.bias")
+    if cfg.qk_norm:
+        R.add(b + "attn.q_norm.weight", h + "self_attn.q_norm.weight")
+        R.add(b + "attn.k_norm.weight", h + "self_attn.k_norm.weight")
+
+
 def rules(cfg: ModelConfig, p: str, fused_experts: bool = False) -> Rules:
     R = Rules()
-    hd, nh, nkv, inter = cfg.head_dim, cfg.n_head, cfg.n_kv_head, cfg.intermediate_size
+    inter = cfg.intermediate_size
     R.add("wte.weight", f"{p}embed_tokens.weight")
     for i in range(cfg.n_layer):
         b, h = f"blocks.{i}.", f"{p}layers.{i}."
         R.add(b + "ln_1.weight", h + "input_layernorm.weight")
         R.add(b + "ln_2.weight", h + "post_attention_layernorm.weight")
-        qkv = [h + f"self_attn.{n}_proj" for n in "qkv"]
-        sizes = [nh * hd, nkv * hd, nkv * hd]
-        R.add(b + "attn.qkv.weight", [n + ".weight" for n in qkv], "cat", sizes)
-        if cfg.qkv_bias:
-            R.add(b + "attn.qkv.bias", [n + ".bias" for n in qkv], "cat", sizes)
-        R.add(b + "attn.proj.weight", h + "self_attn.o_proj.weight")
-        if cfg.attn_out_bias:
-            R.add(b + "attn.proj.bias", h + "self_attn.o_proj.bias")
-        if cfg.qk_norm:
-            R.add(b + "attn.q_norm.weight", h + "self_attn.q_norm.weight")
-            R.add(b + "attn.k_norm.weight", h + "self_attn.k_norm.weight")
+        attention_rules(R, cfg, b, h)
         if cfg.n_expert and fused_experts:  # transformers 5 in-memory layout
             R.add(b + "mlp.router.weight", h + "mlp.gate.weight")
             R.add(b + "mlp.w_fc", h + "mlp.experts.gate_up_proj")
