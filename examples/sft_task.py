@@ -17,8 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-# 50 common words of Shakespeare's plays, each a single token of a BPE trained on tiny Shakespeare
-# (so the task tests ordering, not spelling); train and held-out examples never share a word set.
+# 50 common words of Shakespeare's plays, each a single token (with its leading space) of a BPE
+# trained on tiny Shakespeare, so the task tests ordering, not spelling. The answer starts with
+# "Sorted:" so that its first word has a leading space too (without one, 41 of the 50 words split
+# into sub-word pieces); train and held-out examples never share a word set.
 WORDS = """
 all am and any arm art bear blood both brother call child come day dead down ear fair fear friend
 good grace great hand hat head heart heaven honour house king long lord love man mother name night
@@ -29,7 +31,7 @@ noble old poor queen son soul sweet time true war word world
 def make_example(rng: random.Random) -> tuple[list[str], dict]:
     words = rng.sample(WORDS, rng.randint(3, 6))
     prompt = "Sort these words alphabetically: " + " ".join(words)
-    answer = " ".join(sorted(words))
+    answer = "Sorted: " + " ".join(sorted(words))  # every word after a space: one token each
     return words, {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 

@@ -129,23 +129,39 @@ def test_lora_round_trips_with_peft_and_merges(base, tmp_path, family):
 
     folder = base / "base" if family == "llama" else _gpt2_folder(tmp_path / "gpt2")
     x = torch.randint(0, 97, (2, 9))
-    # llmkit writes, peft loads (all-linear on fused qkv / gate-up; rsLoRA scaling)
+    # llmkit writes, peft loads (all-linear on fused qkv / gate-up and the embedding; rsLoRA scaling)
     lk = llmkit.load_model(folder)
-    lcfg = LoRAConfig(r=4, alpha=8, dropout=0.0, targets="all-linear", use_rslora=True)
+    lcfg = LoRAConfig(r=4, alpha=8, dropout=0.0, targets="all-linear,embed", use_rslora=True)
     add_lora(lk, lcfg)
     for n, p in lk.named_parameters():
-        if "lora_B" in n:
+        if "lora_B" in n or "wte.adapters" in n:
             torch.nn.init.normal_(p, 0, 0.1)
     save_lora(lk, tmp_path / "ours", lcfg)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ours").eval()
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ours", is_trainable=True).eval()
     with torch.no_grad():
         ours = lk(x)
         assert (ours - llmkit.load_model(folder)(x)).abs().max() > 1e-3  # the adapter does something
         torch.testing.assert_close(ours, pm(x).logits, atol=1e-4, rtol=0)
+    # the same adapter gradients as peft's (loss on every position)
+    pm.train()
+    lk.train()
+    y = torch.randint(0, 97, (2, 9))
+    for m in (lk, pm):
+        logits = m(x) if m is lk else m(x).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    ours_g = {k: p.grad for k, p in lk.named_parameters() if ".adapters." in k}
+    theirs_g = {k: p.grad for k, p in pm.named_parameters() if "lora_" in k}
+    assert len(ours_g) == len(theirs_g) > 0
+    site = "blocks.0.attn.qkv.adapters.default.lora_B."
+    hf_q = {"llama": "layers.0.self_attn.q_proj", "gpt2": "h.0.attn.c_attn"}[family]
+    part = "q" if family == "llama" else "qkv"
+    g_theirs = next(g for k, g in theirs_g.items() if hf_q in k and "lora_B" in k)
+    torch.testing.assert_close(ours_g[site + part], g_theirs, atol=1e-5, rtol=1e-4)
+    lk.eval()
     # peft writes (a subset of parts: q and v of the fused qkv), llmkit loads
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tm = ["q_proj", "v_proj", "up_proj"] if family == "llama" else ["c_attn", "c_fc"]
+    tm = ["q_proj", "v_proj", "up_proj", "embed_tokens"] if family == "llama" else ["c_attn", "c_fc", "wte"]
     pc = peft.LoraConfig(r=3, lora_alpha=5, target_modules=tm, init_lora_weights=False, task_type="CAUSAL_LM",
                          fan_in_fan_out=family == "gpt2")
     pm = peft.get_peft_model(hf, pc).eval()
@@ -268,3 +284,75 @@ def test_cli_finetune_then_generate_with_adapter(base, tmp_path, capsys):
 
 def test_sft_example_is_reexported():
     assert SFTExample([1, 2], [IGNORE, 2]).labels[1] == 2
+
+
+def test_finetune_qat_exports_the_trained_grid(base, tmp_path):
+    """`--qat int8`: training sees fake-quantized weights (STE) and --out holds the real int8 model,
+    whose logits equal a hand-made group-wise int8 round trip of the checkpoint's float weights."""
+    from llmkit.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "qat"
+    finetune(base / "base", base / "train.jsonl", out, method="full", qat="int8", qat_group_size=32, max_steps=3,
+             eval_interval=3, batch_size=4, lr=1e-2, progress=False, num_threads=1)
+    cfg = json.loads((out / "config.json").read_text())
+    modules = cfg["quantization"]["modules"]
+    assert {e["kind"] for e in modules.values()} == {"int8"} and "blocks.0.attn.qkv" in modules
+    quantized = llmkit.load_model(out)
+    assert type(quantized.get_submodule("blocks.0.attn.qkv")).__name__ == "Int8Linear"
+    sd = load_checkpoint(out)["model"]  # the float weights the run trained
+    ref = Transformer(quantized.config)
+    ref.load_state_dict(sd)
+    start = llmkit.load_model(base / "base").state_dict()
+    assert (sd["blocks.0.attn.qkv.weight"] - start["blocks.0.attn.qkv.weight"]).abs().max() > 1e-4  # it trained
+    with torch.no_grad():
+        for name in modules:  # symmetric int8, one scale per output channel and 32 inputs
+            for w in ref.get_submodule(name).weight.split(32, dim=1):
+                s = w.abs().amax(1, keepdim=True) / 127
+                w.copy_(torch.round(w / s).clamp(-127, 127) * s)
+        x = torch.randint(0, 97, (2, 9))
+        torch.testing.assert_close(quantized(x), ref(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="--qat"):
+        finetune(base / "base", base / "train.jsonl", tmp_path / "x", method="lora", qat="int4")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_qlora_matches_the_dequantized_reference(base, tmp_path, dtype):
+    """LoRA on a frozen int8/int4 base: logits and adapter gradients equal those of a float model whose
+    weights are the dequantized ones, with the same adapter; `finetune --quantize` trains it."""
+    import torch.nn.functional as F
+
+    q = llmkit.load_model(base / "base", quantize=dtype)
+    ref = llmkit.load_model(base / "base")
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if hasattr(m, "weight_float"):
+                ref.get_submodule(name).weight.copy_(m.weight_float())
+    for m in (q, ref):
+        torch.manual_seed(0)
+        add_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if ".lora_B." in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+        m.requires_grad_(False)
+        for n, p in m.named_parameters():
+            p.requires_grad_(".adapters." in n)
+    x = torch.randint(0, 97, (2, 12))
+    grads = []
+    for m in (q, ref):
+        logits = m(x[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    with torch.no_grad():
+        a, b = q(x), ref(x)
+    assert (a - b).norm() / b.norm() < 1e-2  # the kernels take bf16 activations
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 0
+    for n, g in grads[0].items():
+        assert (g - grads[1][n]).norm() / grads[1][n].norm() < 3e-2, n
+    if dtype == "int4":
+        r = finetune(base / "base", base / "train.jsonl", tmp_path / "ql", method="lora", quantize="int4",
+                     max_steps=2, eval_interval=2, batch_size=4, lr=1e-2, progress=False, num_threads=1)
+        assert r.step == 2 and (tmp_path / "ql" / "adapter_model.safetensors").is_file()
+        llmkit.load_model(base / "base", adapter=tmp_path / "ql")  # the adapter applies to the float base
+        with pytest.raises(ConfigError, match="--quantize"):
+            finetune(base / "base", base / "train.jsonl", tmp_path / "x", method="full", quantize="int4")

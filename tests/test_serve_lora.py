@@ -1,5 +1,5 @@
-"""Multi-LoRA serving: requests for different adapters and the base share one continuous batch, and
-each one's greedy output equals peft's on the same adapter."""
+"""Multi-LoRA serving: requests for different adapters (LoRA and a prompt-tuning soft prompt) and the
+base share one continuous batch, and each one's greedy output equals peft's on the same adapter."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ def setup(tmp_path_factory):
                     p.normal_(0.0, 0.3)
         pm.save_pretrained(root / name)
         adapters[name] = root / name
+    torch.manual_seed(3)  # a soft prompt of 4 virtual tokens (peft's random init)
+    hf = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft.get_peft_model(hf, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        root / "p")
+    adapters["p"] = root / "p"
     return base, adapters
 
 
@@ -60,14 +65,14 @@ def peft_greedy(base, adapter, prompts: list[list[int]]) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def want(setup):
     base, adapters = setup
-    return {name: peft_greedy(base, adapters.get(name), PROMPTS) for name in (None, "a", "b")}
+    return {name: peft_greedy(base, adapters.get(name), PROMPTS) for name in (None, "a", "b", "p")}
 
 
 def test_one_batch_mixes_adapters_and_matches_peft(setup, want):
     base, adapters = setup
     state = load_state(base, lora={k: str(v) for k, v in adapters.items()}, max_batch_size=8)
     eng = state.engine
-    jobs = [(p, name) for name in (None, "a", "b") for p in PROMPTS]
+    jobs = [(p, name) for name in (None, "a", "b", "p") for p in PROMPTS]
     params = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
     handles = [eng.submit(p, params, adapter=name) for p, name in jobs]  # queued before the engine starts
     eng.start()
@@ -78,7 +83,7 @@ def test_one_batch_mixes_adapters_and_matches_peft(setup, want):
     # every request ran in the same batch: one forward prefills every prompt (and samples the first
     # token), then one decode step per further token
     assert eng.counters["steps"] == NEW
-    assert want[None] != want["a"] and want["a"] != want["b"]  # the adapters change the output
+    assert want[None] != want["a"] != want["b"] != want["p"] != want[None]  # the adapters change the output
     for (p, name), g in zip(jobs, got):
         assert g == want[name][PROMPTS.index(p)], name
 

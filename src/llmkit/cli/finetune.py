@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="compute the loss on every token, not just the assistant's")
     lo = add_lora_args(p, dropout=0.05)
     lo.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r)")
+    lo.add_argument("--loraplus-lr-ratio", type=float, default=1.0,
+                    help="LoRA+: the B matrices learn this many times faster than A (e.g. 16)")
+    lo.add_argument("--quantize", choices=["int8", "int4"],
+                    help="QLoRA: quantize the frozen base on load (int8 per channel, int4 group 64), LoRA on top")
     pt = p.add_argument_group("prompt tuning")
     pt.add_argument("--num-virtual-tokens", type=int, default=20)
     pt.add_argument("--prompt-tuning-init-text",
@@ -49,6 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fr.add_argument("--trainable", nargs="+", metavar="GLOB",
                     help="train only parameters matching these globs (e.g. 'blocks.3.*' lm_head.weight)")
     fr.add_argument("--freeze-layers", type=int, help="freeze the embeddings and the bottom N blocks")
+    p.add_argument("--qat", choices=["int8", "int4"],
+                   help="quantization-aware training (full/freeze): fake-quantized projections with a "
+                        "straight-through estimator; --out gets the real quantized model")
+    p.add_argument("--qat-group-size", type=int, default=64, help="inputs per QAT scale (0 = per channel, int8)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory)")
     p.add_argument("--no-progress", action="store_true")
@@ -67,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, max_seq_len=args.max_seq_len, packing=args.packing,
         train_on_prompt=args.train_on_prompt, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, use_rslora=args.rslora,
+        loraplus_lr_ratio=args.loraplus_lr_ratio, qat=args.qat, qat_group_size=args.qat_group_size,
+        quantize=args.quantize,
         num_virtual_tokens=args.num_virtual_tokens, prompt_tuning_init_text=args.prompt_tuning_init_text,
         trainable=args.trainable or [], freeze_layers=args.freeze_layers,
         activation_checkpointing=args.activation_checkpointing, max_minutes=args.max_minutes,

@@ -45,6 +45,7 @@ from llmkit.infer.speculative import (
 from llmkit.model.layers import check_token_ids
 from llmkit.model.linear import set_decode_packing
 from llmkit.model.lora import adapter_names, route_tokens
+from llmkit.model.prompt_tuning import prompt_adapter_names, virtual_prefix
 
 __all__ = ["Engine", "EngineClosedError", "GenerationResult", "QueueFullError", "RequestHandle", "TokenEvent"]
 
@@ -63,10 +64,15 @@ class EngineClosedError(LlmkitError):
 class _Sequence(Sequence):
     """Engine-thread state of one request: its `Sequence` plus the handle, KV-cache id and progress."""
 
-    def __init__(self, handle: RequestHandle, seq_id: int, eos_token_ids: set[int], tokenizer: Any):
+    def __init__(self, handle: RequestHandle, seq_id: int, eos_token_ids: set[int], tokenizer: Any,
+                 virtual: list[int] | None = None):
         super().__init__(handle.prompt_ids, handle.params, eos_token_ids, tokenizer)
         self.handle, self.seq_id = handle, seq_id
-        self.adapter: str | None = None  # LoRA adapter name (None: the base model)
+        self.adapter: str | None = None  # adapter name: LoRA or soft prompt (None: the base model)
+        self.n_virtual = len(virtual or [])  # a soft prompt's virtual ids run first, unseen by the caller
+        if virtual:
+            self.tokens[:0] = virtual
+            self.prompt_len += len(virtual)
         self.num_computed = 0  # leading tokens whose keys/values are in the cache
         self.score_top: int | None = None  # a scoring request: top-N alternatives per prompt position
         self.scores: list[tuple[float | None, list | None]] = []
@@ -166,6 +172,7 @@ class Engine:
                                           fast_decode=fast_decode)
         self.spec_accepted_per_pos = [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
         self.adapters = adapter_names(model)  # LoRA adapters a request may name (multi-LoRA)
+        self.prompt_adapters = prompt_adapter_names(model)  # soft prompts (prompt tuning) likewise
 
         self._lock = threading.Lock()  # guards the queue, the running list and the block pool
         self._wake = threading.Condition(self._lock)
@@ -236,21 +243,22 @@ class Engine:
     ) -> RequestHandle:
         """Queue a request; raises `QueueFullError` when `max_queue` requests already wait and
         `InputError` for bad ids or when prompt + max_new_tokens exceed `max_seq_len`.
-        `adapter` names a LoRA adapter of the model (None: the base model); requests for
-        different adapters share the running batch."""
+        `adapter` names a LoRA adapter or a soft prompt of the model (None: the base model); requests
+        for different adapters share the running batch."""
         ids = self._check_ids(prompt_ids)
-        self._check_adapter(adapter)
+        virtual = self._virtual_prefix(adapter)
         params = dataclasses.replace(params) if params is not None else SamplingParams()
         params.validate(self.config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer: pass tokenizer= to Engine or use stop_token_ids")
-        need = len(ids) + params.max_new_tokens
+        need = len(virtual) + len(ids) + params.max_new_tokens
         if need > self.max_seq_len:
             raise InputError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} exceeds the "
+                f"prompt ({need - params.max_new_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} "
+                f"exceeds the "
                 f"context of {self.max_seq_len} tokens; shorten the prompt or lower max_new_tokens"
             )
-        return self._enqueue(ids, params, request_id, adapter, need, None)
+        return self._enqueue(ids, params, request_id, adapter, need, None, virtual)
 
     def submit_scoring(
         self, prompt_ids: list[int], top_n: int = 0, request_id: str | None = None, adapter: str | None = None
@@ -259,20 +267,21 @@ class Engine:
         the continuous batch and counts against `max_queue`. When the handle is done,
         `handle.prompt_logprobs` holds the result."""
         ids = self._check_ids(prompt_ids)
-        self._check_adapter(adapter)
-        if len(ids) > self.max_seq_len:
-            raise InputError(f"prompt has {len(ids)} tokens but the context is {self.max_seq_len}")
-        return self._enqueue(ids, SamplingParams(max_new_tokens=1), request_id, adapter, len(ids), int(top_n))
+        virtual = self._virtual_prefix(adapter)
+        if len(virtual) + len(ids) > self.max_seq_len:
+            raise InputError(f"prompt has {len(virtual) + len(ids)} tokens but the context is {self.max_seq_len}")
+        return self._enqueue(ids, SamplingParams(max_new_tokens=1), request_id, adapter, len(virtual) + len(ids),
+                             int(top_n), virtual)
 
     def _enqueue(self, ids: list[int], params: SamplingParams, request_id: str | None, adapter: str | None,
-                 need: int, score_top: int | None) -> RequestHandle:
+                 need: int, score_top: int | None, virtual: list[int]) -> RequestHandle:
         if self.max_blocks_held(need) > self.cache.num_blocks:
             raise InputError(
                 f"a request of {need} tokens needs more KV blocks than the pool has ({self.cache.num_blocks})"
             )
         seq_id = next(self._ids)
         handle = RequestHandle(self, request_id or f"req-{seq_id}", ids, params)
-        seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer)
+        seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer, virtual)
         seq.adapter, seq.score_top = adapter, score_top
         with self._lock:
             if self._closed:
@@ -334,10 +343,12 @@ class Engine:
             }
 
     # ---- internals ----------------------------------------------------------------------------
-    def _check_adapter(self, adapter: str | None) -> None:
-        if adapter is not None and adapter not in self.adapters:
-            known = ", ".join(self.adapters) or "none loaded"
-            raise InputError(f"unknown LoRA adapter {adapter!r}; this engine has: {known}")
+    def _virtual_prefix(self, adapter: str | None) -> list[int]:
+        """Checks `adapter`; a soft prompt's virtual ids start its requests (none for LoRA or the base)."""
+        if adapter is not None and adapter not in self.adapters + self.prompt_adapters:
+            known = ", ".join(self.adapters + self.prompt_adapters) or "none loaded"
+            raise InputError(f"unknown adapter {adapter!r}; this engine has: {known}")
+        return virtual_prefix(self.model, adapter) if adapter in self.prompt_adapters else []
 
     @contextlib.contextmanager
     def _routed(self, adapters: list[str | None], x: torch.Tensor, rows: torch.Tensor | None = None):
@@ -346,7 +357,7 @@ class Engine:
         if not self.adapters:
             yield
             return
-        index = torch.tensor([self.adapters.index(a) if a is not None else -1 for a in adapters], device=x.device)
+        index = torch.tensor([self.adapters.index(a) if a in self.adapters else -1 for a in adapters], device=x.device)
         per_token = index[rows][None, :] if rows is not None else index[:, None].expand(x.shape)
         route_tokens(self.model, per_token, self.adapters)
         try:
@@ -557,7 +568,7 @@ class Engine:
             seq.num_computed += len(chunk)
             if seq.num_computed == len(seq.tokens):
                 if scoring[b]:
-                    seq.handle.prompt_logprobs = seq.scores
+                    seq.handle.prompt_logprobs = seq.scores[seq.n_virtual:]  # not a soft prompt's positions
                     self._finish(seq, "length")
                 else:
                     to_sample.append(seq)

@@ -22,14 +22,15 @@ from llmkit.errors import CheckpointError, LlmkitError
 from llmkit.fsutil import write_dir
 from llmkit.model.hf import load_model
 from llmkit.model.lora import (
+    EMBED,
     LoRAConfig,
-    LoRALinear,
     lora_modules,
     merge_lora,
     projection_sites,
     set_active_adapter,
+    wrap_site,
 )
-from llmkit.model.prompt_tuning import PromptTuningModel
+from llmkit.model.prompt_tuning import PromptTuningModel, add_prompt_adapter
 from llmkit.tokenizer import load_tokenizer
 
 CONFIG_NAME = "adapter_config.json"
@@ -40,6 +41,9 @@ _PEFT_PREFIX = "base_model.model."
 
 def hf_module_name(model_type: str, path: str, part: str) -> str:
     """The Hugging Face module that holds `part` of llmkit projection `path` (blocks.3.attn.qkv, 'k')."""
+    if path == "wte":  # the token embedding
+        return {"gpt2": "transformer.wte"}.get(model_type, "model.embed_tokens" if model_type in _LLAMA_LIKE
+                                               else "wte")
     _, i, kind, _ = path.split(".")
     if model_type in _LLAMA_LIKE:
         sub = "self_attn" if kind == "attn" else "mlp"
@@ -82,8 +86,9 @@ def save_lora(model: nn.Module, out: str | Path, cfg: LoRAConfig, name: str = "d
         for part in ad.lora_A:
             hf = hf_module_name(mt, path, part)
             modules.append(hf)
-            tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = ad.lora_A[part].float()
-            tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"] = ad.lora_B[part].float()
+            a, b = ("lora_embedding_A", "lora_embedding_B") if part == EMBED else ("lora_A.weight", "lora_B.weight")
+            tensors[f"{_PEFT_PREFIX}{hf}.{a}"] = ad.lora_A[part].float()
+            tensors[f"{_PEFT_PREFIX}{hf}.{b}"] = ad.lora_B[part].float()
     if not tensors:
         raise CheckpointError(f"the model has no LoRA adapter named {name!r} to save")
     short = sorted({m.rsplit(".", 1)[-1] for m in modules})
@@ -110,7 +115,21 @@ def save_lora(model: nn.Module, out: str | Path, cfg: LoRAConfig, name: str = "d
     _atomic_write(Path(out), config, tensors)
 
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_(?:([AB])(?:\.[^.]+)?\.weight|embedding_([AB]))$")
+
+
+def _same_embedding(model: nn.Module, mmap: dict[str, tuple[str, str]], key: str, t: torch.Tensor,
+                    path: str | Path) -> bool:
+    """True for a saved embedding table equal to the model's own; an error for one that differs."""
+    hf = key.removeprefix(_PEFT_PREFIX).removesuffix(".base_layer.weight")
+    if mmap.get(hf, ("", ""))[1] != EMBED:
+        return False
+    wte = model.get_submodule("wte")
+    own = getattr(wte, "base", wte).weight
+    if t.shape != own.shape or not torch.equal(t.to(own.dtype), own.detach().cpu()):
+        raise CheckpointError(f"{path}: the adapter carries its own embedding table ({key}, e.g. a resized "
+                              "vocabulary), which differs from the base model's; llmkit does not load that")
+    return True
 
 
 def load_lora(model: nn.Module, path: str | Path, name: str = "default") -> LoRAConfig:
@@ -127,11 +146,13 @@ def load_lora(model: nn.Module, path: str | Path, name: str = "default") -> LoRA
     mmap = _module_map(model)
     found: dict[str, dict[str, torch.Tensor]] = {}
     for k, t in sd.items():
+        if k.endswith(".base_layer.weight") and _same_embedding(model, mmap, k, t, path):
+            continue  # peft saves the adapted embedding's own table too (save_embedding_layers)
         m = _LORA_KEY.match(k)
         if m is None or m.group(1) not in mmap:
             raise CheckpointError(f"{path}: tensor {k!r} is not a LoRA weight of a projection this "
                                   f"{model.config.model_type} model has")
-        found.setdefault(m.group(1), {})[m.group(2)] = t
+        found.setdefault(m.group(1), {})[m.group(2) or m.group(3)] = t
     parts = sorted({mmap[hf][1] for hf in found})
     targets = sorted({t for p in parts for t in (("q", "k", "v") if p == "qkv" else (p,))})
     r = int(config.get("r", 8))
@@ -144,10 +165,7 @@ def load_lora(model: nn.Module, path: str | Path, name: str = "default") -> LoRA
         by_path.setdefault(p, []).append(part)
     sites = projection_sites(model)
     for p, plist in by_path.items():
-        mod = model.get_submodule(p)
-        if not isinstance(mod, LoRALinear):
-            mod = LoRALinear(mod, sites[p])
-            model.set_submodule(p, mod)
+        mod = wrap_site(model, p, sites[p])
         mod.add_adapter(name, [q for q, _ in sites[p] if q in plist], r, cfg.scale, cfg.dropout)
     for hf, ab in found.items():
         p, part = mmap[hf]
@@ -187,8 +205,8 @@ def save_prompt_tuning(model: PromptTuningModel, out: str | Path, init_text: str
     _atomic_write(Path(out), config, {"prompt_embeddings": model.prompt.float()})
 
 
-def load_prompt_tuning(model: nn.Module, path: str | Path) -> PromptTuningModel:
-    """Wrap `model` with the PEFT prompt-tuning adapter in folder `path`."""
+def read_prompt_tuning(model: nn.Module, path: str | Path) -> torch.Tensor:
+    """The soft prompt [N, n_embd] of the PEFT prompt-tuning folder `path`, checked against `model`."""
     config, sd = read_adapter(path)
     if config.get("peft_type") != "PROMPT_TUNING":
         raise CheckpointError(f"{path}: peft_type {config.get('peft_type')!r}; expected PROMPT_TUNING")
@@ -198,10 +216,28 @@ def load_prompt_tuning(model: nn.Module, path: str | Path) -> PromptTuningModel:
     if emb.dim() != 2 or emb.shape[1] != model.config.n_embd:
         raise CheckpointError(f"{path}: prompt_embeddings has shape {tuple(emb.shape)}; "
                               f"expected [N, {model.config.n_embd}]")
+    return emb
+
+
+def load_prompt_tuning(model: nn.Module, path: str | Path) -> PromptTuningModel:
+    """Wrap `model` with the PEFT prompt-tuning adapter in folder `path`."""
+    emb = read_prompt_tuning(model, path)
     pt = PromptTuningModel(model, emb.shape[0])
     with torch.no_grad():
         pt.prompt.copy_(emb)
     return pt
+
+
+def load_named_adapter(model: nn.Module, path: str | Path, name: str) -> str:
+    """Load adapter folder `path` into `model` under `name` for serving beside the base: LoRA as a
+    routable adapter, prompt tuning as a soft prompt with its own virtual ids. Returns the peft_type."""
+    kind = adapter_type(path)
+    if kind == "LORA":
+        load_lora(model, path, name)
+        set_active_adapter(model, None)  # requests choose their adapter
+    else:
+        add_prompt_adapter(model, name, read_prompt_tuning(model, path))
+    return kind
 
 
 # ---------------------------------------------------------------------------- either

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from llmkit.errors import ConfigError
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # all-linear
+EMBED = "embed"  # the token embedding (PEFT's embed_tokens target); not part of all-linear
 
 
 @dataclass
@@ -50,21 +51,23 @@ class LoRAConfig:
 
 
 def parse_targets(targets: str | list[str]) -> list[str]:
-    """`all-linear` or a comma list of q,k,v,o,gate,up,down (HF names like q_proj are accepted)."""
+    """`all-linear` or a comma list of q,k,v,o,gate,up,down, plus `embed` (HF names like q_proj and
+    embed_tokens are accepted)."""
     if isinstance(targets, str):
         targets = [t for t in targets.replace(" ", "").split(",") if t]
     out: list[str] = []
     for t in targets:
-        t = t.removesuffix("_proj")
+        t = t.removesuffix("_proj").removesuffix("_tokens")
         if t in ("all-linear", "all_linear", "all"):
             out += TARGETS
-        elif t in TARGETS:
+        elif t in TARGETS or t == EMBED:
             out.append(t)
         else:
-            raise ConfigError(f"unknown LoRA target {t!r}; expected all-linear or some of {','.join(TARGETS)}")
+            raise ConfigError(f"unknown LoRA target {t!r}; expected all-linear or some of "
+                              f"{','.join(TARGETS)},{EMBED}")
     if not out:
         raise ConfigError("no LoRA targets given; expected all-linear or some of q,k,v,o,gate,up,down")
-    return [t for t in TARGETS if t in out]
+    return [t for t in (*TARGETS, EMBED) if t in out]
 
 
 class LoRAAdapter(nn.Module):
@@ -79,17 +82,21 @@ class LoRAAdapter(nn.Module):
         for a in self.lora_A.values():  # PEFT's default: A ~ kaiming-uniform, B = 0 (the update starts at 0)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
-    def delta(self, x: torch.Tensor, layout: list[tuple[str, int]]) -> torch.Tensor:
-        """s * B A x for x [..., in] -> [..., out], zeros in the columns of untargeted parts."""
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, layout: list[tuple[str, int]]) -> torch.Tensor:
+        """y + s * B A x for y [..., out] = base(x), x [..., in]: each part's B product is accumulated into
+        its slice of y in place (one GEMM each, scale folded in; no concatenation, no extra pass)."""
         names = [p for p, _ in layout if p in self.lora_A]
         A = self.lora_A[names[0]] if len(names) == 1 else torch.cat([self.lora_A[p] for p in names])
-        z = F.linear(self.dropout(x), A.to(x.dtype)) * self.scale  # [..., P * r]
-        if len(layout) == 1:
-            return F.linear(z, self.lora_B[names[0]].to(x.dtype))
-        zs = dict(zip(names, z.split(self.r, dim=-1)))
-        outs = [F.linear(zs[p], self.lora_B[p].to(x.dtype)) if p in zs else z.new_zeros(*z.shape[:-1], n)
-                for p, n in layout]
-        return torch.cat(outs, dim=-1)
+        z = F.linear(self.dropout(x), A.to(x.dtype))  # [..., P * r]
+        y = y if y.is_contiguous() else y.contiguous()
+        y2, z2 = y.view(-1, y.shape[-1]), z.reshape(-1, z.shape[-1])  # [M, out], [M, P * r]
+        zs = dict(zip(names, z2.split(self.r, dim=-1)))
+        start = 0
+        for p, n in layout:
+            if p in zs:
+                y2[:, start : start + n].addmm_(zs[p], self.lora_B[p].to(x.dtype).t(), alpha=self.scale)
+            start += n
+        return y
 
     def weight_delta(self, layout: list[tuple[str, int]]) -> torch.Tensor:
         """The update as a dense [out, in] matrix (for merging)."""
@@ -100,11 +107,13 @@ class LoRAAdapter(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """base(x) + the active adapter's update. `layout` names the output slices [(part, size), ...]."""
+    """base(x) + the active adapter's update. `layout` names the output slices [(part, size), ...].
+    `base` may be a quantized kind (QLoRA): it stays frozen and gradients pass through it to x."""
 
     def __init__(self, base: nn.Module, layout: list[tuple[str, int]]) -> None:
         super().__init__()
         self.base = base
+        self.quantized = hasattr(base, "weight_float")
         self.layout = layout
         self.in_features = base.in_features
         self.out_features = sum(n for _, n in layout)
@@ -118,9 +127,10 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name: str, parts: list[str], r: int, scale: float, dropout: float) -> LoRAAdapter:
         sizes = dict(self.layout)
-        w = self.base.weight
+        w = next(self.base.buffers()) if self.quantized else self.base.weight  # quantized: float32 adapters
         ad = LoRAAdapter(self.in_features, {p: sizes[p] for p in parts}, r, scale, dropout)
-        self.adapters[name] = ad.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
+        self.adapters[name] = ad.to(device=w.device, dtype=w.dtype if w.is_floating_point() and
+                                    not self.quantized else None)
         return ad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
@@ -132,15 +142,18 @@ class LoRALinear(nn.Module):
                 if k < 0 or names[k] not in self.adapters:
                     continue
                 sel = index == k
-                y[sel] = y[sel] + self.adapters[names[k]].delta(x[sel], self.layout)
+                y[sel] = self.adapters[names[k]].add_to(y[sel], x[sel], self.layout)
             return y
         if self.active is None or self.active not in self.adapters:
             return y
-        return y + self.adapters[self.active].delta(x, self.layout)
+        return self.adapters[self.active].add_to(y, x, self.layout)
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear whose weight includes the active adapter."""
         base = self.base
+        if self.quantized:
+            raise ConfigError("cannot merge a LoRA adapter into a quantized projection; merge it into the "
+                              "float base model (llmkit lora merge --model FLOAT_BASE --adapter DIR)")
         lin = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
                         device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():
@@ -151,6 +164,50 @@ class LoRALinear(nn.Module):
             if base.bias is not None:
                 lin.bias.copy_(base.bias)
         return lin
+
+
+class LoRAEmbeddingAdapter(LoRAAdapter):
+    """An adapter on the token embedding: E[ids] + s * A^T[ids] B^T with A [r, vocab] = 0 and
+    B [dim, r] ~ N(0, 1) at the start (PEFT's lora_embedding_A / lora_embedding_B)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int, scale: float) -> None:
+        nn.Module.__init__(self)
+        self.r, self.scale = r, scale
+        self.lora_A = nn.ParameterDict({EMBED: nn.Parameter(torch.zeros(r, num_embeddings))})
+        self.lora_B = nn.ParameterDict({EMBED: nn.Parameter(torch.randn(embedding_dim, r))})
+
+    def add_to(self, y: torch.Tensor, ids: torch.Tensor, layout: list[tuple[str, int]]) -> torch.Tensor:
+        A, B = self.lora_A[EMBED], self.lora_B[EMBED]  # y [..., dim] = E[ids]
+        return y + F.embedding(ids, A.t()) @ B.t() * self.scale
+
+    def weight_delta(self, layout: list[tuple[str, int]]) -> torch.Tensor:  # [vocab, dim]
+        return (self.scale * self.lora_B[EMBED] @ self.lora_A[EMBED]).t()
+
+
+class LoRAEmbedding(LoRALinear):
+    """The token embedding plus the active adapter's low-rank update (same routing as LoRALinear)."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        nn.Module.__init__(self)
+        self.base, self.quantized = base, False
+        self.layout = [(EMBED, base.embedding_dim)]
+        self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.routing: tuple[torch.Tensor, list[str | None]] | None = None
+
+    def add_adapter(self, name: str, parts: list[str], r: int, scale: float, dropout: float) -> LoRAAdapter:
+        w = self.base.weight
+        ad = LoRAEmbeddingAdapter(self.in_features, self.out_features, r, scale)
+        self.adapters[name] = ad.to(device=w.device, dtype=w.dtype)
+        return ad
+
+    def merged(self) -> nn.Embedding:
+        """A plain nn.Embedding whose table includes the active adapter (a tied head keeps the old one)."""
+        w = self.base.weight.detach().float()
+        if self.active is not None:
+            w = w + self.adapters[self.active].weight_delta(self.layout).float()
+        return nn.Embedding.from_pretrained(w.to(self.base.weight.dtype), freeze=False)
 
 
 # ---------------------------------------------------------------------------- whole models
@@ -174,6 +231,8 @@ def projection_sites(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
         if hasattr(blk.mlp, "fc"):  # a dense MLP (MoE experts are not Linear modules)
             sites[b + "mlp.fc"] = [("gate", inter), ("up", inter)] if blk.mlp.swiglu else [("up", inter)]
             sites[b + "mlp.proj"] = [("down", cfg.n_embd)]
+    if isinstance(getattr(model, "wte", None), nn.Embedding | LoRAEmbedding):
+        sites["wte"] = [(EMBED, cfg.n_embd)]
     return sites
 
 
@@ -209,16 +268,22 @@ def add_lora(model: nn.Module, cfg: LoRAConfig, name: str = "default") -> nn.Mod
         parts = _parts_for(layout, cfg.targets)
         if not parts:
             continue
-        mod = model.get_submodule(path)
-        if not isinstance(mod, LoRALinear):
-            mod = LoRALinear(mod, layout)
-            model.set_submodule(path, mod)
+        mod = wrap_site(model, path, layout)
         mod.add_adapter(name, parts, cfg.r, cfg.scale, cfg.dropout)
         added += 1
     if not added:
         raise ConfigError(f"LoRA targets {','.join(cfg.targets)} match no projection of this model")
     set_active_adapter(model, name)
     return model
+
+
+def wrap_site(model: nn.Module, path: str, layout: list[tuple[str, int]]) -> LoRALinear:
+    """The LoRA module at `path`, swapped in for the plain projection (or embedding) the first time."""
+    mod = model.get_submodule(path)
+    if not isinstance(mod, LoRALinear):
+        mod = LoRAEmbedding(mod) if layout[0][0] == EMBED else LoRALinear(mod, layout)
+        model.set_submodule(path, mod)
+    return mod
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
@@ -234,8 +299,12 @@ def route_tokens(model: nn.Module, index: torch.Tensor | None, names: list[str |
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the active adapter into the weights; every LoRALinear becomes a plain nn.Linear again."""
+    """Fold the active adapter into the weights; every LoRALinear becomes a plain nn.Linear again.
+    An adapted embedding unties a tied LM head (the head keeps the base table, as unmerged)."""
     for path, m in lora_modules(model).items():
+        if isinstance(m, LoRAEmbedding) and m.active is not None and model.config.tie_embeddings:
+            model.lm_head.weight = nn.Parameter(m.base.weight.detach().clone())
+            model.config.tie_embeddings = False
         model.set_submodule(path, m.merged())
     return model
 

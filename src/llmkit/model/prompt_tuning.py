@@ -5,6 +5,10 @@ up ids >= vocab_size in the prompt table, and `PromptTuningModel` prepends those
 sequence (positions 0..N-1, as PEFT does) and drops their logits, so callers see the same
 `model(input_ids, ...) -> logits [B, T, V]` interface. With a KV cache the prefix is fed once,
 on the first call.
+
+Serving several soft prompts from one model (`add_prompt_adapter`): each named prompt owns a
+range of virtual ids in one table, and a request for it starts with `virtual_prefix(model, name)`,
+so requests for different prompts, LoRA adapters and the base share a batch.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class PromptEmbedding(nn.Module):
         self.vocab_size = wte.num_embeddings
         self.prompt = nn.Parameter(torch.zeros(num_virtual_tokens, wte.embedding_dim, dtype=wte.weight.dtype,
                                                device=wte.weight.device))
+        self.ranges: dict[str, tuple[int, int]] = {}  # served prompt name -> (first row, rows)
 
     @property
     def weight(self) -> torch.Tensor:  # the token table (tied heads and init code read it)
@@ -111,3 +116,34 @@ class PromptTuningModel(nn.Module):
         logits = self.model(input_ids, position_ids=meta.position_ids, kv_cache=kv_cache, attn_meta=meta,
                             num_logits_to_keep=num_logits_to_keep)
         return logits[:, N:] if first and not num_logits_to_keep else logits
+
+
+# ---------------------------------------------------------------------------- serving many prompts
+
+
+def add_prompt_adapter(model: nn.Module, name: str, prompt: torch.Tensor) -> None:
+    """Give `model` soft prompt `name` ([N, n_embd]) to serve: requests start with its virtual ids."""
+    if not isinstance(model.wte, PromptEmbedding):
+        model.set_submodule("wte", PromptEmbedding(model.wte, 0))
+    emb = model.wte
+    if name in emb.ranges:
+        raise InputError(f"a soft prompt named {name!r} is already loaded")
+    start = emb.prompt.shape[0]
+    with torch.no_grad():
+        rows = torch.cat([emb.prompt.detach(), prompt.to(emb.prompt.dtype).to(emb.prompt.device)])
+    emb.prompt = nn.Parameter(rows, requires_grad=False)
+    emb.ranges[name] = (start, prompt.shape[0])
+
+
+def prompt_adapter_names(model: nn.Module) -> list[str]:
+    """Names of the soft prompts `add_prompt_adapter` gave `model`."""
+    emb = getattr(model, "wte", None)
+    return list(emb.ranges) if isinstance(emb, PromptEmbedding) else []
+
+
+def virtual_prefix(model: nn.Module, name: str) -> list[int]:
+    """The virtual token ids a request for soft prompt `name` starts with (positions 0..N-1, as PEFT)."""
+    start, n = model.wte.ranges[name]
+    V = model.wte.vocab_size
+    return list(range(V + start, V + start + n))
+

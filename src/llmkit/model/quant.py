@@ -116,6 +116,21 @@ def spec_for(dtype: torch.dtype | str, group_size: int | None) -> QuantSpec:
 
 
 # ============================================================================ Linear kinds
+class FrozenQuantMatmul(torch.autograd.Function):
+    """y = m(x) for a quantized kind m (frozen), differentiable in x: dx = dy W with W dequantized, as
+    QLoRA (Dettmers et al., 2023) backpropagates through its 4-bit base to the adapters."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, m: nn.Module) -> Tensor:
+        ctx.m = m
+        y = m(x)  # grad mode is off in here: the kernel path
+        return y if y._base is None else y.clone()  # not a view: adapters add to it in place
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        return dy @ ctx.m.weight_float().to(dy.dtype), None
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W int8 [out, in]: per-channel scales [out] or group-wise scales [out, G]."""
 
@@ -145,6 +160,8 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        if x.requires_grad and torch.is_grad_enabled():  # adapters train on top (QLoRA)
+            return FrozenQuantMatmul.apply(x, self)
         shape = x.shape[:-1]
         if self.input_scale is not None:
             x = x / self.input_scale
@@ -229,6 +246,8 @@ class Int4Linear(nn.Module):
         return q.t()[: self.out_features].round(), scale.contiguous(), zero.contiguous()
 
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        if x.requires_grad and torch.is_grad_enabled():  # adapters train on top (QLoRA)
+            return FrozenQuantMatmul.apply(x, self)
         shape = x.shape[:-1]
         if self.input_scale is not None:
             x = x / self.input_scale

@@ -52,16 +52,15 @@ def load_state(
 
     A decoder gets a continuous-batching `Engine`; an encoder (BERT) serves embeddings only.
     `api_key` defaults to $LLMKIT_API_KEY; `limits` (body size, timeouts, connections) to
-    `ServerLimits()`. `lora` maps request model names to LoRA adapter folders: requests for them
-    and for the base share one continuous batch (multi-LoRA). `engine_options` go to `Engine`
-    (kv_block_size, num_blocks, prefill_chunk, max_num_batched_tokens, prefix_caching, mixed_prefill);
-    `speculative` is the engine's speculative decoding (a `SpeculativeConfig`, a dict of its fields
-    or "ngram").
+    `ServerLimits()`. `lora` maps request model names to adapter folders (LoRA or prompt tuning): requests
+    for them and for the base share one continuous batch (multi-LoRA; soft prompts as virtual tokens).
+    `engine_options` go to `Engine` (kv_block_size, num_blocks, prefill_chunk, max_num_batched_tokens,
+    prefix_caching, mixed_prefill); `speculative` is the engine's speculative decoding (a
+    `SpeculativeConfig`, a dict of its fields or "ngram").
     """
     from llmkit.infer.engine import Engine
-    from llmkit.model.adapters import load_lora
+    from llmkit.model.adapters import load_named_adapter
     from llmkit.model.hf import load_model
-    from llmkit.model.lora import set_active_adapter
     from llmkit.tokenizer import load_tokenizer
 
     path = Path(model)
@@ -81,8 +80,7 @@ def load_state(
         if adapter_name == name or not adapter_name:
             raise ConfigError(f"--lora {adapter_name}={folder}: the name must be non-empty and differ from the "
                               f"base model's '{name}'")
-        load_lora(net, folder, adapter_name)
-        set_active_adapter(net, None)  # requests choose their adapter
+        load_named_adapter(net, folder, adapter_name)  # LoRA, or a soft prompt (prompt tuning)
     engine = embedder = None
     emb_name = None
     if _is_encoder(net):

@@ -31,6 +31,7 @@ from llmkit.model.attention import AttnMeta
 from llmkit.model.hf import config_from_hf, load_model, read_config
 from llmkit.model.lora import LoRAConfig, add_lora
 from llmkit.model.prompt_tuning import PromptTuningModel
+from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import load_tokenizer
 from llmkit.train import distributed as D
 from llmkit.train.config import OptimConfig, TrainConfig
@@ -58,11 +59,15 @@ class FinetuneConfig:
     lora_dropout: float = 0.05
     lora_targets: str = "all-linear"
     use_rslora: bool = False
+    loraplus_lr_ratio: float = 1.0  # LoRA+ (Hayou et al., 2024): B's learning rate = ratio x A's
     num_virtual_tokens: int = 20
     prompt_tuning_init_text: str | None = None
     trainable: list[str] = field(default_factory=list)
     freeze_layers: int | None = None
     activation_checkpointing: bool = False
+    qat: str | None = None  # int8 | int4: fake-quantized training (STE); full/freeze export the quantized model
+    qat_group_size: int = 64  # inputs per scale (0 = per channel, int8 only)
+    quantize: str | None = None  # int8 | int4: LoRA on the base quantized on load and frozen (QLoRA)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +80,17 @@ class FinetuneConfig:
             raise ConfigError("--method freeze needs --trainable GLOB ... or --freeze-layers N")
         if self.method == "prompt-tuning" and self.packing:
             raise ConfigError("--packing is not supported with --method prompt-tuning (each example needs the prompt)")
+        if self.qat is not None:
+            if self.qat not in ("int8", "int4"):
+                raise ConfigError(f"--qat {self.qat!r}: expected int8 or int4")
+            if self.method not in ("full", "freeze"):
+                raise ConfigError(f"--qat trains the model's own weights: use it with --method full or freeze, "
+                                  f"not {self.method}")
+        if self.quantize is not None:
+            if self.quantize not in ("int8", "int4"):
+                raise ConfigError(f"--quantize {self.quantize!r}: expected int8 or int4")
+            if self.method != "lora":
+                raise ConfigError(f"--quantize (a frozen quantized base) needs --method lora, not {self.method}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ConfigError(f"--max-seq-len={self.max_seq_len} must be at least 2")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -198,6 +214,8 @@ class Finetuner(Trainer):
         if ft.max_seq_len + (ft.num_virtual_tokens if ft.method == "prompt-tuning" else 0) > base.config.block_size:
             raise ConfigError(f"--max-seq-len {ft.max_seq_len} exceeds the model's context of "
                               f"{base.config.block_size} tokens")
+        if ft.qat:  # fake-quantized projections (straight-through estimator); the same parameters
+            base.prepare_qat(ft.qat, ft.qat_group_size)
         model = apply_method(base, ft, self.tokenizer)
         getattr(model, "model", model).check_inputs = False  # ids were checked above
         if ft.activation_checkpointing:
@@ -215,7 +233,7 @@ class Finetuner(Trainer):
 
     def _load_base(self) -> nn.Module:
 
-        return load_model(self.ft.model)
+        return load_model(self.ft.model, quantize=self.ft.quantize)
 
     def _max_token_id(self) -> int:
         return max(max(e.input_ids) for e in self.train_examples + self.val_examples)
@@ -237,6 +255,20 @@ class Finetuner(Trainer):
         if self.dropped:
             msg += f"; {self.dropped} dropped (no assistant token left after truncation)"
         return msg
+
+    def _build_optimizer(self, raw: nn.Module) -> torch.optim.Optimizer:
+        opt = super()._build_optimizer(raw)
+        ratio = self.ft.loraplus_lr_ratio
+        if self.ft.method != "lora" or ratio == 1.0:
+            return opt
+        b_ids = {id(p) for n, p in raw.named_parameters() if ".lora_B." in n}
+        groups = []
+        for g in opt.param_groups:  # split each group into A (and others) and B (lr x ratio)
+            rest = [p for p in g["params"] if id(p) not in b_ids]
+            bs = [p for p in g["params"] if id(p) in b_ids]
+            groups += [{**g, "params": rest}, {**g, "params": bs, "lr_scale": ratio}]
+        opt.param_groups[:] = [g for g in groups if g["params"]]  # before any step: no state to move
+        return opt
 
     # ------------------------------------------------------------------ loss
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -281,7 +313,12 @@ class Finetuner(Trainer):
     def _export(self, model_sd: dict[str, torch.Tensor]) -> None:
         ft = self.ft
         if ft.method in ("full", "freeze"):
-            return super()._export(model_sd)
+            if not ft.qat:
+                return super()._export(model_sd)
+            model = Transformer(self.model_config).prepare_qat(ft.qat, ft.qat_group_size)
+            model.load_state_dict(self.raw_model.state_dict())
+            # the real int8/int4 kinds, on the grid the training saw
+            return self._export_model(model.quantize(ft.qat, ft.qat_group_size, skip=("embeddings",)))
         base = str(Path(ft.model).resolve())
         if ft.method == "lora":
             self._export_with(lambda tmp: save_lora(self.raw_model, tmp, lora_config(ft), base_model_name_or_path=base))

@@ -208,7 +208,7 @@ class Trainer:
         self.model: nn.Module = raw if self.par else D.wrap_model(raw, info)
         if t.compile:
             self.model = torch.compile(self.model)
-        self.optimizer = build_adamw(raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, info.device.type)
+        self.optimizer = self._build_optimizer(raw)
         self.amp_dtype = autocast_dtype(t.dtype, info.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.sampler = self._build_sampler()
@@ -219,6 +219,11 @@ class Trainer:
             self._restore(self.state)
         elif self.metrics is not None and self.metrics.records:
             self.metrics.truncate(-1)
+
+    def _build_optimizer(self, raw: nn.Module) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (a param group's `lr_scale` multiplies the schedule's lr)."""
+        t = self.t
+        return build_adamw(raw, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, self.dist.device.type)
 
     def _setup_data(self) -> None:
         """Token data and tokenizer (rank 0 prepares raw text; the others then open what it wrote)."""
@@ -569,7 +574,7 @@ class Trainer:
                 break
             lr = self.lr_at(self.step, elapsed)
             for g in self.optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             t0 = time.perf_counter()
             loss = self.train_step()
             self.step += 1
