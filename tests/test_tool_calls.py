@@ -162,6 +162,10 @@ def test_not_a_call_stays_content():
     assert calls[0]["function"] == {"name": "f", "arguments": '{"x": 1'}
     _, calls = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_c')
     assert calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    # cut off before the name is complete (or with no name at all): the text, as content; this used to
+    # loop forever in close(), text <-> call (a served request hung on it)
+    for cut in ('<tool_call>\n{"na', "<tool_call>\n{", '<tool_call>\n{ "x": [1,'):
+        assert parse_tool_calls("hi " + cut) == ("hi " + cut, [])
 
 
 def test_detect_and_validate():

@@ -435,9 +435,9 @@ class ToolCallParser:
         # the whole call object
         end = _scan_value(self.buf, self.buf.find("{")) if "{" in self.buf else None
         if end is None:
-            if final and not self._header_sent:
-                self.buf = (HERMES_OPEN if self.fmt == "hermes" else "") + self.buf
-                self.mode = "text"
+            if final and not self._header_sent:  # cut off before its name: the text it was, as content
+                self._emit_content((HERMES_OPEN if self.fmt == "hermes" else "") + self.buf, out)
+                self.buf, self.mode = "", "text"
             return
         obj_text, rest = self.buf[:end], self.buf[end:]
         if self.fmt == "hermes":
