@@ -107,6 +107,8 @@ def bench(store, n: int, queries: int, k: int = 10, keep: Path | None = None, bu
         for start in range(0, n, 10_000):  # advance the random stream as fill() does: the same queries
             rng.zipf(1.2, size=(min(10_000, n - start), 40))
         print(f"reusing {n:,} chunks built in {build:.0f} s", flush=True)
+        if build_only:
+            store.finalize()  # what a newer store version adds (pgvector: the term statistics)
     else:
         build = fill(store, n, rng)
         if done is not None:

@@ -3,8 +3,15 @@
 Tables `NAME_meta`, `NAME_docs`, `NAME_chunks` (default NAME `llmkit_rag`). Chunks keep their
 metadata in columns (`source`, `page`, `headings`, `meta jsonb`), the embedding in a `vector(dim)`
 column with an HNSW index (inner product; vectors are unit length), and the search terms (the same
-Chinese-aware tokenizer as BM25) in a `tsvector` with a GIN index: the keyword half of hybrid
-retrieval is Postgres full-text search ranked by `ts_rank_cd`.
+Chinese-aware tokenizer as BM25) in a `tsvector` with a GIN index. `NAME_terms` keeps each term's
+document frequency (row '' = the number of chunks), updated in the same transaction as the chunks.
+
+The keyword half of hybrid retrieval is Postgres full-text search over a bounded candidate set: the
+rows holding the query's rarest terms (while their document frequencies add up to at most
+`KEYWORD_CANDIDATES`; or, when even the rarest term is that common, the rows holding all of the
+terms), at most `KEYWORD_CANDIDATES` of them, ranked by sum over query terms of BM25's idf(t) times
+`ts_rank(tsv, t)` (a term-frequency weight that saturates, like BM25's). Ranking every match with
+`ts_rank_cd`, as before, took ~0.7 s at 100k chunks when a query held a common word.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from llmkit.rag.keyword import tokenize
 from llmkit.rag.store import Hit, Store
 
 EF_SEARCH = 100
+KEYWORD_CANDIDATES = 5000
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 64
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,7 @@ class PgStore(Store):
             f"embedding vector({dim}) NOT NULL, "
             "tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', terms)) STORED)")
         self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_chunks_source ON {t}_chunks(source)")
+        self._create_terms()
         # the GIN and HNSW indexes come at the first finalize(): built once over the bulk-loaded rows
         # (minutes instead of the ~30 min per 100k that maintaining HNSW during COPY took), then maintained
 
@@ -118,10 +127,28 @@ class PgStore(Store):
             self.conn.execute(f"SET LOCAL maintenance_work_mem = '{mem_mb}MB'")  # the whole graph in memory
             self.conn.execute(f"SET LOCAL max_parallel_maintenance_workers = {workers}")
             self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_chunks_tsv ON {t}_chunks USING gin(tsv)")
-            self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_chunks_hnsw ON {t}_chunks USING hnsw "
-                              f"(embedding vector_ip_ops) WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})")
+            self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_chunks_hnsw ON {t}_chunks USING hnsw (embedding "
+                              f"vector_ip_ops) WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})")
         log.info("built the search indexes over %d chunks in %.0f s (maintenance_work_mem %d MB, %d workers)",
                  rows, time.perf_counter() - t0, mem_mb, workers)
+
+    def _create_terms(self) -> None:
+        """The document-frequency table; filled from the chunks already there (stores made before it)."""
+        t = self.t
+        if self.conn.execute("SELECT to_regclass(%s)", (f"{t}_terms",)).fetchone()[0]:
+            return
+        t0 = time.perf_counter()
+        with self.conn.transaction():
+            self.conn.execute(f"CREATE TABLE {t}_terms(term text PRIMARY KEY, df bigint NOT NULL)")
+            self.conn.execute(f"INSERT INTO {t}_terms SELECT word, ndoc FROM ts_stat('SELECT tsv FROM {t}_chunks')")
+            self.conn.execute(f"INSERT INTO {t}_terms SELECT '', count(*) FROM {t}_chunks")
+        log.info("counted term document frequencies in %.1f s", time.perf_counter() - t0)
+
+    def _add_df(self, cur, counts: dict[str, int]) -> None:
+        if counts:
+            cur.execute(f"INSERT INTO {self.t}_terms SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+                        "ON CONFLICT (term) DO UPDATE SET df = {t}_terms.df + EXCLUDED.df".replace("{t}", self.t),
+                        (list(counts), list(counts.values())))
 
     def get_meta(self) -> dict:
         return dict(self.conn.execute(f"SELECT key, value FROM {self.t}_meta").fetchall())
@@ -147,10 +174,19 @@ class PgStore(Store):
 
     def write(self, docs, delete=()) -> None:
         t = self.t
+        self._create_terms()
         with self.conn.transaction(), self.conn.cursor() as cur:
+            df: dict[str, int] = {}
             for source in [d[0] for d in docs] + list(delete):
-                cur.execute(f"DELETE FROM {t}_chunks WHERE source = %s", (source,))
+                for (terms,) in cur.execute(f"DELETE FROM {t}_chunks WHERE source = %s RETURNING terms", (source,)):
+                    for w in set((terms or "").split()) | {""}:  # '' counts the chunks
+                        df[w] = df.get(w, 0) - 1
                 cur.execute(f"DELETE FROM {t}_docs WHERE source = %s", (source,))
+            for _, _, _, _, terms in docs:
+                for tm in terms:
+                    for w in set(tm) | {""}:
+                        df[w] = df.get(w, 0) + 1
+            self._add_df(cur, {w: n for w, n in df.items() if n})
             with cur.copy(f"COPY {t}_chunks(source, ord, page, headings, text, meta, terms, n_tokens, embedding) "
                           "FROM STDIN (FORMAT BINARY)") as copy:  # one binary COPY for the whole batch
                 copy.set_types(["text", "int4", "int4", "jsonb", "text", "jsonb", "text", "int4", "vector"])
@@ -189,13 +225,36 @@ class PgStore(Store):
         terms = sorted(set(tokenize(query)))
         if not terms:
             return []
-        tsq = " | ".join("'" + t.replace("'", "''") + "'" for t in terms)
+        self._create_terms()
+        df = dict(self.conn.execute(f"SELECT term, df FROM {self.t}_terms WHERE term = ANY(%s)",
+                                    ([*terms, ""],)).fetchall())
+        n = max(int(df.pop("", 0)), 1)
+        terms = sorted((t for t in terms if df.get(t, 0) > 0), key=lambda t: df[t])  # rarest first
+        if not terms:
+            return []
+        picked, total = [], 0
+        for t in terms:  # the rarest terms, while their rows add up to at most KEYWORD_CANDIDATES
+            if picked and total + df[t] > KEYWORD_CANDIDATES:
+                break
+            picked.append(t)
+            total += df[t]
+        quote = lambda t: "'" + t.replace("'", "''") + "'"  # noqa: E731
+        idf = [float(np.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5))) for t in terms]  # BM25's idf
+        score = " + ".join(["%s * ts_rank(tsv, to_tsquery('simple', %s))"] * len(terms))
         where, args = self._where(filters)
-        where = (where + " AND " if where else " WHERE ") + "tsv @@ q"
-        rows = self.conn.execute(
-            f"SELECT id, ts_rank_cd(tsv, q) AS r FROM {self.t}_chunks, to_tsquery('simple', %s) q{where} "
-            "ORDER BY r DESC LIMIT %s", [tsq, *args, k]).fetchall()
-        return [(int(i), float(s)) for i, s in rows]
+        where = (where + " AND " if where else " WHERE ") + "tsv @@ to_tsquery('simple', %s)"
+        sql = (f"SELECT id, {score} AS r FROM (SELECT id, tsv FROM {self.t}_chunks{where} LIMIT %s) c "
+               "ORDER BY r DESC, id LIMIT %s")
+        weights = [x for w, t in zip(idf, terms) for x in (w, quote(t))]
+        matches = [" | ".join(map(quote, picked))]
+        if total > KEYWORD_CANDIDATES:  # even the rarest term is that common: first the rows holding them all
+            matches.insert(0, " & ".join(map(quote, terms)))
+        found: dict[int, float] = {}
+        for match in matches:
+            found.update(self.conn.execute(sql, [*weights, *args, match, KEYWORD_CANDIDATES, k]).fetchall())
+            if len(found) >= k:
+                break
+        return sorted(((int(i), float(s)) for i, s in found.items()), key=lambda x: (-x[1], x[0]))[:k]
 
     def get(self, ids) -> dict[int, Hit]:
         if not ids:
