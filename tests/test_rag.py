@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -377,6 +378,21 @@ def test_pgvector_store_matches_the_embedded_store(pg_uri, built, docs):
         (docs / "sub" / "extra.txt").unlink()
     assert pg.add([docs], chunk_size=48, chunk_overlap=8, progress=False)["deleted"] == 1
     assert not [h for h in pg.query("giraffe sleep", 5) if h.source.endswith("extra.txt")]
+    with psycopg.connect(pg_uri) as conn:  # document frequencies kept through the add / update / delete
+        chunk_terms = [set(t.split()) for (t,) in conn.execute("SELECT terms FROM llmkit_rag_chunks")]
+        stored = dict(conn.execute("SELECT term, df FROM llmkit_rag_terms").fetchall())
+    assert stored == {"": len(chunk_terms), **Counter(w for ts in chunk_terms for w in ts)}
+    # the keyword search ranks a bounded candidate set: room for 1 row keeps only the rarest term's row
+    from llmkit.rag import pgvector
+
+    q = "octopus hearts smallest planet"
+    assert {h.text for h in pg.query(q, 5, mode="bm25")} == {"The octopus has three hearts.",
+                                                            "Mercury is the smallest planet."}
+    old, pgvector.KEYWORD_CANDIDATES = pgvector.KEYWORD_CANDIDATES, 1
+    try:
+        assert len(pg.query(q, 5, mode="bm25")) == 1
+    finally:
+        pgvector.KEYWORD_CANDIDATES = old
     pg.close()
     with pytest.raises(InputError, match="no llmkit store"):
         Index(pg_uri + "&table=missing" if "?" in pg_uri else pg_uri + "?table=missing").query("x")

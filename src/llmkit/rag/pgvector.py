@@ -145,10 +145,13 @@ class PgStore(Store):
         log.info("counted term document frequencies in %.1f s", time.perf_counter() - t0)
 
     def _add_df(self, cur, counts: dict[str, int]) -> None:
+        t = self.t
         if counts:
-            cur.execute(f"INSERT INTO {self.t}_terms SELECT * FROM unnest(%s::text[], %s::bigint[]) "
-                        "ON CONFLICT (term) DO UPDATE SET df = {t}_terms.df + EXCLUDED.df".replace("{t}", self.t),
+            cur.execute(f"INSERT INTO {t}_terms SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+                        f"ON CONFLICT (term) DO UPDATE SET df = {t}_terms.df + EXCLUDED.df",
                         (list(counts), list(counts.values())))
+        if gone := [w for w, n in counts.items() if n < 0 and w]:
+            cur.execute(f"DELETE FROM {t}_terms WHERE term = ANY(%s) AND df <= 0", (gone,))
 
     def get_meta(self) -> dict:
         return dict(self.conn.execute(f"SELECT key, value FROM {self.t}_meta").fetchall())
