@@ -135,13 +135,16 @@ class PgStore(Store):
     def _create_terms(self) -> None:
         """The document-frequency table; filled from the chunks already there (stores made before it)."""
         t = self.t
-        if self.conn.execute("SELECT to_regclass(%s)", (f"{t}_terms",)).fetchone()[0]:
+        if getattr(self, "_terms_ok", False) or self.conn.execute("SELECT to_regclass(%s)",
+                                                                   (f"{t}_terms",)).fetchone()[0]:
+            self._terms_ok = True
             return
         t0 = time.perf_counter()
         with self.conn.transaction():
             self.conn.execute(f"CREATE TABLE {t}_terms(term text PRIMARY KEY, df bigint NOT NULL)")
             self.conn.execute(f"INSERT INTO {t}_terms SELECT word, ndoc FROM ts_stat('SELECT tsv FROM {t}_chunks')")
             self.conn.execute(f"INSERT INTO {t}_terms SELECT '', count(*) FROM {t}_chunks")
+        self._terms_ok = True
         log.info("counted term document frequencies in %.1f s", time.perf_counter() - t0)
 
     def _add_df(self, cur, counts: dict[str, int]) -> None:
