@@ -352,6 +352,15 @@ def pg_uri():
     shutil.rmtree(data, ignore_errors=True)
 
 
+def test_hnsw_build_memory_holds_the_graph():
+    from llmkit.rag.pgvector import hnsw_build_memory
+
+    # per 384-d chunk: 1536 B vector + 3 * 16 neighbours * 16 B + 256 B headers, x 1.25 = 3,200 B
+    assert hnsw_build_memory(1_000_000, 384) == min(3_200_000_000, hnsw_build_memory(10**12, 384))
+    assert hnsw_build_memory(1_000, 384) == 64 << 20  # the floor
+    assert hnsw_build_memory(10**12, 384) <= 8 << 30  # the cap
+
+
 def test_pgvector_store_matches_the_embedded_store(pg_uri, built, docs):
     idx, _ = built
     pg = Index(pg_uri)
