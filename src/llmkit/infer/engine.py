@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import itertools
 import threading
 import weakref
@@ -65,8 +66,11 @@ class _Sequence(Sequence):
     """Engine-thread state of one request: its `Sequence` plus the handle, KV-cache id and progress."""
 
     def __init__(self, handle: RequestHandle, seq_id: int, eos_token_ids: set[int], tokenizer: Any,
-                 virtual: list[int] | None = None):
-        super().__init__(handle.prompt_ids, handle.params, eos_token_ids, tokenizer)
+                 virtual: list[int] | None = None, decoder_start: int | None = None):
+        # encoder-decoder: the prompt goes to the encoder; the decoder's sequence starts at its start token
+        super().__init__([decoder_start] if decoder_start is not None else handle.prompt_ids, handle.params,
+                         eos_token_ids, tokenizer)
+        self.encoded: Any = None  # encoder-decoder: the prompt's EncoderOutput (cross-attention keys/values)
         self.handle, self.seq_id = handle, seq_id
         self.adapter: str | None = None  # adapter name: LoRA or soft prompt (None: the base model)
         self.n_virtual = len(virtual or [])  # a soft prompt's virtual ids run first, unseen by the caller
@@ -118,9 +122,11 @@ class Engine:
         num_speculative_tokens: int | None = None,
     ):
         cfg = model.config
-        if getattr(model, "is_encoder_decoder", False):
-            raise InputError(f"the engine (and `llmkit serve`) runs decoder-only models; {cfg.model_type} is an "
-                             "encoder-decoder: use llmkit.generate / generate_text or `llmkit generate`")
+        # encoder-decoder (T5): a request's prompt is encoded once when it is first scheduled; the paged
+        # cache holds the decoder's self-attention keys/values, each sequence its cross-attention ones
+        self.seq2seq = bool(getattr(model, "is_encoder_decoder", False))
+        if self.seq2seq and (speculative is not None or draft_model is not None):
+            raise InputError(f"speculative decoding runs decoder-only models; {cfg.model_type} is an encoder-decoder")
         self.model = model
         self.tokenizer = tokenizer
         self.config = cfg
@@ -148,7 +154,7 @@ class Engine:
         self.device = p.device
         head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
         self.cache = PagedKVCache(
-            n_layer=cfg.n_layer,
+            n_layer=cfg.n_decoder_layer if self.seq2seq else cfg.n_layer,
             n_kv_head=cfg.n_kv_head or cfg.n_head,
             head_dim=head_dim,
             num_blocks=num_blocks,
@@ -157,10 +163,12 @@ class Engine:
             device=p.device,
             sliding_window=free_window,
             mask_windows=windows,
-            prefix_caching=prefix_caching,
+            prefix_caching=prefix_caching and not self.seq2seq,  # decoder keys depend on the encoder input
         )
-        # rows packed into one forward share its RoPE variant; LongRoPE picks one per row
-        self._can_pack = getattr(cfg, "rope_type", None) != "longrope"
+        # rows packed into one forward share its RoPE variant; LongRoPE picks one per row. Encoder-decoder
+        # rows decode one token each (their decoder prompt is the start token): padded rows, one encoder each
+        self._can_pack = getattr(cfg, "rope_type", None) != "longrope" and not self.seq2seq
+        self._encoder_batch: tuple[list[int], Any] | None = None  # (seq ids, EncoderOutput.cat of them)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.rope_switch = rope_switch_length(model)  # LongRoPE: rows crossing it are recomputed
         self.speculative = speculative_config(speculative, draft_model, num_speculative_tokens)
@@ -251,6 +259,11 @@ class Engine:
         params.validate(self.config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer: pass tokenizer= to Engine or use stop_token_ids")
+        if self.seq2seq:  # the encoder reads the prompt; the decoder holds the start token + the new tokens
+            if len(ids) > self.max_seq_len:
+                raise InputError(f"prompt has {len(ids)} tokens but the encoder's context is {self.max_seq_len}; "
+                                 "shorten the prompt")
+            return self._enqueue(ids, params, request_id, adapter, 1 + params.max_new_tokens, None, virtual)
         need = len(virtual) + len(ids) + params.max_new_tokens
         if need > self.max_seq_len:
             raise InputError(
@@ -267,6 +280,9 @@ class Engine:
         the continuous batch and counts against `max_queue`. When the handle is done,
         `handle.prompt_logprobs` holds the result."""
         ids = self._check_ids(prompt_ids)
+        if self.seq2seq:
+            raise InputError(f"prompt scoring (echo, prompt_logprobs) needs a decoder-only model; "
+                             f"{self.config.model_type} is an encoder-decoder")
         virtual = self._virtual_prefix(adapter)
         if len(virtual) + len(ids) > self.max_seq_len:
             raise InputError(f"prompt has {len(virtual) + len(ids)} tokens but the context is {self.max_seq_len}")
@@ -281,7 +297,8 @@ class Engine:
             )
         seq_id = next(self._ids)
         handle = RequestHandle(self, request_id or f"req-{seq_id}", ids, params)
-        seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer, virtual)
+        seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer, virtual,
+                        decoder_start=self._decoder_start() if self.seq2seq else None)
         seq.adapter, seq.score_top = adapter, score_top
         with self._lock:
             if self._closed:
@@ -615,6 +632,7 @@ class Engine:
         (the last token of each row; every token of a scoring row or of a row verifying a draft)."""
         x = batch.input_ids()
         meta = batch.meta
+        model = self.model if not self.seq2seq else functools.partial(self._decode, seqs)
         if batch.packed:
             keep, row_of = [], []
             start = 0
@@ -626,19 +644,38 @@ class Engine:
             tok_rows = torch.repeat_interleave(torch.arange(len(seqs), device=self.device),
                                                torch.tensor(batch.q_lens, device=self.device))
             with self._routed([s.adapter for s in seqs], x, tok_rows):
-                logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
-                                    num_logits_to_keep=keep_t)
+                logits = model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
+                               num_logits_to_keep=keep_t)
             return logits[0].float(), row_of
         if any(scoring):  # padded rows that keep every position: [B, T, V] flattened, row b at b * T
             with self._routed([s.adapter for s in seqs], x):
-                logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta)
+                logits = model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta)
             B, T = logits.shape[:2]
             return logits.reshape(B * T, -1).float(), [b * T for b in range(B)]
         with self._routed([s.adapter for s in seqs], x):
-            logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
-                                num_logits_to_keep=1)
+            logits = model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
+                           num_logits_to_keep=1)
         # row b's last real token sits in the last slot (padding repeats it at its own position)
         return logits[:, -1].float(), [b - (len(c) - 1) for b, c in enumerate(batch.chunks)]
+
+    # ---- encoder-decoder ------------------------------------------------------------------------
+    def _decoder_start(self) -> int:
+        start = self.config.decoder_start_token_id
+        return int(start if start is not None else self.config.pad_token_id or 0)
+
+    def _decode(self, seqs: list[_Sequence], x: torch.Tensor, position_ids: torch.Tensor, kv_cache: PagedBatch,
+                attn_meta: Any, num_logits_to_keep: int = 0) -> torch.Tensor:
+        """The decoder's forward for the engine's rows: sequences scheduled for the first time are
+        encoded (one batch), then every row attends to its own encoder output."""
+        new = [s for s in seqs if s.encoded is None]
+        if new:
+            for s, enc in zip(new, self.model.encode_each([s.handle.prompt_ids for s in new])):
+                s.encoded = enc
+        ids = [s.seq_id for s in seqs]
+        if self._encoder_batch is None or self._encoder_batch[0] != ids:  # the batch changed: re-stack
+            self._encoder_batch = (ids, type(seqs[0].encoded).cat([s.encoded for s in seqs]))
+        return self.model.decode(x, self._encoder_batch[1], kv_cache=kv_cache, attn_meta=attn_meta,
+                                 num_logits_to_keep=num_logits_to_keep)
 
     def _score(self, seq: _Sequence, logits: torch.Tensor, chunk: list[int]) -> None:
         """Prompt log-probs from one chunk's logits [q, V]: position i predicts token i + 1."""

@@ -41,6 +41,23 @@ class EncoderOutput:
         mask = self.key_mask[idx] if self.key_mask is not None else None
         return EncoderOutput(self.hidden[idx], mask, {i: (k[idx], v[idx]) for i, (k, v) in self.kv.items()})
 
+    @classmethod
+    def cat(cls, rows: list[EncoderOutput]) -> EncoderOutput:
+        """One batch from unpadded one-row outputs of different lengths: right-padded, `key_mask` hiding
+        the padding (the engine's step batches the rows it decodes this way)."""
+        lens = [r.hidden.shape[1] for r in rows]
+        S = max(lens)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:  # [1, ..., S_i, X] -> [1, ..., S, X]
+            return F.pad(t, (0, 0, 0, S - t.shape[-2]))
+
+        mask = None
+        if any(n != S for n in lens):
+            mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).long().to(rows[0].hidden.device)
+        kv = {i: (torch.cat([pad(r.kv[i][0]) for r in rows]), torch.cat([pad(r.kv[i][1]) for r in rows]))
+              for i in rows[0].kv}
+        return cls(torch.cat([pad(r.hidden) for r in rows]), mask, kv)
+
 
 def _attend(q, k, v, bias):
     """softmax(q k^T + bias) v: T5 does not scale the scores by 1/sqrt(d)."""
@@ -72,14 +89,18 @@ class T5CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.n_embd, 2 * inner, bias=False)
         self.proj = nn.Linear(inner, cfg.n_embd, bias=False)
 
+    def cross_kv(self, enc: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys/values [B, H, S, D] of the encoder output: computed once, kept in `enc.kv`."""
+        if self.layer_idx not in enc.kv:
+            B, S, _ = enc.hidden.shape
+            kv = self.kv(enc.hidden).view(B, S, 2 * self.n_head, self.head_dim).transpose(1, 2)
+            enc.kv[self.layer_idx] = kv.chunk(2, dim=1)
+        return enc.kv[self.layer_idx]
+
     def forward(self, x: torch.Tensor, enc: EncoderOutput, bias: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        if self.layer_idx not in enc.kv:  # computed once per encoder output, reused every decode step
-            S = enc.hidden.shape[1]
-            kv = self.kv(enc.hidden).view(B, S, 2 * self.n_head, self.head_dim).transpose(1, 2)
-            enc.kv[self.layer_idx] = kv.chunk(2, dim=1)
-        k, v = enc.kv[self.layer_idx]
+        k, v = self.cross_kv(enc)
         return self.proj(_attend(q, k, v, bias).transpose(1, 2).reshape(B, T, -1))
 
 
@@ -154,6 +175,23 @@ class T5Model(EmbeddingModel):
         for blk in self.enc:
             x = blk(x, bias)
         return EncoderOutput(self.drop(self.enc_ln_f(x)), attention_mask)
+
+    def encode_each(self, prompts: list[list[int]]) -> list[EncoderOutput]:
+        """Encode prompts of different lengths in one right-padded batch; one unpadded `EncoderOutput`
+        per prompt, holding every decoder layer's cross-attention keys/values (the engine keeps one
+        per sequence and batches them with `EncoderOutput.cat`)."""
+        lens = [len(p) for p in prompts]
+        S = max(lens)
+        ids = torch.zeros((len(prompts), S), dtype=torch.long, device=self.wte.weight.device)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p)
+        mask = (torch.arange(S, device=ids.device)[None, :] < torch.tensor(lens, device=ids.device)[:, None]).long()
+        enc = self.encode(ids, mask if min(lens) < S else None)
+        for blk in self.dec:
+            blk.xattn.cross_kv(enc)
+        return [EncoderOutput(enc.hidden[b : b + 1, :n], None,
+                              {i: (k[b : b + 1, :, :n], v[b : b + 1, :, :n]) for i, (k, v) in enc.kv.items()})
+                for b, n in enumerate(lens)]
 
     def decode(
         self,
