@@ -101,6 +101,9 @@ class Engine:
     `speculative` ("ngram", a dict of `SpeculativeConfig` fields or a config) or `draft_model`
     (folder or model) turns on speculative decoding: a decoding row feeds its last token plus up to
     `num_speculative_tokens` proposed ones, verified in the step's forward (infer/speculative.py).
+    An encoder-decoder model (T5) runs in the same loop: a request's prompt is encoded when it is first
+    scheduled and the paged cache holds its decoder's keys/values (no prompt scoring, speculation or
+    prefix caching for it).
     """
 
     def __init__(
