@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmkit.errors import ConfigError, InputError
+from llmkit.model import kernels
 
 INT4_GROUPS = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
 
@@ -148,6 +149,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device)
                              if input_scale else None)
         self._scales_bf16: Tensor | None = None  # the kernel's copy, made on first use
+        self._kernel_w: Tensor | bool | None = None  # llmkit's kernel's weights (`_kernel_weight`)
+        self._kernel_src: tuple = ()
 
     @classmethod
     def from_codes(cls, q: Tensor, scale: Tensor, bias: Tensor | None, in_features: int, group_size: int,
@@ -166,17 +169,32 @@ class Int8Linear(nn.Module):
         if self.input_scale is not None:
             x = x / self.input_scale
         x2 = x.reshape(-1, self.in_features)
-        if self.Kp > self.in_features:
-            x2 = F.pad(x2, (0, self.Kp - self.in_features))
-        if self.group_size == 0:  # the fused weight-only int8 kernel (its vectorised path takes bf16 inputs)
+        if x2.device.type == "cpu" and self._kernel_weight() is not None:  # llmkit's kernel (kernels.py)
+            y = kernels.int8_mm(x2, self._kernel_w, self.scales.float().contiguous())
+        elif self.group_size == 0:  # PyTorch's weight-only int8 kernel (its vectorised path takes bf16 inputs)
+            if self.Kp > self.in_features:
+                x2 = F.pad(x2, (0, self.Kp - self.in_features))
             if self._scales_bf16 is None or self._scales_bf16.device != x2.device:
                 self._scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16).float()
         else:
+            if self.Kp > self.in_features:
+                x2 = F.pad(x2, (0, self.Kp - self.in_features))
             y = F.linear(x2.float(), dequantize(self.qweight, self.scales, torch.zeros_like(self.scales)))
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*shape, self.out_features)
+
+    def _kernel_weight(self) -> Tensor | None:
+        """The weights as llmkit's kernel reads them (K padded to its 32-wide step: `qweight` itself when
+        it already is), or None when that kernel is unavailable or the groups are not a multiple of 32."""
+        w = self.qweight
+        if self._kernel_w is None or self._kernel_src != (w._version, w.data_ptr()):
+            ok = kernels.available() and w.device.type == "cpu" and self.group_size % kernels.ALIGN == 0
+            self._kernel_src = (w._version, w.data_ptr())
+            Kp = -(-self.Kp // kernels.ALIGN) * kernels.ALIGN
+            self._kernel_w = (w if Kp == self.Kp else F.pad(w, (0, Kp - self.Kp)).contiguous()) if ok else False
+        return self._kernel_w if self._kernel_w is not False else None
 
     def weight_float(self) -> Tensor:
         """The dequantized weight [out, in] (what the kernel multiplies by)."""
