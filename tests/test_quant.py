@@ -75,7 +75,7 @@ def test_int4_kernel_matches_longhand_grid_and_state_dict_round_trip(K, N, g):
     other.load_state_dict(sd)
     torch.testing.assert_close(other(x), lin(x))
     if K % g == 0 and N % 16 == 0:  # no padding: exactly half a byte per weight
-        assert lin.packed.numel() * 2 == w.numel()
+        assert lin.qweight.numel() * 2 == w.numel()
 
 
 def test_bad_specs_are_clear_errors():

@@ -1,4 +1,4 @@
-"""llmkit's own CPU matmul kernel for int8 weights: y = x W^T with W int8 [N, K] and scales [N, G].
+"""llmkit's own CPU matmul kernels for int8 and int4 weights: y = x W^T, W = (q - zero) * scale per group.
 
 Why (measured on the dev box's AMD EPYC, 1 thread, batch 1): PyTorch's `_weight_int8pack_mm` runs its
 vectorised path only with bf16 activations and scales (a rounding step on each) and still reads the
@@ -36,10 +36,18 @@ C_SOURCE = r"""
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
-
-#define XMAX 16383.0f   /* int16 activations kept within +-2^14: int32 sums cannot overflow (chunks) */
-#define CHUNK 8192      /* inputs summed in int32 lanes before going to fp32: 8 or more lanes, each sums
-                           at most 1024 products of 127 * 16383, < 2^31 */
+#define INLINE static inline __attribute__((always_inline))
+#define XMAX 16383.0f  /* int16 activations within +-2^14 */
+#define CHUNK 8192     /* inputs summed in int32 lanes before fp32: 8 or more lanes, each summing at most
+                          1024 products of |127 * 16383|, stays below 2^31 */
+#if defined(__AVX512BW__) && defined(__AVX512F__)
+#define W512 1
+#if defined(__AVX512VNNI__)
+#define DP16(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#else
+#define DP16(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#endif
+#endif
 
 /* x [M, K] fp32 -> xq [M, Kp] int16 (zero padded), xs [M] fp32: x ~= xq * xs */
 void llmkit_quant_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int16_t* xq, float* xs) {
@@ -117,6 +125,126 @@ void llmkit_int8_mm(const int16_t* xq, const float* xs, const int8_t* w, const f
         }
     }
 }
+
+/* ---- int4: codes two per byte (low nibble = even input). Inputs are reordered per block of PB inputs as
+   [PB/2 even, PB/2 odd] so that one widened load of PB/2 bytes meets them: PB = 64 with 512-bit vectors
+   and groups a multiple of 64, else 32. */
+int llmkit_int4_block(int64_t g) {
+#if defined(W512)
+    return g % 64 == 0 ? 64 : 32;
+#else
+    return 32;
+#endif
+}
+
+/* as llmkit_quant_rows, reordered for int4, plus each group's input sum xsum [M, Kp / g] int32 */
+void llmkit_quant_rows_i4(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t g, int16_t* xq, float* xs,
+                          int32_t* xsum) {
+    const int pb = llmkit_int4_block(g);
+    int16_t tmp[64];
+    llmkit_quant_rows(x, M, K, Kp, xq, xs);
+    for (int64_t m = 0; m < M; m++) {
+        int16_t* q = xq + m * Kp;
+        for (int64_t gi = 0; gi < Kp / g; gi++) {
+            int32_t t = 0;
+            for (int64_t k = gi * g; k < (gi + 1) * g; k++) t += q[k];
+            xsum[m * (Kp / g) + gi] = t;
+        }
+        for (int64_t k = 0; k < Kp; k += pb) {
+            for (int i = 0; i < pb / 2; i++) { tmp[i] = q[k + 2 * i]; tmp[pb / 2 + i] = q[k + 2 * i + 1]; }
+            for (int i = 0; i < pb; i++) q[k + i] = tmp[i];
+        }
+    }
+}
+
+/* out[r] = sum_g ws[r, g] * (sum_{k in g} q[r, k] x[k] - wz[r, g] * xsum[g]) for rows r < n */
+INLINE void rows4(const uint8_t* w, int64_t Kp, const int16_t* x, const int32_t* xsum, const float* ws,
+                  const uint8_t* wz, int64_t G, int n, float* out) {
+    const int64_t g = Kp / G, ldw = Kp / 2;
+    float zt[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int r = 0; r < n; r++)
+        for (int64_t gi = 0; gi < G; gi++) zt[r] += ws[r * G + gi] * (float)((int32_t)wz[r * G + gi] * xsum[gi]);
+#if defined(W512)
+    if (g % 64 == 0) {
+        const __m512i lo4 = _mm512_set1_epi16(15);
+        __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t gi = 0; gi < G; gi++) {  /* g <= 256: exact int32 sums */
+            __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+            for (int64_t k = gi * g; k < (gi + 1) * g; k += 64) {
+                __m512i xe = _mm512_loadu_si512((const void*)(x + k)), xo = _mm512_loadu_si512((const void*)(x + k + 32));
+                for (int r = 0; r < n; r++) {
+                    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * ldw + k / 2)));
+                    __m512i lo = _mm512_and_si512(v, lo4), hi = _mm512_srli_epi16(v, 4);
+#if defined(__AVX512VNNI__)
+                    a[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(a[r], lo, xe), hi, xo);
+#else
+                    a[r] = _mm512_add_epi32(a[r], _mm512_add_epi32(_mm512_madd_epi16(lo, xe), _mm512_madd_epi16(hi, xo)));
+#endif
+                }
+            }
+            for (int r = 0; r < n; r++)
+                f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(ws[r * G + gi]), f[r]);
+        }
+        for (int r = 0; r < n; r++) out[r] = _mm512_reduce_add_ps(f[r]) - zt[r];
+        return;
+    }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256i lo4 = _mm256_set1_epi16(15);
+    __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int64_t k = gi * g; k < (gi + 1) * g; k += 32) {
+            __m256i xe = _mm256_loadu_si256((const __m256i*)(x + k)), xo = _mm256_loadu_si256((const __m256i*)(x + k + 16));
+            for (int r = 0; r < n; r++) {
+                __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(w + r * ldw + k / 2)));
+                __m256i lo = _mm256_and_si256(v, lo4), hi = _mm256_srli_epi16(v, 4);
+                a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(_mm256_madd_epi16(lo, xe), _mm256_madd_epi16(hi, xo)));
+            }
+        }
+        for (int r = 0; r < n; r++)
+            f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(ws[r * G + gi]), f[r]);
+    }
+    for (int r = 0; r < n; r++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(f[r]), _mm256_extractf128_ps(f[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        out[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) - zt[r];
+    }
+#else
+    for (int r = 0; r < n; r++) {
+        float acc = 0.f;
+        for (int64_t gi = 0; gi < G; gi++) {
+            int64_t t = 0;
+            for (int64_t k = gi * g; k < (gi + 1) * g; k += 32)
+                for (int i = 0; i < 16; i++) {
+                    uint8_t b = w[r * ldw + k / 2 + i];
+                    t += (int32_t)(b & 15) * x[k + i] + (int32_t)(b >> 4) * x[k + 16 + i];
+                }
+            acc += (float)t * ws[r * G + gi];
+        }
+        out[r] = acc - zt[r];
+    }
+#endif
+}
+
+/* y [M, N] = (xq * xs) W^T with W = (q - zero) * scale per group of Kp / G inputs: w [N, Kp / 2] codes,
+   ws [N, G] fp32 scales, wz [N, G] uint8 zero points; xq, xs, xsum from llmkit_quant_rows_i4 */
+void llmkit_int4_mm(const int16_t* xq, const float* xs, const int32_t* xsum, const uint8_t* w, const float* ws,
+                    const uint8_t* wz, float* y, int64_t M, int64_t N, int64_t Kp, int64_t G, int nthreads) {
+    const int64_t nb = (N + 3) / 4;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t n0 = b * 4;
+        float out[4];
+        for (int64_t m = 0; m < M; m++) {
+            const int16_t* x = xq + m * Kp;
+            const int32_t* s = xsum + m * G;
+            if (N - n0 >= 4) rows4(w + n0 * (Kp / 2), Kp, x, s, ws + n0 * G, wz + n0 * G, G, 4, out);
+            else rows4(w + n0 * (Kp / 2), Kp, x, s, ws + n0 * G, wz + n0 * G, G, (int)(N - n0), out);
+            for (int r = 0; r < 4 && n0 + r < N; r++) y[m * N + n0 + r] = out[r] * xs[m];
+        }
+    }
+}
 """
 
 ALIGN = 32  # K is padded to a multiple of this (the widest vector step)
@@ -168,6 +296,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.llmkit_quant_rows.restype = None
     lib.llmkit_int8_mm.argtypes = [p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
     lib.llmkit_int8_mm.restype = None
+    lib.llmkit_quant_rows_i4.argtypes = [p, i64, i64, i64, i64, p, p, p]
+    lib.llmkit_quant_rows_i4.restype = None
+    lib.llmkit_int4_mm.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
+    lib.llmkit_int4_mm.restype = None
     return lib
 
 
@@ -189,4 +321,23 @@ def int8_mm(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     lib.llmkit_quant_rows(x.data_ptr(), M, K, Kp, xq.data_ptr(), xs.data_ptr())
     lib.llmkit_int8_mm(xq.data_ptr(), xs.data_ptr(), w.data_ptr(), scales.data_ptr(), y.data_ptr(),
                        M, N, Kp, scales.shape[1], torch.get_num_threads())
+    return y
+
+
+def int4_mm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    """y [M, N] = x [M, K] (fp32) times W^T, W = (q - zero) * scale per group: w [N, Kp / 2] uint8 codes (two
+    per byte, low nibble first; Kp a multiple of the group), scales [N, G] fp32, zeros [N, G] uint8 (group
+    Kp / G, a multiple of 32 up to 256). Requires `available()`."""
+    lib = _lib()
+    M, K = x.shape
+    N, Kp = w.shape[0], w.shape[1] * 2
+    G = scales.shape[1]
+    x = x.float().contiguous()
+    xq = torch.empty(M, Kp, dtype=torch.int16)
+    xs = torch.empty(M, dtype=torch.float32)
+    xsum = torch.empty(M, G, dtype=torch.int32)
+    y = torch.empty(M, N, dtype=torch.float32)
+    lib.llmkit_quant_rows_i4(x.data_ptr(), M, K, Kp, Kp // G, xq.data_ptr(), xs.data_ptr(), xsum.data_ptr())
+    lib.llmkit_int4_mm(xq.data_ptr(), xs.data_ptr(), xsum.data_ptr(), w.data_ptr(), scales.data_ptr(),
+                       zeros.data_ptr(), y.data_ptr(), M, N, Kp, G, torch.get_num_threads())
     return y
