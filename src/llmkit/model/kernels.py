@@ -37,6 +37,7 @@ C_SOURCE = r"""
 #include <immintrin.h>
 #endif
 #define INLINE static inline __attribute__((always_inline))
+#define PF_BYTES 8192  /* software prefetch distance: rows are short (K bytes), too short for the hardware to ramp up */
 #define XMAX 16383.0f  /* int16 activations within +-2^14 */
 #define CHUNK 8192     /* inputs summed in int32 lanes before fp32: 8 or more lanes, each summing at most
                           1024 products of |127 * 16383|, stays below 2^31 */
@@ -70,6 +71,7 @@ static inline void dot4(const int8_t* w, int64_t ldw, const int16_t* x, int64_t 
     for (int64_t k = 0; k < len; k += 32) {
         __m512i xv = _mm512_loadu_si512((const void*)(x + k));
         for (int r = 0; r < n; r++) {
+            if ((k & 63) == 0) _mm_prefetch((const char*)(w + r * ldw + k + PF_BYTES), _MM_HINT_T0);
             __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * ldw + k)));
 #if defined(__AVX512VNNI__)
             acc[r] = _mm512_dpwssd_epi32(acc[r], wv, xv);
@@ -84,6 +86,7 @@ static inline void dot4(const int8_t* w, int64_t ldw, const int16_t* x, int64_t 
     for (int64_t k = 0; k < len; k += 16) {
         __m256i xv = _mm256_loadu_si256((const __m256i*)(x + k));
         for (int r = 0; r < n; r++) {
+            if ((k & 63) == 0) _mm_prefetch((const char*)(w + r * ldw + k + PF_BYTES), _MM_HINT_T0);
             __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + r * ldw + k)));
             acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(wv, xv));
         }
@@ -173,6 +176,7 @@ INLINE void rows4(const uint8_t* w, int64_t Kp, const int16_t* x, const int32_t*
             for (int64_t k = gi * g; k < (gi + 1) * g; k += 64) {
                 __m512i xe = _mm512_loadu_si512((const void*)(x + k)), xo = _mm512_loadu_si512((const void*)(x + k + 32));
                 for (int r = 0; r < n; r++) {
+                    if ((k & 127) == 0) _mm_prefetch((const char*)(w + r * ldw + k / 2 + PF_BYTES), _MM_HINT_T0);
                     __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * ldw + k / 2)));
                     __m512i lo = _mm512_and_si512(v, lo4), hi = _mm512_srli_epi16(v, 4);
 #if defined(__AVX512VNNI__)
@@ -197,6 +201,7 @@ INLINE void rows4(const uint8_t* w, int64_t Kp, const int16_t* x, const int32_t*
         for (int64_t k = gi * g; k < (gi + 1) * g; k += 32) {
             __m256i xe = _mm256_loadu_si256((const __m256i*)(x + k)), xo = _mm256_loadu_si256((const __m256i*)(x + k + 16));
             for (int r = 0; r < n; r++) {
+                if ((k & 127) == 0) _mm_prefetch((const char*)(w + r * ldw + k / 2 + PF_BYTES), _MM_HINT_T0);
                 __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(w + r * ldw + k / 2)));
                 __m256i lo = _mm256_and_si256(v, lo4), hi = _mm256_srli_epi16(v, 4);
                 a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(_mm256_madd_epi16(lo, xe), _mm256_madd_epi16(hi, xo)));

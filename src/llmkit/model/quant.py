@@ -117,6 +117,15 @@ def spec_for(dtype: torch.dtype | str, group_size: int | None) -> QuantSpec:
 
 
 # ============================================================================ Linear kinds
+def _tensor_key(t: Tensor) -> tuple:
+    """Identifies a tensor's contents for cached copies: (version counter, storage address); inference
+    tensors have no version counter (and cannot be changed in place outside inference mode)."""
+    try:
+        return t._version, t.data_ptr()
+    except RuntimeError:
+        return None, t.data_ptr()
+
+
 class FrozenQuantMatmul(torch.autograd.Function):
     """y = m(x) for a quantized kind m (frozen), differentiable in x: dx = dy W with W dequantized, as
     QLoRA (Dettmers et al., 2023) backpropagates through its 4-bit base to the adapters."""
@@ -189,9 +198,9 @@ class Int8Linear(nn.Module):
         """The weights as llmkit's kernel reads them (K padded to its 32-wide step: `qweight` itself when
         it already is), or None when that kernel is unavailable or the groups are not a multiple of 32."""
         w = self.qweight
-        if self._kernel_w is None or self._kernel_src != (w._version, w.data_ptr()):
+        if self._kernel_w is None or self._kernel_src != _tensor_key(w):
             ok = kernels.available() and w.device.type == "cpu" and self.group_size % kernels.ALIGN == 0
-            self._kernel_src = (w._version, w.data_ptr())
+            self._kernel_src = _tensor_key(w)
             Kp = -(-self.Kp // kernels.ALIGN) * kernels.ALIGN
             self._kernel_w = (w if Kp == self.Kp else F.pad(w, (0, Kp - self.Kp)).contiguous()) if ok else False
         return self._kernel_w if self._kernel_w is not False else None
@@ -250,7 +259,7 @@ class Int4Linear(nn.Module):
 
     def _packed(self) -> tuple[Tensor, Tensor]:
         """PyTorch's int4 layout ([Np, Kp/2] packed, [G, Np, 2] bf16 scales and offsets), made on first use."""
-        src = (self.qweight._version, self.qweight.data_ptr(), self.scales._version, self.zeros._version)
+        src = (_tensor_key(self.qweight), _tensor_key(self.scales), _tensor_key(self.zeros))
         if not self._pt or self._pt[0] != src:
             q, scale, zero = self.codes()
             pad = self.Np - q.shape[0]
