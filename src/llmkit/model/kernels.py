@@ -8,10 +8,11 @@ integer dot products (AVX-512 VNNI `vpdpwssd`, AVX-512BW / AVX2 `vpmaddwd`, or p
 sums per weight group, fp32 scales. Group-wise weights (`G` groups of K / G inputs) run at the same
 speed as per-channel ones.
 
-The C source is compiled with the system C compiler (`cc`, `-O3 -march=native -fopenmp`) on first use
-and cached under `~/.cache/llmkit/kernels` (or `$LLMKIT_KERNEL_DIR`); without a compiler, or with
-`LLMKIT_NO_KERNELS=1`, `available()` is False, a warning says why once, and the quantized kinds use
-PyTorch's kernels.
+The C source is compiled with the system C compiler (`cc`, `-O3 -march=native -fopenmp`, ~5 s) on first
+use and cached under `~/.cache/llmkit/kernels` (or `$LLMKIT_KERNEL_DIR`); without a compiler, or with
+`LLMKIT_NO_KERNELS=1`, `available()` is False (a warning says why once) and the quantized kinds run
+PyTorch's kernels. Weights are prefetched 8 KB ahead in software: a row is only K bytes (512 on the
+benchmark model), too short for the hardware prefetcher to ramp up (~1.4x on the int8 decode).
 """
 
 from __future__ import annotations
@@ -37,17 +38,14 @@ C_SOURCE = r"""
 #include <immintrin.h>
 #endif
 #define INLINE static inline __attribute__((always_inline))
+#define Z512 _mm512_setzero_si512()
+#define Z256 _mm256_setzero_si256()
 #define PF_BYTES 8192  /* software prefetch distance: rows are short (K bytes), too short for the hardware to ramp up */
 #define XMAX 16383.0f  /* int16 activations within +-2^14 */
 #define CHUNK 8192     /* inputs summed in int32 lanes before fp32: 8 or more lanes, each summing at most
                           1024 products of |127 * 16383|, stays below 2^31 */
 #if defined(__AVX512BW__) && defined(__AVX512F__)
 #define W512 1
-#if defined(__AVX512VNNI__)
-#define DP16(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
-#else
-#define DP16(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
-#endif
 #endif
 
 /* x [M, K] fp32 -> xq [M, Kp] int16 (zero padded), xs [M] fp32: x ~= xq * xs */
@@ -67,7 +65,7 @@ void llmkit_quant_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int16_t
 /* sum_k w[k] * x[k] for n rows of w (row stride ldw) at once, len a multiple of 32: int32 */
 static inline void dot4(const int8_t* w, int64_t ldw, const int16_t* x, int64_t len, int n, int32_t* out) {
 #if defined(__AVX512BW__)
-    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    __m512i acc[4] = {Z512, Z512, Z512, Z512};
     for (int64_t k = 0; k < len; k += 32) {
         __m512i xv = _mm512_loadu_si512((const void*)(x + k));
         for (int r = 0; r < n; r++) {
@@ -82,7 +80,7 @@ static inline void dot4(const int8_t* w, int64_t ldw, const int16_t* x, int64_t 
     }
     for (int r = 0; r < n; r++) out[r] = _mm512_reduce_add_epi32(acc[r]);
 #elif defined(__AVX2__)
-    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    __m256i acc[4] = {Z256, Z256, Z256, Z256};
     for (int64_t k = 0; k < len; k += 16) {
         __m256i xv = _mm256_loadu_si256((const __m256i*)(x + k));
         for (int r = 0; r < n; r++) {
@@ -172,9 +170,10 @@ INLINE void rows4(const uint8_t* w, int64_t Kp, const int16_t* x, const int32_t*
         const __m512i lo4 = _mm512_set1_epi16(15);
         __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t gi = 0; gi < G; gi++) {  /* g <= 256: exact int32 sums */
-            __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+            __m512i a[4] = {Z512, Z512, Z512, Z512};
             for (int64_t k = gi * g; k < (gi + 1) * g; k += 64) {
-                __m512i xe = _mm512_loadu_si512((const void*)(x + k)), xo = _mm512_loadu_si512((const void*)(x + k + 32));
+                __m512i xe = _mm512_loadu_si512((const void*)(x + k));
+                __m512i xo = _mm512_loadu_si512((const void*)(x + k + 32));
                 for (int r = 0; r < n; r++) {
                     if ((k & 127) == 0) _mm_prefetch((const char*)(w + r * ldw + k / 2 + PF_BYTES), _MM_HINT_T0);
                     __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * ldw + k / 2)));
@@ -182,7 +181,8 @@ INLINE void rows4(const uint8_t* w, int64_t Kp, const int16_t* x, const int32_t*
 #if defined(__AVX512VNNI__)
                     a[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(a[r], lo, xe), hi, xo);
 #else
-                    a[r] = _mm512_add_epi32(a[r], _mm512_add_epi32(_mm512_madd_epi16(lo, xe), _mm512_madd_epi16(hi, xo)));
+                    a[r] = _mm512_add_epi32(a[r], _mm512_add_epi32(_mm512_madd_epi16(lo, xe),
+                                                                   _mm512_madd_epi16(hi, xo)));
 #endif
                 }
             }
@@ -197,9 +197,10 @@ INLINE void rows4(const uint8_t* w, int64_t Kp, const int16_t* x, const int32_t*
     const __m256i lo4 = _mm256_set1_epi16(15);
     __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t gi = 0; gi < G; gi++) {
-        __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        __m256i a[4] = {Z256, Z256, Z256, Z256};
         for (int64_t k = gi * g; k < (gi + 1) * g; k += 32) {
-            __m256i xe = _mm256_loadu_si256((const __m256i*)(x + k)), xo = _mm256_loadu_si256((const __m256i*)(x + k + 16));
+            __m256i xe = _mm256_loadu_si256((const __m256i*)(x + k));
+            __m256i xo = _mm256_loadu_si256((const __m256i*)(x + k + 16));
             for (int r = 0; r < n; r++) {
                 if ((k & 127) == 0) _mm_prefetch((const char*)(w + r * ldw + k / 2 + PF_BYTES), _MM_HINT_T0);
                 __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(w + r * ldw + k / 2)));
@@ -269,29 +270,27 @@ def _cpu_id() -> str:
 
 
 @functools.cache
-def _lib() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None (with one warning saying why)."""
-    if os.environ.get("LLMKIT_NO_KERNELS"):
-        return None
+def build(march: str = "native") -> ctypes.CDLL | None:
+    """The kernel library compiled for `-march=<march>` on x86-64 ("native"; "x86-64-v3" = AVX2,
+    "x86-64" = plain C; ignored elsewhere), cached; None (with a warning saying why) when it cannot be."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    key = hashlib.sha256((C_SOURCE + _cpu_id() + str(cc)).encode()).hexdigest()[:16]
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp"]
+    flags += [f"-march={march}"] if platform.machine() in ("x86_64", "AMD64") else []
+    key = hashlib.sha256((C_SOURCE + _cpu_id() + str(cc) + " ".join(flags)).encode()).hexdigest()[:16]
     path = _cache_dir() / f"llmkit_kernels_{key}.so"
     if not path.exists():
         if cc is None:
-            warnings.warn("llmkit: no C compiler (cc/gcc) found: int8 layers use PyTorch's "
-                          "_weight_int8pack_mm (bf16 activations, slower); install gcc for llmkit's kernel",
-                          stacklevel=3)
+            warnings.warn("llmkit: no C compiler (cc/gcc) found, so int8/int4 layers run PyTorch's kernels "
+                          "(bf16 activations, slower); install gcc to get llmkit's", stacklevel=3)
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
             src.write_text(C_SOURCE)
-            flags = ["-O3", "-shared", "-fPIC", "-fopenmp"]
-            flags += ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
             r = subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
             if r.returncode != 0:
-                warnings.warn(f"llmkit: compiling the int8 kernel failed ({cc}): {r.stderr.strip()[:500]}; "
-                              "int8 layers use PyTorch's _weight_int8pack_mm", stacklevel=3)
+                warnings.warn(f"llmkit: compiling the int8/int4 kernels failed ({cc} {' '.join(flags)}): "
+                              f"{r.stderr.strip()[:500]}; int8/int4 layers run PyTorch's kernels", stacklevel=3)
                 return None
             os.replace(out, path)  # atomic: concurrent first uses each build, one wins
     lib = ctypes.CDLL(str(path))
@@ -308,15 +307,19 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
+def _lib() -> ctypes.CDLL | None:
+    return None if os.environ.get("LLMKIT_NO_KERNELS") else build()
+
+
 def available() -> bool:
-    """True when llmkit's int8 kernel is compiled (or cached) and loaded."""
+    """True when llmkit's kernels are compiled (or cached) and loaded (not with LLMKIT_NO_KERNELS=1)."""
     return _lib() is not None
 
 
-def int8_mm(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
+def int8_mm(x: Tensor, w: Tensor, scales: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
     """y [M, N] = x [M, K] (fp32) times W^T, W = w [N, Kp] int8 (Kp a multiple of 32, zero columns past K)
-    * scales [N, G] (fp32, groups of Kp / G inputs). Requires `available()`."""
-    lib = _lib()
+    * scales [N, G] (fp32, groups of Kp / G inputs). Requires `available()` (or a `build()`)."""
+    lib = lib or _lib()
     M, K = x.shape
     N, Kp = w.shape
     x = x.float().contiguous()
@@ -329,11 +332,11 @@ def int8_mm(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     return y
 
 
-def int4_mm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+def int4_mm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
     """y [M, N] = x [M, K] (fp32) times W^T, W = (q - zero) * scale per group: w [N, Kp / 2] uint8 codes (two
     per byte, low nibble first; Kp a multiple of the group), scales [N, G] fp32, zeros [N, G] uint8 (group
-    Kp / G, a multiple of 32 up to 256). Requires `available()`."""
-    lib = _lib()
+    Kp / G, a multiple of 32 up to 256). Requires `available()` (or a `build()`)."""
+    lib = lib or _lib()
     M, K = x.shape
     N, Kp = w.shape[0], w.shape[1] * 2
     G = scales.shape[1]

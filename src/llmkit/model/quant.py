@@ -267,7 +267,7 @@ class Int4Linear(nn.Module):
             scale, zero = F.pad(scale, (0, 0, 0, pad), value=1.0), F.pad(zero, (0, 0, 0, pad))
             rows = 1024  # converted in blocks so the int32 copy stays small (peak RSS)
             packed = torch.cat([
-                torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + rows].to(torch.int32).cpu().contiguous(), 1)
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + rows].to(torch.int32).contiguous(), 1)
                 for i in range(0, self.Np, rows)
             ]).to(q.device)
             # the kernel computes w = (q - 8) * scale + offset  =>  offset = (8 - zero) * scale
