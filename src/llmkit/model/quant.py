@@ -1,12 +1,13 @@
 """Quantized Linear kinds and the quantizers that produce them: RTN, GPTQ, AWQ, SmoothQuant W8A8, QAT.
 
 Every kind is an `nn.Module` mapping [..., in] -> [..., out], swapped into the model in place of an
-`nn.Linear` (the forward just calls it). Decode reads fewer bytes because the matmuls run on
-PyTorch's own CPU weight-only kernels:
-- `Int8Linear`: symmetric int8, per output channel (`torch.ops.aten._weight_int8pack_mm`) or
-  group-wise (dequantized per call: fewer bytes at rest, not faster);
-- `Int4Linear`: group-wise asymmetric int4 with zero points (`_weight_int4pack_mm_for_cpu`,
-  weights held in the kernel's packed layout, 0.5 byte per weight);
+`nn.Linear` (the forward just calls it). Decode reads fewer bytes because the matmuls run on integer
+kernels: llmkit's own (`model/kernels.py`: int16 activations per row, exact int32 sums, fp32 scales),
+or PyTorch's weight-only CPU kernels when no C compiler is there:
+- `Int8Linear`: symmetric int8, per output channel or group-wise (`_weight_int8pack_mm` per channel
+  as the fallback; group-wise dequantized per call there);
+- `Int4Linear`: group-wise asymmetric int4 with zero points, 0.5 byte per weight
+  (`_weight_int4pack_mm_for_cpu` on a packed copy as the fallback);
 - `W8A8Linear`: int8 weights x int8 activations (`torch._int_mm`), activations quantized per token
   on the fly or with a static KL-calibrated scale, after SmoothQuant's migration;
 - `FakeQuantLinear`: quantization-aware training (fake quantization, straight-through estimator);
