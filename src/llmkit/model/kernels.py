@@ -251,6 +251,40 @@ void llmkit_int4_mm(const int16_t* xq, const float* xs, const int32_t* xsum, con
         }
     }
 }
+
+/* ---- one call per layer: quantize x [M, K] into per-thread scratch, then multiply (y [M, N]) */
+#include <stdlib.h>
+static __thread void* scratch_buf = 0;
+static __thread int64_t scratch_cap = 0;
+static void* scratch(int64_t bytes) {
+    if (bytes > scratch_cap) {
+        free(scratch_buf);
+        scratch_buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        scratch_cap = scratch_buf ? bytes : 0;
+    }
+    return scratch_buf;
+}
+
+int llmkit_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float* ws, float* y,
+                       int64_t N, int64_t Kp, int64_t G, int nthreads) {
+    int16_t* xq = (int16_t*)scratch(M * Kp * 2 + M * 4);
+    if (!xq) return 1;
+    float* xs = (float*)(xq + M * Kp);  /* Kp % 32 == 0: aligned */
+    llmkit_quant_rows(x, M, K, Kp, xq, xs);
+    llmkit_int8_mm(xq, xs, w, ws, y, M, N, Kp, G, nthreads);
+    return 0;
+}
+
+int llmkit_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* ws, const uint8_t* wz,
+                       float* y, int64_t N, int64_t Kp, int64_t G, int nthreads) {
+    int16_t* xq = (int16_t*)scratch(M * Kp * 2 + M * 4 + M * G * 4);
+    if (!xq) return 1;
+    float* xs = (float*)(xq + M * Kp);
+    int32_t* xsum = (int32_t*)(xs + M);
+    llmkit_quant_rows_i4(x, M, K, Kp, Kp / G, xq, xs, xsum);
+    llmkit_int4_mm(xq, xs, xsum, w, ws, wz, y, M, N, Kp, G, nthreads);
+    return 0;
+}
 """
 
 ALIGN = 32  # K is padded to a multiple of this (the widest vector step)
@@ -304,6 +338,10 @@ def build(march: str = "native") -> ctypes.CDLL | None:
     lib.llmkit_quant_rows_i4.restype = None
     lib.llmkit_int4_mm.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
     lib.llmkit_int4_mm.restype = None
+    lib.llmkit_int8_linear.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, ctypes.c_int]
+    lib.llmkit_int8_linear.restype = ctypes.c_int
+    lib.llmkit_int4_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
+    lib.llmkit_int4_linear.restype = ctypes.c_int
     return lib
 
 
@@ -323,12 +361,10 @@ def int8_mm(x: Tensor, w: Tensor, scales: Tensor, lib: ctypes.CDLL | None = None
     M, K = x.shape
     N, Kp = w.shape
     x = x.float().contiguous()
-    xq = torch.empty(M, Kp, dtype=torch.int16)
-    xs = torch.empty(M, dtype=torch.float32)
     y = torch.empty(M, N, dtype=torch.float32)
-    lib.llmkit_quant_rows(x.data_ptr(), M, K, Kp, xq.data_ptr(), xs.data_ptr())
-    lib.llmkit_int8_mm(xq.data_ptr(), xs.data_ptr(), w.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                       M, N, Kp, scales.shape[1], torch.get_num_threads())
+    if lib.llmkit_int8_linear(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), y.data_ptr(), N, Kp,
+                              scales.shape[1], torch.get_num_threads()):
+        raise MemoryError(f"int8_mm: no memory for the {M}x{Kp} activation scratch")
     return y
 
 
@@ -339,13 +375,9 @@ def int4_mm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, lib: ctypes.CDL
     lib = lib or _lib()
     M, K = x.shape
     N, Kp = w.shape[0], w.shape[1] * 2
-    G = scales.shape[1]
     x = x.float().contiguous()
-    xq = torch.empty(M, Kp, dtype=torch.int16)
-    xs = torch.empty(M, dtype=torch.float32)
-    xsum = torch.empty(M, G, dtype=torch.int32)
     y = torch.empty(M, N, dtype=torch.float32)
-    lib.llmkit_quant_rows_i4(x.data_ptr(), M, K, Kp, Kp // G, xq.data_ptr(), xs.data_ptr(), xsum.data_ptr())
-    lib.llmkit_int4_mm(xq.data_ptr(), xs.data_ptr(), xsum.data_ptr(), w.data_ptr(), scales.data_ptr(),
-                       zeros.data_ptr(), y.data_ptr(), M, N, Kp, G, torch.get_num_threads())
+    if lib.llmkit_int4_linear(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(),
+                              N, Kp, scales.shape[1], torch.get_num_threads()):
+        raise MemoryError(f"int4_mm: no memory for the {M}x{Kp} activation scratch")
     return y

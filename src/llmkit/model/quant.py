@@ -159,7 +159,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device)
                              if input_scale else None)
         self._scales_bf16: Tensor | None = None  # the kernel's copy, made on first use
-        self._kernel_w: Tensor | bool | None = None  # llmkit's kernel's weights (`_kernel_weight`)
+        self._kernel_w: tuple | bool | None = None  # llmkit's kernel's weights and scales (`_kernel_weight`)
         self._kernel_src: tuple = ()
 
     @classmethod
@@ -179,8 +179,9 @@ class Int8Linear(nn.Module):
         if self.input_scale is not None:
             x = x / self.input_scale
         x2 = x.reshape(-1, self.in_features)
-        if x2.device.type == "cpu" and self._kernel_weight() is not None:  # llmkit's kernel (kernels.py)
-            y = kernels.int8_mm(x2, self._kernel_w, self.scales.float().contiguous())
+        kw = self._kernel_weight() if x2.device.type == "cpu" else None
+        if kw is not None:  # llmkit's kernel (kernels.py)
+            y = kernels.int8_mm(x2, *kw)
         elif self.group_size == 0:  # PyTorch's weight-only int8 kernel (its vectorised path takes bf16 inputs)
             if self.Kp > self.in_features:
                 x2 = F.pad(x2, (0, self.Kp - self.in_features))
@@ -195,15 +196,17 @@ class Int8Linear(nn.Module):
             y = y + self.bias
         return y.to(x.dtype).view(*shape, self.out_features)
 
-    def _kernel_weight(self) -> Tensor | None:
-        """The weights as llmkit's kernel reads them (K padded to its 32-wide step: `qweight` itself when
-        it already is), or None when that kernel is unavailable or the groups are not a multiple of 32."""
+    def _kernel_weight(self) -> tuple[Tensor, Tensor] | None:
+        """(weights, fp32 scales) as llmkit's kernel reads them (K padded to its 32-wide step: `qweight`
+        itself when it already is), or None when that kernel is unavailable or groups are not a multiple of 32."""
         w = self.qweight
-        if self._kernel_w is None or self._kernel_src != _tensor_key(w):
+        key = (_tensor_key(w), _tensor_key(self.scales))
+        if self._kernel_w is None or self._kernel_src != key:
             ok = kernels.available() and w.device.type == "cpu" and self.group_size % kernels.ALIGN == 0
-            self._kernel_src = _tensor_key(w)
+            self._kernel_src = key
             Kp = -(-self.Kp // kernels.ALIGN) * kernels.ALIGN
-            self._kernel_w = (w if Kp == self.Kp else F.pad(w, (0, Kp - self.Kp)).contiguous()) if ok else False
+            w = w if Kp == self.Kp else F.pad(w, (0, Kp - self.Kp)).contiguous()
+            self._kernel_w = (w, self.scales.float().contiguous()) if ok else False
         return self._kernel_w if self._kernel_w is not False else None
 
     def weight_float(self) -> Tensor:
