@@ -365,7 +365,7 @@ class RLTrainer(Finetuner):
             self._hidden.clear()
         with self._autocast():
             logits = answer_logits(model, ro.prompt_ids[uniq], ro.prompt_mask[uniq], rows, y, self.pad_id)
-        if self.ft.temperature > 0:  # the sampling distribution's log-probs (as trl)
+        if self.ft.temperature not in (0, 1):  # the sampling distribution's log-probs (as trl)
             logits = logits / self.ft.temperature
         v = None
         if values:  # the ln_f outputs of the prompts' last positions and of the answers' passes
