@@ -399,6 +399,9 @@ def test_guards(base, tmp_path, capsys):
     with pytest.raises(ConfigError, match="at least 2"):
         grpo(str(base / "base"), f"{base / 'rew.py'}:reward", str(base / "prompts.jsonl"), str(tmp_path / "x"),
              group_size=1, **common)
+    with pytest.raises(ConfigError, match="loss-type 'token'"):
+        grpo(str(base / "base"), f"{base / 'rew.py'}:reward", str(base / "prompts.jsonl"), str(tmp_path / "x"),
+             loss_type="token", **common)
     with pytest.raises(ConfigError, match="module:function"):
         grpo(str(base / "base"), "nonsense", str(base / "prompts.jsonl"), str(tmp_path / "x"), **common)
     with pytest.raises(LlmkitError, match="nan"):
@@ -409,7 +412,8 @@ def test_guards(base, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["grpo", "--model", str(base / "base"), "--reward", f"{base / 'rew.py'}:flat_reward", "--prompts",
                      str(base / "prompts.jsonl"), "--out", str(tmp_path / "z"), "--max-steps", "1", "--batch-size",
-                     "2", "--max-new-tokens", "4", "--eval-prompts", "2", "--no-progress"]) == 0
+                     "2", "--max-new-tokens", "4", "--eval-prompts", "2", "--no-progress", "--loss-type", "dr_grpo",
+                     "--beta", "0"]) == 0
     out = capsys.readouterr()
     assert "reward groups of step 1 are flat" in out.out + out.err
     rec = [r for r in read_metrics(tmp_path / "z" / "metrics.jsonl") if "flat_groups" in r][0]
