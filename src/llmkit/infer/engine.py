@@ -50,7 +50,7 @@ from llmkit.model.prompt_tuning import prompt_adapter_names, virtual_prefix
 __all__ = ["Engine", "EngineClosedError", "GenerationResult", "QueueFullError", "RequestHandle", "TokenEvent"]
 
 PACK_PAD = 1.25  # a padded [B, T] forward may compute at most this many tokens per real one, else pack rows
-SCORING_CHUNK = 64  # prompt-scoring tokens per step while other sequences decode (they keep their pace)
+SCORING_CHUNK = 8  # default prompt-scoring tokens per step while other sequences decode (they keep their pace)
 
 
 class QueueFullError(LlmkitError):
@@ -91,6 +91,9 @@ class Engine:
     blocks of `kv_block_size` tokens (default: a full batch at `max_seq_len`), taken as sequences
     grow. One step computes at most `max_num_batched_tokens` tokens (default `prefill_chunk`):
     every decoding sequence's next token first, then prompt chunks of at most `prefill_chunk`.
+    Prompt scoring (`submit_scoring`) is background work: while other sequences decode it adds at
+    most `scoring_chunk` tokens to a step, so a step costs its decode rows little more (on a CPU each
+    token of a step is compute); alone it runs in `prefill_chunk` chunks.
     `prefix_caching` shares full KV blocks between prompts with a common prefix; `mixed_prefill`
     False runs prefill chunks in steps of their own (decoding waits, as before chunked prefill).
     `fast_decode` swaps the model's dense Linears for the packed-for-decode kind (`model/linear.py`).
@@ -113,6 +116,7 @@ class Engine:
         prefix_caching: bool = True,
         mixed_prefill: bool = True,
         max_num_batched_tokens: int | None = None,
+        scoring_chunk: int = SCORING_CHUNK,
         speculative: SpeculativeConfig | dict | str | None = None,
         draft_model: Any = None,
         num_speculative_tokens: int | None = None,
@@ -133,12 +137,13 @@ class Engine:
         self.max_queue = int(max_queue)
         self.prefill_chunk = int(prefill_chunk)
         self.max_num_batched_tokens = int(max_num_batched_tokens or prefill_chunk)
+        self.scoring_chunk = int(scoring_chunk)
         self.mixed_prefill = bool(mixed_prefill)
         self.fast_decode = fast_decode
         set_decode_packing(model, fast_decode)
-        if self.prefill_chunk < 1 or kv_block_size < 1 or self.max_num_batched_tokens < 1:
-            raise InputError(f"prefill_chunk, kv_block_size and max_num_batched_tokens must be >= 1, got "
-                             f"{prefill_chunk}, {kv_block_size}, {max_num_batched_tokens}")
+        if min(self.prefill_chunk, kv_block_size, self.max_num_batched_tokens, self.scoring_chunk) < 1:
+            raise InputError(f"prefill_chunk, kv_block_size, max_num_batched_tokens and scoring_chunk must be >= 1, "
+                             f"got {prefill_chunk}, {kv_block_size}, {max_num_batched_tokens}, {scoring_chunk}")
         if num_blocks is None:
             num_blocks = self.max_batch_size * -(-self.max_seq_len // kv_block_size)
         windows = {cfg.window_for_layer(i) for i in range(cfg.n_layer)}
@@ -455,7 +460,7 @@ class Engine:
         requests are admitted (FCFS) while batch slots, budget and KV blocks allow. A sequence whose
         blocks cannot be found preempts the newest running one. Without `mixed_prefill` a step
         with prefill work runs only prefill. Prompt scoring is background work: one scoring request
-        runs at a time (generation requests queued behind it go first), in chunks of `SCORING_CHUNK`
+        runs at a time (generation requests queued behind it go first), in chunks of `scoring_chunk`
         while other sequences decode.
         """
         budget = self.max_num_batched_tokens
@@ -469,7 +474,7 @@ class Engine:
         streaming = bool(decode) and not prefill_only
 
         def cap(seq: _Sequence) -> int:  # prompt scoring is background work: small chunks while streams decode
-            return SCORING_CHUNK if seq.score_top is not None and streaming else self.prefill_chunk
+            return self.scoring_chunk if seq.score_top is not None and streaming else self.prefill_chunk
 
         for seq in ([] if prefill_only else decode) + prefill:
             if seq not in self._running:  # preempted by an older sequence of this step
