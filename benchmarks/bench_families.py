@@ -1,7 +1,8 @@
-"""Per family (random-initialised transformers model): logits parity error, greedy-token match and
-batch-1 decode tokens/s of `llmkit.generate` vs transformers `generate` (alternating runs, medians).
+"""Per family (random-initialised transformers model): logits parity error, greedy-token match of
+`llmkit.generate` and of the continuous-batching `Engine`, and batch-1 decode tokens/s of
+`llmkit.generate` vs transformers `generate` (alternating runs, medians).
 
-    PYTHONPATH=src python benchmarks/bench_families.py [--new 48] [--reps 3]
+    PYTHONPATH=src python benchmarks/bench_families.py [--new 48] [--reps 3] [--families t5,llama]
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 import transformers as T
 
 import llmkit
+from llmkit.infer.engine import Engine
+from llmkit.infer.sampling import SamplingParams
 
 V = 2048
 DEC = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
@@ -36,10 +39,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset")
     args = ap.parse_args()
-    print("| family | max abs logit error | greedy tokens equal | llmkit tok/s | transformers tok/s | ratio |")
+    print("| family | max abs logit error | greedy tokens equal (generate / engine) | llmkit tok/s | "
+          "transformers tok/s | ratio |")
     print("|---|---|---|---|---|---|")
-    for name, (C, kw) in FAMILIES.items():
+    for name in args.families.split(","):
+        C, kw = FAMILIES[name]
         torch.manual_seed(0)
         seq2seq = name == "t5"
         auto = T.AutoModelForSeq2SeqLM if seq2seq else T.AutoModelForCausalLM
@@ -65,8 +71,13 @@ def main() -> None:
                 out = ref.generate(torch.tensor([prompt]), max_new_tokens=args.new, do_sample=False)
             hf_t.append(time.perf_counter() - t)
         want = out[0, 1:].tolist() if seq2seq else out[0, len(prompt):].tolist()
+        with Engine(model, max_batch_size=2) as engine:  # batched with a shorter prompt
+            greedy = SamplingParams(max_new_tokens=args.new, temperature=0.0)
+            hs = [engine.submit(p, greedy) for p in (prompt, prompt[:9])]
+            eng = hs[0].result().token_ids
         o, h = args.new / statistics.median(ours_t), args.new / statistics.median(hf_t)
-        print(f"| `{name}` | {err.item():.1e} | {got == want} | {o:.0f} | {h:.0f} | {o / h:.2f}x |", flush=True)
+        print(f"| `{name}` | {err.item():.1e} | {got == want} / {eng == want} | {o:.0f} | {h:.0f} | {o / h:.2f}x |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Model: the Llama-shaped 58M of `bench_decode.py` (its `save_weights`: hidden 512, 8 layers, MHA, intermediate
 1376, vocab 32000, random init std 0.05), greedy, 32-token prompt, `--new-tokens` new tokens. Engines, interleaved
 in one process (the CPU is shared, so ratios within a run are what counts), median of `--reps`:
-- llmkit fp32, int8 (per channel, `_weight_int8pack_mm`) and int4 (group 64, `_weight_int4pack_mm_for_cpu`),
+- llmkit fp32, int8 (per channel) and int4 (group 64) on llmkit's kernels (`llmkit/model/kernels.py`),
   all projections, the LM head and the embeddings quantized;
 - llama.cpp (llama-cpp-python) on `llmkit export gguf` files: q8_0 and q4_0 (skipped if not installed);
 - ONNX Runtime on `llmkit export onnx`, driven by the same generation loop (fp32).

@@ -15,12 +15,12 @@ $PY examples/sft_task.py eval --model "$SFT" --data out/sort/val.jsonl | tee "$O
 # GRPO with the exact-match reward
 ( $LLMKIT grpo --model "$SFT" --reward examples.align_task:reward --prompts "$OUT/prompts.jsonl" \
     --val-prompts "$OUT/val_prompts.jsonl" --eval-prompts 100 --out "$OUT/grpo" --group-size 8 --batch-size 16 \
-    --temperature 0.5 --max-new-tokens 16 --max-steps ${GRPO_STEPS:-150} --eval-interval 50 --lr ${GRPO_LR:-5e-5} \
-    --beta 0.04 --num-threads 1 --overwrite --no-progress > "$OUT/grpo.log" 2>&1
+    --temperature 0.5 --max-new-tokens 16 --max-steps ${GRPO_STEPS:-150} --eval-interval 50 --lr ${GRPO_LR:-3e-5} \
+    --beta 0 --loss-type dapo --num-threads 1 --overwrite --no-progress > "$OUT/grpo.log" 2>&1
   $PY examples/sft_task.py eval --model "$OUT/grpo" --data out/sort/val.jsonl | tee "$OUT/eval_grpo.txt" ) &
 
 # preference pairs from the checker: chosen = the right answer, rejected = the SFT model's own mistake
-$PY examples/align_task.py prefs --model "$SFT" --data out/sort/train.jsonl --limit ${PAIRS:-800} --out "$OUT/prefs.jsonl"
+$PY examples/align_task.py prefs --model "$SFT" --data out/sort/train.jsonl --limit ${PAIRS:-2000} --out "$OUT/prefs.jsonl"
 $PY examples/align_task.py prefs --data out/sort/val.jsonl --limit 100 --out "$OUT/val_prefs.jsonl" --model "$SFT"
 
 # DPO on the pairs, with the RPO term (the chosen answers' NLL) that keeps their likelihood up
@@ -31,7 +31,7 @@ $PY examples/align_task.py prefs --data out/sort/val.jsonl --limit 100 --out "$O
 
 # reward model on the same pairs, then PPO against it (adaptive KL coefficient)
 $LLMKIT rm train --model "$SFT" --data "$OUT/prefs.jsonl" --val-data "$OUT/val_prefs.jsonl" --out "$OUT/rm" \
-    --lr 3e-4 --batch-size 16 --max-steps ${RM_STEPS:-200} --eval-interval 25 --num-threads 1 --overwrite \
+    --lr 3e-4 --batch-size 16 --max-steps ${RM_STEPS:-400} --eval-interval 25 --num-threads 1 --overwrite \
     --no-progress > "$OUT/rm.log" 2>&1
 $LLMKIT ppo --model "$SFT" --reward "$OUT/rm" --prompts "$OUT/prompts.jsonl" --val-prompts "$OUT/val_prompts.jsonl" \
     --eval-prompts 100 --out "$OUT/ppo" --group-size 4 --batch-size 16 --temperature 0.5 --max-new-tokens 16 \

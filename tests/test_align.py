@@ -18,7 +18,7 @@ import llmkit
 from llmkit.errors import ConfigError, InputError, LlmkitError
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
-from llmkit.train.align_losses import gae, group_advantages, k3_kl, whiten
+from llmkit.train.align_losses import gae, group_advantages, grpo_reduce, k3_kl, whiten
 from llmkit.train.metrics import read_metrics
 
 WORDS = "apple bear cat dog eel fig goat hen ink jam kite lion moon nut owl pear".split()
@@ -106,6 +106,11 @@ def test_gae_whiten_group_advantages_and_k3_by_hand():
 
     kl = k3_kl(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0]))
     torch.testing.assert_close(kl, torch.tensor([math.exp(-0.5) + 0.5 - 1, 0.0]))
+
+    per_tok, m = torch.tensor([[1.0, 2, 3, 7], [4, 9, 9, 9]]), torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert float(grpo_reduce(per_tok, m, "grpo", 4)) == pytest.approx((2 + 4) / 2)  # per answer, then answers
+    assert float(grpo_reduce(per_tok, m, "dapo", 4)) == pytest.approx(10 / 4)  # per token over the batch
+    assert float(grpo_reduce(per_tok, m, "dr_grpo", 4)) == pytest.approx(10 / (2 * 4))  # over N x max_new_tokens
 
 
 # ---------------------------------------------------------------------------- DPO against transformers
@@ -290,6 +295,48 @@ def test_lora_policy_trains_through_the_packed_frozen_layers(base, tmp_path):
     assert first and any(float(p.abs().sum()) > 0 for p in first)  # B starts at 0: it moved
 
 
+def test_shared_prompt_logits_match_transformers_and_full_rows(base):
+    """`answer_logits` (each prompt run once, its answers on its keys/values) gives the answer tokens'
+    log-probs of a transformers forward of each prompt + answer, and the gradients of full rows."""
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.train.align_losses import token_logps
+    from llmkit.train.rl import answer_logits
+
+    prompts = [[5, 9, 12, 7, 30], [8, 3]]  # different lengths: left-padded
+    answers = [[11, 4, 6], [2], [7, 7, 9, 1], [40, 41]]  # rows 0-1 answer prompt 0, rows 2-3 prompt 1
+    rows = torch.tensor([0, 0, 1, 1])
+    Lp, K = 5, 4
+    pid, pm = torch.zeros(2, Lp, dtype=torch.long), torch.zeros(2, Lp, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        pid[i, Lp - len(p):], pm[i, Lp - len(p):] = torch.tensor(p), 1
+    y = torch.full((4, K), -100)
+    for i, a in enumerate(answers):
+        y[i, : len(a)] = torch.tensor(a)
+    model = llmkit.load_model(base / "base").train()
+    logp = token_logps(answer_logits(model, pid, pm, rows, y), y)  # [4, K]
+    logp.sum().backward()
+    shared = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    hf = AutoModelForCausalLM.from_pretrained(base / "base", dtype=torch.float32)
+    model.zero_grad()
+    full = 0.0
+    for i, a in enumerate(answers):
+        ids = torch.tensor([prompts[int(rows[i])] + a])
+        with torch.no_grad():
+            ref = F.log_softmax(hf(ids).logits[0].double(), -1)
+        n = len(prompts[int(rows[i])])
+        want = [float(ref[n - 1 + t, a[t]]) for t in range(len(a))]
+        torch.testing.assert_close(logp[i, : len(a)].double(), torch.tensor(want, dtype=torch.float64),
+                                   atol=1e-4, rtol=1e-4)
+        assert float(logp[i, len(a):].detach().abs().sum()) == 0
+        lp = F.log_softmax(model(ids)[0], -1)  # a plain llmkit forward of the full row
+        full = full + sum(lp[n - 1 + t, a[t]] for t in range(len(a)))
+    full.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(shared[n], p.grad, atol=1e-4, rtol=1e-3, msg=n)
+
+
 def test_rollouts_use_the_decode_fast_path(base, tmp_path):
     """Rollouts go through `llmkit.generate` with the KV cache and the decode fast path (the
     packed-for-decode Linear kind), never the slow recompute-everything path."""
@@ -352,6 +399,9 @@ def test_guards(base, tmp_path, capsys):
     with pytest.raises(ConfigError, match="at least 2"):
         grpo(str(base / "base"), f"{base / 'rew.py'}:reward", str(base / "prompts.jsonl"), str(tmp_path / "x"),
              group_size=1, **common)
+    with pytest.raises(ConfigError, match="loss-type 'token'"):
+        grpo(str(base / "base"), f"{base / 'rew.py'}:reward", str(base / "prompts.jsonl"), str(tmp_path / "x"),
+             loss_type="token", **common)
     with pytest.raises(ConfigError, match="module:function"):
         grpo(str(base / "base"), "nonsense", str(base / "prompts.jsonl"), str(tmp_path / "x"), **common)
     with pytest.raises(LlmkitError, match="nan"):
@@ -362,7 +412,8 @@ def test_guards(base, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["grpo", "--model", str(base / "base"), "--reward", f"{base / 'rew.py'}:flat_reward", "--prompts",
                      str(base / "prompts.jsonl"), "--out", str(tmp_path / "z"), "--max-steps", "1", "--batch-size",
-                     "2", "--max-new-tokens", "4", "--eval-prompts", "2", "--no-progress"]) == 0
+                     "2", "--max-new-tokens", "4", "--eval-prompts", "2", "--no-progress", "--loss-type", "dr_grpo",
+                     "--beta", "0"]) == 0
     out = capsys.readouterr()
     assert "reward groups of step 1 are flat" in out.out + out.err
     rec = [r for r in read_metrics(tmp_path / "z" / "metrics.jsonl") if "flat_groups" in r][0]

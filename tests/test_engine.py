@@ -185,6 +185,40 @@ def test_prompt_logprobs_equal_log_softmax_of_a_full_forward(pair):
         assert [v for _, v in top] == pytest.approx(want_lp.tolist(), abs=1e-4)
 
 
+def test_scoring_adds_at_most_scoring_chunk_tokens_to_a_decode_step(pair):
+    """Prompt scoring is background work: while a stream decodes, a step carries at most
+    `scoring_chunk` scoring tokens (issue 9: a 64-token chunk tripled the streams' step time on a
+    CPU); alone, scoring runs in `prefill_chunk` chunks. The scores stay exact."""
+    hf, model = pair
+    ids = list(range(3, 90))  # 87 tokens to score
+
+    class Recording(Engine):
+        steps: list[list[tuple[bool, bool, int]]] = []  # per step: (scoring?, decoding?, tokens)
+
+        def _step(self, scheduled):
+            self.steps.append([(s.score_top is not None, not s.prefilling, n) for s, n in scheduled])
+            super()._step(scheduled)
+
+    with Recording(model, scoring_chunk=4, prefill_chunk=32) as engine:
+        stream = engine.submit(PROMPTS[0], _greedy(60))
+        next(iter(stream))  # decoding now
+        with engine._model_lock:  # no step runs until the scoring request is queued
+            scoring = engine.submit_scoring(ids, 1)
+        gen = stream.result()
+        out = engine.prompt_logprobs(ids, top_n=1)  # the same prompt again, alone: full chunks
+    scoring.result()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+    want = ref[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    for scored in (scoring.prompt_logprobs, out):  # next to the stream in 4-token chunks, then alone
+        assert [lp for lp, _ in scored[1:]] == pytest.approx(want, abs=1e-4)
+        assert [top[0][0] for _, top in scored[1:]] == ref[:-1].argmax(-1).tolist()
+    assert gen.token_ids == _hf_greedy(hf, PROMPTS[0], 60)  # the stream is unchanged by the scoring rows
+    chunks = [(n, any(dec for sc, dec, _ in step if not sc)) for step in engine.steps for sc, _, n in step if sc]
+    assert [n for n, decoding in chunks if decoding] == [4] * 21 + [3]  # next to the stream: 4 tokens a step
+    assert [n for n, decoding in chunks if not decoding] == [32, 32, 23]  # alone: prefill_chunk
+
+
 def test_logprobs_of_streamed_tokens_match_the_model(pair):
     hf, model = pair
     prompt = PROMPTS[0]

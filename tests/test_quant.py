@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as RawTokenizer
 import llmkit
 from llmkit.cli import main
 from llmkit.errors import ConfigError, InputError
+from llmkit.model import kernels
 from llmkit.model.config import ModelConfig
 from llmkit.model.quant import (
     FakeQuantLinear,
@@ -32,7 +33,7 @@ from llmkit.tokenizer import Tokenizer
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-2) -> bool:
-    """Relative error within `tol`: the kernels take bf16 activations (8-bit mantissa), accumulate in fp32."""
+    """Relative error within `tol` (PyTorch's kernels, the fallback, take bf16 activations)."""
     return bool((a - b).norm() / b.norm() < tol)
 
 
@@ -75,7 +76,53 @@ def test_int4_kernel_matches_longhand_grid_and_state_dict_round_trip(K, N, g):
     other.load_state_dict(sd)
     torch.testing.assert_close(other(x), lin(x))
     if K % g == 0 and N % 16 == 0:  # no padding: exactly half a byte per weight
-        assert lin.packed.numel() * 2 == w.numel()
+        assert lin.qweight.numel() * 2 == w.numel()
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64"])  # AVX-512 here, AVX2, plain C
+def test_llmkit_kernels_match_dequantized_fp64_matmul(march, monkeypatch):
+    """llmkit's own int8/int4 kernels (int16 activations, exact int32 sums) against x @ W_deq^T in fp64,
+    for each instruction set it compiles for; and the PyTorch fallback when they are off."""
+    import platform
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: llmkit's kernels cannot be built (the PyTorch fallback is tested below)")
+    if march != "native" and platform.machine() != "x86_64":
+        pytest.skip("-march variants are x86-64 only")
+    if march == "x86-64-v3" and " avx2 " not in open("/proc/cpuinfo").read().replace("\n", " "):
+        pytest.skip("this CPU has no AVX2")
+    lib = kernels.build(march)
+    assert lib is not None
+    torch.manual_seed(0)
+    for bits, K, N, g in [(8, 172, 37, 0), (8, 256, 20, 64), (4, 192, 37, 32), (4, 256, 9, 64), (4, 512, 5, 256)]:
+        w, x = torch.randn(N, K), torch.randn(3, K)
+        x[1] = 0  # an all-zero row
+        q, s, z = QuantSpec(bits, g).grid(w)
+        lin = Int8Linear.from_codes(q, s, None, K, g) if bits == 8 else Int4Linear.from_codes(q, s, z, None, K, g)
+        ref = x.double() @ lin.weight_float().double().T
+        if bits == 8:
+            y = kernels.int8_mm(x, F.pad(lin.qweight, (0, -(-lin.Kp // 32) * 32 - lin.Kp)), lin.scales, lib=lib)
+        else:
+            y = kernels.int4_mm(x, lin.qweight, lin.scales, lin.zeros, lib=lib)
+        assert (y.double() - ref).norm() / ref.norm() < 2e-4, (bits, K, g, march)
+        assert torch.equal(y[1], torch.zeros(N))
+        if march == "native":
+            assert _close(lin(x), ref.float(), 2e-4)  # the module takes the kernel path
+            monkeypatch.setenv("LLMKIT_NO_KERNELS", "1")  # PyTorch's kernels (bf16 activations)
+            again = Int8Linear.from_codes(q, s, None, K, g) if bits == 8 else Int4Linear.from_codes(q, s, z, None, K, g)
+            assert not kernels.available() and _close(again(x), ref.float())
+            monkeypatch.delenv("LLMKIT_NO_KERNELS")
+
+
+def test_pytorch_fallback_without_llmkit_kernels(monkeypatch):
+    """LLMKIT_NO_KERNELS=1 (as without a C compiler): the kinds run PyTorch's kernels, same results."""
+    monkeypatch.setenv("LLMKIT_NO_KERNELS", "1")
+    assert not kernels.available()
+    w, x = torch.randn(24, 96), torch.randn(2, 96)
+    for lin in (Int8Linear.from_codes(*QuantSpec(8, 0).grid(w)[:2], None, 96, 0),
+                Int4Linear.from_codes(*QuantSpec(4, 32).grid(w), None, 96, 32)):
+        assert _close(lin(x), x @ lin.weight_float().T)
 
 
 def test_bad_specs_are_clear_errors():

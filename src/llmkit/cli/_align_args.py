@@ -63,6 +63,9 @@ def add_rl(p: argparse.ArgumentParser, algo: str) -> None:
     else:
         u.add_argument("--beta", type=float, default=0.04, help="weight of the k3 KL to the reference (0 = none)")
         u.add_argument("--no-scale-rewards", action="store_true", help="do not divide advantages by the group std")
+        u.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"], default="grpo",
+                       help="loss normalisation: per answer then batch (grpo), per token over the batch (dapo), "
+                            "a constant N x max-new-tokens (dr_grpo)")
 
 
 def rl_kwargs(args: argparse.Namespace, algo: str) -> dict[str, Any]:
@@ -76,7 +79,7 @@ def rl_kwargs(args: argparse.Namespace, algo: str) -> dict[str, Any]:
                   lam=args.lam, vf_coef=args.vf_coef, clip_range_value=args.clip_range_value,
                   ent_coef=args.ent_coef, whiten_advantages=not args.no_whiten)
     else:
-        kw.update(beta=args.beta, scale_rewards=not args.no_scale_rewards)
+        kw.update(beta=args.beta, scale_rewards=not args.no_scale_rewards, loss_type=args.loss_type)
     return kw
 
 

@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     eng.add_argument("--prefill-chunk", type=int, default=512, help="most prompt tokens of one sequence per step")
     eng.add_argument("--max-num-batched-tokens", type=int, default=None,
                      help="most tokens one step computes, decode + prefill (default: --prefill-chunk)")
+    eng.add_argument("--scoring-chunk", type=int, default=8,
+                     help="most prompt-scoring (echo + logprobs) tokens per step while streams decode")
     eng.add_argument("--no-prefix-caching", action="store_true",
                      help="do not share KV blocks between prompts with a common prefix")
     eng.add_argument("--no-mixed-prefill", action="store_true",
@@ -107,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             num_blocks=args.num_kv_blocks,
             prefill_chunk=args.prefill_chunk,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            scoring_chunk=args.scoring_chunk,
             prefix_caching=not args.no_prefix_caching,
             mixed_prefill=not args.no_mixed_prefill,
         ),

@@ -35,6 +35,12 @@ class SFTExample:
 
 
 @dataclass
+class Seq2SeqExample(SFTExample):
+    """An encoder-decoder example: `input_ids` feed the encoder, `labels` are the decoder's targets
+    (every one trained, ending with EOS)."""
+
+
+@dataclass
 class SFTDataset:
     """Tokenized examples plus what happened on the way (for the closing report)."""
 
@@ -151,6 +157,17 @@ def encode_example(
     return SFTExample(ids, labels)
 
 
+def encode_seq2seq_example(tokenizer: Any, messages: list[dict[str, Any]]) -> Seq2SeqExample:
+    """Encoder-decoder: the text of the turns before the last assistant message (joined by newlines,
+    no chat template) is the encoder's input; that message plus EOS is the decoder's target."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if tokenizer.eos_token_id is None:
+        raise InputError("an encoder-decoder target ends with EOS but the tokenizer has no eos_token")
+    prompt = "\n".join(m.get("content") or "" for m in messages[:last])
+    target = tokenizer.encode(messages[last].get("content") or "", add_special_tokens=False)
+    return Seq2SeqExample(tokenizer.encode(prompt), target + [tokenizer.eos_token_id])
+
+
 def _whitespace_ids(tokenizer: Any) -> set[int]:
     cache = tokenizer.__dict__.setdefault("_llmkit_ws_ids", None)
     if cache is None:
@@ -161,14 +178,25 @@ def _whitespace_ids(tokenizer: Any) -> set[int]:
 
 
 def load_sft_data(
-    paths: str | Path | list[str | Path], tokenizer: Any, max_seq_len: int, train_on_prompt: bool = False
+    paths: str | Path | list[str | Path], tokenizer: Any, max_seq_len: int, train_on_prompt: bool = False,
+    seq2seq: bool = False,
 ) -> SFTDataset:
-    """Read and tokenize JSONL files; examples longer than `max_seq_len` are truncated and counted."""
+    """Read and tokenize JSONL files; examples longer than `max_seq_len` are truncated and counted.
+    `seq2seq`: `Seq2SeqExample`s for an encoder-decoder (`encode_seq2seq_example`; each side truncated)."""
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     ds = SFTDataset([])
     for path in paths:
         for msgs, extra, fmt, _where in read_sft_jsonl(path):
             ds.formats[str(path)] = fmt
+            if seq2seq:
+                ex = encode_seq2seq_example(tokenizer, msgs)
+                if not ex.input_ids:
+                    raise InputError(f"{_where}: the prompt is empty; an encoder-decoder needs encoder input")
+                if max(len(ex.input_ids), len(ex.labels)) > max_seq_len:
+                    ds.truncated += 1
+                    ex = Seq2SeqExample(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
+                ds.examples.append(ex)
+                continue
             ex = encode_example(tokenizer, msgs, train_on_prompt, **extra)
             if len(ex.input_ids) > max_seq_len:
                 ds.truncated += 1
@@ -187,7 +215,18 @@ def load_sft_data(
 
 
 def collate(examples: list[SFTExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded next-token batch: input_ids, targets [B, T] (targets IGNORE on prompt and padding)."""
+    """Right-padded next-token batch: input_ids, targets [B, T] (targets IGNORE on prompt and padding).
+    `Seq2SeqExample`s: input_ids + attention_mask [B, S] for the encoder, targets [B, T] for the decoder."""
+    if isinstance(examples[0], Seq2SeqExample):
+        S, T = max(len(e.input_ids) for e in examples), max(len(e.labels) for e in examples)
+        x = torch.full((len(examples), S), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), S), dtype=torch.long)
+        y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+        for i, e in enumerate(examples):
+            x[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[i, : len(e.input_ids)] = 1
+            y[i, : len(e.labels)] = torch.tensor(e.labels)
+        return {"input_ids": x, "attention_mask": mask, "targets": y}
     T = max(len(e.input_ids) for e in examples) - 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), IGNORE, dtype=torch.long)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import itertools
 import threading
 import weakref
@@ -50,7 +51,7 @@ from llmkit.model.prompt_tuning import prompt_adapter_names, virtual_prefix
 __all__ = ["Engine", "EngineClosedError", "GenerationResult", "QueueFullError", "RequestHandle", "TokenEvent"]
 
 PACK_PAD = 1.25  # a padded [B, T] forward may compute at most this many tokens per real one, else pack rows
-SCORING_CHUNK = 64  # prompt-scoring tokens per step while other sequences decode (they keep their pace)
+SCORING_CHUNK = 8  # default prompt-scoring tokens per step while other sequences decode (they keep their pace)
 
 
 class QueueFullError(LlmkitError):
@@ -65,8 +66,11 @@ class _Sequence(Sequence):
     """Engine-thread state of one request: its `Sequence` plus the handle, KV-cache id and progress."""
 
     def __init__(self, handle: RequestHandle, seq_id: int, eos_token_ids: set[int], tokenizer: Any,
-                 virtual: list[int] | None = None):
-        super().__init__(handle.prompt_ids, handle.params, eos_token_ids, tokenizer)
+                 virtual: list[int] | None = None, decoder_start: int | None = None):
+        # encoder-decoder: the prompt goes to the encoder; the decoder's sequence starts at its start token
+        super().__init__([decoder_start] if decoder_start is not None else handle.prompt_ids, handle.params,
+                         eos_token_ids, tokenizer)
+        self.encoded: Any = None  # encoder-decoder: the prompt's EncoderOutput (cross-attention keys/values)
         self.handle, self.seq_id = handle, seq_id
         self.adapter: str | None = None  # adapter name: LoRA or soft prompt (None: the base model)
         self.n_virtual = len(virtual or [])  # a soft prompt's virtual ids run first, unseen by the caller
@@ -91,12 +95,18 @@ class Engine:
     blocks of `kv_block_size` tokens (default: a full batch at `max_seq_len`), taken as sequences
     grow. One step computes at most `max_num_batched_tokens` tokens (default `prefill_chunk`):
     every decoding sequence's next token first, then prompt chunks of at most `prefill_chunk`.
+    Prompt scoring (`submit_scoring`) is background work: while other sequences decode it adds at
+    most `scoring_chunk` tokens to a step, so a step costs its decode rows little more (on a CPU each
+    token of a step is compute); alone it runs in `prefill_chunk` chunks.
     `prefix_caching` shares full KV blocks between prompts with a common prefix; `mixed_prefill`
     False runs prefill chunks in steps of their own (decoding waits, as before chunked prefill).
     `fast_decode` swaps the model's dense Linears for the packed-for-decode kind (`model/linear.py`).
     `speculative` ("ngram", a dict of `SpeculativeConfig` fields or a config) or `draft_model`
     (folder or model) turns on speculative decoding: a decoding row feeds its last token plus up to
     `num_speculative_tokens` proposed ones, verified in the step's forward (infer/speculative.py).
+    An encoder-decoder model (T5) runs in the same loop: a request's prompt is encoded when it is first
+    scheduled and the paged cache holds its decoder's keys/values (no prompt scoring, speculation or
+    prefix caching for it).
     """
 
     def __init__(
@@ -113,14 +123,17 @@ class Engine:
         prefix_caching: bool = True,
         mixed_prefill: bool = True,
         max_num_batched_tokens: int | None = None,
+        scoring_chunk: int = SCORING_CHUNK,
         speculative: SpeculativeConfig | dict | str | None = None,
         draft_model: Any = None,
         num_speculative_tokens: int | None = None,
     ):
         cfg = model.config
-        if getattr(model, "is_encoder_decoder", False):
-            raise InputError(f"the engine (and `llmkit serve`) runs decoder-only models; {cfg.model_type} is an "
-                             "encoder-decoder: use llmkit.generate / generate_text or `llmkit generate`")
+        # encoder-decoder (T5): a request's prompt is encoded once when it is first scheduled; the paged
+        # cache holds the decoder's self-attention keys/values, each sequence its cross-attention ones
+        self.seq2seq = bool(getattr(model, "is_encoder_decoder", False))
+        if self.seq2seq and (speculative is not None or draft_model is not None):
+            raise InputError(f"speculative decoding runs decoder-only models; {cfg.model_type} is an encoder-decoder")
         self.model = model
         self.tokenizer = tokenizer
         self.config = cfg
@@ -133,12 +146,13 @@ class Engine:
         self.max_queue = int(max_queue)
         self.prefill_chunk = int(prefill_chunk)
         self.max_num_batched_tokens = int(max_num_batched_tokens or prefill_chunk)
+        self.scoring_chunk = int(scoring_chunk)
         self.mixed_prefill = bool(mixed_prefill)
         self.fast_decode = fast_decode
         set_decode_packing(model, fast_decode)
-        if self.prefill_chunk < 1 or kv_block_size < 1 or self.max_num_batched_tokens < 1:
-            raise InputError(f"prefill_chunk, kv_block_size and max_num_batched_tokens must be >= 1, got "
-                             f"{prefill_chunk}, {kv_block_size}, {max_num_batched_tokens}")
+        if min(self.prefill_chunk, kv_block_size, self.max_num_batched_tokens, self.scoring_chunk) < 1:
+            raise InputError(f"prefill_chunk, kv_block_size, max_num_batched_tokens and scoring_chunk must be >= 1, "
+                             f"got {prefill_chunk}, {kv_block_size}, {max_num_batched_tokens}, {scoring_chunk}")
         if num_blocks is None:
             num_blocks = self.max_batch_size * -(-self.max_seq_len // kv_block_size)
         windows = {cfg.window_for_layer(i) for i in range(cfg.n_layer)}
@@ -148,7 +162,7 @@ class Engine:
         self.device = p.device
         head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
         self.cache = PagedKVCache(
-            n_layer=cfg.n_layer,
+            n_layer=cfg.n_decoder_layer if self.seq2seq else cfg.n_layer,
             n_kv_head=cfg.n_kv_head or cfg.n_head,
             head_dim=head_dim,
             num_blocks=num_blocks,
@@ -157,10 +171,12 @@ class Engine:
             device=p.device,
             sliding_window=free_window,
             mask_windows=windows,
-            prefix_caching=prefix_caching,
+            prefix_caching=prefix_caching and not self.seq2seq,  # decoder keys depend on the encoder input
         )
-        # rows packed into one forward share its RoPE variant; LongRoPE picks one per row
-        self._can_pack = getattr(cfg, "rope_type", None) != "longrope"
+        # rows packed into one forward share its RoPE variant; LongRoPE picks one per row. Encoder-decoder
+        # rows decode one token each (their decoder prompt is the start token): padded rows, one encoder each
+        self._can_pack = getattr(cfg, "rope_type", None) != "longrope" and not self.seq2seq
+        self._encoder_batch: tuple[list[int], Any] | None = None  # (seq ids, EncoderOutput.cat of them)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.rope_switch = rope_switch_length(model)  # LongRoPE: rows crossing it are recomputed
         self.speculative = speculative_config(speculative, draft_model, num_speculative_tokens)
@@ -251,6 +267,11 @@ class Engine:
         params.validate(self.config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer: pass tokenizer= to Engine or use stop_token_ids")
+        if self.seq2seq:  # the encoder reads the prompt; the decoder holds the start token + the new tokens
+            if len(ids) > self.max_seq_len:
+                raise InputError(f"prompt has {len(ids)} tokens but the encoder's context is {self.max_seq_len}; "
+                                 "shorten the prompt")
+            return self._enqueue(ids, params, request_id, adapter, 1 + params.max_new_tokens, None, virtual)
         need = len(virtual) + len(ids) + params.max_new_tokens
         if need > self.max_seq_len:
             raise InputError(
@@ -267,6 +288,9 @@ class Engine:
         the continuous batch and counts against `max_queue`. When the handle is done,
         `handle.prompt_logprobs` holds the result."""
         ids = self._check_ids(prompt_ids)
+        if self.seq2seq:
+            raise InputError(f"prompt scoring (echo, prompt_logprobs) needs a decoder-only model; "
+                             f"{self.config.model_type} is an encoder-decoder")
         virtual = self._virtual_prefix(adapter)
         if len(virtual) + len(ids) > self.max_seq_len:
             raise InputError(f"prompt has {len(virtual) + len(ids)} tokens but the context is {self.max_seq_len}")
@@ -281,7 +305,8 @@ class Engine:
             )
         seq_id = next(self._ids)
         handle = RequestHandle(self, request_id or f"req-{seq_id}", ids, params)
-        seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer, virtual)
+        seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer, virtual,
+                        decoder_start=self._decoder_start() if self.seq2seq else None)
         seq.adapter, seq.score_top = adapter, score_top
         with self._lock:
             if self._closed:
@@ -455,7 +480,7 @@ class Engine:
         requests are admitted (FCFS) while batch slots, budget and KV blocks allow. A sequence whose
         blocks cannot be found preempts the newest running one. Without `mixed_prefill` a step
         with prefill work runs only prefill. Prompt scoring is background work: one scoring request
-        runs at a time (generation requests queued behind it go first), in chunks of `SCORING_CHUNK`
+        runs at a time (generation requests queued behind it go first), in chunks of `scoring_chunk`
         while other sequences decode.
         """
         budget = self.max_num_batched_tokens
@@ -469,7 +494,7 @@ class Engine:
         streaming = bool(decode) and not prefill_only
 
         def cap(seq: _Sequence) -> int:  # prompt scoring is background work: small chunks while streams decode
-            return SCORING_CHUNK if seq.score_top is not None and streaming else self.prefill_chunk
+            return self.scoring_chunk if seq.score_top is not None and streaming else self.prefill_chunk
 
         for seq in ([] if prefill_only else decode) + prefill:
             if seq not in self._running:  # preempted by an older sequence of this step
@@ -615,6 +640,7 @@ class Engine:
         (the last token of each row; every token of a scoring row or of a row verifying a draft)."""
         x = batch.input_ids()
         meta = batch.meta
+        model = self.model if not self.seq2seq else functools.partial(self._decode, seqs)
         if batch.packed:
             keep, row_of = [], []
             start = 0
@@ -626,19 +652,38 @@ class Engine:
             tok_rows = torch.repeat_interleave(torch.arange(len(seqs), device=self.device),
                                                torch.tensor(batch.q_lens, device=self.device))
             with self._routed([s.adapter for s in seqs], x, tok_rows):
-                logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
-                                    num_logits_to_keep=keep_t)
+                logits = model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
+                               num_logits_to_keep=keep_t)
             return logits[0].float(), row_of
         if any(scoring):  # padded rows that keep every position: [B, T, V] flattened, row b at b * T
             with self._routed([s.adapter for s in seqs], x):
-                logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta)
+                logits = model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta)
             B, T = logits.shape[:2]
             return logits.reshape(B * T, -1).float(), [b * T for b in range(B)]
         with self._routed([s.adapter for s in seqs], x):
-            logits = self.model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
-                                num_logits_to_keep=1)
+            logits = model(x, position_ids=meta.position_ids, kv_cache=batch, attn_meta=meta,
+                           num_logits_to_keep=1)
         # row b's last real token sits in the last slot (padding repeats it at its own position)
         return logits[:, -1].float(), [b - (len(c) - 1) for b, c in enumerate(batch.chunks)]
+
+    # ---- encoder-decoder ------------------------------------------------------------------------
+    def _decoder_start(self) -> int:
+        start = self.config.decoder_start_token_id
+        return int(start if start is not None else self.config.pad_token_id or 0)
+
+    def _decode(self, seqs: list[_Sequence], x: torch.Tensor, position_ids: torch.Tensor, kv_cache: PagedBatch,
+                attn_meta: Any, num_logits_to_keep: int = 0) -> torch.Tensor:
+        """The decoder's forward for the engine's rows: sequences scheduled for the first time are
+        encoded (one batch), then every row attends to its own encoder output."""
+        new = [s for s in seqs if s.encoded is None]
+        if new:
+            for s, enc in zip(new, self.model.encode_each([s.handle.prompt_ids for s in new])):
+                s.encoded = enc
+        ids = [s.seq_id for s in seqs]
+        if self._encoder_batch is None or self._encoder_batch[0] != ids:  # the batch changed: re-stack
+            self._encoder_batch = (ids, type(seqs[0].encoded).cat([s.encoded for s in seqs]))
+        return self.model.decode(x, self._encoder_batch[1], kv_cache=kv_cache, attn_meta=attn_meta,
+                                 num_logits_to_keep=num_logits_to_keep)
 
     def _score(self, seq: _Sequence, logits: torch.Tensor, chunk: list[int]) -> None:
         """Prompt log-probs from one chunk's logits [q, V]: position i predicts token i + 1."""

@@ -153,9 +153,12 @@ def truncate_sorted(sorted_logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: 
 def draw(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
     """One draw per row from unnormalised probabilities [B, V] by inverse CDF; each row uses its own RNG."""
     B = probs.shape[0]
-    u = torch.empty(B, dtype=torch.float64)
-    for i, g in enumerate(generators):
-        u[i] = torch.rand((), generator=g, dtype=torch.float64)  # g=None -> global RNG
+    if all(g is None for g in generators):  # one call on the global RNG: the same numbers as B calls
+        u = torch.rand(B, dtype=torch.float64)
+    else:
+        u = torch.empty(B, dtype=torch.float64)
+        for i, g in enumerate(generators):
+            u[i] = torch.rand((), generator=g, dtype=torch.float64)  # g=None -> global RNG
     cdf = probs.double().cumsum(-1)  # [B, V]
     target = (u.to(cdf.device) * cdf[:, -1])[:, None]  # [B, 1]
     idx = torch.searchsorted(cdf, target, right=True).squeeze(1)  # first index with cdf > target

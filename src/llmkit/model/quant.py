@@ -1,12 +1,13 @@
 """Quantized Linear kinds and the quantizers that produce them: RTN, GPTQ, AWQ, SmoothQuant W8A8, QAT.
 
 Every kind is an `nn.Module` mapping [..., in] -> [..., out], swapped into the model in place of an
-`nn.Linear` (the forward just calls it). Decode reads fewer bytes because the matmuls run on
-PyTorch's own CPU weight-only kernels:
-- `Int8Linear`: symmetric int8, per output channel (`torch.ops.aten._weight_int8pack_mm`) or
-  group-wise (dequantized per call: fewer bytes at rest, not faster);
-- `Int4Linear`: group-wise asymmetric int4 with zero points (`_weight_int4pack_mm_for_cpu`,
-  weights held in the kernel's packed layout, 0.5 byte per weight);
+`nn.Linear` (the forward just calls it). Decode reads fewer bytes because the matmuls run on integer
+kernels: llmkit's own (`model/kernels.py`: int16 activations per row, exact int32 sums, fp32 scales),
+or PyTorch's weight-only CPU kernels when no C compiler is there:
+- `Int8Linear`: symmetric int8, per output channel or group-wise (`_weight_int8pack_mm` per channel
+  as the fallback; group-wise dequantized per call there);
+- `Int4Linear`: group-wise asymmetric int4 with zero points, 0.5 byte per weight
+  (`_weight_int4pack_mm_for_cpu` on a packed copy as the fallback);
 - `W8A8Linear`: int8 weights x int8 activations (`torch._int_mm`), activations quantized per token
   on the fly or with a static KL-calibrated scale, after SmoothQuant's migration;
 - `FakeQuantLinear`: quantization-aware training (fake quantization, straight-through estimator);
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmkit.errors import ConfigError, InputError
+from llmkit.model import kernels
 
 INT4_GROUPS = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
 
@@ -116,6 +118,15 @@ def spec_for(dtype: torch.dtype | str, group_size: int | None) -> QuantSpec:
 
 
 # ============================================================================ Linear kinds
+def _tensor_key(t: Tensor) -> tuple:
+    """Identifies a tensor's contents for cached copies: (version counter, storage address); inference
+    tensors have no version counter (and cannot be changed in place outside inference mode)."""
+    try:
+        return t._version, t.data_ptr()
+    except RuntimeError:
+        return None, t.data_ptr()
+
+
 class FrozenQuantMatmul(torch.autograd.Function):
     """y = m(x) for a quantized kind m (frozen), differentiable in x: dx = dy W with W dequantized, as
     QLoRA (Dettmers et al., 2023) backpropagates through its 4-bit base to the adapters."""
@@ -148,6 +159,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device)
                              if input_scale else None)
         self._scales_bf16: Tensor | None = None  # the kernel's copy, made on first use
+        self._kernel_w: tuple | bool | None = None  # llmkit's kernel's weights and scales (`_kernel_weight`)
+        self._kernel_src: tuple = ()
 
     @classmethod
     def from_codes(cls, q: Tensor, scale: Tensor, bias: Tensor | None, in_features: int, group_size: int,
@@ -166,17 +179,35 @@ class Int8Linear(nn.Module):
         if self.input_scale is not None:
             x = x / self.input_scale
         x2 = x.reshape(-1, self.in_features)
-        if self.Kp > self.in_features:
-            x2 = F.pad(x2, (0, self.Kp - self.in_features))
-        if self.group_size == 0:  # the fused weight-only int8 kernel (its vectorised path takes bf16 inputs)
+        kw = self._kernel_weight() if x2.device.type == "cpu" else None
+        if kw is not None:  # llmkit's kernel (kernels.py)
+            y = kernels.int8_mm(x2, *kw)
+        elif self.group_size == 0:  # PyTorch's weight-only int8 kernel (its vectorised path takes bf16 inputs)
+            if self.Kp > self.in_features:
+                x2 = F.pad(x2, (0, self.Kp - self.in_features))
             if self._scales_bf16 is None or self._scales_bf16.device != x2.device:
                 self._scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16).float()
         else:
+            if self.Kp > self.in_features:
+                x2 = F.pad(x2, (0, self.Kp - self.in_features))
             y = F.linear(x2.float(), dequantize(self.qweight, self.scales, torch.zeros_like(self.scales)))
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*shape, self.out_features)
+
+    def _kernel_weight(self) -> tuple[Tensor, Tensor] | None:
+        """(weights, fp32 scales) as llmkit's kernel reads them (K padded to its 32-wide step: `qweight`
+        itself when it already is), or None when that kernel is unavailable or groups are not a multiple of 32."""
+        w = self.qweight
+        key = (_tensor_key(w), _tensor_key(self.scales))
+        if self._kernel_w is None or self._kernel_src != key:
+            ok = kernels.available() and w.device.type == "cpu" and self.group_size % kernels.ALIGN == 0
+            self._kernel_src = key
+            Kp = -(-self.Kp // kernels.ALIGN) * kernels.ALIGN
+            w = w if Kp == self.Kp else F.pad(w, (0, Kp - self.Kp)).contiguous()
+            self._kernel_w = (w, self.scales.float().contiguous()) if ok else False
+        return self._kernel_w if self._kernel_w is not False else None
 
     def weight_float(self) -> Tensor:
         """The dequantized weight [out, in] (what the kernel multiplies by)."""
@@ -188,11 +219,12 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T + b with W int4 (asymmetric, per-group scale and zero point) in the CPU kernel's layout.
+    """y = x W^T + b with W int4 (asymmetric, per-group scale and zero point): w = (q - zero) * scale.
 
-    In memory: `packed` [N16, Kp/2] uint8 (the layout `_weight_int4pack_mm_for_cpu` reads; N padded to
-    16, K to the group) and `scales_and_zeros` [G, N16, 2]. In the state dict: portable codes
-    `qweight` [out, Kp/2] (two per byte, low nibble first), `scales` and `zeros` [out, G].
+    Buffers (= the state dict): `qweight` [out, Kp/2] uint8 (two codes per byte, low nibble first; K
+    padded to the group), `scales` [out, G] fp32, `zeros` [out, G] uint8. llmkit's kernel
+    (`model/kernels.py`) reads them as they are; without it, PyTorch's `_weight_int4pack_mm_for_cpu`
+    runs on a packed copy made on first use (bf16 scales and activations).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
@@ -202,48 +234,51 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.Kp, self.Np = spec.padded_in(in_features), -(-out_features // 16) * 16
         G = self.Kp // group_size
-        self.register_buffer("packed", torch.zeros(self.Np, self.Kp // 2, dtype=torch.uint8, device=device))
-        # bf16: the kernel's vectorised path takes bf16 activations and scales (fp32 accumulation)
-        self.register_buffer("scales_and_zeros", torch.zeros(G, self.Np, 2, dtype=torch.bfloat16, device=device))
+        self.register_buffer("qweight", torch.zeros(out_features, self.Kp // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, G, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, G, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device)
                              if input_scale else None)
+        self._pt: tuple = ()  # PyTorch's packed copy (fallback): (source version, packed, scales_and_zeros)
 
     @classmethod
     def from_codes(cls, q: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, in_features: int,
                    group_size: int, input_scale: Tensor | None = None) -> Int4Linear:
         """From codes q [out, Kp] in 0..15, scale and zero [out, G]: w = (q - zero) * scale."""
         m = cls(in_features, q.shape[0], bias is not None, group_size, input_scale is not None, device="meta")
-        m._set_codes(q, scale, zero)
+        qi = q.round().to(torch.uint8)
+        m.qweight = (qi[:, 0::2] | (qi[:, 1::2] << 4)).contiguous()
+        m.scales = scale.float().contiguous()
+        m.zeros = zero.round().to(torch.uint8).contiguous()
         m.bias = None if bias is None else bias.detach().float().clone()
         m.input_scale = None if input_scale is None else input_scale.float().contiguous()
         return m
 
-    def _set_codes(self, q: Tensor, scale: Tensor, zero: Tensor) -> None:
-        pad = self.Np - q.shape[0]
-        q = F.pad(q, (0, 0, 0, pad))
-        scale, zero = F.pad(scale.float(), (0, 0, 0, pad), value=1.0), F.pad(zero.float(), (0, 0, 0, pad))
-        rows = 1024  # packed row by row: convert in blocks so the int32 copy stays small (peak RSS)
-        self.packed = torch.cat([
-            torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + rows].to(torch.int32).cpu().contiguous(), 1)
-            for i in range(0, self.Np, rows)
-        ]).to(q.device)
-        # the kernel computes w = (q - 8) * scale + offset  =>  offset = (8 - zero) * scale
-        scale = scale.to(torch.bfloat16).float()  # offsets from the stored scale: save/load is exact
-        sz = torch.stack([scale, (8 - zero) * scale], -1).transpose(0, 1).contiguous()
-        self.scales_and_zeros = sz.to(torch.bfloat16)
-
     def codes(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(q [out, Kp], scale [out, G], zero [out, G]) read back from the packed layout."""
-        sz = self.scales_and_zeros.transpose(0, 1)[: self.out_features].float()  # [out, G, 2]
-        ident = torch.eye(self.Kp, dtype=torch.bfloat16, device=self.packed.device)
-        unit = torch.stack([torch.ones_like(sz[..., 0]), torch.full_like(sz[..., 0], 8.0)], -1)
-        unit = F.pad(unit, (0, 0, 0, 0, 0, self.Np - self.out_features), value=1.0).transpose(0, 1)
-        unit = unit.contiguous().to(torch.bfloat16)
-        q = torch.ops.aten._weight_int4pack_mm_for_cpu(ident, self.packed, self.group_size, unit).float()  # q^T
-        scale = sz[..., 0]
-        zero = (8 - sz[..., 1] / scale).round()
-        return q.t()[: self.out_features].round(), scale.contiguous(), zero.contiguous()
+        """(q [out, Kp], scale [out, G], zero [out, G]) as floats."""
+        p = self.qweight
+        q = torch.stack([p & 15, p >> 4], -1).view(p.shape[0], -1)
+        return q.float(), self.scales.float(), self.zeros.float()
+
+    def _packed(self) -> tuple[Tensor, Tensor]:
+        """PyTorch's int4 layout ([Np, Kp/2] packed, [G, Np, 2] bf16 scales and offsets), made on first use."""
+        src = (_tensor_key(self.qweight), _tensor_key(self.scales), _tensor_key(self.zeros))
+        if not self._pt or self._pt[0] != src:
+            q, scale, zero = self.codes()
+            pad = self.Np - q.shape[0]
+            q = F.pad(q, (0, 0, 0, pad))
+            scale, zero = F.pad(scale, (0, 0, 0, pad), value=1.0), F.pad(zero, (0, 0, 0, pad))
+            rows = 1024  # converted in blocks so the int32 copy stays small (peak RSS)
+            packed = torch.cat([
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + rows].to(torch.int32).contiguous(), 1)
+                for i in range(0, self.Np, rows)
+            ]).to(q.device)
+            # the kernel computes w = (q - 8) * scale + offset  =>  offset = (8 - zero) * scale
+            scale = scale.to(torch.bfloat16).float()
+            sz = torch.stack([scale, (8 - zero) * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self._pt = (src, packed, sz)
+        return self._pt[1], self._pt[2]
 
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
         if x.requires_grad and torch.is_grad_enabled():  # adapters train on top (QLoRA)
@@ -251,11 +286,16 @@ class Int4Linear(nn.Module):
         shape = x.shape[:-1]
         if self.input_scale is not None:
             x = x / self.input_scale
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.Kp > self.in_features:
-            x2 = F.pad(x2, (0, self.Kp - self.in_features))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
-        y = y[:, : self.out_features].float()
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu" and kernels.available():  # llmkit's kernel (kernels.py)
+            y = kernels.int4_mm(x2, self.qweight, self.scales, self.zeros)
+        else:
+            x2 = x2.to(torch.bfloat16)
+            if self.Kp > self.in_features:
+                x2 = F.pad(x2, (0, self.Kp - self.in_features))
+            packed, sz = self._packed()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
+            y = y[:, : self.out_features].float()
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape, self.out_features)
@@ -265,34 +305,19 @@ class Int4Linear(nn.Module):
         w = dequantize(q, s, z)[:, : self.in_features]
         return w if self.input_scale is None else w / self.input_scale
 
-    # portable state dict <-> kernel layout
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        q, s, z = self.codes()
-        qi = q.to(torch.uint8)
-        destination[prefix + "qweight"] = qi[:, 0::2] | (qi[:, 1::2] << 4)
-        destination[prefix + "scales"] = s
-        destination[prefix + "zeros"] = z.to(torch.uint8)
-        for name in ("bias", "input_scale"):
-            if getattr(self, name) is not None:
-                destination[prefix + name] = getattr(self, name).detach()
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        need = ["qweight", "scales", "zeros"] + [n for n in ("bias", "input_scale") if getattr(self, n) is not None]
-        missing = [prefix + n for n in need if prefix + n not in state_dict]
-        if missing:
-            missing_keys.extend(missing)
+        q = state_dict.get(prefix + "qweight")
+        if q is not None and tuple(q.shape) != tuple(self.qweight.shape):
+            error_msgs.append(f"{prefix}qweight holds codes of shape {(q.shape[0], 2 * q.shape[1])}, "
+                              f"expected {(self.out_features, self.Kp)}")
             return
-        packed = state_dict[prefix + "qweight"]
-        q = torch.stack([packed & 15, packed >> 4], -1).view(packed.shape[0], -1)
-        expect = (self.out_features, self.Kp)
-        if tuple(q.shape) != expect:
-            error_msgs.append(f"{prefix}qweight holds codes of shape {tuple(q.shape)}, expected {expect}")
-            return
-        self._set_codes(q, state_dict[prefix + "scales"], state_dict[prefix + "zeros"].float())
-        for name in ("bias", "input_scale"):
-            if getattr(self, name) is not None:
-                setattr(self, name, state_dict[prefix + name].float().clone())
+        for name in ("scales", "zeros"):  # folders may hold other dtypes
+            t = state_dict.get(prefix + name)
+            if t is not None:
+                state_dict[prefix + name] = t.to(getattr(self, name).dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"

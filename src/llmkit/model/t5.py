@@ -22,7 +22,7 @@ from llmkit.errors import InputError
 from llmkit.model import hf
 from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
-from llmkit.model.layers import EmbeddingModel, check_token_ids, make_norm
+from llmkit.model.layers import EmbeddingModel, check_token_ids, embedding, make_norm
 from llmkit.model.positions import relative_position_bucket
 from llmkit.model.transformer import MLP
 
@@ -40,6 +40,23 @@ class EncoderOutput:
         idx = torch.tensor(rows, device=self.hidden.device)
         mask = self.key_mask[idx] if self.key_mask is not None else None
         return EncoderOutput(self.hidden[idx], mask, {i: (k[idx], v[idx]) for i, (k, v) in self.kv.items()})
+
+    @classmethod
+    def cat(cls, rows: list[EncoderOutput]) -> EncoderOutput:
+        """One batch from unpadded one-row outputs of different lengths: right-padded, `key_mask` hiding
+        the padding (the engine's step batches the rows it decodes this way)."""
+        lens = [r.hidden.shape[1] for r in rows]
+        S = max(lens)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:  # [1, ..., S_i, X] -> [1, ..., S, X]
+            return F.pad(t, (0, 0, 0, S - t.shape[-2]))
+
+        mask = None
+        if any(n != S for n in lens):
+            mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).long().to(rows[0].hidden.device)
+        kv = {i: (torch.cat([pad(r.kv[i][0]) for r in rows]), torch.cat([pad(r.kv[i][1]) for r in rows]))
+              for i in rows[0].kv}
+        return cls(torch.cat([pad(r.hidden) for r in rows]), mask, kv)
 
 
 def _attend(q, k, v, bias):
@@ -72,14 +89,18 @@ class T5CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.n_embd, 2 * inner, bias=False)
         self.proj = nn.Linear(inner, cfg.n_embd, bias=False)
 
+    def cross_kv(self, enc: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys/values [B, H, S, D] of the encoder output: computed once, kept in `enc.kv`."""
+        if self.layer_idx not in enc.kv:
+            B, S, _ = enc.hidden.shape
+            kv = self.kv(enc.hidden).view(B, S, 2 * self.n_head, self.head_dim).transpose(1, 2)
+            enc.kv[self.layer_idx] = kv.chunk(2, dim=1)
+        return enc.kv[self.layer_idx]
+
     def forward(self, x: torch.Tensor, enc: EncoderOutput, bias: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        if self.layer_idx not in enc.kv:  # computed once per encoder output, reused every decode step
-            S = enc.hidden.shape[1]
-            kv = self.kv(enc.hidden).view(B, S, 2 * self.n_head, self.head_dim).transpose(1, 2)
-            enc.kv[self.layer_idx] = kv.chunk(2, dim=1)
-        k, v = enc.kv[self.layer_idx]
+        k, v = self.cross_kv(enc)
         return self.proj(_attend(q, k, v, bias).transpose(1, 2).reshape(B, T, -1))
 
 
@@ -110,11 +131,11 @@ class T5Model(EmbeddingModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         cfg = self.config = config
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # shared by encoder and decoder
-        self.enc_rel_bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
+        self.wte = embedding(cfg.vocab_size, cfg.n_embd)  # shared by encoder and decoder
+        self.enc_rel_bias = embedding(cfg.rel_buckets, cfg.n_head)
         self.enc = nn.ModuleList(T5Block(cfg, i, decoder=False) for i in range(cfg.n_layer))
         self.enc_ln_f = make_norm(cfg)
-        self.dec_rel_bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
+        self.dec_rel_bias = embedding(cfg.rel_buckets, cfg.n_head)
         self.dec = nn.ModuleList(T5Block(cfg, i, decoder=True) for i in range(cfg.n_decoder_layer))
         self.dec_ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -154,6 +175,23 @@ class T5Model(EmbeddingModel):
         for blk in self.enc:
             x = blk(x, bias)
         return EncoderOutput(self.drop(self.enc_ln_f(x)), attention_mask)
+
+    def encode_each(self, prompts: list[list[int]]) -> list[EncoderOutput]:
+        """Encode prompts of different lengths in one right-padded batch; one unpadded `EncoderOutput`
+        per prompt, holding every decoder layer's cross-attention keys/values (the engine keeps one
+        per sequence and batches them with `EncoderOutput.cat`)."""
+        lens = [len(p) for p in prompts]
+        S = max(lens)
+        ids = torch.zeros((len(prompts), S), dtype=torch.long, device=self.wte.weight.device)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p)
+        mask = (torch.arange(S, device=ids.device)[None, :] < torch.tensor(lens, device=ids.device)[:, None]).long()
+        enc = self.encode(ids, mask if min(lens) < S else None)
+        for blk in self.dec:
+            blk.xattn.cross_kv(enc)
+        return [EncoderOutput(enc.hidden[b : b + 1, :n], None,
+                              {i: (k[b : b + 1, :, :n], v[b : b + 1, :, :n]) for i, (k, v) in enc.kv.items()})
+                for b, n in enumerate(lens)]
 
     def decode(
         self,

@@ -55,7 +55,7 @@ def load_state(
     `ServerLimits()`. `lora` maps request model names to adapter folders (LoRA or prompt tuning): requests
     for them and for the base share one continuous batch (multi-LoRA; soft prompts as virtual tokens).
     `engine_options` go to `Engine` (kv_block_size, num_blocks, prefill_chunk, max_num_batched_tokens,
-    prefix_caching, mixed_prefill); `speculative` is the engine's speculative decoding (a
+    scoring_chunk, prefix_caching, mixed_prefill); `speculative` is the engine's speculative decoding (a
     `SpeculativeConfig`, a dict of its fields or "ngram").
     """
     from llmkit.infer.engine import Engine

@@ -55,6 +55,7 @@ class ServerState:
     adapters: list[str] = field(default_factory=list)  # LoRA adapters served beside the base (multi-LoRA)
     metrics: ServerMetrics = field(default=None)  # type: ignore[assignment]
     shutdown_deadline: float | None = None  # set at SIGTERM: in-flight requests are cut off then
+    _token_texts: dict[int, str] = field(default_factory=dict, repr=False)  # token_text's cache
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -183,8 +184,14 @@ class ServerState:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def token_text(self, token_id: int) -> str:
-        """The text of one token, as the `tokens` / `top_logprobs` keys show it."""
-        return self.tokenizer.decode([int(token_id)]) if self.tokenizer is not None else str(token_id)
+        """The text of one token, as the `tokens` / `top_logprobs` keys show it (cached: an echo
+        request's logprobs name thousands of tokens, built on the event loop)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            token_id = int(token_id)
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+            self._token_texts[token_id] = text
+        return text
 
 
 def new_id(prefix: str) -> str:

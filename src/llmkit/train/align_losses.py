@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 IGNORE = -100
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+GRPO_LOSSES = ("grpo", "dapo", "dr_grpo")
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -82,6 +83,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def grpo_reduce(per_tok: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
+    """GRPO's loss from per-token terms [N, K]: `grpo` averages each answer's tokens, then the answers
+    (Shao et al.); `dapo` averages all the batch's answer tokens (token level, Yu et al., 2025);
+    `dr_grpo` sums each answer's tokens over a constant, N x max_new_tokens (Liu et al., 2025)."""
+    if loss_type == "grpo":
+        return masked_mean(per_tok, mask, 1).mean()
+    if loss_type == "dapo":
+        return masked_mean(per_tok, mask)
+    return (per_tok * mask).sum() / (per_tok.shape[0] * max_new_tokens)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:

@@ -38,6 +38,7 @@ from llmkit.train.config import OptimConfig, TrainConfig
 from llmkit.train.trainer import Trainer, TrainResult, lm_loss
 
 METHODS = ("full", "lora", "prompt-tuning", "freeze")
+SEQ2SEQ_METHODS = ("full", "freeze")  # what an encoder-decoder (T5) base supports
 DEFAULT_LR = {"full": 1e-4, "freeze": 1e-4, "lora": 1e-3, "prompt-tuning": 3e-2}
 
 
@@ -178,15 +179,23 @@ class Finetuner(Trainer):
     def _setup_data(self) -> None:
 
         ft, t = self.ft, self.t
-        ctx = config_from_hf(read_config(ft.model)).block_size  # also: a clear error for a missing model
+        hf_cfg = read_config(ft.model)  # also: a clear error for a missing model
+        ctx = config_from_hf(hf_cfg).block_size
+        # encoder-decoder (T5): prompt -> encoder, completion + EOS -> decoder targets (`Seq2SeqExample`)
+        self.seq2seq = bool(hf_cfg.get("is_encoder_decoder"))
+        if self.seq2seq and (ft.method not in SEQ2SEQ_METHODS or ft.packing or ft.qat or ft.quantize
+                             or ft.freeze_layers is not None or ft.activation_checkpointing):
+            raise ConfigError(f"{ft.model} is an encoder-decoder: finetune supports --method full, or freeze with "
+                              "--trainable GLOB, for it (no --packing, --qat, --quantize, --freeze-layers or "
+                              "--activation-checkpointing)")
         if ft.max_seq_len is None:
             ft.max_seq_len = min(1024, ctx - (ft.num_virtual_tokens if ft.method == "prompt-tuning" else 0))
         self.tokenizer = load_tokenizer(ft.model)
-        train = load_sft_data(ft.data, self.tokenizer, ft.max_seq_len, ft.train_on_prompt)
+        train = load_sft_data(ft.data, self.tokenizer, ft.max_seq_len, ft.train_on_prompt, self.seq2seq)
         self.truncated, self.dropped = train.truncated, train.dropped
         examples = train.examples
         if ft.val_data:
-            val = load_sft_data(ft.val_data, self.tokenizer, ft.max_seq_len, ft.train_on_prompt)
+            val = load_sft_data(ft.val_data, self.tokenizer, ft.max_seq_len, ft.train_on_prompt, self.seq2seq)
             self.val_examples = val.examples
             self.truncated, self.dropped = self.truncated + val.truncated, self.dropped + val.dropped
         else:
@@ -236,7 +245,7 @@ class Finetuner(Trainer):
         return load_model(self.ft.model, quantize=self.ft.quantize)
 
     def _max_token_id(self) -> int:
-        return max(max(e.input_ids) for e in self.train_examples + self.val_examples)
+        return max(max(e.input_ids + e.labels) for e in self.train_examples + self.val_examples)
 
     def _batches_per_epoch(self) -> int:
         t, ft = self.t, self.ft
@@ -277,7 +286,7 @@ class Finetuner(Trainer):
         b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         y = b.pop("targets")
         self.step_tokens += int((b["input_ids"] != self.pad_id).sum()) * self.dist.world_size
-        return lm_loss(sft_forward(self.model, b), y, self.t.label_smoothing)
+        return lm_loss(sft_forward(self.model, b, y), y, self.t.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", full: bool = False) -> float:
@@ -289,9 +298,9 @@ class Finetuner(Trainer):
         bs = 2 * self.t.batch_size
         for i in range(0, len(mine), bs):
             b = collate(mine[i : i + bs], self.pad_id)
+            y = b.pop("targets").to(self.dist.device)
             with self._autocast():
-                logits = self.model(b["input_ids"].to(self.dist.device))
-            y = b["targets"].to(self.dist.device)
+                logits = sft_forward(self.model, {k: v.to(self.dist.device) for k, v in b.items()}, y)
             total[0] += lm_loss(logits, y, reduction="sum").double().cpu()
             total[1] += int((y != -100).sum())
         self.model.train()
@@ -345,8 +354,13 @@ class Finetuner(Trainer):
         return result
 
 
-def sft_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, T, V] of a collated SFT batch; a packed one (segment_ids) attends within each example."""
+def sft_forward(model: nn.Module, batch: dict[str, torch.Tensor], targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, T, V] of a collated SFT batch; a packed one (segment_ids) attends within each example.
+    An encoder-decoder batch (attention_mask) runs the decoder on `targets` shifted right (teacher forcing)."""
+    if "attention_mask" in batch:
+        raw = getattr(model, "module", model)  # DDP
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                     decoder_input_ids=raw.shift_right(targets))
     if "segment_ids" not in batch:
         return model(batch["input_ids"])
     pos, seg = batch["position_ids"], batch["segment_ids"]

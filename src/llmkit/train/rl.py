@@ -37,16 +37,19 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from llmkit.data.prefs import PromptRecord, load_prompts
-from llmkit.data.sft import IGNORE, SFTExample, chat_ids, collate
+from llmkit.data.sft import IGNORE, chat_ids
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer.generate import eos_token_ids, generate
+from llmkit.model.attention import AttnMeta
 from llmkit.model.hf import config_from_hf, read_config
 from llmkit.model.linear import set_decode_packing
 from llmkit.model.reward import is_reward_folder, load_reward_model, score_ids
 from llmkit.tokenizer import load_tokenizer
 from llmkit.train.align_losses import (
+    GRPO_LOSSES,
     gae,
     group_advantages,
+    grpo_reduce,
     k3_kl,
     masked_mean,
     ppo_policy_loss,
@@ -167,6 +170,7 @@ class RLConfig(FinetuneConfig):
     lam: float = 0.95
     whiten_advantages: bool = True
     scale_rewards: bool = True  # GRPO: divide by the group's std
+    loss_type: str = "grpo"  # GRPO loss normalisation: grpo | dapo | dr_grpo (trl's names)
     truncation_penalty: float | None = None  # reward given to responses cut at max_new_tokens
     eval_prompts: int = 64  # held-out prompts decoded greedily at each eval
 
@@ -178,6 +182,8 @@ class RLConfig(FinetuneConfig):
             raise ConfigError(f"--method {self.method} is not supported for RL; expected full or lora")
         if not self.reward:
             raise ConfigError("no reward given; expected --reward RM_DIR or --reward module:function")
+        if self.loss_type not in GRPO_LOSSES:
+            raise ConfigError(f"--loss-type {self.loss_type!r}: expected one of {', '.join(GRPO_LOSSES)}")
         if self.algo == "grpo" and self.group_size < 2:
             raise ConfigError(f"--group-size {self.group_size}: GRPO compares samples of one prompt, so it needs "
                               "at least 2")
@@ -192,18 +198,61 @@ class RLConfig(FinetuneConfig):
 
 @dataclass
 class Rollout:
-    """A batch of sampled completions and everything the update needs, rows group by group."""
+    """A batch of sampled completions and everything the update needs, rows group by group.
+
+    Each prompt is stored once (`prompt_ids`, left-padded) and its G answers point to it (`group`):
+    the teacher-forced passes run a prompt once and let its answers attend to its keys and values.
+    """
 
     prompts: list[PromptRecord]  # one per row (repeated G times)
     completions: list[str]
-    input_ids: torch.Tensor  # [N, T] prompt + response, right-padded, without the last token
-    targets: torch.Tensor  # [N, K] targets of the last K positions (every response token), IGNORE elsewhere
+    prompt_ids: torch.Tensor  # [P, Lp] each distinct prompt, left-padded
+    prompt_mask: torch.Tensor  # [P, Lp] 1 = token, 0 = padding
+    group: torch.Tensor  # [N] the prompt (row of prompt_ids) of each answer
+    targets: torch.Tensor  # [N, K] the answer tokens (the stop token included), IGNORE after them
     scores: torch.Tensor  # [N] rewards
     old_logp: torch.Tensor | None  # [N, K]; None: the update's own log-probs (one on-policy pass)
     ref_logp: torch.Tensor | None  # [N, K]
     values: torch.Tensor | None = None  # [N, K] (PPO)
     advantages: torch.Tensor | None = None  # [N, K]
     returns: torch.Tensor | None = None  # [N, K] (PPO)
+
+
+class SharedPrefixCache:
+    """A `kv_cache` for teacher-forced passes over G answers of one prompt: the prompt's pass records
+    each layer's keys/values [P, nkv, Lp, hd]; the answers' pass prepends row `rows[i]` of them to
+    answer i's own. Nothing is detached, so the answers' gradients reach the prompt's positions."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows: torch.Tensor | None = None  # [N] set for the answers' pass
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rows is None:
+            self.kv[layer_idx] = (k, v)
+            return k, v
+        pk, pv = self.kv[layer_idx]
+        return torch.cat([pk[self.rows], k], 2), torch.cat([pv[self.rows], v], 2)
+
+
+def answer_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows: torch.Tensor,
+                  targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Logits [n, K, V] predicting each answer's tokens `targets` [n, K] (IGNORE-padded) that follow
+    prompt `rows[i]` of `prompt_ids` [U, Lp] (left-padded, `prompt_mask` 1 = token): the prompts run
+    once (their last position predicts the first answer token), then the answers on top of their
+    keys/values, so G answers of a prompt cost one prompt pass (the same result as n full rows)."""
+    Lp = prompt_ids.shape[1]
+    cache = SharedPrefixCache()
+    meta = AttnMeta((prompt_mask.cumsum(1) - 1).clamp(min=0), Lp, key_mask=prompt_mask)
+    logits = model(prompt_ids, attn_meta=meta, kv_cache=cache, num_logits_to_keep=1)[rows]  # [n, 1, V]
+    x = targets[:, :-1].masked_fill(targets[:, :-1] == IGNORE, pad_id)  # the answers' inputs [n, K-1]
+    T = x.shape[1]
+    if not T:
+        return logits
+    cache.rows = rows
+    pos = prompt_mask.sum(1)[rows, None] + torch.arange(T, device=x.device)  # [n, T]
+    meta = AttnMeta(pos, Lp + T, key_mask=torch.cat([prompt_mask[rows], torch.ones_like(x)], 1))
+    return torch.cat([logits, model(x, attn_meta=meta, kv_cache=cache)], 1)
 
 
 class RLTrainer(Finetuner):
@@ -267,8 +316,8 @@ class RLTrainer(Finetuner):
             nn.init.normal_(model.v_head.weight, 0.0, 1.0 / math.sqrt(C + 1))
             nn.init.zeros_(model.v_head.bias)
             model.v_head.requires_grad_(True)
-            self._hidden: dict[str, torch.Tensor] = {}
-            model.ln_f.register_forward_hook(lambda m, i, o: self._hidden.__setitem__("h", o))
+            self._hidden: list[torch.Tensor] = []
+            model.ln_f.register_forward_hook(lambda m, i, o: self._hidden.append(o))
         return model
 
     def describe(self) -> str:
@@ -305,17 +354,23 @@ class RLTrainer(Finetuner):
         model.train(was)
         return outs, time.perf_counter() - t0
 
-    def _forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, values: bool = False,
+    def _forward(self, model: nn.Module, ro: Rollout, idx: torch.Tensor | None = None, values: bool = False,
                  entropy: str | None = None):
-        """(token log-probs [N, K], entropy [N, K] or None, values [N, K] or None) for the targets y [N, K]
-        of the last K positions of x [N, T]: the head and softmax run on those positions only."""
+        """(token log-probs [n, K], entropy [n, K] or None, values [n, K] or None) of the answers `idx`
+        (all when None), each distinct prompt run once (`answer_logits`)."""
+        idx = torch.arange(len(ro.group), device=ro.group.device) if idx is None else idx
+        uniq, rows = torch.unique(ro.group[idx], return_inverse=True)
+        y = ro.targets[idx]  # [n, K]
+        if values:
+            self._hidden.clear()
         with self._autocast():
-            logits = model(x, num_logits_to_keep=y.shape[1])  # [N, K, V]
-        if self.ft.temperature > 0:  # the sampling distribution's log-probs (as trl)
+            logits = answer_logits(model, ro.prompt_ids[uniq], ro.prompt_mask[uniq], rows, y, self.pad_id)
+        if self.ft.temperature not in (0, 1):  # the sampling distribution's log-probs (as trl)
             logits = logits / self.ft.temperature
         v = None
-        if values:
-            v = self.raw_model.v_head(self._hidden.pop("h")).squeeze(-1).float()
+        if values:  # the ln_f outputs of the prompts' last positions and of the answers' passes
+            h = torch.cat([self._hidden[0][rows]] + self._hidden[1:], 1)  # [n, K, C]
+            v = self.raw_model.v_head(h).squeeze(-1).float()
         logp, ent = token_logps_entropy(logits, y, entropy)
         return logp, ent, v
 
@@ -330,25 +385,31 @@ class RLTrainer(Finetuner):
         scores = torch.tensor(scores, dtype=torch.float32)
         if ft.truncation_penalty is not None:
             scores = torch.where(cut, torch.tensor(ft.truncation_penalty), scores)
-        examples = [SFTExample(p.prompt_ids + g, [IGNORE] * len(p.prompt_ids) + g) for p, g in zip(prompts, gens)]
-        b = collate(examples, self.pad_id)
-        start = min(len(p.prompt_ids) for p in prompts) - 1  # the first position with a response target
-        x, y = b["input_ids"].to(dev), b["targets"][:, start:].to(dev)
+        Lp, K = max(len(p.prompt_ids) for p in batch), max(len(g) for g in gens)
+        pid = torch.full((len(batch), Lp), self.pad_id, dtype=torch.long)
+        pm = torch.zeros((len(batch), Lp), dtype=torch.long)
+        for i, p in enumerate(batch):  # left-padded: every prompt ends at column Lp - 1
+            pid[i, Lp - len(p.prompt_ids):] = torch.tensor(p.prompt_ids)
+            pm[i, Lp - len(p.prompt_ids):] = 1
+        y = torch.full((len(gens), K), IGNORE, dtype=torch.long)
+        for i, g in enumerate(gens):
+            y[i, : len(g)] = torch.tensor(g)
+        group = torch.arange(len(batch)).repeat_interleave(G)
+        ro = Rollout(prompts, texts, pid.to(dev), pm.to(dev), group.to(dev), y.to(dev), scores.to(dev), None, None)
         self.raw_model.eval()
-        old_logp = values = None
         if not self.on_policy:  # one on-policy pass: the update's own log-probs are the old ones
-            old_logp, _, values = self._forward(self.raw_model, x, y, values=ft.algo == "ppo")
-        ref_logp = None
+            ro.old_logp, _, ro.values = self._forward(self.raw_model, ro, values=ft.algo == "ppo")
         if self.need_ref:
             with self._reference() as ref:
-                ref_logp, _, _ = self._forward(ref, x, y)
+                ro.ref_logp, _, _ = self._forward(ref, ro)
         self.raw_model.train()
         n_tokens = sum(len(g) for g in gens)
         stats = {"reward_mean": float(scores.mean()), "reward_min": float(scores.min()),
                  "reward_max": float(scores.max()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
                  "response_length": n_tokens / len(gens), "truncated": int(cut.sum()),
                  "rollout_tokens_per_sec": n_tokens / max(t_gen, 1e-9), "rollout_time": t_gen}
-        return Rollout(prompts, texts, x, y, scores.to(dev), old_logp, ref_logp, values), stats
+        self.row_tokens = sum(len(p.prompt_ids) + len(g) for p, g in zip(prompts, gens))
+        return ro, stats
 
     def advantages(self, ro: Rollout, stats: dict[str, float]) -> None:
         """PPO: KL-shaped per-token rewards, GAE, whitening. GRPO: group-normalised scores on every token."""
@@ -382,10 +443,9 @@ class RLTrainer(Finetuner):
     # ------------------------------------------------------------------ update
     def minibatch_loss(self, ro: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ft = self.ft
-        x, y = ro.input_ids[idx], ro.targets[idx]
-        mask = (y != IGNORE).float()
+        mask = (ro.targets[idx] != IGNORE).float()
         grad_ent = ft.algo == "ppo" and ft.ent_coef != 0
-        logp, ent, values = self._forward(self.model, x, y, values=ft.algo == "ppo",
+        logp, ent, values = self._forward(self.model, ro, idx, values=ft.algo == "ppo",
                                           entropy="grad" if grad_ent else "detached")
         entropy = masked_mean(ent.detach(), mask)
         old = ro.old_logp[idx] if ro.old_logp is not None else None
@@ -406,7 +466,7 @@ class RLTrainer(Finetuner):
             stats["kl"] = masked_mean(kl.detach(), mask, 1).mean()
             if ft.beta > 0:
                 per_tok = per_tok + ft.beta * kl
-        loss = masked_mean(per_tok, mask, 1).mean()  # mean over each response, then over responses
+        loss = grpo_reduce(per_tok, mask, ft.loss_type, ft.max_new_tokens)
         clipfrac = masked_mean(((ratio - 1).abs() > ft.clip_range).float(), mask)
         return loss, {"policy_loss": loss.detach(), "clipfrac": clipfrac.detach(), "entropy": entropy, **stats}
 
@@ -417,13 +477,13 @@ class RLTrainer(Finetuner):
         batch = self.sampler.next_batch()
         ro, stats = self.rollout(batch)
         self.advantages(ro, stats)
-        N = ro.input_ids.shape[0]
+        N = len(ro.group)
         mb = max(1, N // ft.num_minibatches)
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         n = 0
         for _ in range(self.epochs):
-            order = torch.randperm(N, device=ro.input_ids.device)
+            order = torch.randperm(N, device=ro.group.device)
             for s in range(0, N, mb):
                 idx = order[s : s + mb]
                 with self._autocast():
@@ -435,7 +495,7 @@ class RLTrainer(Finetuner):
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 n += 1
         dt = time.perf_counter() - t0
-        update_tokens = int((ro.input_ids != self.pad_id).sum()) * self.epochs
+        update_tokens = self.row_tokens * self.epochs  # prompt + answer of every row, as if unshared
         stats.update({k: v / n for k, v in sums.items()})
         stats.update(update_tokens_per_sec=update_tokens / max(dt, 1e-9), update_time=dt,
                      step_time=time.perf_counter() - t_step)
