@@ -1,4 +1,4 @@
-"""Layers shared by every model family: norms, activations, the token-id check."""
+"""Layers shared by every model family: embeddings, norms, activations, the token-id check."""
 
 from __future__ import annotations
 
@@ -53,15 +53,25 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight + self.offset if self.offset else self.weight
         fused = x.dtype == torch.float32 and w.dtype == torch.float32
-        # one fused op; not while tracing (ONNX export: no rms_norm before opset 23). `is_tracing` is a C
-        # flag, `torch.onnx.is_in_onnx_export()` an import per call (~5% of a small model's decode step)
-        if fused and not torch.jit.is_tracing():
-            return F.rms_norm(x, w.shape, w, self.eps)
+        # one op; not while tracing (ONNX export: no rms_norm before opset 23). The tracing state is a C
+        # flag (`torch.jit.is_tracing` reads it; `torch.onnx.is_in_onnx_export()` is an import per call)
+        if fused and not torch._C._get_tracing_state():
+            return torch.rms_norm(x, w.shape, w, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
             return (h * w.float()).to(x.dtype)
         return w * h.to(x.dtype)
+
+
+def embedding(num_embeddings: int, embedding_dim: int, **kw) -> nn.Embedding:
+    """`nn.Embedding(num_embeddings, embedding_dim, **kw)`; built on the meta device (the checkpoint
+    loader) it skips its own N(0, 1) init. That init on a meta tensor runs through `torch._refs`, which
+    imports torch._dynamo: ~1.6 s, and ~300k Python objects that every later full garbage collection
+    walks (a ~250 ms pause in a serving process). Models initialise their weights themselves."""
+    if torch.empty(0).device.type == "meta":
+        kw["_weight"] = torch.empty(num_embeddings, embedding_dim)
+    return nn.Embedding(num_embeddings, embedding_dim, **kw)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
