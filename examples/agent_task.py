@@ -80,6 +80,36 @@ def make(out: str, n_train: int = 2000, n_val: int = 100, seed: int = 0, per_cha
     return d / "train.jsonl", d / "val.jsonl"
 
 
+def copy_text(out: str, n_lines: int = 40000, seed: int = 0) -> Path:
+    """A pretraining text that requires copying (no questions, no tool calls): each line is a random span
+    (printable ASCII, or numbers with operators) and 2-3 copies of it after short random fillers. A small
+    model pretrained on it forms induction heads (attend to the earlier occurrence, copy what followed),
+    which the tool-call task needs twice: the question's digits into the call, the result into the answer."""
+    import string
+
+    rng = random.Random(seed)
+    chars = string.ascii_letters + string.digits + string.punctuation + " "
+
+    def span() -> str:
+        if rng.random() < 0.5:  # arithmetic-looking: numbers, operators, parentheses
+            nums = [str(rng.randint(0, 10 ** rng.randint(1, 5))) for _ in range(rng.randint(1, 5))]
+            text = nums[0] + "".join(f" {rng.choice('+-*/')} {x}" for x in nums[1:])
+            return f"({text})" if rng.random() < 0.2 else text
+        return "".join(rng.choice(chars) for _ in range(rng.randint(2, 30)))
+
+    def filler() -> str:
+        return "".join(rng.choice(chars) for _ in range(rng.randint(0, 12)))
+
+    lines = []
+    for _ in range(n_lines):  # the span, then 2-3 copies after short fillers: most characters are copies
+        s = span()
+        lines.append(s + "".join(f" {filler()} {s}" for _ in range(rng.randint(2, 3))) + "\n")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(lines))
+    return path
+
+
 def load(path: str, limit: int | None = None) -> list[tuple[str, str]]:
     """(question, reference answer) pairs of a file written by `make`."""
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()][:limit]
@@ -96,14 +126,14 @@ def answer_alone(model, tokenizer, question: str) -> str:
 
 
 def evaluate(model_dir: str, data: str, mode: str, limit: int | None = None, max_steps: int = 4,
-             trace_dir: str | None = None, show: int = 3) -> dict:
+             trace_dir: str | None = None, show: int = 3, max_tokens: int = 128) -> dict:
     """Exact-match accuracy of `mode` ('alone' or 'agent') on the held-out questions, and the wall time."""
     import llmkit
     from llmkit.agent import Agent
 
     pairs = load(data, limit)
     model, tokenizer = llmkit.load_model(model_dir), llmkit.load_tokenizer(model_dir)
-    agent = Agent(model, tools=["calculator"], tokenizer=tokenizer, max_steps=max_steps, max_tokens=64) \
+    agent = Agent(model, tools=["calculator"], tokenizer=tokenizer, max_steps=max_steps, max_tokens=max_tokens) \
         if mode == "agent" else None
     t0 = time.perf_counter()
     hits, outs = 0, []
@@ -132,19 +162,28 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--n-val", type=int, default=100)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--per-chat", type=int, default=3, help="questions per training conversation (default 3)")
+    c = sub.add_parser("copytext", help="write a pretraining text that requires copying (induction heads)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--lines", type=int, default=40000)
+    c.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("eval", help="held-out exact match of the model alone or of the agent with the calculator")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--mode", choices=["alone", "agent"], default="agent")
     e.add_argument("--limit", type=int)
     e.add_argument("--max-steps", type=int, default=4)
+    e.add_argument("--max-tokens", type=int, default=128, help="new tokens per model call (a char-level call is ~90)")
     e.add_argument("--traces", default=None, help="write one agent trace per question into this folder")
     args = ap.parse_args(argv)
     if args.cmd == "make":
         tr, va = make(args.out, args.n_train, args.n_val, args.seed, args.per_chat)
         print(f"wrote {tr} ({args.n_train} questions) and {va} ({args.n_val})")
         return 0
-    evaluate(args.model, args.data, args.mode, args.limit, args.max_steps, args.traces)
+    if args.cmd == "copytext":
+        path = copy_text(args.out, args.lines, args.seed)
+        print(f"wrote {path} ({args.lines} lines, {path.stat().st_size} characters)")
+        return 0
+    evaluate(args.model, args.data, args.mode, args.limit, args.max_steps, args.traces, max_tokens=args.max_tokens)
     return 0
 
 

@@ -84,10 +84,13 @@ def tok_dir(tmp_path_factory):
 
 
 def test_default_rendering_is_qwen25(tok_dir):
+    """Calls and results are rendered as Qwen2.5's template writes them; the tool list in the system turn
+    is llmkit's compact one for its own ChatML, Qwen2.5's JSON listing for other plain templates."""
     tmp_path = tok_dir
     ours = load_tokenizer(tmp_path)
     assert ours.chat_template == CHATML
-    msgs, extra = prepare_chat(CHAT, TOOLS, ours.chat_template)
+    other_plain = CHATML + "{#- a plain template that is not llmkit's: no tool markup #}"
+    msgs, extra = prepare_chat(CHAT, TOOLS, other_plain)
     # transformers renders Qwen2.5's template with arguments as dicts (its documented convention)
     ref = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     hf_chat = [
@@ -99,6 +102,16 @@ def test_default_rendering_is_qwen25(tok_dir):
                                        add_generation_prompt=True)
     assert ours.apply_chat_template(msgs, **extra) == expected
     assert ours.encode_chat(msgs, **extra) == ref(expected, add_special_tokens=False)["input_ids"]
+    # llmkit's ChatML (models trained here): the same text but a compact tool list, written out by hand
+    compact = (
+        "You are terse.\n\nTools:\nadd(a: integer, b: integer) - Add two numbers: ä+ö\necho(text: string)\n"
+        'Call: <tool_call>{"name": ..., "arguments": {...}}</tool_call>'
+    )
+    msgs_c, extra_c = prepare_chat(CHAT, TOOLS, ours.chat_template)
+    assert extra_c == {} and msgs_c[0] == {"role": "system", "content": compact}
+    qwen_system = expected[len("<|im_start|>system\n") : expected.index("<|im_end|>")]
+    assert ours.apply_chat_template(msgs_c) == expected.replace(qwen_system, compact)
+    assert len(compact) < len(qwen_system) / 2
     # a template that knows tools renders them itself: same text again, through its own markup
     msgs2, extra2 = prepare_chat(CHAT, TOOLS, QWEN25_TOOLS)
     assert extra2 == {"tools": TOOLS}

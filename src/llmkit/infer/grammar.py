@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -139,51 +140,78 @@ def compile_grammar(tokenizer: Any, grammar: Grammar, vocab_size: int, stop_ids:
 
 
 class Constraint:
-    """One sequence's position in its grammar: masks logits, accepts sampled tokens."""
+    """One sequence's position in its grammar: fills its row of a batch's token bitmask, accepts sampled tokens."""
 
     def __init__(self, tokenizer: Any, grammar: Grammar, stop_ids: set[int]):
         self.tokenizer, self.grammar, self.stop_ids = tokenizer, grammar, stop_ids
         self.matcher: Any = None  # built at the first step, when the logits' width is known
-        self.bitmask: torch.Tensor | None = None
 
-    def mask_logits(self, row: torch.Tensor) -> None:
-        """Set the logits of forbidden tokens to -inf, in place (`row` [V])."""
-        xgr = _xgrammar()
-
-        V = row.shape[-1]
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int, vocab_size: int) -> None:
+        """Write the allowed next tokens into `bitmask[row]` (xgrammar's packed int32, bit j of word i =
+        token 32*i + j)."""
         if self.matcher is None:
-            self.matcher = xgr.GrammarMatcher(compile_grammar(self.tokenizer, self.grammar, V, self.stop_ids))
-            self.bitmask = xgr.allocate_token_bitmask(1, V)
-        self.matcher.fill_next_token_bitmask(self.bitmask, 0)
-        allowed = _unpack(self.bitmask[0], V)
+            compiled = compile_grammar(self.tokenizer, self.grammar, vocab_size, self.stop_ids)
+            self.matcher = _xgrammar().GrammarMatcher(compiled)
+        self.matcher.fill_next_token_bitmask(bitmask, row)
         if self.grammar.kind in ("json_object", "json_schema"):
             # xgrammar's JSON strings admit raw control characters, which RFC 8259 forbids (they must
             # be escaped); compact JSON has no other place for them, so tokens holding one are banned
-            allowed &= ~_control_tokens(self.tokenizer, V)
-        allowed = allowed.to(row.device)
-        row.masked_fill_(~allowed, float("-inf"))
+            bitmask[row] &= _allowed_text_words(self.tokenizer, vocab_size)
+
+    def mask_logits(self, row: torch.Tensor) -> None:
+        """Set the logits of forbidden tokens to -inf, in place (`row` [V])."""
+        mask_logits(row[None], [0], [self])
 
     def accept(self, token: int) -> None:
         if self.matcher is not None and not self.matcher.is_terminated():
             self.matcher.accept_token(token)
 
 
-def _control_tokens(tokenizer: Any, V: int) -> torch.Tensor:
-    """bool [V]: the tokens whose text holds a control character U+0000..U+001F (cached)."""
+_bitmasks = threading.local()  # per thread (engine loop, generate callers): a reusable [B, words] bitmask
+# byte value -> its 8 bits, negated: BANNED_BITS[x, j] is True when bit j of byte x is 0 (token forbidden)
+_BANNED_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).eq(0)  # bool [256, 8]
+
+
+def mask_logits(logits: torch.Tensor, rows: list[int], constraints: list[Constraint]) -> None:
+    """Set the logits [B, V] of the tokens each row's grammar forbids to -inf, in place: row rows[i] under
+    constraints[i]. One packed bitmask [n, ceil(V/32)] for the batch, each matcher fills its row; on CPU it
+    is unpacked by a byte lookup table (one gather, one masked fill for the batch), elsewhere xgrammar's
+    kernel applies it."""
+    B, V = logits.shape
+    n, words = len(rows), (V + 31) // 32
+    bitmask = getattr(_bitmasks, "buf", None)
+    if bitmask is None or bitmask.shape[0] < n or bitmask.shape[1] != words:
+        bitmask = _bitmasks.buf = _xgrammar().allocate_token_bitmask(max(n, B), V)
+    for i, c in enumerate(constraints):
+        c.fill_bitmask(bitmask, i, V)
+    if logits.device.type != "cpu" or sys.byteorder != "little":
+        bits = torch.full((B, words), -1, dtype=torch.int32)
+        bits[rows] = bitmask[:n]
+        _xgrammar().apply_token_bitmask_inplace(logits, bits.to(logits.device), vocab_size=V, indices=rows)
+        return
+    # little-endian words: byte k of word i holds tokens 32*i + 8*k .. +7, so the bytes in order are the tokens
+    byte_ids = bitmask[:n].view(torch.uint8).reshape(-1).int()
+    banned = _BANNED_BITS.index_select(0, byte_ids).view(n, -1)[:, :V]  # bool [n, V]
+    if n == B and rows == list(range(B)):
+        logits.masked_fill_(banned, float("-inf"))
+    else:
+        for i, r in enumerate(rows):
+            logits[r].masked_fill_(banned[i], float("-inf"))
+
+
+def _allowed_text_words(tokenizer: Any, V: int) -> torch.Tensor:
+    """int32 [ceil(V/32)]: xgrammar's packed bitmask with the bits of tokens whose text holds a control
+    character U+0000..U+001F cleared (cached)."""
     key = (id(tokenizer), V)
     with _lock:
         hit = _controls.get(key)
     if hit is None:
         n = min(V, tokenizer.vocab_size)
         text = [tokenizer.decode([i]) for i in range(n)]
-        hit = torch.zeros(V, dtype=torch.bool)
-        hit[:n] = torch.tensor([any(ord(c) < 0x20 for c in t) for t in text])
+        allowed = torch.ones((V + 31) // 32 * 32, dtype=torch.int64)
+        allowed[:n] = torch.tensor([not any(ord(c) < 0x20 for c in t) for t in text], dtype=torch.int64)
+        packed = (allowed.view(-1, 32) << torch.arange(32, dtype=torch.int64)).sum(1)  # bit j = token 32*i + j
+        hit = packed.to(torch.int32)  # wraps to the same 32 bits (two's complement)
         with _lock:
             _controls[key] = hit
     return hit
-
-
-def _unpack(bits: torch.Tensor, V: int) -> torch.Tensor:
-    """xgrammar's packed int32 bitmask [ceil(V/32)] -> bool [V] (bit j of word i = token 32*i + j)."""
-    shifts = torch.arange(32, dtype=torch.int32)
-    return ((bits[:, None] >> shifts) & 1).bool().reshape(-1)[:V]

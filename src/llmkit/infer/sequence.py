@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from llmkit.infer.detok import IncrementalDetokenizer
-from llmkit.infer.grammar import Constraint
+from llmkit.infer.grammar import Constraint, mask_logits
 from llmkit.infer.sampling import SamplingParams, sample_next, sampling_probs
 from llmkit.infer.speculative import rejection_sample
 from llmkit.infer.stopping import StopChecker
@@ -101,8 +101,7 @@ def sample_step(
     constrained = [b for b, s in enumerate(seqs) if s.constraint is not None and (active is None or active[b])]
     if constrained:
         logits = logits.float().clone()
-        for b in constrained:
-            seqs[b].constraint.mask_logits(logits[b])
+        mask_logits(logits, constrained, [seqs[b].constraint for b in constrained])
     out = sample_next(
         logits, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs],
         prompt_lens=[s.prompt_len for s in seqs],

@@ -16,10 +16,12 @@ Contract (used by serve's /v1/chat/completions, infer's tool-call grammar, agent
 - `detect_format(chat_template)` picks the format from the template text (hermes when unknown).
 - `prepare_chat(messages, tools, chat_template) -> (messages, template_kwargs)`: what to hand
   `Tokenizer.encode_chat`. A template that knows tools (Qwen2.5, Llama 3.1, Mistral) gets `tools=` and the
-  messages with `arguments` as dicts, as transformers' templates expect. A template that does not (llmkit's
-  ChatML default) gets plain {role, content} messages in the hermes format, the text Qwen2.5's template
-  writes: the tool list in the system turn, calls as `<tool_call>` blocks in the assistant turn, tool results
-  as `<tool_response>` blocks in a user turn.
+  messages with `arguments` as dicts, as transformers' templates expect. A template that does not gets plain
+  {role, content} messages in the hermes format: calls as `<tool_call>` blocks in the assistant turn, tool
+  results as `<tool_response>` blocks in a user turn, and the tool list in the system turn. For llmkit's own
+  ChatML template (models trained here) that list is `compact_tools_prompt` (llmkit's documented default:
+  one `name(param: type) - description` line per tool and the call syntax); for other templates it is the
+  text Qwen2.5's template writes (`tools_system_prompt`).
 - `format_tool_calls(calls, fmt, content)` -> the assistant text that makes `calls` in format `fmt`
   (the training target and what the model is asked to write).
 - `ToolCallParser(fmt, max_calls=None)`: incremental (calls past `max_calls` are dropped).
@@ -43,6 +45,7 @@ import string
 from typing import Any
 
 from llmkit.errors import InputError
+from llmkit.tokenizer.chat_template import CHATML_TEMPLATE
 
 FORMATS = ("hermes", "llama3_json", "mistral")
 DEFAULT_FORMAT = "hermes"
@@ -166,6 +169,26 @@ def format_tool_calls(calls: list[dict[str, Any]], fmt: str = DEFAULT_FORMAT, co
     return text + MISTRAL_MARK + dump([{"name": n, "arguments": a} for n, a in parts])
 
 
+def _signature(tool: dict[str, Any]) -> str:
+    """`name(param: type, opt?: type) - first sentence of the description` of one tool."""
+    fn = tool["function"]
+    params = fn.get("parameters") or {}
+    required = set(params.get("required", []))
+    args = ", ".join(
+        f"{k}{'' if k in required else '?'}: {v.get('type', 'any') if isinstance(v.get('type'), str) else 'any'}"
+        for k, v in (params.get("properties") or {}).items()
+    )
+    desc = (fn.get("description") or "").strip().split("\n")[0]
+    return f"{fn['name']}({args})" + (f" - {desc}" if desc else "")
+
+
+def compact_tools_prompt(tools: list[dict[str, Any]]) -> str:
+    """llmkit's default tool prompt for models trained here: one signature line per tool and the call syntax
+    (~4x shorter than Qwen2.5's JSON listing: what a small model reads on every step)."""
+    lines = "".join(f"\n{_signature(t)}" for t in tools)
+    return f'Tools:{lines}\nCall: <tool_call>{{"name": ..., "arguments": {{...}}}}</tool_call>'
+
+
 def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
     """The tool list as Qwen2.5's template writes it into the system turn (hermes format)."""
     listed = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
@@ -200,10 +223,10 @@ def prepare_chat(
                 ]
             out.append(m)
         return out, ({"tools": tools} if tools else {})
-    # llmkit's default: hermes text inside a plain (ChatML) template
+    # hermes text inside a plain template: llmkit's compact tool list for its own ChatML, Qwen2.5's otherwise
     out: list[dict[str, Any]] = []
     if tools:
-        block = tools_system_prompt(tools)
+        block = compact_tools_prompt(tools) if chat_template == CHATML_TEMPLATE else tools_system_prompt(tools)
         if messages and messages[0].get("role") in ("system", "developer"):
             out.append({"role": "system", "content": (messages[0].get("content") or "") + "\n\n" + block})
             messages = messages[1:]
