@@ -54,16 +54,15 @@ def build_side(side: str, folder: str):
     torch.manual_seed(0)
     if side == "llmkit":
         import llmkit
-        from llmkit.model.lora import LoRAConfig, add_lora
+        from llmkit.train.finetune import FinetuneConfig, apply_method, sft_loss
 
-        model = llmkit.load_model(folder)
-        model.requires_grad_(False)
-        add_lora(model, LoRAConfig(r=R, alpha=ALPHA, dropout=DROPOUT, targets="all-linear"))
+        model = llmkit.load_model(folder)  # exactly what `llmkit finetune --method lora` trains and computes
+        apply_method(model, FinetuneConfig(model=folder, data=["-"], method="lora", lora_r=R, lora_alpha=ALPHA,
+                                           lora_dropout=DROPOUT, lora_targets="all-linear"))
         model.check_inputs = False
 
         def loss_of(x):
-            logits = model(x[:, :-1])
-            return F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+            return sft_loss(model, {"input_ids": x[:, :-1]}, x[:, 1:])
     else:
         import peft
         import transformers
