@@ -1,13 +1,16 @@
 """LoRA training speed and memory: llmkit versus `peft` + `transformers` on the same model and data.
 
-Model: Llama-shaped, hidden 256, 4 layers, 8 heads (GQA, 4 KV heads), intermediate 688, vocab
-8192, random init, fp32, CPU. LoRA r=16, alpha=32, dropout 0.05, on all linear projections (q, k,
-v, o, gate, up, down), AdamW lr 1e-4, batches of 8 x 256 random tokens with the loss on every
-position. Speed: both models in this process, one optimizer step of each in turn (so a loaded
-machine slows both alike), `--steps` timed steps after 2 warm-up steps; the median step time gives
-tokens/s. Memory: each side alone in a child process for 3 steps; training memory = peak resident
-set minus the resident set just before the first step (activations, gradients, optimizer state;
-the weights are the same on both sides).
+Model: Llama-shaped, hidden 256, 4 layers, 8 heads (GQA, 4 KV heads), intermediate 688, vocab 8192,
+random init, fp32, CPU. LoRA r=16, alpha=32, dropout 0.05, on all linear projections (q, k, v, o,
+gate, up, down), AdamW lr 1e-4, batches of 8 x 256 random tokens with the loss on every position.
+Each side trains as its library does: llmkit through `finetune`'s own `apply_method` and `sft_loss`
+(what `llmkit finetune --method lora` runs: frozen projections through oneDNN, LoRA's backward by
+hand, fused chunked head + cross-entropy), peft + transformers with `F.cross_entropy` over the
+model's logits (the computation of transformers' own `labels=` loss). Speed: both models in this
+process, one optimizer step of each in turn (so a loaded machine slows both alike), `--steps` timed
+steps after 2 warm-up steps; the median step time gives tokens/s. Memory: each side alone in a child
+process for 3 steps; training memory = peak resident set minus the resident set just before the
+first step (activations, gradients, optimizer state; the weights are the same on both sides).
 
     python benchmarks/bench_lora.py                    # 8 steps, 2 threads
     python benchmarks/bench_lora.py --steps 12 --threads 1
@@ -54,16 +57,15 @@ def build_side(side: str, folder: str):
     torch.manual_seed(0)
     if side == "llmkit":
         import llmkit
-        from llmkit.model.lora import LoRAConfig, add_lora
+        from llmkit.train.finetune import FinetuneConfig, apply_method, sft_loss
 
-        model = llmkit.load_model(folder)
-        model.requires_grad_(False)
-        add_lora(model, LoRAConfig(r=R, alpha=ALPHA, dropout=DROPOUT, targets="all-linear"))
+        model = llmkit.load_model(folder)  # exactly what `llmkit finetune --method lora` trains and computes
+        apply_method(model, FinetuneConfig(model=folder, data=["-"], method="lora", lora_r=R, lora_alpha=ALPHA,
+                                           lora_dropout=DROPOUT, lora_targets="all-linear"))
         model.check_inputs = False
 
         def loss_of(x):
-            logits = model(x[:, :-1])
-            return F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+            return sft_loss(model, {"input_ids": x[:, :-1]}, x[:, 1:])
     else:
         import peft
         import transformers

@@ -356,3 +356,59 @@ def test_qlora_matches_the_dequantized_reference(base, tmp_path, dtype):
         llmkit.load_model(base / "base", adapter=tmp_path / "ql")  # the adapter applies to the float base
         with pytest.raises(ConfigError, match="--quantize"):
             finetune(base / "base", base / "train.jsonl", tmp_path / "x", method="full", quantize="int4")
+
+
+@pytest.mark.parametrize("dropout,frozen", [(0.0, False), (0.3, True)])
+def test_lora_training_step_matches_autograd(dropout, frozen):
+    """The hand-written LoRA forward/backward (LoRAFunction, oneDNN base) against autograd over the
+    formula y = x W^T + b + s B_p A_p drop(x) with the same dropout mask; and the fused chunked
+    head + cross-entropy against F.cross_entropy over full logits (ignored targets, label smoothing)."""
+    import torch.nn.functional as F
+
+    from llmkit.model.linear import PackedLinear
+    from llmkit.model.lora import LoRALinear
+    from llmkit.train.linear_ce import linear_cross_entropy
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    mod = LoRALinear(PackedLinear(lin) if frozen else lin, [("q", 16), ("k", 8), ("v", 16)])
+    ad = mod.add_adapter("default", ["q", "v"], r=4, scale=2.0, dropout=dropout)
+    mod.active = "default"
+    lin.requires_grad_(not frozen)
+    with torch.no_grad():
+        for b in ad.lora_B.values():
+            b.normal_()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    torch.manual_seed(1)
+    y = mod(x)
+    assert y.grad_fn.name() != "CopySlices"  # the by-hand path ran
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.manual_seed(1)  # the same mask: rand >= p keeps a unit (drawn first, as LoRAFunction does)
+    keep = (torch.rand(15, 24) >= dropout).float().view(3, 5, 24) / (1 - dropout) if dropout else 1.0
+    params = [lin.weight, lin.bias, ad.lora_A["q"], ad.lora_A["v"], ad.lora_B["q"], ad.lora_B["v"]]
+    ref = [p.detach().clone().requires_grad_(True) for p in params]
+    x2 = x.detach().clone().requires_grad_(True)
+    W, b, Aq, Av, Bq, Bv = ref
+    xd = x2 * keep
+    ref_y = F.linear(x2, W, b) + 2.0 * torch.cat([xd @ Aq.t() @ Bq.t(), torch.zeros(3, 5, 8), xd @ Av.t() @ Bv.t()], -1)
+    ref_y.backward(g)
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    for p, q in zip(params, ref):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+    # fused LM head + cross-entropy
+    h = torch.randn(2, 37, 32, requires_grad=True)
+    w = (0.3 * torch.randn(500, 32)).requires_grad_(not frozen)
+    t = torch.randint(0, 500, (2, 37))
+    t[0, :5] = IGNORE
+    h2, w2 = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(not frozen)
+    loss = linear_cross_entropy(h, w, t, label_smoothing=dropout, chunk=16)
+    ref_loss = F.cross_entropy(F.linear(h2, w2).flatten(0, 1), t.flatten(), label_smoothing=dropout)
+    (3 * loss).backward()
+    (3 * ref_loss).backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(h.grad, h2.grad)
+    if not frozen:
+        torch.testing.assert_close(w.grad, w2.grad)

@@ -15,7 +15,10 @@ Why packed copies (fp32 CPU, measured on the shared 2-core AMD EPYC dev box, 8 l
 - batch > 1: oneDNN with weights pre-packed into its blocked layout is 2-4x faster than MKL
   (8 rows: 12.7 ms vs 23-59 ms).
 Each copy is made on first use (one extra copy of the weights, see docs/benchmarks.md) and rebuilt
-when the weight changes in place or is replaced; with gradients on, or off CPU/fp32, it is `F.linear`.
+when the weight changes in place or is replaced; off CPU/fp32, or for a weight being trained, it is `F.linear`.
+A frozen weight whose input carries gradients (LoRA's base, a frozen head) trains through oneDNN on
+the plain weight, forward and input gradient (no copy; 2x MKL's fp32 GEMM on this AMD box, see
+`dense_linear`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,33 @@ def _onednn_ok() -> bool:
         return bool(torch.allclose(y, torch.full((2, 4), 4.0)))
     except (RuntimeError, AttributeError):
         return False
+
+
+def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x W^T + b, [..., in] x [out, in] -> [..., out], no autograd: oneDNN on CPU fp32 (any strides of W,
+    e.g. W.t() for an input gradient; ~2.2x MKL's sgemm per core on AMD EPYC, where MKL takes its AVX2
+    path), else `F.linear`."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or not _onednn_ok():
+        return F.linear(x, w, bias)
+    if x.dim() == 2:
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, bias, "none", [], "")
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+class FrozenLinearFunction(torch.autograd.Function):
+    """y = x W^T + b for a W (and b) that get no gradient: the backward gives x its gradient dy W only.
+    x [M, in] -> y [M, out] (2-D: the output must not be a view made inside the Function)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(w)
+        return dense_linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        (w,) = ctx.saved_tensors
+        return dense_linear(dy, w.t()), None, None
 
 
 class PackedLinear(nn.Linear):
@@ -74,10 +104,13 @@ class PackedLinear(nn.Linear):
         # the decode hot path: parameters read from `_parameters` (no nn.Module.__getattr__ fallback)
         params = self._parameters
         w, bias = params["weight"], params.get("bias")
-        # the packed kernels have no backward: any graph through this layer (trained weights, or frozen ones
-        # under LoRA whose input carries gradients) takes F.linear
-        if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or not (w.is_cpu and w.dtype
-                                                                                      is torch.float32):
+        # the packed kernels have no backward: a graph through this layer takes F.linear for a trained weight,
+        # the plain frozen weight through oneDNN when only the input needs a gradient (LoRA's base)
+        cpu32 = w.is_cpu and w.dtype is torch.float32
+        if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or not cpu32:
+            if cpu32 and x.dtype is torch.float32 and not w.requires_grad and (bias is None or not bias.requires_grad):
+                y = FrozenLinearFunction.apply(x.reshape(-1, self.in_features), w, bias)
+                return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, w, bias)
         rows = x.reshape(-1, self.in_features)  # [M, in]
         if rows.shape[0] == 1:

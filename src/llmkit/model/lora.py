@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import ConfigError
+from llmkit.model.linear import PackedLinear, dense_linear
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # all-linear
 EMBED = "embed"  # the token embedding (PEFT's embed_tokens target); not part of all-linear
@@ -106,6 +107,52 @@ class LoRAAdapter(nn.Module):
         return torch.cat(rows, 0)
 
 
+class LoRAFunction(torch.autograd.Function):
+    """y = x W^T + b + s * [B_p A_p drop(x)]_p on a dense base, forward and backward by hand (training).
+
+    Against autograd over `add_to`: the B products accumulate into y's slices with no copy-on-write
+    of y in the backward, the dropout mask is one bool per input (kept; drop(x) is saved for dA), and
+    the base's products go through oneDNN on CPU (`dense_linear`). x [M, in]; A [P r, in] (the parts'
+    A stacked); B_p [n_p, r] for the parts at `slices` [(start, n_p)] of the output.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, A, p: float, scale: float, slices: list, *Bs):
+        r = A.shape[0] // len(Bs)
+        y = dense_linear(x, w, bias)  # [M, out]
+        mask = torch.rand_like(x) >= p if p > 0 else None  # keep with probability 1 - p
+        xd = x * mask * (1.0 / (1.0 - p)) if mask is not None else x
+        z = dense_linear(xd, A)  # [M, P r]
+        for i, ((start, n), B) in enumerate(zip(slices, Bs)):
+            y[:, start : start + n].addmm_(z[:, i * r : (i + 1) * r], B.t(), alpha=scale)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w, xd, z, A, mask, *Bs)
+        ctx.p, ctx.scale, ctx.slices = p, scale, slices
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # dy [M, out]
+        x, w, xd, z, A, mask, *Bs = ctx.saved_tensors
+        s, r = ctx.scale, A.shape[0] // len(Bs)
+        dzs, dBs = [], []
+        for i, ((start, n), B) in enumerate(zip(ctx.slices, Bs)):
+            dy_p = dy[:, start : start + n]  # [M, n_p]
+            dBs.append(torch.mm(dy_p.t(), z[:, i * r : (i + 1) * r]).mul_(s))  # [n_p, r]
+            dzs.append(torch.mm(dy_p, B))  # [M, r]
+        dz = torch.cat(dzs, 1).mul_(s)  # [M, P r]
+        dA = torch.mm(dz.t(), xd)  # [P r, in]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dxd = torch.mm(dz, A)  # [M, in]
+            if mask is not None:
+                dxd.mul_(mask).mul_(1.0 / (1.0 - ctx.p))
+            dx = dense_linear(dy, w.t()).add_(dxd)
+        if ctx.needs_input_grad[1]:
+            dw = torch.mm(dy.t(), x)
+        if ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        return dx, dw, db, dA, None, None, None, *dBs
+
+
 class LoRALinear(nn.Module):
     """base(x) + the active adapter's update. `layout` names the output slices [(part, size), ...].
     `base` may be a quantized kind (QLoRA): it stays frozen and gradients pass through it to x."""
@@ -134,6 +181,11 @@ class LoRALinear(nn.Module):
         return ad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if (self.routing is None and self.active in self.adapters and torch.is_grad_enabled()
+                and type(self.base) in (nn.Linear, PackedLinear) and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype == self.base.weight.dtype == self.adapters[self.active].lora_A[
+                    next(iter(self.adapters[self.active].lora_A))].dtype):
+            return self._by_hand(x)
         y = self.base(x)
         if self.routing is not None:
             index, names = self.routing  # index: [...] like x without its last dim; -1 = base model
@@ -147,6 +199,21 @@ class LoRALinear(nn.Module):
         if self.active is None or self.active not in self.adapters:
             return y
         return self.adapters[self.active].add_to(y, x, self.layout)
+
+    def _by_hand(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Training through a dense base: the adapter's forward and backward in one `LoRAFunction`."""
+        ad = self.adapters[self.active]
+        names = [p for p, _ in self.layout if p in ad.lora_A]
+        slices, start = {}, 0
+        for p, n in self.layout:
+            slices[p] = (start, n)
+            start += n
+        A = ad.lora_A[names[0]] if len(names) == 1 else torch.cat([ad.lora_A[p] for p in names])
+        p = ad.dropout.p if isinstance(ad.dropout, nn.Dropout) and ad.dropout.training else 0.0
+        base = self.base
+        y = LoRAFunction.apply(x.reshape(-1, self.in_features), base.weight, base.bias, A, p, ad.scale,
+                               [slices[n] for n in names], *(ad.lora_B[n] for n in names))
+        return y.view(*x.shape[:-1], self.out_features)
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear whose weight includes the active adapter."""

@@ -304,6 +304,8 @@ class Transformer(nn.Module):
         # a 1-D tensor: the logits of these positions only (a packed engine batch)
         attn_meta: AttnMeta | None = None,  # from a cache (generation, engine): positions and masks;
         # its position_ids are the ones used
+        return_hidden: bool = False,  # the final-normed hidden states [B, T, C] instead of the logits
+        # (a loss that applies lm_head itself: train/linear_ce.py)
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, num_logits_to_keep, vocab]).
 
@@ -340,11 +342,13 @@ class Transformer(nn.Module):
             x = x[:, num_logits_to_keep]
         elif num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
+        if cfg.n_expert > 0:
+            self.aux_loss = self._load_balancing_loss()
+        if return_hidden:
+            return self.ln_f(x)
         logits = self.lm_head(self.ln_f(x))
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
-        if cfg.n_expert > 0:
-            self.aux_loss = self._load_balancing_loss()
         return logits
 
     @property

@@ -29,12 +29,14 @@ from llmkit.errors import CheckpointError, ConfigError
 from llmkit.model.adapters import save_lora, save_prompt_tuning
 from llmkit.model.attention import AttnMeta
 from llmkit.model.hf import config_from_hf, load_model, read_config
+from llmkit.model.linear import PackedLinear, set_decode_packing
 from llmkit.model.lora import LoRAConfig, add_lora
 from llmkit.model.prompt_tuning import PromptTuningModel
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import load_tokenizer
 from llmkit.train import distributed as D
 from llmkit.train.config import OptimConfig, TrainConfig
+from llmkit.train.linear_ce import linear_cross_entropy
 from llmkit.train.trainer import Trainer, TrainResult, lm_loss
 
 METHODS = ("full", "lora", "prompt-tuning", "freeze")
@@ -117,6 +119,8 @@ def apply_method(model: nn.Module, ft: FinetuneConfig, tokenizer: Any = None) ->
     if ft.method == "full":
         return model.requires_grad_(True)
     model.requires_grad_(False)
+    if ft.method in ("lora", "prompt-tuning"):  # the whole base is frozen: its dense projections take the
+        set_decode_packing(model)  # CPU-kernel Linear kind (oneDNN forward and input gradient, model/linear.py)
     if ft.method == "lora":
         add_lora(model, lora_config(ft))
         for n, p in model.named_parameters():
@@ -286,7 +290,7 @@ class Finetuner(Trainer):
         b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         y = b.pop("targets")
         self.step_tokens += int((b["input_ids"] != self.pad_id).sum()) * self.dist.world_size
-        return lm_loss(sft_forward(self.model, b, y), y, self.t.label_smoothing)
+        return sft_loss(self.model, b, y, self.t.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", full: bool = False) -> float:
@@ -354,18 +358,35 @@ class Finetuner(Trainer):
         return result
 
 
-def sft_forward(model: nn.Module, batch: dict[str, torch.Tensor], targets: torch.Tensor | None = None) -> torch.Tensor:
+def sft_forward(
+    model: nn.Module, batch: dict[str, torch.Tensor], targets: torch.Tensor | None = None, **kw: Any
+) -> torch.Tensor:
     """Logits [B, T, V] of a collated SFT batch; a packed one (segment_ids) attends within each example.
-    An encoder-decoder batch (attention_mask) runs the decoder on `targets` shifted right (teacher forcing)."""
+    An encoder-decoder batch (attention_mask) runs the decoder on `targets` shifted right (teacher forcing).
+    `kw` go to the model (e.g. `return_hidden=True`)."""
     if "attention_mask" in batch:
         raw = getattr(model, "module", model)  # DDP
         return model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                     decoder_input_ids=raw.shift_right(targets))
+                     decoder_input_ids=raw.shift_right(targets), **kw)
     if "segment_ids" not in batch:
-        return model(batch["input_ids"])
+        return model(batch["input_ids"], **kw)
     pos, seg = batch["position_ids"], batch["segment_ids"]
     meta = AttnMeta(pos, pos.shape[1], segment_ids=seg)
-    return model(batch["input_ids"], position_ids=pos, attn_meta=meta)
+    return model(batch["input_ids"], position_ids=pos, attn_meta=meta, **kw)
+
+
+def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor], targets: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the trained tokens (targets != -100) of a collated SFT batch. With a frozen
+    dense LM head (LoRA, freeze) the head and the loss run fused and chunked (train/linear_ce.py): the
+    [B, T, vocab] logits are never materialised."""
+    raw = getattr(model, "module", model)  # DDP
+    head = getattr(raw, "lm_head", None)
+    if (isinstance(raw, Transformer) and raw.config.final_softcap is None and type(head) in (nn.Linear, PackedLinear)
+            and not head.weight.requires_grad and head.bias is None):
+        return linear_cross_entropy(sft_forward(model, batch, return_hidden=True), head.weight, targets,
+                                    label_smoothing)
+    return lm_loss(sft_forward(model, batch, targets), targets, label_smoothing)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
