@@ -90,6 +90,21 @@ def sparsegpt(w: Tensor, H: Tensor, sparsity: float, n_m: tuple[int, int] | None
     return W.masked_fill(mask, 0)
 
 
+def zero_masks(model: nn.Module) -> dict[str, Tensor]:
+    """{parameter: W != 0} of every block matrix holding zeros: the sparsity pattern a recovery
+    finetune keeps (`keep_zeros`)."""
+    return {n: p.detach() != 0 for n, p in model.named_parameters()
+            if n.startswith("blocks.") and p.dim() == 2 and bool((p == 0).any())}
+
+
+@torch.no_grad()
+def keep_zeros(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Re-zero the masked-out weights (after an optimizer step) so the pruned pattern holds."""
+    for n, p in model.named_parameters():
+        if n in masks:
+            p.mul_(masks[n].to(p.device))
+
+
 def prune_targets(model: nn.Module) -> list[str]:
     """The projections that are pruned: every block nn.Linear but MoE routers (not the LM head)."""
     return [n for n in linear_targets(model, skip=("lm_head",)) if n.startswith("blocks.")]
