@@ -64,28 +64,49 @@ def test_magnitude_zeroes_exactly_the_smallest(model_dir):
 
 
 def test_wanda_mask_equals_hand_computation_on_transformers_activations(model_dir, calib_file):
+    """Per output row, the k lowest |W_ij| * ||X_j||_2, X_j = input channel j of the Linear over every
+    calibration token (the post-norm input of q/k/v, the SwiGLU product for down_proj); block 1's
+    inputs come from the model whose block 0 is already pruned (the paper's sequential order)."""
     calib = _calib(model_dir, calib_file)
     hf = _hf(model_dir)
-    seen = []
-    layer = hf.model.layers[0].mlp.down_proj
-    h = layer.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for row in calib:
-            hf(row[None])
-    h.remove()
-    X = torch.cat(seen).double()  # [tokens, in]
-    W = layer.weight.detach().double()  # [out, in]
-    norms = [float(np.sqrt(sum(float(v) ** 2 for v in X[:, j]))) for j in range(W.shape[1])]
-    k = round(0.5 * W.shape[1])
-    hand = torch.zeros_like(W, dtype=torch.bool)
-    for r in range(W.shape[0]):  # per output row: the k lowest |W_rj| * ||X_j||
-        scores = sorted((abs(float(W[r, j])) * norms[j], j) for j in range(W.shape[1]))
-        for _, j in scores[:k]:
-            hand[r, j] = True
     m = llmkit.load_model(model_dir)
     prune_model(m, "wanda", 0.5, calib)
-    assert torch.equal(m.blocks[0].mlp.proj.weight == 0, hand)
-    torch.testing.assert_close(wanda_score(W, X.norm(dim=0)), W.abs() * torch.tensor(norms, dtype=W.dtype)[None])
+    for i in range(len(hf.model.layers)):
+        lay = hf.model.layers[i]
+        linears = {"q": lay.self_attn.q_proj, "k": lay.self_attn.k_proj, "v": lay.self_attn.v_proj,
+                   "o": lay.self_attn.o_proj, "gate": lay.mlp.gate_proj, "up": lay.mlp.up_proj,
+                   "down": lay.mlp.down_proj}
+        seen: dict[str, list] = {n: [] for n in linears}
+        hooks = [mod.register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
+                 for n, mod in linears.items()]
+        with torch.no_grad():
+            for row in calib:
+                hf(row[None])
+        for h in hooks:
+            h.remove()
+        hand = {}
+        for n, lin in linears.items():
+            X = torch.cat(seen[n]).double()  # [tokens, in]
+            W = lin.weight.detach().double()  # [out, in]
+            norms = [float(np.sqrt(sum(float(v) ** 2 for v in X[:, j]))) for j in range(W.shape[1])]
+            k = round(0.5 * W.shape[1])
+            mask = torch.zeros_like(W, dtype=torch.bool)
+            for r in range(W.shape[0]):  # per output row: the k lowest |W_rj| * ||X_j||
+                scores = sorted((abs(float(W[r, j])) * norms[j], j) for j in range(W.shape[1]))
+                for _, j in scores[:k]:
+                    mask[r, j] = True
+            hand[n] = mask
+            if n == "down" and i == 0:
+                torch.testing.assert_close(wanda_score(W, X.norm(dim=0)),
+                                           W.abs() * torch.tensor(norms, dtype=W.dtype)[None])
+        b = m.blocks[i]
+        assert torch.equal(b.attn.qkv.weight == 0, torch.cat([hand["q"], hand["k"], hand["v"]]))
+        assert torch.equal(b.attn.proj.weight == 0, hand["o"])
+        assert torch.equal(b.mlp.fc.weight == 0, torch.cat([hand["gate"], hand["up"]]))
+        assert torch.equal(b.mlp.proj.weight == 0, hand["down"])
+        with torch.no_grad():  # prune this HF layer by the hand masks: the next layer sees it pruned
+            for n, lin in linears.items():
+                lin.weight.masked_fill_(hand[n], 0)
 
 
 def test_sparsegpt_beats_wanda_beats_magnitude_on_the_layer_objective():
