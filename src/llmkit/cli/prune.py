@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--recover-alpha", type=float, default=0.0,
                    help="> 0: recover with `llmkit distill` from the unpruned model instead, this weight on the "
                         "KL (0: the finetune)")
-    g.add_argument("--recover-lr", type=float, default=1e-3)
+    g.add_argument("--recover-lr", type=float, default=3e-4)
     g.add_argument("--recover-seq-len", type=int, default=64)
     g.add_argument("--recover-batch-size", type=int, default=8)
     p.add_argument("--out", required=True, help="output folder")
