@@ -189,7 +189,8 @@ class Generator:
                 yield from self._speculate()
                 return
             nxt = torch.tensor([[s.tokens[-1]] for s in self.seqs], device=self.device)  # [B, 1]
-            seq = torch.cat([seq, nxt], dim=1)
+            if self.cache is None or self.rope_switch is not None:  # the whole sequence may be recomputed
+                seq = torch.cat([seq, nxt], dim=1)
             if self._crosses_rope_switch():
                 self.cache.reset()
             logits = self._forward(nxt if self.cache is not None and self.cache.length else seq)

@@ -53,10 +53,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight + self.offset if self.offset else self.weight
         fused = x.dtype == torch.float32 and w.dtype == torch.float32
-        # one fused op; not while tracing (ONNX export: no rms_norm before opset 23). `is_tracing` is a C
-        # flag, `torch.onnx.is_in_onnx_export()` an import per call (~5% of a small model's decode step)
-        if fused and not torch.jit.is_tracing():
-            return F.rms_norm(x, w.shape, w, self.eps)
+        # one op; not while tracing (ONNX export: no rms_norm before opset 23). The tracing state is a C
+        # flag (`torch.jit.is_tracing` reads it; `torch.onnx.is_in_onnx_export()` is an import per call)
+        if fused and not torch._C._get_tracing_state():
+            return torch.rms_norm(x, w.shape, w, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:

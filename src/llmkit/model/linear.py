@@ -50,7 +50,7 @@ class PackedLinear(nn.Linear):
         self._version: tuple = ()
 
     def _copy(self, kind: str) -> Tensor:
-        w = self.weight
+        w = self._parameters["weight"]
         version = (w._version, w.data_ptr())
         if version != self._version:
             self._copies, self._version = {}, version
@@ -71,23 +71,25 @@ class PackedLinear(nn.Linear):
         return 8 if self.out_features >= 8192 else 2
 
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
-        w, bias = self.weight, self.bias
+        # the decode hot path: parameters read from `_parameters` (no nn.Module.__getattr__ fallback)
+        params = self._parameters
+        w, bias = params["weight"], params.get("bias")
         # the packed kernels have no backward: any graph through this layer (trained weights, or frozen ones
         # under LoRA whose input carries gradients) takes F.linear
-        if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or w.device.type != "cpu" \
-                or w.dtype != torch.float32:
+        if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or not (w.is_cpu and w.dtype
+                                                                                      is torch.float32):
             return F.linear(x, w, bias)
-        batch = x.shape[0] if x.dim() == 3 else x.shape[:-1].numel()
-        if batch == 1 and torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:
-            blocks = self._copy("blocks")
-            rows = x.reshape(-1, self.in_features)  # [M, in]
-            y = torch.bmm(rows.expand(blocks.shape[0], *rows.shape), blocks)  # [nb, M, out/nb]
-            y = y.transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
-            return y if bias is None else y + bias
-        if batch == 1 or not _onednn_ok():
+        rows = x.reshape(-1, self.in_features)  # [M, in]
+        if rows.shape[0] == 1:
+            if torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:
+                blocks = self._copy("blocks")  # [nb, in, out/nb]
+                y = torch.bmm(rows.expand(blocks.shape[0], 1, self.in_features), blocks)  # [nb, 1, out/nb]
+                y = y.view(*x.shape[:-1], self.out_features)  # one row: the blocks are already in column order
+                return y if bias is None else y + bias
             return F.linear(x, self._copy("input_major"), bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self._copy("onednn"), bias, "none",
-                                               [], "")
+        if not _onednn_ok():
+            return F.linear(x, self._copy("input_major"), bias)
+        y = torch.ops.mkldnn._linear_pointwise(rows, self._copy("onednn"), bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -66,13 +66,12 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # [B, nh + 2 nkv, T, hd]
-        qk, v = qkv.split([nh + nkv, nkv], dim=1)
+        qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
         if self.qk_norm:
-            q, k = qk.split([nh, nkv], dim=1)
-            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+            qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
         if cos_sin is not None:
             qk = apply_rope(qk, *cos_sin)  # q and k heads rotated together
-        q, k = qk.split([nh, nkv], dim=1)  # [B, nh, T, hd], [B, nkv, T, hd]
+        q, k = qk[:, :nh], qk[:, nh:]  # [B, nh, T, hd], [B, nkv, T, hd]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, nkv, S, hd]
         if self.softcap is not None:
@@ -196,10 +195,8 @@ class Block(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, cos_sin, mask, kv_cache=None) -> torch.Tensor:
-        if self.attn.local_rope:
-            cos_sin = cos_sin[1]
-        elif isinstance(cos_sin, list):
-            cos_sin = cos_sin[0]
+        if isinstance(cos_sin, list):  # [global, local] RoPE
+            cos_sin = cos_sin[1] if self.attn.local_rope else cos_sin[0]
         h = self.attn(self.ln_1(x), cos_sin, mask, kv_cache)
         if self.post_norms:
             h = self.ln_attn_post(h)
@@ -334,7 +331,7 @@ class Transformer(nn.Module):
             x = x + (self.wpe(positions) if self.wpe is not None else self.pe[positions].to(x.dtype))
         if self.training and cfg.dropout:
             x = self.drop(x)
-        cos_sin = self._rope(positions, x.dtype)
+        cos_sin = self._rope(positions, x.dtype, meta.kv_len if attn_meta is not None else None)
 
         masks = {w: self._mask(meta, w, x.dtype) for w in self.windows}
         for block in self.blocks:
@@ -353,15 +350,36 @@ class Transformer(nn.Module):
     @property
     def windows(self) -> set[int | None]:
         """The distinct sliding windows of the layers (None = full attention)."""
-        return {blk.attn.window for blk in self.blocks}
+        key = id(self.blocks), len(self.blocks)  # layer pruning replaces or shortens the list
+        cached = self.__dict__.get("_windows")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_windows"] = (key, {blk.attn.window for blk in self.blocks})
+        return cached[1]
 
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+    def _rope_table(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [n', hd] for positions 0..n'-1 (n' >= n), computed as `rope_cos_sin` does;
+        kept until the frequencies, dtype or device change (cached generation reads rows of it)."""
+        inv_freq = self.inv_freq
+        key = (inv_freq.data_ptr(), inv_freq.device, dtype)
+        table = self.__dict__.get("_rope_cache")
+        if table is None or table[0] != key or table[1].shape[0] < n:
+            rows = max(n, self.config.block_size)
+            pos = torch.arange(rows, device=inv_freq.device)[None]
+            cos, sin = rope_cos_sin(inv_freq, pos, dtype, rope_attention_factor(self.config))  # [1, 1, n', hd]
+            table = self.__dict__["_rope_cache"] = (key, cos[0, 0], sin[0, 0])
+        return table[1], table[2]
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype, kv_len: int | None = None):
         """RoPE cos and signed sin [B, 1, T, hd] (dynamic NTK and LongRoPE depend on the sequence
-        length); with a separate local RoPE, the list [global, local]."""
+        length); with a separate local RoPE, the list [global, local]. With `kv_len` (a cache's forward:
+        every position is below it) plain RoPE reads the rows of a precomputed table."""
         if self.inv_freq is None:
             return None
         cfg = self.config
         inv_freq = self.inv_freq
+        if kv_len is not None and cfg.rope_type not in ("dynamic", "longrope") and cfg.rope_local_theta is None:
+            cos, sin = self._rope_table(kv_len, dtype)
+            return cos[positions][:, None], sin[positions][:, None]  # [B, 1, T, hd]
         if cfg.rope_type == "dynamic":
             inv_freq = rope_inv_freq(cfg, seq_len=int(positions.max()) + 1).to(positions.device)
         cos_sin = rope_cos_sin(inv_freq, positions, dtype, rope_attention_factor(cfg))
