@@ -145,10 +145,10 @@ def prune_diag(base_dir: Path, calib: torch.Tensor, held: np.ndarray, s: float =
     def wanda(_n, w, x):
         return wanda_score(w, x)
 
-    out = {"magnitude per layer (llmkit's magnitude)": run(mag, lambda n: "layer"),
+    out = {"magnitude, one threshold per fused layer ([q;k;v], [gate;up])": run(mag, lambda n: "layer"),
            "magnitude per output row": run(mag, lambda n: "row"),
            "Wanda per output row (the paper's, llmkit's wanda)": run(wanda, lambda n: "row"),
-           "Wanda per layer": run(wanda, lambda n: "layer")}
+           "Wanda, one threshold per fused layer": run(wanda, lambda n: "layer")}
     for kind in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"):
         out[f"Wanda (per row) on {kind} only, magnitude on the rest"] = run(
             lambda n, w, x, k=kind: wanda_score(w, x) if n.endswith(k) else w.abs(),
@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=500)
     ap.add_argument("--recover-steps", type=int, default=100)
     ap.add_argument("--speed-rounds", type=int, default=5)
+    ap.add_argument("--recover-lr", type=float, default=3e-4)
     ap.add_argument("--only", nargs="*", default=["distill", "prune", "structured", "lowrank", "variants", "report"])
     ap.add_argument("--markdown", action="store_true", help="print the tables of --out/results.json and exit")
     args = ap.parse_args()
@@ -271,7 +272,7 @@ def main() -> None:
                 m.save_pretrained(d0)
                 llmkit.load_tokenizer(base_dir).save(d0)
                 finetune(str(d0), str(data), str(d1), method="full", data_format="text", max_steps=args.recover_steps,
-                         lr=1e-3, batch_size=12, max_seq_len=64, eval_interval=args.recover_steps,
+                         lr=args.recover_lr, batch_size=12, max_seq_len=64, eval_interval=args.recover_steps,
                          warmup_steps=max(1, args.recover_steps // 10), num_threads=1, overwrite=True,
                          progress=False)
                 for label, d in (("pruned", d0), ("recovered", d1)):

@@ -92,7 +92,7 @@ def test_wanda_mask_equals_hand_computation_on_transformers_activations(model_di
                    "o": lay.self_attn.o_proj, "gate": lay.mlp.gate_proj, "up": lay.mlp.up_proj,
                    "down": lay.mlp.down_proj}
         seen: dict[str, list] = {n: [] for n in linears}
-        hooks = [mod.register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
+        hooks = [mod.register_forward_pre_hook(lambda _m, a, n=n, s=seen: s[n].append(a[0].reshape(-1, a[0].shape[-1])))
                  for n, mod in linears.items()]
         with torch.no_grad():
             for row in calib:
