@@ -113,14 +113,6 @@ class FinetuneConfig:
             raise ConfigError(f"--val-fraction={self.val_fraction} must be in [0, 1)")
         if self.data_format not in DATA_FORMATS:
             raise ConfigError(f"--data-format {self.data_format!r}: expected one of {', '.join(DATA_FORMATS)}")
-        if self.is_text():
-            if len(self.data) != 1:
-                raise ConfigError(f"--data-format text takes one text file, folder or prepared data folder, "
-                                  f"got {len(self.data)} paths")
-            if self.val_data or self.packing:
-                raise ConfigError("--val-data and --packing are for JSONL; plain text is cut into full windows "
-                                  "and its last --val-fraction (default 0.1; a prepared folder: its val split) "
-                                  "is held out")
 
 
 def split_val(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -187,6 +179,8 @@ class Finetuner(Trainer):
     """One fine-tuning run (`finetune` is the one-call form)."""
 
     name = "finetune"
+    text = False  # plain-text continued pretraining (set from the config in _setup_data)
+    masks: dict = {}  # keep_zeros: {parameter: W != 0}
 
     def __init__(self, ft: FinetuneConfig, opt: OptimConfig, out_dir: str, resume: str | bool | None = None,
                  overwrite: bool = False, stop_after: int | None = None, max_steps: int | None = None,
@@ -207,7 +201,8 @@ class Finetuner(Trainer):
         ctx = config_from_hf(read_config(ft.model)).block_size  # also: a clear error for a missing model
         if ft.max_seq_len is None:
             ft.max_seq_len = min(1024, ctx - (ft.num_virtual_tokens if ft.method == "prompt-tuning" else 0))
-        if ft.is_text():
+        self.text = ft.is_text()  # subclasses (preference, RL) read their own data: text stays False
+        if self.text:
             return self._setup_text()
         self.tokenizer = load_tokenizer(ft.model)
         train = load_sft_data(ft.data, self.tokenizer, ft.max_seq_len, ft.train_on_prompt)
@@ -225,7 +220,7 @@ class Finetuner(Trainer):
 
     def _build_sampler(self):
         t, info, ft = self.t, self.dist, self.ft
-        if ft.is_text():
+        if self.text:
             return super()._build_sampler()
         return SFTBatches(self.train_examples, t.batch_size, ft.max_seq_len, ft.packing, t.seed, self.pad_id,
                           info.rank, info.world_size)
@@ -267,13 +262,13 @@ class Finetuner(Trainer):
         return load_model(self.ft.model, quantize=self.ft.quantize)
 
     def _max_token_id(self) -> int:
-        if self.ft.is_text():
+        if self.text:
             return max(int(np.max(a[: 1 << 24])) if len(a) else 0 for a in (self.data.train, self.data.val))
         return max(max(e.input_ids) for e in self.train_examples + self.val_examples)
 
     def _batches_per_epoch(self) -> int:
         t, ft = self.t, self.ft
-        if ft.is_text():
+        if self.text:
             return max(1, len(self.data.train) // (t.batch_size * t.seq_len * self.dist.world_size))
         return SFTBatches(self.train_examples, t.batch_size, ft.max_seq_len, ft.packing, t.seed, self.pad_id,
                           0, self.dist.world_size).batches_per_epoch()
@@ -281,7 +276,7 @@ class Finetuner(Trainer):
     def describe(self) -> str:
         total = sum(p.numel() for p in self.raw_model.parameters())
         trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
-        if self.ft.is_text():
+        if self.text:
             return (f"{self.ft.method} on text: {trainable:,} trainable of {total:,} parameters; "
                     f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens in {self.t.seq_len}-token "
                     f"windows; {self.t.max_iters} steps" + (", pruned zeros kept" if self.masks else ""))
@@ -312,7 +307,7 @@ class Finetuner(Trainer):
     # ------------------------------------------------------------------ loss
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean loss over the trained (assistant) tokens of one micro-batch."""
-        if self.ft.is_text():  # (x, y) windows: every token
+        if self.text:  # (x, y) windows: every token
             return super().batch_loss(batch)
         dev = self.dist.device
         b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
@@ -323,7 +318,7 @@ class Finetuner(Trainer):
     @torch.no_grad()
     def evaluate(self, split: str = "val", full: bool = False) -> float:
         """Mean loss per trained token over every validation example (padding never counts)."""
-        if self.ft.is_text():  # periodic: eval_iters batches of windows; final: the whole split
+        if self.text:  # periodic: eval_iters batches of windows; final: the whole split
             return super().evaluate(split, full)
         examples = self.val_examples if split == "val" else self.train_examples
         mine = examples[self.dist.rank :: self.dist.world_size]
@@ -351,6 +346,13 @@ class Finetuner(Trainer):
         """Continued pretraining data: the pretraining trainer's token splits of one text path,
         tokenized with the base model's tokenizer (a prepared folder is used as it is)."""
         ft, t = self.ft, self.t
+        if len(ft.data) != 1:
+            raise ConfigError(f"--data-format text takes one text file, folder or prepared data folder, "
+                              f"got {len(ft.data)} paths")
+        if ft.val_data or ft.packing:
+            raise ConfigError("--val-data and --packing are for JSONL; plain text is cut into full windows "
+                              "and its last --val-fraction (default 0.1; a prepared folder: its val split) "
+                              "is held out")
         self.cfg.data = DataConfig(path=ft.data[0], tokenizer=ft.model, val_fraction=ft.val_fraction or 0.1)
         super()._setup_data()
         self.tokenizer = load_tokenizer(ft.model)  # what the out folder gets
