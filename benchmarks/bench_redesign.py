@@ -8,6 +8,11 @@ printed. Model: the `bench_decode.py` one (Llama-shaped, hidden 512, 8 layers, v
 
     python benchmarks/bench_redesign.py                       # 5 rounds, 2 threads
     python benchmarks/bench_redesign.py --rounds 7 --threads 1 --base 2fa4fed
+    python benchmarks/bench_redesign.py --serve               # also `llmkit serve` over loopback
+
+`--serve` also starts `llmkit serve` from each tree (the `bench_serve.py` model: random-init
+llama-6m with a byte-level BPE) and drives it with 8 concurrent streaming clients, 2 requests each
+of 32 tokens: throughput and TTFT p50 per tree, alternating as above.
 """
 
 from __future__ import annotations
@@ -67,6 +72,29 @@ def run(tree: Path, folder: str, threads: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def serve_round(tree: Path, model: Path, threads: int, port: int) -> dict:
+    """`llmkit serve` of `tree` under 8 concurrent streaming clients (bench_serve.py's load)."""
+    import asyncio
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_serve import Server, run_load
+
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree / "src")
+    try:
+        srv = Server(model, port, 8, threads)
+    finally:
+        if old_path is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = old_path
+    try:
+        r = asyncio.run(run_load(srv.url, model.name, 8, 2, 32))
+    finally:
+        srv.close()
+    return {"serve_tok_s": r["throughput"], "serve_ttft_ms": r["ttft_p50"] * 1e3}
+
+
 def build(folder: str) -> None:
     import torch
     import transformers
@@ -85,6 +113,8 @@ def main() -> None:
     ap.add_argument("--base", default="2fa4fed", help="the commit to compare against")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--serve", action="store_true", help="also compare `llmkit serve` over loopback")
+    ap.add_argument("--port", type=int, default=8766)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -94,15 +124,27 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.base], check=True)
         try:
             build(folder)
+            serve_model = None
+            if args.serve:
+                sys.path.insert(0, str(ROOT / "benchmarks"))
+                from bench_serve import build_model
+
+                serve_model = build_model(Path(tmp) / "serve-model", "llama-6m", 512)
             results: dict[str, list[dict]] = {"old": [], "new": []}
             for r in range(args.rounds):
                 for name, tree in (("old", old), ("new", ROOT)) if r % 2 == 0 else (("new", ROOT), ("old", old)):
-                    results[name].append(run(tree, folder, args.threads))
+                    res = run(tree, folder, args.threads)
+                    if serve_model is not None:
+                        res.update(serve_round(tree, serve_model, args.threads, args.port))
+                    results[name].append(res)
             assert results["old"][0]["tokens"] == results["new"][0]["tokens"], "greedy tokens differ"
             load = os.getloadavg()
             print(f"base {args.base} vs this tree; {args.rounds} alternating rounds, {args.threads} threads; "
                   f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; greedy tokens identical")
-            for key, better in (("decode_b1_tok_s", "higher"), ("ttft_ms", "lower"), ("engine_b8_tok_s", "higher")):
+            keys = [("decode_b1_tok_s", "higher"), ("ttft_ms", "lower"), ("engine_b8_tok_s", "higher")]
+            if args.serve:
+                keys += [("serve_tok_s", "higher"), ("serve_ttft_ms", "lower")]
+            for key, better in keys:
                 o = statistics.median(x[key] for x in results["old"])
                 n = statistics.median(x[key] for x in results["new"])
                 ratio = n / o if better == "higher" else o / n

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from llmkit.errors import InputError
 from llmkit.model import hf
 from llmkit.model.config import ModelConfig
-from llmkit.model.layers import ACTIVATIONS, EmbeddingModel, check_token_ids
+from llmkit.model.layers import ACTIVATIONS, EmbeddingModel, check_token_ids, embedding
 
 
 class BertLayer(nn.Module):
@@ -40,9 +40,9 @@ class BertModel(EmbeddingModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         cfg = self.config = config
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, padding_idx=cfg.pad_token_id)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.wtt = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)
+        self.wte = embedding(cfg.vocab_size, cfg.n_embd, padding_idx=cfg.pad_token_id)
+        self.wpe = embedding(cfg.block_size, cfg.n_embd)
+        self.wtt = embedding(cfg.type_vocab_size, cfg.n_embd)
         self.ln_emb = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.n_layer))

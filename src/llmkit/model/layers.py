@@ -1,4 +1,4 @@
-"""Layers shared by every model family: norms, activations, the token-id check."""
+"""Layers shared by every model family: embeddings, norms, activations, the token-id check."""
 
 from __future__ import annotations
 
@@ -62,6 +62,16 @@ class RMSNorm(nn.Module):
         if self.offset:
             return (h * w.float()).to(x.dtype)
         return w * h.to(x.dtype)
+
+
+def embedding(num_embeddings: int, embedding_dim: int, **kw) -> nn.Embedding:
+    """`nn.Embedding(num_embeddings, embedding_dim, **kw)`; built on the meta device (the checkpoint
+    loader) it skips its own N(0, 1) init. That init on a meta tensor runs through `torch._refs`, which
+    imports torch._dynamo: ~1.6 s, and ~300k Python objects that every later full garbage collection
+    walks (a ~250 ms pause in a serving process). Models initialise their weights themselves."""
+    if torch.empty(0).device.type == "meta":
+        kw["_weight"] = torch.empty(num_embeddings, embedding_dim)
+    return nn.Embedding(num_embeddings, embedding_dim, **kw)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:

@@ -22,7 +22,7 @@ from llmkit.errors import InputError
 from llmkit.model import hf
 from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
-from llmkit.model.layers import EmbeddingModel, check_token_ids, make_norm
+from llmkit.model.layers import EmbeddingModel, check_token_ids, embedding, make_norm
 from llmkit.model.positions import relative_position_bucket
 from llmkit.model.transformer import MLP
 
@@ -110,11 +110,11 @@ class T5Model(EmbeddingModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         cfg = self.config = config
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # shared by encoder and decoder
-        self.enc_rel_bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
+        self.wte = embedding(cfg.vocab_size, cfg.n_embd)  # shared by encoder and decoder
+        self.enc_rel_bias = embedding(cfg.rel_buckets, cfg.n_head)
         self.enc = nn.ModuleList(T5Block(cfg, i, decoder=False) for i in range(cfg.n_layer))
         self.enc_ln_f = make_norm(cfg)
-        self.dec_rel_bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
+        self.dec_rel_bias = embedding(cfg.rel_buckets, cfg.n_head)
         self.dec = nn.ModuleList(T5Block(cfg, i, decoder=True) for i in range(cfg.n_decoder_layer))
         self.dec_ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)

@@ -19,7 +19,7 @@ from llmkit.errors import InputError
 from llmkit.model import hf
 from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
-from llmkit.model.layers import ACTIVATIONS, check_token_ids, make_norm
+from llmkit.model.layers import ACTIVATIONS, check_token_ids, embedding, make_norm
 from llmkit.model.positions import (
     alibi_bias,
     alibi_slopes,
@@ -215,8 +215,8 @@ class Transformer(nn.Module):
         cfg = self.config = config
         if cfg.model_type == "bert":
             raise InputError("model_type 'bert' is an encoder: build llmkit.model.bert.BertModel instead")
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.wte = embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
