@@ -12,8 +12,11 @@ Needs the teacher first (configs/shakespeare-char-llmkit.yaml, here 1500 steps):
    student trained from scratch (alpha 0: cross-entropy only) on the same windows and steps; both
    held-out curves in one plot.
 2. pruning: perplexity against sparsity (0-70%) for magnitude, Wanda, SparseGPT, and 2:4.
-3. structured: heads and channels at 25% / 50% (and layers at 25%), perplexity before and after
-   recovery (`--recover-steps 100`: distillation from the unpruned model); decode tok/s in the report.
+3. structured: heads and channels at 25% / 50%, perplexity before and after recovery
+   (`--recover-steps 100`: `llmkit finetune --method full` on the text); `--only structured-speed`
+   (timed: run it under chrt) adds decode tok/s of each folder.
+   `--only prune-diag`: why Wanda does or does not beat magnitude (comparison groups, per-layer mixes,
+   the spread of the input-channel norms ||X_j||).
 4. low-rank: perplexity and parameters against rank, plain SVD and ASVD.
 5. `llmkit compress report` over a set of the folders.
 Held-out = the first --held tokens of the teacher's validation split (the last 10% of the text,
@@ -35,8 +38,9 @@ import torch
 
 import llmkit
 from llmkit.model.lowrank import lowrank_model
-from llmkit.model.prune import prune_model
+from llmkit.model.prune import _collect, lowest_mask, prune_model, prune_targets, wanda_score
 from llmkit.train.distill import distill
+from llmkit.train.finetune import finetune
 from llmkit.train.trainer import lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,11 +88,25 @@ def markdown(results: dict) -> str:
                              + " |")
         lines.append("")
     if "structured" in results:
-        lines += ["| removed | stage | parameters | held-out perplexity |", "|---|---|---|---|",
-                  f"| none (dense) | - | {d['params']:,} | {d['ppl']:.3f} |"]
-        for r in results["structured"]:
-            lines.append(f"| {int(100 * r['removed'])}% {r['method']} | {r['stage']} | {r['params']:,} | "
-                         f"{r['ppl']:.3f} |")
+        speed = results.get("structured_speed", {})
+
+        def tps(name: str) -> str:
+            return f"{speed[name]:.0f}" if name in speed else "-"
+        lines += ["| removed | parameters | perplexity pruned | after recovery | decode tok/s |",
+                  "|---|---|---|---|---|",
+                  f"| none (dense) | {d['params']:,} | {d['ppl']:.3f} | - | {tps('base')} |"]
+        by = {(r["method"], r["removed"], r["stage"]): r for r in results["structured"]}
+        for (m, s, stage), r in by.items():
+            if stage == "pruned":
+                rec = by[(m, s, "recovered")]
+                lines.append(f"| {int(100 * s)}% {m} | {r['params']:,} | {r['ppl']:.3f} | {rec['ppl']:.3f} | "
+                             f"{tps(r['folder'])} / {tps(rec['folder'])} |")
+        lines.append("")
+    if "prune_diag" in results:
+        lines += ["| 50% sparsity | perplexity |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in results["prune_diag"]["ppl"].items()]
+        lines += ["", "| layer | max/median of norm(X_j) |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in results["prune_diag"]["spread"].items()]
         lines.append("")
     if "lowrank" in results:
         lines += ["| rank | parameters | SVD perplexity | ASVD perplexity |", "|---|---|---|---|"]
@@ -99,6 +117,51 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def prune_diag(base_dir: Path, calib: torch.Tensor, held: np.ndarray, s: float = 0.5) -> dict:
+    """Held-out perplexity at sparsity `s` for magnitude / Wanda scores, each compared per output row or
+    per layer, and Wanda on one kind of projection with magnitude (per layer) on the others; and, per
+    layer, the spread max/median of the input-channel norms ||X_j|| (Wanda's weighting)."""
+    from llmkit.model.quant import sequential_groups  # the block order of prune_model
+
+    def run(score_of, group_of) -> float:
+        m = llmkit.load_model(base_dir)
+        m.eval()
+        with torch.no_grad():
+            for group in sequential_groups(m, prune_targets(m)):
+                stats = _collect(m, group, list(calib[:, None]), "wanda")
+                for name in group:
+                    lin = m.get_submodule(name)
+                    w = lin.weight.detach().float()
+                    score = score_of(name, w, stats[name]["x_norm"])
+                    k_row = int(round(s * w.shape[1]))
+                    mask = (lowest_mask(score, k_row, dim=1) if group_of(name) == "row"
+                            else lowest_mask(score, int(round(s * w.numel()))))
+                    lin.weight.copy_(w.masked_fill(mask, 0))
+        return ppl(m, held)
+
+    def mag(_n, w, _x):
+        return w.abs()
+
+    def wanda(_n, w, x):
+        return wanda_score(w, x)
+
+    out = {"magnitude, one threshold per fused layer ([q;k;v], [gate;up])": run(mag, lambda n: "layer"),
+           "magnitude per output row": run(mag, lambda n: "row"),
+           "Wanda per output row (the paper's, llmkit's wanda)": run(wanda, lambda n: "row"),
+           "Wanda, one threshold per fused layer": run(wanda, lambda n: "layer")}
+    for kind in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"):
+        out[f"Wanda (per row) on {kind} only, magnitude on the rest"] = run(
+            lambda n, w, x, k=kind: wanda_score(w, x) if n.endswith(k) else w.abs(),
+            lambda n, k=kind: "row" if n.endswith(k) else "layer")
+    spread = {}
+    m = llmkit.load_model(base_dir)
+    stats = _collect(m, prune_targets(m), list(calib[:, None]), "wanda")
+    for name, st in stats.items():
+        x = st["x_norm"]
+        spread[name] = float(x.max() / x.median())
+    return {"ppl": out, "spread": spread}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="out/shk")
@@ -106,6 +169,8 @@ def main() -> None:
     ap.add_argument("--held", type=int, default=32768)
     ap.add_argument("--distill-steps", type=int, default=500)
     ap.add_argument("--recover-steps", type=int, default=100)
+    ap.add_argument("--speed-rounds", type=int, default=5)
+    ap.add_argument("--recover-lr", type=float, default=3e-4)
     ap.add_argument("--only", nargs="*", default=["distill", "prune", "structured", "lowrank", "variants", "report"])
     ap.add_argument("--markdown", action="store_true", help="print the tables of --out/results.json and exit")
     args = ap.parse_args()
@@ -195,10 +260,9 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(out / "prune.png", dpi=110)
 
-    if "structured" in args.only:  # 3. heads / channels (and layers), before and after recovery
-        # the same steps as `llmkit prune --method M --sparsity S --calib D --recover-steps R`, in this process
-        # (one thread: the box is shared); decode tok/s comes from the compress report below (an architecture
-        # decodes at the same speed before and after recovery)
+    if "structured" in args.only:  # 3. heads / channels, before and after recovery
+        # the same steps as `llmkit prune --method M --sparsity S --calib D --recover-steps R` (recovery:
+        # `llmkit finetune --method full --data-format text`), in this process (one thread: the box is shared)
         rows = []
         for method, levels in (("heads", (0.25, 0.5)), ("channels", (0.25, 0.5))):
             for s in levels:
@@ -207,15 +271,35 @@ def main() -> None:
                 prune_model(m, method, s, calibration=calib)
                 m.save_pretrained(d0)
                 llmkit.load_tokenizer(base_dir).save(d0)
-                distill(str(base_dir), str(data), str(d1), student=str(d0), max_steps=args.recover_steps, alpha=0.5,
-                        temperature=1.0, lr=1e-3, batch_size=12, seq_len=64, eval_interval=args.recover_steps,
-                        warmup_steps=max(1, args.recover_steps // 10), num_threads=1, overwrite=True, progress=False)
+                finetune(str(d0), str(data), str(d1), method="full", data_format="text", max_steps=args.recover_steps,
+                         lr=args.recover_lr, batch_size=12, max_seq_len=64, eval_interval=args.recover_steps,
+                         warmup_steps=max(1, args.recover_steps // 10), num_threads=1, overwrite=True,
+                         progress=False)
                 for label, d in (("pruned", d0), ("recovered", d1)):
                     m = llmkit.load_model(d)
                     rows.append({"method": method, "removed": s, "stage": label, "ppl": ppl(m, held),
                                  "params": m.num_params(), "folder": d.name})
                     print(json.dumps(rows[-1]), flush=True)
         results["structured"] = rows
+        save()
+
+    if "structured-speed" in args.only:  # 3b. decode tok/s (batch 1, 64 new tokens), round-robin, median
+        from llmkit.eval.compress_report import measure
+
+        names = ["base"] + [f"{m}{p}{r}" for m in ("heads", "channels") for p in (25, 50) for r in ("", "-rec")]
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(args.speed_rounds):
+            for n in names:
+                row = measure(base_dir if n == "base" else out / n, None, new_tokens=64, repeats=1)
+                times[n].append(row["decode_tokens_per_s"])
+        results["structured_speed"] = {n: float(np.median(v)) for n, v in times.items()}
+        results["structured_speed_uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        print(json.dumps(results["structured_speed"]), flush=True)
+        save()
+
+    if "prune-diag" in args.only:  # 2b. Wanda vs magnitude at 50%: comparison groups and where Wanda loses
+        results["prune_diag"] = prune_diag(base_dir, calib, held)
+        print(json.dumps(results["prune_diag"], indent=1), flush=True)
         save()
 
     if "lowrank" in args.only:  # 4. perplexity and parameters against rank

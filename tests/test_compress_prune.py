@@ -16,7 +16,7 @@ import llmkit
 from llmkit.cli import main
 from llmkit.errors import ConfigError, InputError
 from llmkit.model.lowrank import LowRankLinear, lowrank_model
-from llmkit.model.prune import prune_model, prune_targets, sparsegpt, wanda_score
+from llmkit.model.prune import hf_parts, prune_model, prune_targets, sparsegpt, wanda_score
 from llmkit.tokenizer import Tokenizer
 
 
@@ -49,43 +49,79 @@ def _hf(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-def test_magnitude_zeroes_exactly_the_smallest(model_dir):
+def test_magnitude_zeroes_exactly_the_smallest_of_each_transformers_linear(model_dir):
+    """Per Linear of the Hugging Face model (q, k, v, o, gate, up, down: llmkit's fused [q; k; v] and
+    [gate; up] count as their parts, as in the papers' magnitude baseline), the round(s * numel)
+    smallest |W| are zeroed and the rest is untouched."""
     m = llmkit.load_model(model_dir)
     before = {n: m.get_submodule(n).weight.detach().clone() for n in prune_targets(m)}
     fractions = prune_model(m, "magnitude", 0.3)
     assert set(fractions) == set(before) and len(before) == 2 * 4  # qkv, proj, fc, mlp.proj per block
-    for n, w0 in before.items():
-        w = m.get_submodule(n).weight
-        zero = w == 0
-        assert int(zero.sum()) == round(0.3 * w0.numel())  # counted, exactly
-        assert float(w0[zero].abs().max()) <= float(w0[~zero].abs().min())  # the smallest |W| went
-        torch.testing.assert_close(w[~zero], w0[~zero], rtol=0, atol=0)  # the rest untouched
+    hf = _hf(model_dir)
+    for i, lay in enumerate(hf.model.layers):
+        b = m.blocks[i]
+        ours = {"q": b.attn.qkv.weight, "o": b.attn.proj.weight, "gate": b.mlp.fc.weight, "down": b.mlp.proj.weight}
+        q, k, v = (lay.self_attn.q_proj.weight, lay.self_attn.k_proj.weight, lay.self_attn.v_proj.weight)
+        g, u = lay.mlp.gate_proj.weight, lay.mlp.up_proj.weight
+        hand = {"q": [q, k, v], "o": [lay.self_attn.o_proj.weight], "gate": [g, u], "down": [lay.mlp.down_proj.weight]}
+        for key, linears in hand.items():
+            masks = []
+            for w0 in linears:
+                w0 = w0.detach()
+                thresh = w0.abs().flatten().sort().values[round(0.3 * w0.numel()) - 1]
+                masks.append(w0.abs() <= thresh)  # ties have probability zero in random weights
+                assert int(masks[-1].sum()) == round(0.3 * w0.numel())
+            zero = ours[key] == 0
+            assert torch.equal(zero, torch.cat(masks))
+            w0 = torch.cat([w.detach() for w in linears])
+            torch.testing.assert_close(ours[key][~zero], w0[~zero], rtol=0, atol=0)  # the rest untouched
     assert torch.count_nonzero(m.lm_head.weight) == m.lm_head.weight.numel()
 
 
 def test_wanda_mask_equals_hand_computation_on_transformers_activations(model_dir, calib_file):
+    """Per output row, the k lowest |W_ij| * ||X_j||_2, X_j = input channel j of the Linear over every
+    calibration token (the post-norm input of q/k/v, the SwiGLU product for down_proj); block 1's
+    inputs come from the model whose block 0 is already pruned (the paper's sequential order)."""
     calib = _calib(model_dir, calib_file)
     hf = _hf(model_dir)
-    seen = []
-    layer = hf.model.layers[0].mlp.down_proj
-    h = layer.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for row in calib:
-            hf(row[None])
-    h.remove()
-    X = torch.cat(seen).double()  # [tokens, in]
-    W = layer.weight.detach().double()  # [out, in]
-    norms = [float(np.sqrt(sum(float(v) ** 2 for v in X[:, j]))) for j in range(W.shape[1])]
-    k = round(0.5 * W.shape[1])
-    hand = torch.zeros_like(W, dtype=torch.bool)
-    for r in range(W.shape[0]):  # per output row: the k lowest |W_rj| * ||X_j||
-        scores = sorted((abs(float(W[r, j])) * norms[j], j) for j in range(W.shape[1]))
-        for _, j in scores[:k]:
-            hand[r, j] = True
     m = llmkit.load_model(model_dir)
     prune_model(m, "wanda", 0.5, calib)
-    assert torch.equal(m.blocks[0].mlp.proj.weight == 0, hand)
-    torch.testing.assert_close(wanda_score(W, X.norm(dim=0)), W.abs() * torch.tensor(norms, dtype=W.dtype)[None])
+    for i in range(len(hf.model.layers)):
+        lay = hf.model.layers[i]
+        linears = {"q": lay.self_attn.q_proj, "k": lay.self_attn.k_proj, "v": lay.self_attn.v_proj,
+                   "o": lay.self_attn.o_proj, "gate": lay.mlp.gate_proj, "up": lay.mlp.up_proj,
+                   "down": lay.mlp.down_proj}
+        seen: dict[str, list] = {n: [] for n in linears}
+        hooks = [mod.register_forward_pre_hook(lambda _m, a, n=n, s=seen: s[n].append(a[0].reshape(-1, a[0].shape[-1])))
+                 for n, mod in linears.items()]
+        with torch.no_grad():
+            for row in calib:
+                hf(row[None])
+        for h in hooks:
+            h.remove()
+        hand = {}
+        for n, lin in linears.items():
+            X = torch.cat(seen[n]).double()  # [tokens, in]
+            W = lin.weight.detach().double()  # [out, in]
+            norms = [float(np.sqrt(sum(float(v) ** 2 for v in X[:, j]))) for j in range(W.shape[1])]
+            k = round(0.5 * W.shape[1])
+            mask = torch.zeros_like(W, dtype=torch.bool)
+            for r in range(W.shape[0]):  # per output row: the k lowest |W_rj| * ||X_j||
+                scores = sorted((abs(float(W[r, j])) * norms[j], j) for j in range(W.shape[1]))
+                for _, j in scores[:k]:
+                    mask[r, j] = True
+            hand[n] = mask
+            if n == "down" and i == 0:
+                torch.testing.assert_close(wanda_score(W, X.norm(dim=0)),
+                                           W.abs() * torch.tensor(norms, dtype=W.dtype)[None])
+        b = m.blocks[i]
+        assert torch.equal(b.attn.qkv.weight == 0, torch.cat([hand["q"], hand["k"], hand["v"]]))
+        assert torch.equal(b.attn.proj.weight == 0, hand["o"])
+        assert torch.equal(b.mlp.fc.weight == 0, torch.cat([hand["gate"], hand["up"]]))
+        assert torch.equal(b.mlp.proj.weight == 0, hand["down"])
+        with torch.no_grad():  # prune this HF layer by the hand masks: the next layer sees it pruned
+            for n, lin in linears.items():
+                lin.weight.masked_fill_(hand[n], 0)
 
 
 def test_sparsegpt_beats_wanda_beats_magnitude_on_the_layer_objective():
@@ -95,7 +131,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_the_layer_objective():
     X = torch.randn(256, 64) * (1 + 4 * (torch.rand(64) < 0.1)) + 0.5 * torch.randn(256, 1)
     H = X.t() @ X / X.shape[0]
     Ws = sparsegpt(W, H, 0.5)
-    assert torch.equal((Ws == 0).sum(1), torch.full((32,), 32))  # exactly half of every row
+    assert int((Ws == 0).sum()) == 32 * 32  # exactly half of the layer (one threshold per column block)
     score = W.abs() * X.norm(dim=0)  # Wanda, written out
     Ww = W.masked_fill(score <= score.median(1, True).values, 0)
     Wm = W.masked_fill(W.abs() <= W.abs().flatten().median(), 0)
@@ -117,7 +153,10 @@ def test_2_4_and_sparsegpt_cli_folders_load_in_transformers(model_dir, calib_fil
                 per_group = (w.view(w.shape[0], -1, 4) == 0).sum(-1)
                 assert torch.equal(per_group, torch.full_like(per_group, 2))
             else:
-                assert int((w == 0).sum()) == w.shape[0] * round(0.6 * w.shape[1])
+                # the paper's code: per block of 128 columns, 60% of each Linear's (q, k, v, ...) weights
+                want = sum(round(0.6 * rows * len(range(c, min(c + 128, w.shape[1]))))
+                           for rows in hf_parts(m, n) for c in range(0, w.shape[1], 128))
+                assert int((w == 0).sum()) == want
         ids = torch.randint(0, m.config.vocab_size, (1, 12))
         with torch.no_grad():
             torch.testing.assert_close(_hf(out)(ids).logits, m(ids), rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
-"""`llmkit finetune`: supervised fine-tuning (full, LoRA, prompt tuning, layer freezing) on chat JSONL."""
+"""`llmkit finetune`: supervised fine-tuning (full, LoRA, prompt tuning, layer freezing) on chat JSONL,
+or continued pretraining on plain text (`--data-format text`)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Supervised fine-tuning on JSONL (chat 'messages', Alpaca 'instruction/input/output', or "
             "'prompt/completion'), rendered with the tokenizer's chat template; the loss covers the "
-            "assistant tokens. full/freeze write a model folder, lora/prompt-tuning a PEFT adapter folder."
+            "assistant tokens; or plain text (a .txt file, a folder, a `llmkit data prepare` folder: "
+            "--data-format text), the causal loss on every token. full/freeze write a model folder, "
+            "lora/prompt-tuning a PEFT adapter folder."
         ),
     )
     p.add_argument("--model", required=True, help="base model folder (HF or llmkit format, with tokenizer)")
-    p.add_argument("--data", required=True, nargs="+", help="training JSONL file(s)")
+    p.add_argument("--data", required=True, nargs="+", help="training JSONL file(s), or one text file / folder / "
+                   "prepared data folder")
+    p.add_argument("--data-format", choices=["auto", "sft", "text"], default="auto",
+                   help="sft: chat/instruction JSONL; text: continued pretraining on plain text (random windows "
+                        "of --max-seq-len tokens); auto: text for one folder or a file not ending .jsonl/.json")
     p.add_argument("--val-data", nargs="+", help="validation JSONL file(s)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of --data for validation")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of --data for validation (text: the last fraction, default 0.1)")
     p.add_argument("--method", choices=["full", "lora", "prompt-tuning", "freeze"], default="lora")
     p.add_argument("--out", required=True, help="output folder")
     g = p.add_argument_group("schedule")
@@ -57,6 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="quantization-aware training (full/freeze): fake-quantized projections with a "
                         "straight-through estimator; --out gets the real quantized model")
     p.add_argument("--qat-group-size", type=int, default=64, help="inputs per QAT scale (0 = per channel, int8)")
+    p.add_argument("--keep-zeros", action="store_true",
+                   help="zero block weights stay zero (recovering a magnitude/wanda/sparsegpt/2:4-pruned model)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory)")
     p.add_argument("--no-progress", action="store_true")
@@ -80,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         num_virtual_tokens=args.num_virtual_tokens, prompt_tuning_init_text=args.prompt_tuning_init_text,
         trainable=args.trainable or [], freeze_layers=args.freeze_layers,
         activation_checkpointing=args.activation_checkpointing, max_minutes=args.max_minutes,
+        data_format=args.data_format, keep_zeros=args.keep_zeros,
     )
     print(report(result))
     return 0

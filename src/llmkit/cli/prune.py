@@ -28,9 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
     g = p.add_argument_group("recovery")
     g.add_argument("--recover-steps", type=int, default=0,
-                   help="then train the pruned model N steps, distilled from the unpruned one (zeros stay zero)")
+                   help="then N steps of `llmkit finetune --method full` on text (causal LM loss on every token; "
+                        "unstructured/2:4 zeros stay zero)")
     g.add_argument("--recover-data", help="text file or prepared data folder to recover on (default: --calib)")
-    g.add_argument("--recover-alpha", type=float, default=0.5, help="KL weight of the recovery loss (0: plain CE)")
+    g.add_argument("--recover-alpha", type=float, default=0.0,
+                   help="> 0: recover with `llmkit distill` from the unpruned model instead, this weight on the "
+                        "KL (0: the finetune)")
     g.add_argument("--recover-lr", type=float, default=3e-4)
     g.add_argument("--recover-seq-len", type=int, default=64)
     g.add_argument("--recover-batch-size", type=int, default=8)
@@ -39,7 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
     import uuid
     from pathlib import Path
 
@@ -78,17 +80,32 @@ def run(args: argparse.Namespace) -> int:
         mean = sum(layers.values()) / max(len(layers), 1)
         print(f"pruned: {args.method}, {len(layers)} layers, {mean:.1%} of their weights zero")
     if args.recover_steps:
-        from llmkit.train.distill import distill
-
-        try:
-            r = distill(args.model, args.recover_data or args.calib, str(out), student=str(target),
-                        max_steps=args.recover_steps, alpha=args.recover_alpha, temperature=1.0, lr=args.recover_lr,
-                        seq_len=min(args.recover_seq_len, model.config.block_size),
-                        batch_size=args.recover_batch_size, keep_zeros=args.method not in STRUCTURED,
-                        warmup_steps=max(1, args.recover_steps // 10),
-                        eval_interval=args.recover_steps, overwrite=True)
-        finally:
-            shutil.rmtree(target, ignore_errors=True)
+        r = recover(args, target, out, min(args.recover_seq_len, model.config.block_size),
+                    keep=args.method not in STRUCTURED)
         print(f"recovered {r.step} steps: val loss {r.val_loss:.4f}")
     print(f"wrote {out}")
     return 0
+
+
+def recover(args: argparse.Namespace, pruned, out, seq_len: int, keep: bool):
+    """The recovery run on the pruned folder `pruned` (removed afterwards) into `out`: `llmkit finetune
+    --method full --data-format text` (or `llmkit distill` from the unpruned model with --recover-alpha)."""
+    import shutil
+
+    data, steps, warm = args.recover_data or args.calib, args.recover_steps, max(1, args.recover_steps // 10)
+    try:
+        if args.recover_alpha > 0:
+            from llmkit.train.distill import distill
+
+            return distill(args.model, data, str(out), student=str(pruned), max_steps=steps,
+                           alpha=args.recover_alpha, temperature=1.0, lr=args.recover_lr, seq_len=seq_len,
+                           batch_size=args.recover_batch_size, keep_zeros=keep, warmup_steps=warm,
+                           eval_interval=steps, overwrite=True)
+        from llmkit.train.finetune import finetune
+
+        return finetune(str(pruned), data, str(out), method="full", data_format="text", max_steps=steps,
+                        lr=args.recover_lr, batch_size=args.recover_batch_size, max_seq_len=seq_len,
+                        keep_zeros=keep, warmup_steps=warm, eval_interval=steps, weight_decay=0.0,
+                        overwrite=True)
+    finally:
+        shutil.rmtree(pruned, ignore_errors=True)

@@ -4,11 +4,13 @@ heads, MLP channels, whole blocks).
 Each method zeroes weights of the block projections in place; the model stays a dense model with
 zeros, so a pruned folder is a normal Hugging Face folder (load_model, generate, serve, quantize and
 transformers read it unchanged). The LM head and token embeddings are kept (as in Wanda/SparseGPT).
-- magnitude: the smallest |W| of each layer (layer-wise threshold);
+- magnitude: the smallest |W| of each layer (layer-wise threshold; a fused llmkit projection, e.g.
+  [q; k; v] or [gate; up], counts as the Hugging Face Linears it holds, as in the papers' baselines);
 - Wanda (Sun et al., 2024): score |W_ij| * ||X_j||_2 from calibration inputs, the lowest scores of
   each output row;
-- SparseGPT (Frantar & Alistarh, 2023): per block of 128 columns, mask by w^2 / [H^-1]_jj^2 and
-  spread each pruned weight's error over the remaining columns through the inverse Hessian H = X^T X;
+- SparseGPT (Frantar & Alistarh, 2023): per block of 128 columns, mask by w^2 / [H^-1]_jj^2 (one
+  threshold over the block's rows of each Linear, as the paper's code) and spread each pruned
+  weight's error over the remaining columns through the inverse Hessian H = X^T X;
 - 2:4: in every group of 4 consecutive inputs of a row, the 2 lowest scores are zeroed (Wanda
   scores with calibration data, |W| without).
 Calibration reuses `llmkit.model.quant`'s capture hooks and sequential block order.
@@ -57,9 +59,32 @@ def wanda_score(w: Tensor, x_norm: Tensor) -> Tensor:
     return w.abs() * x_norm[None, :]
 
 
+def parts_mask(score: Tensor, sparsity: float, parts: list[int] | None = None) -> Tensor:
+    """Mask of the `round(sparsity * numel)` lowest scores of each row band `parts` (row counts; the
+    Linears a fused projection holds), i.e. one layer-wise threshold per Linear."""
+    bands = score.split(parts or [score.shape[0]], 0)
+    return torch.cat([lowest_mask(b, int(round(sparsity * b.numel()))) for b in bands])
+
+
+def hf_parts(model: nn.Module, name: str) -> list[int]:
+    """Output-row counts of the Hugging Face Linears that llmkit fuses into `name` ([q; k; v],
+    [gate; up]), from the family's conversion rules; one part when it is one Linear there."""
+    from llmkit.model.families import get_family
+
+    cfg, w = model.config, model.get_submodule(name).weight
+    if cfg.model_type != "llmkit":  # llmkit's own format: its layers are the Linears
+        fam = get_family(cfg.model_type)
+        for ours, _hf, op, sizes in fam.rules(cfg, fam.load_prefixes[0], False):
+            if ours == name + ".weight" and op == "cat" and sum(sizes) == w.shape[0]:
+                return list(sizes)
+    return [w.shape[0]]
+
+
 def sparsegpt(w: Tensor, H: Tensor, sparsity: float, n_m: tuple[int, int] | None = None,
-              block_size: int = 128, damp: float = 0.01) -> Tensor:
-    """SparseGPT: prune w [out, in] to `sparsity` (or n:m) with OBS updates through H^-1 (H = X^T X)."""
+              block_size: int = 128, damp: float = 0.01, parts: list[int] | None = None) -> Tensor:
+    """SparseGPT: prune w [out, in] to `sparsity` (or n:m) with OBS updates through H^-1 (H = X^T X).
+    Unstructured: per block of columns, the lowest w^2 / [H^-1]_jj^2 of each row band `parts` (the
+    Linears of a fused projection; default the whole layer) go, as in the paper's code."""
     N, K = w.shape
     W = w.detach().float().clone()
     H = H.float().clone()
@@ -73,8 +98,8 @@ def sparsegpt(w: Tensor, H: Tensor, sparsity: float, n_m: tuple[int, int] | None
         i2 = min(i1 + block_size, K)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(N, i2 - i1), Hinv[i1:i2, i1:i2]
         score = W1**2 / torch.diag(Hinv1)[None] ** 2
-        if n_m is None:  # this block's share of the row's pruned weights
-            mask1 = lowest_mask(score, int(round(sparsity * (i2 - i1))), dim=1)
+        if n_m is None:  # this block's share of each Linear's pruned weights
+            mask1 = parts_mask(score, sparsity, parts)
         else:
             mask1 = n_m_mask(score, *n_m)
         for i in range(i2 - i1):
@@ -88,6 +113,21 @@ def sparsegpt(w: Tensor, H: Tensor, sparsity: float, n_m: tuple[int, int] | None
         mask[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return W.masked_fill(mask, 0)
+
+
+def zero_masks(model: nn.Module) -> dict[str, Tensor]:
+    """{parameter: W != 0} of every block matrix holding zeros: the sparsity pattern a recovery
+    finetune keeps (`keep_zeros`)."""
+    return {n: p.detach() != 0 for n, p in model.named_parameters()
+            if n.startswith("blocks.") and p.dim() == 2 and bool((p == 0).any())}
+
+
+@torch.no_grad()
+def keep_zeros(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Re-zero the masked-out weights (after an optimizer step) so the pruned pattern holds."""
+    for n, p in model.named_parameters():
+        if n in masks:
+            p.mul_(masks[n].to(p.device))
 
 
 def prune_targets(model: nn.Module) -> list[str]:
@@ -141,11 +181,11 @@ def prune_model(model: nn.Module, method: str = "magnitude", sparsity: float = 0
             w = lin.weight.detach().float()
             k = int(round(sparsity * w.shape[1]))
             if method == "magnitude":
-                w = w.masked_fill(lowest_mask(w.abs(), int(round(sparsity * w.numel()))), 0)
+                w = w.masked_fill(parts_mask(w.abs(), sparsity, hf_parts(model, name)), 0)
             elif method == "wanda":
                 w = w.masked_fill(lowest_mask(wanda_score(w, stats[name]["x_norm"]), k, dim=1), 0)
             elif method == "sparsegpt":
-                w = sparsegpt(w, stats[name]["H"], sparsity)
+                w = sparsegpt(w, stats[name]["H"], sparsity, parts=hf_parts(model, name))
             else:  # 2:4
                 score = wanda_score(w, stats[name]["x_norm"]) if name in stats else w.abs()
                 w = w.masked_fill(n_m_mask(score), 0)

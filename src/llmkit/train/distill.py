@@ -28,6 +28,7 @@ from tqdm import tqdm
 from llmkit.errors import CheckpointError, ConfigError, InputError
 from llmkit.model.config import ModelConfig
 from llmkit.model.hf import load_model
+from llmkit.model.prune import keep_zeros, zero_masks
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import load_tokenizer
 from llmkit.train import distributed as D
@@ -250,10 +251,7 @@ class Distiller(Trainer):
         self._check_tokens(self.data)
         student.check_inputs = self.teacher.check_inputs = False
         self._hooks(student)
-        self.masks = {}
-        if self.keep_zeros:
-            self.masks = {n: p != 0 for n, p in student.named_parameters()
-                          if n.startswith("blocks.") and p.dim() == 2 and bool((p == 0).any())}
+        self.masks = zero_masks(student) if self.keep_zeros else {}
         return student.train().requires_grad_(True)
 
     def _hooks(self, student: Transformer) -> None:
@@ -315,11 +313,7 @@ class Distiller(Trainer):
 
     def train_step(self) -> torch.Tensor:
         loss = super().train_step()
-        if self.masks:  # pruned weights stay pruned
-            with torch.no_grad():
-                for n, p in self.raw_model.named_parameters():
-                    if n in self.masks:
-                        p.mul_(self.masks[n].to(p.device))
+        keep_zeros(self.raw_model, self.masks)  # pruned weights stay pruned
         return loss
 
     def extra_metrics(self) -> dict[str, Any]:

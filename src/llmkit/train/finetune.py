@@ -5,6 +5,10 @@ Methods: `full` (every weight; writes a model folder), `freeze` (only the parame
 chosen projections; writes a PEFT LoRA folder) and `prompt-tuning` (N virtual-token embeddings;
 writes a PEFT prompt-tuning folder). The loop, schedule, optimizer, checkpoints with exact
 resume, metrics.jsonl and loss.png are the pretraining trainer's.
+
+Data: chat / instruction JSONL (loss on the assistant tokens), or plain text (`data_format="text"`:
+one text file, folder of text files or `llmkit data prepare` folder; continued pretraining, the
+causal loss on every token of random windows, exactly the pretraining trainer's data path).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -32,15 +37,17 @@ from llmkit.model.hf import config_from_hf, load_model, read_config
 from llmkit.model.linear import PackedLinear, set_decode_packing
 from llmkit.model.lora import LoRAConfig, add_lora
 from llmkit.model.prompt_tuning import PromptTuningModel
+from llmkit.model.prune import keep_zeros, zero_masks
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import load_tokenizer
 from llmkit.train import distributed as D
-from llmkit.train.config import OptimConfig, TrainConfig
+from llmkit.train.config import DataConfig, OptimConfig, TrainConfig
 from llmkit.train.linear_ce import linear_cross_entropy
 from llmkit.train.trainer import Trainer, TrainResult, lm_loss
 
 METHODS = ("full", "lora", "prompt-tuning", "freeze")
 SEQ2SEQ_METHODS = ("full", "freeze")  # what an encoder-decoder (T5) base supports
+DATA_FORMATS = ("auto", "sft", "text")  # auto: one folder or a non-.jsonl/.json file is text
 DEFAULT_LR = {"full": 1e-4, "freeze": 1e-4, "lora": 1e-3, "prompt-tuning": 3e-2}
 
 
@@ -71,6 +78,15 @@ class FinetuneConfig:
     qat: str | None = None  # int8 | int4: fake-quantized training (STE); full/freeze export the quantized model
     qat_group_size: int = 64  # inputs per scale (0 = per channel, int8 only)
     quantize: str | None = None  # int8 | int4: LoRA on the base quantized on load and frozen (QLoRA)
+    data_format: str = "auto"  # sft (JSONL) | text (continued pretraining on plain text) | auto
+    keep_zeros: bool = False  # zero block weights stay zero (recovery of an unstructured-pruned model)
+
+    def is_text(self) -> bool:
+        """Plain-text continued pretraining (not SFT JSONL)?"""
+        if self.data_format != "auto":
+            return self.data_format == "text"
+        p = Path(self.data[0]) if len(self.data) == 1 else None
+        return p is not None and (p.is_dir() or p.suffix.lower() not in (".jsonl", ".json"))
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -98,6 +114,8 @@ class FinetuneConfig:
             raise ConfigError(f"--max-seq-len={self.max_seq_len} must be at least 2")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction={self.val_fraction} must be in [0, 1)")
+        if self.data_format not in DATA_FORMATS:
+            raise ConfigError(f"--data-format {self.data_format!r}: expected one of {', '.join(DATA_FORMATS)}")
 
 
 def split_val(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -166,6 +184,8 @@ class Finetuner(Trainer):
     """One fine-tuning run (`finetune` is the one-call form)."""
 
     name = "finetune"
+    text = False  # plain-text continued pretraining (set from the config in _setup_data)
+    masks: dict = {}  # keep_zeros: {parameter: W != 0}
 
     def __init__(self, ft: FinetuneConfig, opt: OptimConfig, out_dir: str, resume: str | bool | None = None,
                  overwrite: bool = False, stop_after: int | None = None, max_steps: int | None = None,
@@ -194,6 +214,9 @@ class Finetuner(Trainer):
                               "--activation-checkpointing)")
         if ft.max_seq_len is None:
             ft.max_seq_len = min(1024, ctx - (ft.num_virtual_tokens if ft.method == "prompt-tuning" else 0))
+        self.text = ft.is_text()  # subclasses (preference, RL) read their own data: text stays False
+        if self.text:
+            return self._setup_text()
         self.tokenizer = load_tokenizer(ft.model)
         train = load_sft_data(ft.data, self.tokenizer, ft.max_seq_len, ft.train_on_prompt, self.seq2seq)
         self.truncated, self.dropped = train.truncated, train.dropped
@@ -210,6 +233,8 @@ class Finetuner(Trainer):
 
     def _build_sampler(self):
         t, info, ft = self.t, self.dist, self.ft
+        if self.text:
+            return super()._build_sampler()
         return SFTBatches(self.train_examples, t.batch_size, ft.max_seq_len, ft.packing, t.seed, self.pad_id,
                           info.rank, info.world_size)
 
@@ -230,6 +255,7 @@ class Finetuner(Trainer):
         if ft.qat:  # fake-quantized projections (straight-through estimator); the same parameters
             base.prepare_qat(ft.qat, ft.qat_group_size)
         model = apply_method(base, ft, self.tokenizer)
+        self.masks = zero_masks(base) if ft.keep_zeros else {}
         getattr(model, "model", model).check_inputs = False  # ids were checked above
         if ft.activation_checkpointing:
             enable_activation_checkpointing(model)
@@ -249,16 +275,24 @@ class Finetuner(Trainer):
         return load_model(self.ft.model, quantize=self.ft.quantize)
 
     def _max_token_id(self) -> int:
+        if self.text:
+            return max(int(np.max(a[: 1 << 24])) if len(a) else 0 for a in (self.data.train, self.data.val))
         return max(max(e.input_ids + e.labels) for e in self.train_examples + self.val_examples)
 
     def _batches_per_epoch(self) -> int:
         t, ft = self.t, self.ft
+        if self.text:
+            return max(1, len(self.data.train) // (t.batch_size * t.seq_len * self.dist.world_size))
         return SFTBatches(self.train_examples, t.batch_size, ft.max_seq_len, ft.packing, t.seed, self.pad_id,
                           0, self.dist.world_size).batches_per_epoch()
 
     def describe(self) -> str:
         total = sum(p.numel() for p in self.raw_model.parameters())
         trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+        if self.text:
+            return (f"{self.ft.method} on text: {trainable:,} trainable of {total:,} parameters; "
+                    f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens in {self.t.seq_len}-token "
+                    f"windows; {self.t.max_iters} steps" + (", pruned zeros kept" if self.masks else ""))
         n_train = sum(len(e.input_ids) for e in self.train_examples)
         msg = (f"{self.ft.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
                f"{len(self.train_examples):,} train / {len(self.val_examples):,} val examples ({n_train:,} tokens)"
@@ -286,6 +320,8 @@ class Finetuner(Trainer):
     # ------------------------------------------------------------------ loss
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean loss over the trained (assistant) tokens of one micro-batch."""
+        if self.text:  # (x, y) windows: every token
+            return super().batch_loss(batch)
         dev = self.dist.device
         b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         y = b.pop("targets")
@@ -295,6 +331,8 @@ class Finetuner(Trainer):
     @torch.no_grad()
     def evaluate(self, split: str = "val", full: bool = False) -> float:
         """Mean loss per trained token over every validation example (padding never counts)."""
+        if self.text:  # periodic: eval_iters batches of windows; final: the whole split
+            return super().evaluate(split, full)
         examples = self.val_examples if split == "val" else self.train_examples
         mine = examples[self.dist.rank :: self.dist.world_size]
         self.model.eval()
@@ -310,6 +348,31 @@ class Finetuner(Trainer):
         self.model.train()
         total = D.all_reduce_sum(total, self.dist)
         return float(total[0] / max(total[1], 1))
+
+    def train_step(self) -> torch.Tensor:
+        loss = super().train_step()
+        keep_zeros(self.raw_model, self.masks)  # pruned weights stay pruned (no-op without masks)
+        return loss
+
+    # ------------------------------------------------------------------ plain text
+    def _setup_text(self) -> None:
+        """Continued pretraining data: the pretraining trainer's token splits of one text path,
+        tokenized with the base model's tokenizer (a prepared folder is used as it is)."""
+        ft, t = self.ft, self.t
+        if len(ft.data) != 1:
+            raise ConfigError(f"--data-format text takes one text file, folder or prepared data folder, "
+                              f"got {len(ft.data)} paths")
+        if ft.val_data or ft.packing:
+            raise ConfigError("--val-data and --packing are for JSONL; plain text is cut into full windows "
+                              "and its last --val-fraction (default 0.1; a prepared folder: its val split) "
+                              "is held out")
+        self.cfg.data = DataConfig(path=ft.data[0], tokenizer=ft.model, val_fraction=ft.val_fraction or 0.1)
+        super()._setup_data()
+        self.tokenizer = load_tokenizer(ft.model)  # what the out folder gets
+        self.train_examples, self.val_examples, self.truncated, self.dropped = [], [], 0, 0
+        t.seq_len = ft.max_seq_len
+        t.eval_iters = t.eval_iters or 20
+        self.pad_id = self.tokenizer.pad_token_id or 0
 
     # ------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict[str, torch.Tensor]:
@@ -429,9 +492,11 @@ def finetune(
     max_minutes: float | None = None,
     **options: Any,
 ) -> TrainResult:
-    """Fine-tune base `model` on SFT JSONL `data`; `out` becomes a model folder (full, freeze) or a PEFT
-    adapter folder (lora, prompt-tuning). `options` are FinetuneConfig fields (max_seq_len, packing,
-    lora_r, lora_alpha, lora_dropout, lora_targets, num_virtual_tokens, trainable, freeze_layers, ...).
+    """Fine-tune base `model` on SFT JSONL `data` (or plain text: `data_format="text"`, auto-detected for
+    one folder or non-JSONL file; `keep_zeros=True` keeps pruned zeros at zero); `out` becomes a model
+    folder (full, freeze) or a PEFT adapter folder (lora, prompt-tuning). `options` are FinetuneConfig
+    fields (max_seq_len, packing, lora_r, lora_alpha, lora_dropout, lora_targets, num_virtual_tokens,
+    trainable, freeze_layers, data_format, keep_zeros, ...).
 
     `max_minutes` is a time budget: training stops (the schedule finished) once it is spent.
     `resume=True` continues exactly from out's latest checkpoint; `stop_after=k` stops after step k
