@@ -40,13 +40,6 @@ def teacher(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    f = tmp_path_factory.mktemp("text") / "d.txt"
-    f.write_text("To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer "
-                 "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. " * 30)
-    return f
-
 
 def test_loss_equals_torch_kl_div_and_cross_entropy():
     torch.manual_seed(0)

@@ -36,13 +36,6 @@ def base(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    f = tmp_path_factory.mktemp("tt") / "play.txt"
-    f.write_text("To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer "
-                 "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. " * 30)
-    return f
-
 
 def _hf_loss(folder, tokens: np.ndarray) -> float:
     """Mean next-token cross-entropy of transformers' model over the non-overlapping T-token windows."""
