@@ -192,18 +192,22 @@ def test_scoring_adds_at_most_scoring_chunk_tokens_to_a_decode_step(pair):
     hf, model = pair
     ids = list(range(3, 90))  # 87 tokens to score
 
+    queued = threading.Event()
+
     class Recording(Engine):
         steps: list[list[tuple[bool, bool, int]]] = []  # per step: (scoring?, decoding?, tokens)
 
         def _step(self, scheduled):
             self.steps.append([(s.score_top is not None, not s.prefilling, n) for s, n in scheduled])
             super()._step(scheduled)
+            if len(self.steps) == 1:  # the stream's prefill: no further step until the scoring request is
+                queued.wait(30)  # queued (waiting on a lock instead can lose the race to a fast engine thread)
 
     with Recording(model, scoring_chunk=4, prefill_chunk=32) as engine:
         stream = engine.submit(PROMPTS[0], _greedy(60))
-        next(iter(stream))  # decoding now
-        with engine._model_lock:  # no step runs until the scoring request is queued
-            scoring = engine.submit_scoring(ids, 1)
+        next(iter(stream))  # decoding from the next step on
+        scoring = engine.submit_scoring(ids, 1)
+        queued.set()
         gen = stream.result()
         out = engine.prompt_logprobs(ids, top_n=1)  # the same prompt again, alone: full chunks
     scoring.result()
