@@ -76,18 +76,9 @@ def serve_round(tree: Path, model: Path, threads: int, port: int) -> dict:
     """`llmkit serve` of `tree` under 8 concurrent streaming clients (bench_serve.py's load)."""
     import asyncio
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_serve import Server, run_load
 
-    old_path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(tree / "src")
-    try:
-        srv = Server(model, port, 8, threads)
-    finally:
-        if old_path is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = old_path
+    srv = Server(model, port, 8, threads, env={**os.environ, "PYTHONPATH": str(tree / "src")})
     try:
         r = asyncio.run(run_load(srv.url, model.name, 8, 2, 32))
     finally:
@@ -126,7 +117,7 @@ def main() -> None:
             build(folder)
             serve_model = None
             if args.serve:
-                sys.path.insert(0, str(ROOT / "benchmarks"))
+                sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_serve: its model and its `llmkit serve` load
                 from bench_serve import build_model
 
                 serve_model = build_model(Path(tmp) / "serve-model", "llama-6m", 512)

@@ -63,8 +63,9 @@ def build_model(out: Path, preset: str, ctx: int = 512) -> Path:
 class Server:
     """`llmkit serve` in a subprocess."""
 
-    def __init__(self, model: Path, port: int, max_batch_size: int, threads: int | None, extra: tuple = ()):
-        env = dict(os.environ)
+    def __init__(self, model: Path, port: int, max_batch_size: int, threads: int | None, extra: tuple = (),
+                 env: dict[str, str] | None = None):
+        env = dict(os.environ if env is None else env)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         cmd = [
@@ -106,6 +107,18 @@ class Server:
             self.proc.wait()
 
 
+async def stream_stamps(http: httpx.AsyncClient, url: str, body: dict) -> tuple[float, list[float]]:
+    """POST a streaming /v1/completions body; (start time, arrival time of each event)."""
+    t0 = time.perf_counter()
+    stamps = []
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                stamps.append(time.perf_counter())
+    return t0, stamps
+
+
 async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str, tokens: int) -> dict:
     body = {
         "model": model,
@@ -115,13 +128,7 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
         "stream": True,
         "ignore_eos": True,
     }
-    t0 = time.perf_counter()
-    stamps = []
-    async with http.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                stamps.append(time.perf_counter())
+    t0, stamps = await stream_stamps(http, url, body)
     n = len(stamps)  # one event per token
     return {"ttft": stamps[0] - t0, "tpot": (stamps[-1] - stamps[0]) / max(n - 1, 1), "tokens": n}
 
@@ -146,7 +153,7 @@ async def run_load(url: str, model: str, clients: int, per_client: int, tokens: 
         "wall_s": wall,
         "throughput": total / wall,
         "ttft_p50": statistics.median(r["ttft"] for r in results),
-        "ttft_p90": sorted(r["ttft"] for r in results)[math.ceil(0.9 * len(results)) - 1],
+        "ttft_p90": pct([r["ttft"] for r in results], 90),
         "tpot_p50": statistics.median(r["tpot"] for r in results),
     }
 
@@ -161,13 +168,7 @@ async def stream_ids(http: httpx.AsyncClient, url: str, model: str, ids: list[in
     """One streaming completion of a token-id prompt; one event per token (logprobs: 0)."""
     body = {"model": model, "prompt": ids, "max_tokens": tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "logprobs": 0}
-    t0 = time.perf_counter()
-    stamps = []
-    async with http.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                stamps.append(time.perf_counter())
+    t0, stamps = await stream_stamps(http, url, body)
     return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps),
             "t0": t0, "stamps": stamps}
 

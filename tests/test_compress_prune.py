@@ -49,6 +49,18 @@ def _hf(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
+def _inputs_of(module, run) -> torch.Tensor:
+    """The inputs [tokens, in_features] `module` sees while `run()` runs (a forward pre-hook, no grad)."""
+    seen = []
+    h = module.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        h.remove()
+    return torch.cat(seen)
+
+
 def test_magnitude_zeroes_exactly_the_smallest_of_each_transformers_linear(model_dir):
     """Per Linear of the Hugging Face model (q, k, v, o, gate, up, down: llmkit's fused [q; k; v] and
     [gate; up] count as their parts, as in the papers' magnitude baseline), the round(s * numel)
@@ -228,14 +240,8 @@ def test_lowrank_energy_picks_the_hand_svd_rank(model_dir):
 def test_channel_pruning_writes_a_smaller_model_transformers_loads(model_dir, calib_file, tmp_path, capsys):
     calib = _calib(model_dir, calib_file)
     hf = _hf(model_dir)
-    seen = []
     down = hf.model.layers[1].mlp.down_proj
-    h = down.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for row in calib:
-            hf(row[None])
-    h.remove()
-    X = torch.cat(seen)
+    X = _inputs_of(down, lambda: [hf(row[None]) for row in calib])
     score = X.norm(dim=0) * down.weight.detach().norm(dim=0)  # ||X_c|| * ||W_down[:, c]||, by hand
     hand_keep = sorted(int(i) for i in torch.argsort(score, descending=True)[:96])  # 128 - 25%
     out = tmp_path / "ch25"
@@ -267,14 +273,8 @@ def test_head_pruning_writes_a_smaller_model_transformers_loads(model_dir, calib
     llmkit.load_tokenizer(model_dir).save(src)
     calib = _calib(model_dir, calib_file)
     hf = _hf(src)
-    seen = []
     o = hf.model.layers[0].self_attn.o_proj
-    h = o.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for row in calib:
-            hf(row[None])
-    h.remove()
-    X = torch.cat(seen)  # [tokens, 4 heads * 16]
+    X = _inputs_of(o, lambda: [hf(row[None]) for row in calib])  # [tokens, 4 heads * 16]
     score = (X.norm(dim=0) * o.weight.detach().norm(dim=0)).view(4, 16).sum(1)  # per head, by hand
     if kv == 4:  # the 2 best heads of 4
         keep = sorted(int(i) for i in torch.topk(score, 2).indices)
@@ -349,13 +349,9 @@ def test_asvd_beats_plain_svd_on_activation_weighted_error(model_dir, calib_file
     # on a model: the scales are mean |X_j|^0.5 of the layer's calibration inputs, and the CLI folder loads
     calib = _calib(model_dir, calib_file)
     m = llmkit.load_model(model_dir)
-    seen = []
-    h = m.blocks[0].mlp.proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        m(calib)
-    h.remove()
+    X = _inputs_of(m.blocks[0].mlp.proj, lambda: m(calib))
     sc = asvd_scales(m, ["blocks.0.mlp.proj"], calib)["blocks.0.mlp.proj"]
-    torch.testing.assert_close(sc, torch.cat(seen).abs().mean(0) ** 0.5)
+    torch.testing.assert_close(sc, X.abs().mean(0) ** 0.5)
     rc = main(["lowrank", "--model", str(model_dir), "--rank", "8", "--calib", str(calib_file), "--calib-samples",
                "4", "--calib-seq-len", "32", "--out", str(tmp_path / "asvd")])
     assert rc == 0
