@@ -111,7 +111,7 @@ def copy_text(out: str, n_lines: int = 40000, seed: int = 0) -> Path:
 
 
 def copy_probe(model_dir: str, n: int = 20, seed: int = 123) -> float:
-    """The copy probe: greedy continuation of `"4285 * 5974 xq! 4285 * 5974 7b "` style prompts (a span of
+    """The copy probe: greedy continuation of `"4285 * 5974 xq! 4285 * 5974 Bz "` style prompts (a span of
     digits and operators, then a copy after a random filler, then a filler); a hit is the span copied exactly.
     A base model that passes (~all n) has the induction heads the tool-call task needs."""
     import string
