@@ -113,7 +113,8 @@ class PackedLinear(nn.Linear):
         # base under a trained input) runs on the plain weight through oneDNN, forward and backward
         cpu32 = w.is_cpu and w.dtype is torch.float32
         if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or not cpu32:
-            if cpu32 and x.dtype is torch.float32:
+            # (a trained weight under CPU autocast keeps F.linear, which autocast casts)
+            if cpu32 and x.dtype is torch.float32 and not (w.requires_grad and torch.is_autocast_enabled("cpu")):
                 y = DenseLinearFunction.apply(x.reshape(-1, self.in_features), w, bias)
                 return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, w, bias)
