@@ -6,7 +6,8 @@ the full completion length). Each step: `--prompts-per-step` prompts x G samples
 `--new-tokens` new tokens at temperature 1, rewards from the same Python function, beta 0.04
 (both compute reference log-probs), one optimizer step (lr 1e-5). Each side runs in its own child
 process, alternating llmkit / trl for `--rounds` rounds; each round times `--steps` steps after one
-warm-up step. Reports the median step time of each and the ratio.
+warm-up step. Reports the median step time of each and the ratio, and the same for the CPU time
+of a step (the process's, less sensitive to other load on a shared machine).
 
     python benchmarks/bench_grpo.py                      # 3 rounds, 4 steps, 1 thread
     python benchmarks/bench_grpo.py --rounds 5 --threads 2
@@ -64,12 +65,14 @@ def child(side: str, folder: str, steps: int, threads: int, prompts_per_step: in
         from llmkit.train import rl
 
         times: list[float] = []
+        cpu: list[float] = []
         real = rl.RLTrainer.train_step
 
         def timed(self):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = real(self)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             return out
 
         rl.RLTrainer.train_step = timed
@@ -77,7 +80,7 @@ def child(side: str, folder: str, steps: int, threads: int, prompts_per_step: in
             rl.grpo(folder, f"{__file__}:reward_fn", prompts, out, group_size=G, batch_size=prompts_per_step,
                     max_steps=steps + 1, lr=1e-5, beta=0.04, max_new_tokens=new_tokens, eval_interval=10**6,
                     progress=False, num_threads=threads, eval_prompts=1)
-        return {"step_times": times[1:]}
+        return {"step_times": times[1:], "cpu_times": cpu[1:]}
 
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -85,14 +88,15 @@ def child(side: str, folder: str, steps: int, threads: int, prompts_per_step: in
 
     rows = [json.loads(x) for x in open(prompts)]
     ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
-    times = []
+    times, cpu = [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
 
     def trl_reward(prompts, completions, **kw):
         return [reward_fn(p, c) for p, c in zip(prompts, completions)]
@@ -107,7 +111,7 @@ def child(side: str, folder: str, steps: int, threads: int, prompts_per_step: in
         tr = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, train_dataset=ds, processing_class=tok,
                          callbacks=[Timer()])
         tr.train()
-    return {"step_times": times[1:]}
+    return {"step_times": times[1:], "cpu_times": cpu[1:]}
 
 
 def main() -> None:
@@ -127,6 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         build(d)
         res: dict[str, list[float]] = {"llmkit": [], "trl": []}
+        cpu: dict[str, list[float]] = {"llmkit": [], "trl": []}
         for r in range(args.rounds):
             for side in ("llmkit", "trl"):
                 cmd = [sys.executable, __file__, "--child", side, d, "--steps", str(args.steps), "--threads",
@@ -135,13 +140,17 @@ def main() -> None:
                 p = subprocess.run(cmd, capture_output=True, text=True)
                 if p.returncode:
                     sys.exit(f"{side} failed:\n{p.stderr[-3000:]}")
-                t = json.loads(p.stdout.strip().splitlines()[-1])["step_times"]
+                out = json.loads(p.stdout.strip().splitlines()[-1])
+                t = out["step_times"]
                 res[side] += t
-                print(f"round {r + 1} {side:6s}: median step {statistics.median(t):.3f} s over {len(t)} steps",
-                      flush=True)
+                cpu[side] += out["cpu_times"]
+                print(f"round {r + 1} {side:6s}: median step {statistics.median(t):.3f} s over {len(t)} steps "
+                      f"(CPU {statistics.median(out['cpu_times']):.3f} s)", flush=True)
     a, b = statistics.median(res["llmkit"]), statistics.median(res["trl"])
+    ca, cb = statistics.median(cpu["llmkit"]), statistics.median(cpu["trl"])
     print(f"GRPO step ({args.prompts_per_step} prompts x G={args.group_size}, {args.new_tokens} new tokens, "
-          f"{args.threads} thread(s)): llmkit {a:.3f} s, trl {b:.3f} s -> llmkit {b / a:.2f}x faster; "
+          f"{args.threads} thread(s)): llmkit {a:.3f} s, trl {b:.3f} s -> llmkit {b / a:.2f}x faster "
+          f"(CPU time per step: llmkit {ca:.3f} s, trl {cb:.3f} s, {cb / ca:.2f}x); "
           f"load average {os.getloadavg()[0]:.1f}")
 
 

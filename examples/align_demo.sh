@@ -15,8 +15,9 @@ $PY examples/sft_task.py eval --model "$SFT" --data out/sort/val.jsonl | tee "$O
 # GRPO with the exact-match reward
 ( $LLMKIT grpo --model "$SFT" --reward examples.align_task:reward --prompts "$OUT/prompts.jsonl" \
     --val-prompts "$OUT/val_prompts.jsonl" --eval-prompts 100 --out "$OUT/grpo" --group-size 8 --batch-size 16 \
-    --temperature 0.5 --max-new-tokens 16 --max-steps ${GRPO_STEPS:-150} --eval-interval 50 --lr ${GRPO_LR:-3e-5} \
-    --beta 0 --loss-type dapo --num-threads 1 --overwrite --no-progress > "$OUT/grpo.log" 2>&1
+    --temperature 0.5 --max-new-tokens 16 --max-steps ${GRPO_STEPS:-5000} --max-minutes ${GRPO_MINUTES:-14} \
+    --eval-interval 100 --lr ${GRPO_LR:-6e-5} --beta 0 --loss-type dapo --num-threads 1 --overwrite --no-progress \
+    > "$OUT/grpo.log" 2>&1
   $PY examples/sft_task.py eval --model "$OUT/grpo" --data out/sort/val.jsonl | tee "$OUT/eval_grpo.txt" ) &
 
 # preference pairs from the checker: chosen = the right answer, rejected = the SFT model's own mistake

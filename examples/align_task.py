@@ -2,11 +2,13 @@
 
     python examples/align_task.py prompts --data out/sort/train.jsonl --out out/align/prompts.jsonl
     python examples/align_task.py prefs   --data out/sort/train.jsonl --out out/align/prefs.jsonl [--model SFT]
+    python examples/align_task.py kl      --model out/al/grpo --ref SFT --prompts out/align/val_prompts.jsonl
 
 `prompts` writes RL prompts ({"prompt", "answer"}). `prefs` writes preference pairs: chosen = the
 correct answer, rejected = a wrong one: the SFT model's own wrong greedy/sampled answer when
 --model is given (on-policy pairs), else a corrupted answer (two words swapped, a word dropped or
-repeated). `reward` is the verifiable reward for `--reward examples.align_task:reward`.
+repeated). `kl` measures KL(policy || SFT) per token on the policy's own samples. `reward` is the
+verifiable reward for `--reward examples.align_task:reward`.
 """
 
 from __future__ import annotations
@@ -84,6 +86,36 @@ def write_prefs(data: str, out: str, model: str | None = None, limit: int | None
     return Path(out), len(wrong)
 
 
+def reference_kl(model: str, ref: str, prompts: str, samples: int = 8, temperature: float = 0.5,
+                 limit: int | None = 200, seed: int = 0) -> dict[str, float]:
+    """KL(model || ref) on answers `model` samples (`samples` per prompt at `temperature`) for the
+    prompts of a `prompts` file: k1 = log p - log ref and k3 per answer token, with both models'
+    log-probs of logits / temperature (the sampling distributions, as GRPO's `kl`)."""
+    import torch
+
+    import llmkit
+    from llmkit.data.sft import chat_ids
+    from llmkit.infer.generate import eos_token_ids
+    from llmkit.train.align_losses import k3_kl, token_logps
+
+    torch.manual_seed(seed)
+    pol, base, tok = llmkit.load_model(model).eval(), llmkit.load_model(ref).eval(), llmkit.load_tokenizer(model)
+    rows = [json.loads(x) for x in Path(prompts).read_text().splitlines() if x.strip()][:limit]
+    k1 = k3 = n = 0.0
+    for i in range(0, len(rows), 25):
+        ids = [chat_ids(tok, [{"role": "user", "content": r["prompt"]}], True) for r in rows[i : i + 25]]
+        ids = [p for p in ids for _ in range(samples)]
+        outs = llmkit.generate(pol, ids, max_new_tokens=24, eos_token_ids=eos_token_ids(pol, tok),
+                               temperature=temperature)
+        for p, o in zip(ids, outs):
+            x, y = torch.tensor([p + o]), torch.tensor([o])
+            with torch.no_grad():
+                lp, lr = (token_logps(m(x)[:, len(p) - 1 : -1] / temperature, y)[0] for m in (pol, base))
+            k1, k3, n = k1 + float((lp - lr).sum()), k3 + float(k3_kl(lp, lr).sum()), n + len(o)
+    return {"answers": len(rows) * samples, "tokens": int(n), "k1_per_token": k1 / n,
+            "k1_per_answer": k1 / (len(rows) * samples), "k3_per_token": k3 / n}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -98,9 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--limit", type=int)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--temperature", type=float, default=0.5, help="sampling temperature of the model's answers")
+    k = sub.add_parser("kl", help="KL(--model || --ref) per token on answers --model samples for --prompts")
+    k.add_argument("--model", required=True)
+    k.add_argument("--ref", required=True)
+    k.add_argument("--prompts", required=True)
+    k.add_argument("--samples", type=int, default=8)
+    k.add_argument("--temperature", type=float, default=0.5)
+    k.add_argument("--limit", type=int, default=200)
     args = ap.parse_args(argv)
     if args.cmd == "prompts":
         print(f"wrote {write_prompts(args.data, args.out, args.limit)}")
+    elif args.cmd == "kl":
+        print(json.dumps(reference_kl(args.model, args.ref, args.prompts, args.samples, args.temperature, args.limit)))
     else:
         path, n = write_prefs(args.data, args.out, args.model, args.limit, args.seed,
                               temperature=args.temperature)

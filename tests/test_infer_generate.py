@@ -42,6 +42,12 @@ def test_greedy_matches_transformers(pair):
         assert generate(ours, p, N_NEW, temperature=0) == r  # alone == in a batch
     assert generate(ours, PROMPTS, N_NEW, temperature=0, fast=False) == ref  # the model's own forward
     assert generate(ours, PROMPTS, N_NEW, temperature=0, use_cache=False) == ref
+    # rows that repeat a prompt: each distinct prompt is prefilled once, its keys/values fanned out to its rows
+    rows: list[int] = []
+    hook = ours.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    assert generate(ours, PROMPTS + PROMPTS[::-1], N_NEW) == ref + ref[::-1]
+    hook.remove()
+    assert rows[0] == len(PROMPTS) and rows[1:] == [2 * len(PROMPTS)] * (N_NEW - 1)
 
 
 def test_single_prompt_matches_transformers_unpadded(pair):

@@ -136,6 +136,13 @@ class Generator:
         if self.cache is not None and padded:
             self.cache.set_padding(self.key_mask)
         self.seqs = [Sequence(p, sp, eos_ids, tokenizer, self.device) for p, sp in zip(prompts, params)]
+        # rows that repeat a prompt (n samples of one prompt: GRPO's groups, OpenAI's n) prefill it once
+        distinct: dict[tuple[int, ...], int] = {}
+        inverse = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        self.shared = None  # (first row of each distinct prompt [U], its index for every row [B])
+        if len(distinct) < B and self.cache is not None and not self.cache.prefix and not self.seq2seq:
+            self.shared = (torch.tensor([inverse.index(u) for u in range(len(distinct))], device=self.device),
+                           torch.tensor(inverse, device=self.device))
         if fast and use_cache:  # the packed-for-decode Linear kind (model/linear.py)
             set_decode_packing(model, True)
         elif not fast:
@@ -167,6 +174,19 @@ class Generator:
         logits = self.model(ids, kv_cache=self.cache, **kw).float()
         return logits if n_logits else logits[:, -1]
 
+    def _prefill(self) -> Tensor:
+        """Logits [B, V] after the prompts, each distinct prompt run once (`_FanOut` writes its keys and
+        values to every row that holds it)."""
+        if self.shared is None:
+            return self._forward(self.input_ids)
+        first, inverse = self.shared
+        meta = self.cache.attn_meta(self.L)
+        meta = AttnMeta(meta.position_ids[first], meta.kv_len,
+                        key_mask=meta.key_mask[first] if meta.key_mask is not None else None)
+        logits = self.model(self.input_ids[first], kv_cache=_FanOut(self.cache, inverse),
+                            position_ids=meta.position_ids, attn_meta=meta, num_logits_to_keep=1)
+        return logits[inverse, -1].float()
+
     def _crosses_rope_switch(self) -> bool:
         """True when a row's next token sits at a LongRoPE model's original context length and its
         cache holds short-factor keys: like transformers, the whole sequence is then recomputed
@@ -177,7 +197,7 @@ class Generator:
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[list[TokenEvent | None]]:
-        logits = self._forward(self.input_ids)  # prefill: the whole prompt in one pass
+        logits = self._prefill()  # the whole prompt in one pass
         seq = self.input_ids
         for _ in range(self.max_new):
             active = [s.finish_reason is None for s in self.seqs]
@@ -215,6 +235,18 @@ class Generator:
                 self.spec_counters["num_accepted_tokens"] += accepted[0]
             for ev in events[0]:
                 yield [ev]
+
+
+class _FanOut:
+    """The prefill's `kv_cache` when rows repeat a prompt: the U distinct prompts run once, and each
+    layer's keys/values [U, Hkv, L, D] go to every row of `cache` holding that prompt (`inverse` [B])."""
+
+    def __init__(self, cache: StaticKVCache, inverse: Tensor) -> None:
+        self.cache, self.inverse = cache, inverse
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.cache.update(layer_idx, k[self.inverse], v[self.inverse])
+        return k, v
 
 
 def _as_batch(prompt_ids: list[int] | list[list[int]] | Tensor) -> tuple[list[list[int]], bool]:

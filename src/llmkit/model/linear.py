@@ -15,10 +15,10 @@ Why packed copies (fp32 CPU, measured on the shared 2-core AMD EPYC dev box, 8 l
 - batch > 1: oneDNN with weights pre-packed into its blocked layout is 2-4x faster than MKL
   (8 rows: 12.7 ms vs 23-59 ms).
 Each copy is made on first use (one extra copy of the weights, see docs/benchmarks.md) and rebuilt
-when the weight changes in place or is replaced; off CPU/fp32, or for a weight being trained, it is `F.linear`.
-A frozen weight whose input carries gradients (LoRA's base, a frozen head) trains through oneDNN on
-the plain weight, forward and input gradient (no copy; 2x MKL's fp32 GEMM on this AMD box, see
-`dense_linear`).
+when the weight changes in place or is replaced; off CPU/fp32 it is `F.linear`. A graph that trains
+through the layer (its weight, or its input under a frozen weight: LoRA's base, a frozen head) runs
+on the plain weight through oneDNN, forward and backward (no copy; 2x MKL's fp32 GEMM on this AMD
+box, see `dense_linear`): an RL policy's update after its rollouts, for one.
 """
 
 from __future__ import annotations
@@ -53,19 +53,24 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.view(*x.shape[:-1], w.shape[0])
 
 
-class FrozenLinearFunction(torch.autograd.Function):
-    """y = x W^T + b for a W (and b) that get no gradient: the backward gives x its gradient dy W only.
-    x [M, in] -> y [M, out] (2-D: the output must not be a view made inside the Function)."""
+class DenseLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with every product on `dense_linear` (oneDNN on CPU fp32), forward and backward:
+    dx = dy W, dW = dy^T x, db = the column sums of dy, each only when its input needs a gradient
+    (a frozen W: LoRA's base, a frozen head). x [M, in] -> y [M, out] (2-D: the output must not be a
+    view made inside the Function)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(w)
+        ctx.save_for_backward(x if w.requires_grad else None, w)
         return dense_linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        (w,) = ctx.saved_tensors
-        return dense_linear(dy, w.t()), None, None
+        x, w = ctx.saved_tensors
+        dx = dense_linear(dy, w.t()) if ctx.needs_input_grad[0] else None  # [M, in]
+        dw = dense_linear(dy.t(), x.t()) if ctx.needs_input_grad[1] else None  # [out, in]
+        db = dy.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
 
 
 class PackedLinear(nn.Linear):
@@ -104,12 +109,13 @@ class PackedLinear(nn.Linear):
         # the decode hot path: parameters read from `_parameters` (no nn.Module.__getattr__ fallback)
         params = self._parameters
         w, bias = params["weight"], params.get("bias")
-        # the packed kernels have no backward: a graph through this layer takes F.linear for a trained weight,
-        # the plain frozen weight through oneDNN when only the input needs a gradient (LoRA's base)
+        # the packed copies have no backward: a graph through this layer (a trained weight, or LoRA's frozen
+        # base under a trained input) runs on the plain weight through oneDNN, forward and backward
         cpu32 = w.is_cpu and w.dtype is torch.float32
         if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or not cpu32:
-            if cpu32 and x.dtype is torch.float32 and not w.requires_grad and (bias is None or not bias.requires_grad):
-                y = FrozenLinearFunction.apply(x.reshape(-1, self.in_features), w, bias)
+            # (a trained weight under CPU autocast keeps F.linear, which autocast casts)
+            if cpu32 and x.dtype is torch.float32 and not (w.requires_grad and torch.is_autocast_enabled("cpu")):
+                y = DenseLinearFunction.apply(x.reshape(-1, self.in_features), w, bias)
                 return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, w, bias)
         rows = x.reshape(-1, self.in_features)  # [M, in]

@@ -67,7 +67,7 @@ ALGOS = ("ppo", "grpo")
 RL_PANELS = [
     ("reward", ["reward_mean", "reward_min", "reward_max"]),
     ("held-out reward (greedy)", ["val_reward"]),
-    ("KL to reference", ["kl"]),
+    ("KL to reference", ["kl", "val_kl"]),
     ("entropy", ["entropy"]),
     ("clip fraction", ["clipfrac"]),
     ("value loss", ["value_loss"]),
@@ -307,7 +307,8 @@ class RLTrainer(Finetuner):
         self.stop_ids = eos_token_ids(model, self.tokenizer)
         need_ref = ft.algo == "ppo" or ft.beta > 0
         self.ref_model = None
-        if need_ref and ft.method == "full":  # frozen: its no-grad forwards use the packed CPU kernels
+        if ft.method == "full":  # frozen: its no-grad forwards use the packed CPU kernels; at beta 0 only the
+            # evaluations use it (`val_kl`)
             self.ref_model = set_decode_packing(copy.deepcopy(model).requires_grad_(False).eval())
         self.need_ref = need_ref
         if ft.algo == "ppo":
@@ -374,17 +375,10 @@ class RLTrainer(Finetuner):
         logp, ent = token_logps_entropy(logits, y, entropy)
         return logp, ent, v
 
-    @torch.no_grad()
-    def rollout(self, batch: list[PromptRecord]) -> tuple[Rollout, dict[str, float]]:
-        ft, dev, G = self.ft, self.dist.device, self.G
-        prompts = [p for p in batch for _ in range(G)]
-        gens, t_gen = self.sample(prompts)
-        texts = [self.tokenizer.decode(g, skip_special_tokens=True) for g in gens]
-        cut = torch.tensor([len(g) >= ft.max_new_tokens and g[-1] not in self.stop_ids for g in gens])
-        scores = check_rewards(self.reward_fn(prompts, texts), prompts, texts)
-        scores = torch.tensor(scores, dtype=torch.float32)
-        if ft.truncation_penalty is not None:
-            scores = torch.where(cut, torch.tensor(ft.truncation_penalty), scores)
+    def _pack(self, batch: list[PromptRecord], gens: list[list[int]], G: int, texts: list[str] | None = None,
+              scores: torch.Tensor | None = None) -> Rollout:
+        """A `Rollout` of `gens` (G answers per prompt of `batch`, group by group), tensors on the device."""
+        dev = self.dist.device
         Lp, K = max(len(p.prompt_ids) for p in batch), max(len(g) for g in gens)
         pid = torch.full((len(batch), Lp), self.pad_id, dtype=torch.long)
         pm = torch.zeros((len(batch), Lp), dtype=torch.long)
@@ -395,7 +389,36 @@ class RLTrainer(Finetuner):
         for i, g in enumerate(gens):
             y[i, : len(g)] = torch.tensor(g)
         group = torch.arange(len(batch)).repeat_interleave(G)
-        ro = Rollout(prompts, texts, pid.to(dev), pm.to(dev), group.to(dev), y.to(dev), scores.to(dev), None, None)
+        scores = scores.to(dev) if scores is not None else None
+        return Rollout([p for p in batch for _ in range(G)], texts or [], pid.to(dev), pm.to(dev), group.to(dev),
+                       y.to(dev), scores, None, None)
+
+    @torch.no_grad()
+    def reference_kl(self, prompts: list[PromptRecord]) -> float:
+        """KL(policy || reference) per answer token: the mean k3 estimate on one answer the policy samples
+        (at --temperature) for each of `prompts` (GRPO's `kl`, also when --beta 0 computes none)."""
+        gens, _ = self.sample(prompts)
+        ro = self._pack(prompts, gens, 1)
+        was = self.raw_model.training
+        self.raw_model.eval()
+        logp, _, _ = self._forward(self.raw_model, ro)
+        with self._reference() as ref:
+            ref_logp, _, _ = self._forward(ref, ro)
+        self.raw_model.train(was)
+        return float(masked_mean(k3_kl(logp, ref_logp), (ro.targets != IGNORE).float()))
+
+    @torch.no_grad()
+    def rollout(self, batch: list[PromptRecord]) -> tuple[Rollout, dict[str, float]]:
+        ft, G = self.ft, self.G
+        prompts = [p for p in batch for _ in range(G)]
+        gens, t_gen = self.sample(prompts)
+        texts = [self.tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+        cut = torch.tensor([len(g) >= ft.max_new_tokens and g[-1] not in self.stop_ids for g in gens])
+        scores = check_rewards(self.reward_fn(prompts, texts), prompts, texts)
+        scores = torch.tensor(scores, dtype=torch.float32)
+        if ft.truncation_penalty is not None:
+            scores = torch.where(cut, torch.tensor(ft.truncation_penalty), scores)
+        ro = self._pack(batch, gens, G, texts, scores)
         self.raw_model.eval()
         if not self.on_policy:  # one on-policy pass: the update's own log-probs are the old ones
             ro.old_logp, _, ro.values = self._forward(self.raw_model, ro, values=ft.algo == "ppo")
@@ -517,10 +540,13 @@ class RLTrainer(Finetuner):
             texts = [self.tokenizer.decode(g, skip_special_tokens=True) for g in gens]
             scores += check_rewards(self.reward_fn(chunk, texts), chunk, texts)
         self.val_reward = sum(scores) / len(scores)
+        self.val_kl = self.reference_kl(prompts) if split == "val" else None
         return -self.val_reward
 
     def extra_metrics(self) -> dict[str, Any]:
         out = {"val_reward": self.val_reward}
+        if getattr(self, "val_kl", None) is not None:
+            out["val_kl"] = self.val_kl
         if self.metrics is not None:
             plot_panels(self.metrics.records + [{"step": self.step, **out}], RL_PANELS, self.out_dir / "rl.png")
         return out
@@ -533,7 +559,7 @@ class RLTrainer(Finetuner):
 
 def _rl(algo: str, model: str, reward: str, prompts: str | list[str], out: str, method: str,
         val_prompts, max_steps, lr, batch_size, resume, overwrite, stop_after, eval_interval, warmup_steps,
-        weight_decay, seed, device, dtype, num_threads, progress, options) -> TrainResult:
+        weight_decay, seed, device, dtype, num_threads, progress, max_minutes, options) -> TrainResult:
     names = set(RLConfig.__dataclass_fields__)
     unknown = sorted(set(options) - names)
     if unknown:
@@ -546,7 +572,7 @@ def _rl(algo: str, model: str, reward: str, prompts: str | list[str], out: str, 
     opt = OptimConfig(batch_size=batch_size, grad_accum=1, max_iters=max_steps or 1, lr=rate, min_lr=rate,
                       warmup_iters=warmup_steps or 0, weight_decay=weight_decay, eval_interval=eval_interval or 1,
                       seed=seed, device=device, dtype=dtype, num_threads=num_threads, progress=progress,
-                      strategy="single", beta2=0.999)
+                      strategy="single", beta2=0.999, max_minutes=max_minutes)
     return RLTrainer(ft, opt, out, resume=resume, overwrite=overwrite, stop_after=stop_after,
                      max_steps=max_steps, eval_interval=eval_interval, warmup_steps=warmup_steps or 0).fit()
 
@@ -556,13 +582,15 @@ def grpo(model: str, reward: str, prompts: str | list[str], out: str, method: st
          batch_size: int = 8, resume: str | bool | None = None, overwrite: bool = False,
          stop_after: int | None = None, eval_interval: int | None = None, warmup_steps: int | None = None,
          weight_decay: float = 0.0, seed: int = 1337, device: str = "auto", dtype: str = "auto",
-         num_threads: int | None = None, progress: bool = True, **options: Any) -> TrainResult:
+         num_threads: int | None = None, progress: bool = True, max_minutes: float | None = None,
+         **options: Any) -> TrainResult:
     """GRPO from SFT `model` with `reward` (a reward-model folder or `module:function`) on prompt JSONL `prompts`;
     `out` becomes a model folder (full) or a PEFT LoRA folder (lora). Options: RLConfig fields (beta,
-    max_new_tokens, temperature, clip_range, ppo_epochs, num_minibatches, truncation_penalty, lora_*, ...)."""
+    max_new_tokens, temperature, clip_range, ppo_epochs, num_minibatches, truncation_penalty, lora_*, ...).
+    `max_minutes` is a time budget (evaluations included): training stops once it is spent."""
     return _rl("grpo", model, reward, prompts, out, method, val_prompts, max_steps, lr, batch_size, resume,
                overwrite, stop_after, eval_interval, warmup_steps, weight_decay, seed, device, dtype, num_threads,
-               progress, dict(options, group_size=group_size))
+               progress, max_minutes, dict(options, group_size=group_size))
 
 
 def ppo(model: str, reward: str, prompts: str | list[str], out: str, method: str = "full",
@@ -570,10 +598,11 @@ def ppo(model: str, reward: str, prompts: str | list[str], out: str, method: str
         batch_size: int = 8, resume: str | bool | None = None, overwrite: bool = False,
         stop_after: int | None = None, eval_interval: int | None = None, warmup_steps: int | None = None,
         weight_decay: float = 0.0, seed: int = 1337, device: str = "auto", dtype: str = "auto",
-        num_threads: int | None = None, progress: bool = True, **options: Any) -> TrainResult:
+        num_threads: int | None = None, progress: bool = True, max_minutes: float | None = None,
+        **options: Any) -> TrainResult:
     """PPO (RLHF) from SFT `model` with `reward` (a reward-model folder or `module:function`) on prompt JSONL
     `prompts`. Options: RLConfig fields (kl_coef, kl_target, gamma, lam, ppo_epochs, num_minibatches, vf_coef,
     ent_coef, clip_range, clip_range_value, max_new_tokens, temperature, group_size, lora_*, ...)."""
     return _rl("ppo", model, reward, prompts, out, method, val_prompts, max_steps, lr, batch_size, resume,
                overwrite, stop_after, eval_interval, warmup_steps, weight_decay, seed, device, dtype, num_threads,
-               progress, options)
+               progress, max_minutes, options)
