@@ -2,11 +2,15 @@
 
     python examples/align_task.py prompts --data out/sort/train.jsonl --out out/align/prompts.jsonl
     python examples/align_task.py prefs   --data out/sort/train.jsonl --out out/align/prefs.jsonl [--model SFT]
+    python examples/align_task.py rmcheck --model POLICY --rm RM --data out/sort/val.jsonl [--samples 4]
 
 `prompts` writes RL prompts ({"prompt", "answer"}). `prefs` writes preference pairs: chosen = the
 correct answer, rejected = a wrong one: the SFT model's own wrong greedy/sampled answer when
 --model is given (on-policy pairs), else a corrupted answer (two words swapped, a word dropped or
-repeated). `reward` is the verifiable reward for `--reward examples.align_task:reward`.
+repeated). `reward` is the verifiable reward for `--reward examples.align_task:reward`. `rmcheck`
+samples a policy's answers and tells how well a reward model's scores on them agree with the
+checker (AUC of correct vs wrong, the same within each prompt, and what the top-scored wrong
+answers look like): the reward-hacking check of docs/align.md.
 """
 
 from __future__ import annotations
@@ -84,6 +88,73 @@ def write_prefs(data: str, out: str, model: str | None = None, limit: int | None
     return Path(out), len(wrong)
 
 
+def kind_of_mistake(completion: str, answer: str) -> str:
+    """What is wrong with a completion: 'ok', 'order' (same words, misordered), 'missing' (sorted,
+    a word dropped), 'extra' (a word added or repeated) or 'other'."""
+    got, want = completion.strip().split(), answer.strip().split()
+    if got == want:
+        return "ok"
+    if sorted(got) == sorted(want):
+        return "order"
+    if len(got) < len(want) and set(got) <= set(want):
+        return "missing"
+    if len(got) > len(want) and set(want) <= set(got):
+        return "extra"
+    return "other"
+
+
+def auc(pos: list[float], neg: list[float]) -> float:
+    """P(a positive outscores a negative), ties half (the Mann-Whitney statistic)."""
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def rm_check(model: str, rm: str, data: str, limit: int = 200, samples: int = 4, temperature: float = 0.5,
+             adapter: str | None = None) -> dict:
+    """Sample `samples` answers per held-out prompt from `model` and compare the RM's scores with the checker."""
+    import llmkit
+    from llmkit.data.sft import chat_ids
+    from llmkit.infer.generate import eos_token_ids
+    from llmkit.model.reward import load_reward_model, score_ids
+
+    recs = _records(data)[:limit]
+    m, tok = llmkit.load_model(model, adapter=adapter), llmkit.load_tokenizer(model)
+    stop = eos_token_ids(m, tok)
+    r, rtok = load_reward_model(rm), llmkit.load_tokenizer(rm)
+    rows = []  # (prompt index, completion, correct, kind)
+    for k in range(samples):
+        ids = [chat_ids(tok, [{"role": "user", "content": p}], True) for p, _ in recs]
+        for i in range(0, len(ids), 64):
+            outs = llmkit.generate(m, ids[i : i + 64], max_new_tokens=24, eos_token_ids=stop,
+                                   temperature=0.0 if k == 0 and samples == 1 else temperature)
+            for j, g in enumerate(outs):
+                text = tok.decode(g, skip_special_tokens=True)
+                kind = kind_of_mistake(text, recs[i + j][1])
+                rows.append((i + j, text, kind == "ok", kind))
+    scores = score_ids(r, [chat_ids(rtok, [{"role": "user", "content": recs[i][0]},
+                                          {"role": "assistant", "content": c}], False)
+                           for i, c, _, _ in rows], batch_size=64)
+    pos = [s for s, row in zip(scores, rows) if row[2]]
+    neg = [s for s, row in zip(scores, rows) if not row[2]]
+    within = []
+    for i in range(len(recs)):
+        ps = [s for s, row in zip(scores, rows) if row[0] == i and row[2]]
+        ns = [s for s, row in zip(scores, rows) if row[0] == i and not row[2]]
+        if ps and ns:
+            within.append(auc(ps, ns))
+    kinds: dict[str, list[float]] = {}
+    for s, row in zip(scores, rows):
+        kinds.setdefault(row[3], []).append(s)
+    top_wrong = sorted(((s, row) for s, row in zip(scores, rows) if not row[2]), key=lambda x: -x[0])[:5]
+    return {"samples": len(rows), "exact_match": len(pos) / len(rows), "auc": auc(pos, neg),
+            "within_prompt_auc": sum(within) / len(within) if within else float("nan"), "mixed_prompts": len(within),
+            "mean_score_correct": sum(pos) / max(len(pos), 1), "mean_score_wrong": sum(neg) / max(len(neg), 1),
+            "kinds": {k: (len(v), sum(v) / len(v)) for k, v in sorted(kinds.items())},
+            "top_wrong": [(round(s, 3), recs[row[0]][1], row[1].strip()) for s, row in top_wrong]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -98,8 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--limit", type=int)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--temperature", type=float, default=0.5, help="sampling temperature of the model's answers")
+    c = sub.add_parser("rmcheck")
+    c.add_argument("--model", required=True, help="the policy whose answers are scored")
+    c.add_argument("--adapter")
+    c.add_argument("--rm", required=True)
+    c.add_argument("--data", required=True)
+    c.add_argument("--limit", type=int, default=200)
+    c.add_argument("--samples", type=int, default=4, help="answers per prompt (1 = the greedy answer)")
+    c.add_argument("--temperature", type=float, default=0.5)
     args = ap.parse_args(argv)
-    if args.cmd == "prompts":
+    if args.cmd == "rmcheck":
+        out = rm_check(args.model, args.rm, args.data, args.limit, args.samples, args.temperature, args.adapter)
+        print(json.dumps({k: v for k, v in out.items() if k != "top_wrong"}))
+        for s, want, got in out["top_wrong"]:
+            print(f"  {s:+.3f}  want {want!r}  got {got!r}")
+    elif args.cmd == "prompts":
         print(f"wrote {write_prompts(args.data, args.out, args.limit)}")
     else:
         path, n = write_prefs(args.data, args.out, args.model, args.limit, args.seed,

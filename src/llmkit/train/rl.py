@@ -41,9 +41,9 @@ from llmkit.data.sft import IGNORE, chat_ids
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer.generate import eos_token_ids, generate
 from llmkit.model.attention import AttnMeta
-from llmkit.model.hf import config_from_hf, read_config
+from llmkit.model.hf import config_from_hf, load_model, read_config
 from llmkit.model.linear import set_decode_packing
-from llmkit.model.reward import is_reward_folder, load_reward_model, score_ids
+from llmkit.model.reward import add_score_head, is_reward_folder, load_reward_model, score_ids
 from llmkit.tokenizer import load_tokenizer
 from llmkit.train.align_losses import (
     GRPO_LOSSES,
@@ -64,6 +64,10 @@ from llmkit.train.preference import ListBatches, adapters_off, as_list
 from llmkit.train.trainer import TrainResult
 
 ALGOS = ("ppo", "grpo")
+# PPO's critic: "shared" = a Linear head on the policy's last hidden state (one trunk, value-loss gradients reach
+# the policy); "reward" = a separate copy of the reward model, trunk and score head (trl's PPOTrainer);
+# "policy" = a separate copy of the starting model with a zero-initialised scalar head.
+VALUE_MODELS = ("shared", "reward", "policy")
 RL_PANELS = [
     ("reward", ["reward_mean", "reward_min", "reward_max"]),
     ("held-out reward (greedy)", ["val_reward"]),
@@ -169,6 +173,8 @@ class RLConfig(FinetuneConfig):
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    whiten_rewards: bool = False  # PPO: scale the per-token rewards to unit variance per batch (trl's whiten_rewards)
+    value_model: str = "shared"  # PPO critic: shared | reward | policy (see VALUE_MODELS)
     scale_rewards: bool = True  # GRPO: divide by the group's std
     loss_type: str = "grpo"  # GRPO loss normalisation: grpo | dapo | dr_grpo (trl's names)
     truncation_penalty: float | None = None  # reward given to responses cut at max_new_tokens
@@ -191,6 +197,11 @@ class RLConfig(FinetuneConfig):
             raise ConfigError("--group-size, --max-new-tokens and --num-minibatches must be positive")
         if (self.ppo_epochs or 1) < 1:
             raise ConfigError(f"--ppo-epochs {self.ppo_epochs} must be positive")
+        if self.value_model not in VALUE_MODELS:
+            raise ConfigError(f"--value-model {self.value_model!r}: expected one of {', '.join(VALUE_MODELS)}")
+        if self.algo == "ppo" and self.value_model == "reward" and not is_reward_folder(self.reward):
+            raise ConfigError(f"--value-model reward copies the reward model, but --reward {self.reward!r} is not a "
+                              "reward model folder; expected --value-model shared or policy")
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -310,7 +321,8 @@ class RLTrainer(Finetuner):
         if need_ref and ft.method == "full":  # frozen: its no-grad forwards use the packed CPU kernels
             self.ref_model = set_decode_packing(copy.deepcopy(model).requires_grad_(False).eval())
         self.need_ref = need_ref
-        if ft.algo == "ppo":
+        self.critic = None
+        if ft.algo == "ppo" and ft.value_model == "shared":
             C = model.config.n_embd
             model.v_head = nn.Linear(C, 1)  # a submodule: trained, checkpointed, not exported
             nn.init.normal_(model.v_head.weight, 0.0, 1.0 / math.sqrt(C + 1))
@@ -318,6 +330,13 @@ class RLTrainer(Finetuner):
             model.v_head.requires_grad_(True)
             self._hidden: list[torch.Tensor] = []
             model.ln_f.register_forward_hook(lambda m, i, o: self._hidden.append(o))
+        elif ft.algo == "ppo":  # a separate critic returning [B, T, 1]: a submodule, trained and checkpointed
+            critic = (load_reward_model(ft.reward) if ft.value_model == "reward"
+                      else add_score_head(load_model(ft.model), std=0.0))
+            if critic.config.vocab_size != model.config.vocab_size:
+                raise ConfigError(f"the reward model's vocabulary ({critic.config.vocab_size}) differs from the "
+                                  f"policy's ({model.config.vocab_size}); the critic needs the same tokenizer")
+            model.critic = self.critic = critic.requires_grad_(True).train()
         return model
 
     def describe(self) -> str:
@@ -361,14 +380,18 @@ class RLTrainer(Finetuner):
         idx = torch.arange(len(ro.group), device=ro.group.device) if idx is None else idx
         uniq, rows = torch.unique(ro.group[idx], return_inverse=True)
         y = ro.targets[idx]  # [n, K]
-        if values:
+        if values and self.critic is None:
             self._hidden.clear()
         with self._autocast():
             logits = answer_logits(model, ro.prompt_ids[uniq], ro.prompt_mask[uniq], rows, y, self.pad_id)
         if self.ft.temperature not in (0, 1):  # the sampling distribution's log-probs (as trl)
             logits = logits / self.ft.temperature
         v = None
-        if values:  # the ln_f outputs of the prompts' last positions and of the answers' passes
+        if values and self.critic is not None:  # the critic's score at each answer position
+            with self._autocast():
+                v = answer_logits(self.critic, ro.prompt_ids[uniq], ro.prompt_mask[uniq], rows, y, self.pad_id)
+            v = v[..., 0].float()  # [n, K]
+        elif values:  # the ln_f outputs of the prompts' last positions and of the answers' passes
             h = torch.cat([self._hidden[0][rows]] + self._hidden[1:], 1)  # [n, K, C]
             v = self.raw_model.v_head(h).squeeze(-1).float()
         logp, ent = token_logps_entropy(logits, y, entropy)
@@ -420,6 +443,8 @@ class RLTrainer(Finetuner):
             rewards = -self.kl_coef * kl
             last = mask.cumsum(1).argmax(1)  # each row's last response position
             rewards[torch.arange(len(last)), last] += ro.scores
+            if ft.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False)
             adv, ret = gae(rewards, ro.values, mask, ft.gamma, ft.lam)
             ro.advantages = whiten(adv, mask) if ft.whiten_advantages else adv
             ro.returns = ret
