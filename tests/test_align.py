@@ -386,7 +386,8 @@ def test_ppo_with_reward_model_folder(base, tmp_path):
 def test_ppo_critic_copied_from_the_reward_model(base, tmp_path):
     """`value_model="reward"` (trl's critic): before any update the values at each answer position are the
     reward model's scores of the prompt + the answer so far (transformers' trunk and score head); the critic
-    trains with the policy and is not exported. `value_model="policy"` starts from a zero head."""
+    trains with the policy and is not exported. `value_model="policy"` starts from a zero head; during
+    `value_warmup_steps` only the critic moves."""
     from transformers import AutoModelForSequenceClassification
 
     from llmkit.train import rl
@@ -406,7 +407,8 @@ def test_ppo_critic_copied_from_the_reward_model(base, tmp_path):
         for value_model in ("reward", "policy"):
             rl.ppo(str(base / "base"), str(tmp_path / "rm"), str(base / "prompts.jsonl"), str(tmp_path / value_model),
                    max_steps=2, batch_size=2, group_size=2, max_new_tokens=5, progress=False, eval_prompts=2,
-                   lr=1e-3, value_model=value_model, whiten_rewards=True)
+                   lr=1e-3, value_model=value_model, whiten_rewards=True,
+                   value_warmup_steps=2 if value_model == "policy" else 0)
     finally:
         rl.RLTrainer.advantages = real
     ro, before, critic = seen[0]
@@ -421,6 +423,10 @@ def test_ppo_critic_copied_from_the_reward_model(base, tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before)  # the critic trained
     zero = seen[2][0].values  # value_model="policy": a zero head, so every value starts at 0
     assert float(zero.abs().max()) == 0
+    assert any(not torch.equal(seen[2][1][n], p) for n, p in seen[3][2].named_parameters())  # its critic trained
+    start, warm = llmkit.load_model(base / "base"), llmkit.load_model(tmp_path / "policy")
+    for (n, x), y in zip(start.state_dict().items(), warm.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=n)  # value warm-up: the policy did not move
     m = llmkit.load_model(tmp_path / "reward")
     assert not any("critic" in n for n in m.state_dict())
     with pytest.raises(ConfigError, match="value-model reward"):

@@ -175,6 +175,7 @@ class RLConfig(FinetuneConfig):
     whiten_advantages: bool = True
     whiten_rewards: bool = False  # PPO: scale the per-token rewards to unit variance per batch (trl's whiten_rewards)
     value_model: str = "shared"  # PPO critic: shared | reward | policy (see VALUE_MODELS)
+    value_warmup_steps: int = 0  # PPO: steps that train only the critic (the policy stays put)
     scale_rewards: bool = True  # GRPO: divide by the group's std
     loss_type: str = "grpo"  # GRPO loss normalisation: grpo | dapo | dr_grpo (trl's names)
     truncation_penalty: float | None = None  # reward given to responses cut at max_new_tokens
@@ -479,6 +480,8 @@ class RLTrainer(Finetuner):
             pg, clipfrac = ppo_policy_loss(logp, old, adv, mask, ft.clip_range)
             vl, vclip = ppo_value_loss(values, ro.values[idx], ro.returns[idx], mask, ft.clip_range_value)
             loss = pg + ft.vf_coef * vl - (ft.ent_coef * masked_mean(ent, mask) if grad_ent else 0.0)
+            if self.step < ft.value_warmup_steps:  # the critic first: the policy gets no gradient
+                loss = ft.vf_coef * vl
             return loss, {"policy_loss": pg.detach(), "value_loss": vl.detach(), "clipfrac": clipfrac,
                           "value_clipfrac": vclip, "entropy": entropy}
         if old is None:
