@@ -51,6 +51,14 @@ def corrupt(answer: str, rng: random.Random) -> str:
     return " ".join(w)
 
 
+def substitute(answer: str, vocab: list[str], rng: random.Random) -> str:
+    """A sorted answer with one word replaced by another word of the task: looks right, checks wrong."""
+    head, _, rest = answer.rpartition(": ") if ": " in answer else ("", "", answer)
+    w = rest.split()
+    w[rng.randrange(len(w))] = rng.choice([v for v in vocab if v not in w])
+    return (head + ": " if head else "") + " ".join(sorted(w))
+
+
 def write_prompts(data: str, out: str, limit: int | None = None) -> Path:
     rows = [{"prompt": p, "answer": a} for p, a in _records(data)][:limit]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -59,10 +67,11 @@ def write_prompts(data: str, out: str, limit: int | None = None) -> Path:
 
 
 def write_prefs(data: str, out: str, model: str | None = None, limit: int | None = None, seed: int = 0,
-                samples: int = 4, temperature: float = 0.5) -> tuple[Path, int]:
+                samples: int = 4, temperature: float = 0.5, substitutes: int = 0) -> tuple[Path, int]:
     """Pairs (correct, wrong); with `model`, wrong answers are the model's own mistakes (greedy first, then
-    samples at `temperature`) when it makes any, else corrupted answers. Returns the path and how many
-    rejected answers came from the model."""
+    samples at `temperature`) when it makes any, else corrupted answers; `substitutes` more pairs per prompt
+    reject the answer with one word swapped for another word of the task (still sorted). Returns the path
+    and how many rejected answers came from the model."""
     rng = random.Random(seed)
     recs = _records(data)[:limit]
     wrong: dict[int, str] = {}
@@ -83,6 +92,9 @@ def write_prefs(data: str, out: str, model: str | None = None, limit: int | None
                     if text != recs[i + j][1] and i + j not in wrong:
                         wrong[i + j] = text
     rows = [{"prompt": p, "chosen": a, "rejected": wrong.get(i) or corrupt(a, rng)} for i, (p, a) in enumerate(recs)]
+    vocab = sorted({w for _, a in recs for w in a.partition(": ")[2].split()})
+    rows += [{"prompt": p, "chosen": a, "rejected": substitute(a, vocab, rng)}
+             for p, a in recs for _ in range(substitutes)]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return Path(out), len(wrong)
@@ -169,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--limit", type=int)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--temperature", type=float, default=0.5, help="sampling temperature of the model's answers")
+    q.add_argument("--substitutes", type=int, default=0,
+                   help="extra pairs per prompt rejecting the answer with one word replaced (still sorted)")
     c = sub.add_parser("rmcheck")
     c.add_argument("--model", required=True, help="the policy whose answers are scored")
     c.add_argument("--adapter")
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {write_prompts(args.data, args.out, args.limit)}")
     else:
         path, n = write_prefs(args.data, args.out, args.model, args.limit, args.seed,
-                              temperature=args.temperature)
+                              temperature=args.temperature, substitutes=args.substitutes)
         print(f"wrote {path} ({n} rejected answers from the model, the rest corrupted)")
     return 0
 

@@ -37,6 +37,7 @@ def add_rl(p: argparse.ArgumentParser, algo: str) -> None:
     p.add_argument("--prompts", required=True, nargs="+", help="prompt JSONL: {'prompt': str | messages, ...}")
     p.add_argument("--val-prompts", nargs="+", help="held-out prompts, decoded greedily at each eval")
     add_common(p, "peak learning rate (default: full 1e-5, lora 1e-4)")
+    p.add_argument("--max-minutes", type=float, help="time budget: stop after the step that spends it")
     r = p.add_argument_group("rollouts")
     r.add_argument("--group-size", type=int, default=4 if algo == "grpo" else 1, help="samples per prompt (G)")
     r.add_argument("--max-new-tokens", type=int, default=64)
@@ -80,7 +81,7 @@ def rl_kwargs(args: argparse.Namespace, algo: str) -> dict[str, Any]:
     kw.update(val_prompts=args.val_prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, truncation_penalty=args.truncation_penalty,
               eval_prompts=args.eval_prompts, ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches,
-              clip_range=args.clip_range)
+              clip_range=args.clip_range, max_minutes=args.max_minutes)
     if algo == "ppo":
         kw.update(kl_coef=args.kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon, gamma=args.gamma,
                   lam=args.lam, vf_coef=args.vf_coef, clip_range_value=args.clip_range_value,

@@ -561,7 +561,7 @@ class RLTrainer(Finetuner):
 
 def _rl(algo: str, model: str, reward: str, prompts: str | list[str], out: str, method: str,
         val_prompts, max_steps, lr, batch_size, resume, overwrite, stop_after, eval_interval, warmup_steps,
-        weight_decay, seed, device, dtype, num_threads, progress, options) -> TrainResult:
+        weight_decay, seed, device, dtype, num_threads, progress, options, max_minutes=None) -> TrainResult:
     names = set(RLConfig.__dataclass_fields__)
     unknown = sorted(set(options) - names)
     if unknown:
@@ -574,7 +574,7 @@ def _rl(algo: str, model: str, reward: str, prompts: str | list[str], out: str, 
     opt = OptimConfig(batch_size=batch_size, grad_accum=1, max_iters=max_steps or 1, lr=rate, min_lr=rate,
                       warmup_iters=warmup_steps or 0, weight_decay=weight_decay, eval_interval=eval_interval or 1,
                       seed=seed, device=device, dtype=dtype, num_threads=num_threads, progress=progress,
-                      strategy="single", beta2=0.999)
+                      strategy="single", beta2=0.999, max_minutes=max_minutes)
     return RLTrainer(ft, opt, out, resume=resume, overwrite=overwrite, stop_after=stop_after,
                      max_steps=max_steps, eval_interval=eval_interval, warmup_steps=warmup_steps or 0).fit()
 
@@ -584,13 +584,15 @@ def grpo(model: str, reward: str, prompts: str | list[str], out: str, method: st
          batch_size: int = 8, resume: str | bool | None = None, overwrite: bool = False,
          stop_after: int | None = None, eval_interval: int | None = None, warmup_steps: int | None = None,
          weight_decay: float = 0.0, seed: int = 1337, device: str = "auto", dtype: str = "auto",
-         num_threads: int | None = None, progress: bool = True, **options: Any) -> TrainResult:
+         num_threads: int | None = None, progress: bool = True, max_minutes: float | None = None,
+         **options: Any) -> TrainResult:
     """GRPO from SFT `model` with `reward` (a reward-model folder or `module:function`) on prompt JSONL `prompts`;
     `out` becomes a model folder (full) or a PEFT LoRA folder (lora). Options: RLConfig fields (beta,
-    max_new_tokens, temperature, clip_range, ppo_epochs, num_minibatches, truncation_penalty, lora_*, ...)."""
+    max_new_tokens, temperature, clip_range, ppo_epochs, num_minibatches, truncation_penalty, lora_*, ...).
+    `max_minutes` is a time budget: the run stops after the step that spends it."""
     return _rl("grpo", model, reward, prompts, out, method, val_prompts, max_steps, lr, batch_size, resume,
                overwrite, stop_after, eval_interval, warmup_steps, weight_decay, seed, device, dtype, num_threads,
-               progress, dict(options, group_size=group_size))
+               progress, dict(options, group_size=group_size), max_minutes)
 
 
 def ppo(model: str, reward: str, prompts: str | list[str], out: str, method: str = "full",
@@ -598,10 +600,12 @@ def ppo(model: str, reward: str, prompts: str | list[str], out: str, method: str
         batch_size: int = 8, resume: str | bool | None = None, overwrite: bool = False,
         stop_after: int | None = None, eval_interval: int | None = None, warmup_steps: int | None = None,
         weight_decay: float = 0.0, seed: int = 1337, device: str = "auto", dtype: str = "auto",
-        num_threads: int | None = None, progress: bool = True, **options: Any) -> TrainResult:
+        num_threads: int | None = None, progress: bool = True, max_minutes: float | None = None,
+        **options: Any) -> TrainResult:
     """PPO (RLHF) from SFT `model` with `reward` (a reward-model folder or `module:function`) on prompt JSONL
     `prompts`. Options: RLConfig fields (kl_coef, kl_target, gamma, lam, ppo_epochs, num_minibatches, vf_coef,
-    ent_coef, clip_range, clip_range_value, max_new_tokens, temperature, group_size, lora_*, ...)."""
+    ent_coef, clip_range, clip_range_value, max_new_tokens, temperature, group_size, value_model,
+    value_warmup_steps, whiten_rewards, lora_*, ...). `max_minutes` is a time budget."""
     return _rl("ppo", model, reward, prompts, out, method, val_prompts, max_steps, lr, batch_size, resume,
                overwrite, stop_after, eval_interval, warmup_steps, weight_decay, seed, device, dtype, num_threads,
-               progress, options)
+               progress, options, max_minutes)
