@@ -326,7 +326,8 @@ class RLTrainer(Finetuner):
         if ft.algo == "ppo" and ft.value_model == "shared":
             C = model.config.n_embd
             model.v_head = nn.Linear(C, 1)  # a submodule: trained, checkpointed, not exported
-            nn.init.normal_(model.v_head.weight, 0.0, 1.0 / math.sqrt(C + 1))
+            # zero at first: a random head's values bias GAE's advantages toward arbitrary states (docs/log.md)
+            nn.init.zeros_(model.v_head.weight)
             nn.init.zeros_(model.v_head.bias)
             model.v_head.requires_grad_(True)
             self._hidden: list[torch.Tensor] = []
