@@ -408,7 +408,7 @@ def test_ppo_critic_copied_from_the_reward_model(base, tmp_path):
             rl.ppo(str(base / "base"), str(tmp_path / "rm"), str(base / "prompts.jsonl"), str(tmp_path / value_model),
                    max_steps=2, batch_size=2, group_size=2, max_new_tokens=5, progress=False, eval_prompts=2,
                    lr=1e-3, value_model=value_model, whiten_rewards=True,
-                   value_warmup_steps=2 if value_model == "policy" else 0)
+                   value_warmup_steps=2 if value_model == "policy" else 0, group_baseline=value_model == "reward")
     finally:
         rl.RLTrainer.advantages = real
     ro, before, critic = seen[0]
@@ -429,6 +429,9 @@ def test_ppo_critic_copied_from_the_reward_model(base, tmp_path):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=n)  # value warm-up: the policy did not move
     m = llmkit.load_model(tmp_path / "reward")
     assert not any("critic" in n for n in m.state_dict())
+    with pytest.raises(ConfigError, match="group-size >= 2"):
+        rl.ppo(str(base / "base"), str(tmp_path / "rm"), str(base / "prompts.jsonl"), str(tmp_path / "x"),
+               max_steps=1, batch_size=2, max_new_tokens=4, progress=False, group_baseline=True)
     with pytest.raises(ConfigError, match="value-model reward"):
         rl.ppo(str(base / "base"), f"{base / 'rew.py'}:reward", str(base / "prompts.jsonl"), str(tmp_path / "x"),
                max_steps=1, batch_size=2, max_new_tokens=4, progress=False, value_model="reward")

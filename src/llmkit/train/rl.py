@@ -176,6 +176,7 @@ class RLConfig(FinetuneConfig):
     whiten_rewards: bool = False  # PPO: scale the per-token rewards to unit variance per batch (trl's whiten_rewards)
     value_model: str = "shared"  # PPO critic: shared | reward | policy (see VALUE_MODELS)
     value_warmup_steps: int = 0  # PPO: steps that train only the critic (the policy stays put)
+    group_baseline: bool = False  # PPO: subtract each prompt's mean score over its G samples (RLOO-like)
     scale_rewards: bool = True  # GRPO: divide by the group's std
     loss_type: str = "grpo"  # GRPO loss normalisation: grpo | dapo | dr_grpo (trl's names)
     truncation_penalty: float | None = None  # reward given to responses cut at max_new_tokens
@@ -198,6 +199,8 @@ class RLConfig(FinetuneConfig):
             raise ConfigError("--group-size, --max-new-tokens and --num-minibatches must be positive")
         if (self.ppo_epochs or 1) < 1:
             raise ConfigError(f"--ppo-epochs {self.ppo_epochs} must be positive")
+        if self.algo == "ppo" and self.group_baseline and self.group_size < 2:
+            raise ConfigError("--group-baseline compares the samples of a prompt; expected --group-size >= 2")
         if self.value_model not in VALUE_MODELS:
             raise ConfigError(f"--value-model {self.value_model!r}: expected one of {', '.join(VALUE_MODELS)}")
         if self.algo == "ppo" and self.value_model == "reward" and not is_reward_folder(self.reward):
@@ -444,7 +447,10 @@ class RLTrainer(Finetuner):
             kl = (ro.old_logp - ro.ref_logp) * mask  # k1 per token
             rewards = -self.kl_coef * kl
             last = mask.cumsum(1).argmax(1)  # each row's last response position
-            rewards[torch.arange(len(last)), last] += ro.scores
+            scores = ro.scores
+            if ft.group_baseline:  # rank the G answers of a prompt against each other, not against other prompts
+                scores = group_advantages(scores, self.G, scale=False)[0]
+            rewards[torch.arange(len(last)), last] += scores
             if ft.whiten_rewards:
                 rewards = whiten(rewards, mask, shift_mean=False)
             adv, ret = gae(rewards, ro.values, mask, ft.gamma, ft.lam)
