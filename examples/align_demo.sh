@@ -23,6 +23,12 @@ $PY examples/sft_task.py eval --model "$SFT" --data out/sort/val.jsonl | tee "$O
 # preference pairs from the checker: chosen = the right answer, rejected = the SFT model's own mistake
 $PY examples/align_task.py prefs --model "$SFT" --data out/sort/train.jsonl --limit ${PAIRS:-2000} --out "$OUT/prefs.jsonl"
 $PY examples/align_task.py prefs --data out/sort/val.jsonl --limit 100 --out "$OUT/val_prefs.jsonl" --model "$SFT"
+# the reward model also sees the right answer with one word substituted (still sorted): without these pairs it
+# scores such answers highest and PPO climbs toward them (docs/align.md, fourth session)
+$PY examples/align_task.py prefs --model "$SFT" --data out/sort/train.jsonl --limit ${PAIRS:-2000} --substitutes 1 \
+    --out "$OUT/rm_prefs.jsonl"
+$PY examples/align_task.py prefs --data out/sort/val.jsonl --limit 100 --substitutes 1 --out "$OUT/rm_val_prefs.jsonl" \
+    --model "$SFT"
 
 # DPO on the pairs, with the RPO term (the chosen answers' NLL) that keeps their likelihood up
 ( $LLMKIT dpo --model "$SFT" --data "$OUT/prefs.jsonl" --val-data "$OUT/val_prefs.jsonl" --out "$OUT/dpo" \
@@ -30,13 +36,14 @@ $PY examples/align_task.py prefs --data out/sort/val.jsonl --limit 100 --out "$O
     --eval-interval 25 --precompute-ref --num-threads 1 --overwrite --no-progress > "$OUT/dpo.log" 2>&1
   $PY examples/sft_task.py eval --model "$OUT/dpo" --data out/sort/val.jsonl | tee "$OUT/eval_dpo.txt" ) &
 
-# reward model on the same pairs, then PPO against it (adaptive KL coefficient)
-$LLMKIT rm train --model "$SFT" --data "$OUT/prefs.jsonl" --val-data "$OUT/val_prefs.jsonl" --out "$OUT/rm" \
-    --lr 3e-4 --batch-size 16 --max-steps ${RM_STEPS:-400} --eval-interval 25 --num-threads 1 --overwrite \
+# reward model on those pairs, then PPO against it (separate zero-initialised critic, whitened rewards)
+$LLMKIT rm train --model "$SFT" --data "$OUT/rm_prefs.jsonl" --val-data "$OUT/rm_val_prefs.jsonl" --out "$OUT/rm" \
+    --lr 3e-4 --batch-size 16 --max-steps ${RM_STEPS:-500} --eval-interval 100 --num-threads 1 --overwrite \
     --no-progress > "$OUT/rm.log" 2>&1
 $LLMKIT ppo --model "$SFT" --reward "$OUT/rm" --prompts "$OUT/prompts.jsonl" --val-prompts "$OUT/val_prompts.jsonl" \
-    --eval-prompts 100 --out "$OUT/ppo" --group-size 4 --batch-size 16 --temperature 0.5 --max-new-tokens 16 \
-    --max-steps ${PPO_STEPS:-60} --eval-interval 20 --lr ${PPO_LR:-3e-5} --kl-coef 0.1 --kl-target 1.0 \
-    --ppo-epochs 2 --num-minibatches 2 --num-threads 1 --overwrite --no-progress > "$OUT/ppo.log" 2>&1
+    --eval-prompts 100 --out "$OUT/ppo" --group-size 8 --batch-size 16 --temperature 0.5 --max-new-tokens 16 \
+    --max-steps ${PPO_STEPS:-2000} --max-minutes ${PPO_MINUTES:-12} --eval-interval 50 --lr ${PPO_LR:-3e-5} \
+    --kl-coef 0.2 --ppo-epochs 1 --num-minibatches 1 --value-model policy --whiten-rewards --value-warmup-steps 10 \
+    --num-threads 1 --overwrite --no-progress > "$OUT/ppo.log" 2>&1
 $PY examples/sft_task.py eval --model "$OUT/ppo" --data out/sort/val.jsonl | tee "$OUT/eval_ppo.txt"
 wait

@@ -384,6 +384,60 @@ def test_ppo_with_reward_model_folder(base, tmp_path):
     assert not any("v_head" in n for n in m.state_dict())  # the value head is not exported
 
 
+def test_ppo_critic_copied_from_the_reward_model(base, tmp_path):
+    """`value_model="reward"` (trl's critic): before any update the values at each answer position are the
+    reward model's scores of the prompt + the answer so far (transformers' trunk and score head); the critic
+    trains with the policy and is not exported. `value_model="policy"` starts from a zero head; during
+    `value_warmup_steps` only the critic moves."""
+    from transformers import AutoModelForSequenceClassification
+
+    from llmkit.train import rl
+    from llmkit.train.preference import train_reward_model
+
+    train_reward_model(str(base / "base"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=2, lr=1e-2,
+                       progress=False)
+    seen = []
+    real = rl.RLTrainer.advantages
+
+    def spy(self, ro, stats):
+        seen.append((ro, {n: p.detach().clone() for n, p in self.critic.named_parameters()}, self.critic))
+        return real(self, ro, stats)
+
+    rl.RLTrainer.advantages = spy
+    try:
+        for value_model in ("reward", "policy"):
+            rl.ppo(str(base / "base"), str(tmp_path / "rm"), str(base / "prompts.jsonl"), str(tmp_path / value_model),
+                   max_steps=2, batch_size=2, group_size=2, max_new_tokens=5, progress=False, eval_prompts=2,
+                   lr=1e-3, value_model=value_model, whiten_rewards=True,
+                   value_warmup_steps=2 if value_model == "policy" else 0, group_baseline=value_model == "reward")
+    finally:
+        rl.RLTrainer.advantages = real
+    ro, before, critic = seen[0]
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32).eval()
+    for i in range(len(ro.group)):
+        p = ro.prompt_ids[ro.group[i]][ro.prompt_mask[ro.group[i]].bool()].tolist()
+        a = ro.targets[i][ro.targets[i] != -100].tolist()
+        with torch.no_grad():
+            s = hf.score(hf.model(torch.tensor([p + a])).last_hidden_state)[0, :, 0]  # [T] the score per position
+        torch.testing.assert_close(ro.values[i, : len(a)], s[len(p) - 1 : len(p) - 1 + len(a)], atol=1e-4, rtol=1e-4)
+    after = dict(critic.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the critic trained
+    zero = seen[2][0].values  # value_model="policy": a zero head, so every value starts at 0
+    assert float(zero.abs().max()) == 0
+    assert any(not torch.equal(seen[2][1][n], p) for n, p in seen[3][2].named_parameters())  # its critic trained
+    start, warm = llmkit.load_model(base / "base"), llmkit.load_model(tmp_path / "policy")
+    for (n, x), y in zip(start.state_dict().items(), warm.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=n)  # value warm-up: the policy did not move
+    m = llmkit.load_model(tmp_path / "reward")
+    assert not any("critic" in n for n in m.state_dict())
+    with pytest.raises(ConfigError, match="group-size >= 2"):
+        rl.ppo(str(base / "base"), str(tmp_path / "rm"), str(base / "prompts.jsonl"), str(tmp_path / "x"),
+               max_steps=1, batch_size=2, max_new_tokens=4, progress=False, group_baseline=True)
+    with pytest.raises(ConfigError, match="value-model reward"):
+        rl.ppo(str(base / "base"), f"{base / 'rew.py'}:reward", str(base / "prompts.jsonl"), str(tmp_path / "x"),
+               max_steps=1, batch_size=2, max_new_tokens=4, progress=False, value_model="reward")
+
+
 # ---------------------------------------------------------------------------- guards
 
 

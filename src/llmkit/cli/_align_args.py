@@ -62,6 +62,15 @@ def add_rl(p: argparse.ArgumentParser, algo: str) -> None:
         u.add_argument("--clip-range-value", type=float, default=0.2)
         u.add_argument("--ent-coef", type=float, default=0.0)
         u.add_argument("--no-whiten", action="store_true", help="do not whiten advantages")
+        u.add_argument("--whiten-rewards", action="store_true",
+                       help="scale each batch's per-token rewards to unit variance (trl's whiten_rewards)")
+        u.add_argument("--value-model", choices=["shared", "reward", "policy"], default="shared",
+                       help="the critic: a head on the policy's trunk (shared), a separate copy of the reward "
+                            "model (reward, as trl), or a separate copy of the SFT model with a new head (policy)")
+        u.add_argument("--group-baseline", action="store_true",
+                       help="subtract each prompt's mean score over its --group-size samples (needs G >= 2)")
+        u.add_argument("--value-warmup-steps", type=int, default=0,
+                       help="first steps train only the critic (the policy does not move)")
     else:
         u.add_argument("--beta", type=float, default=0.04, help="weight of the k3 KL to the reference (0 = none)")
         u.add_argument("--no-scale-rewards", action="store_true", help="do not divide advantages by the group std")
@@ -79,7 +88,9 @@ def rl_kwargs(args: argparse.Namespace, algo: str) -> dict[str, Any]:
     if algo == "ppo":
         kw.update(kl_coef=args.kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon, gamma=args.gamma,
                   lam=args.lam, vf_coef=args.vf_coef, clip_range_value=args.clip_range_value,
-                  ent_coef=args.ent_coef, whiten_advantages=not args.no_whiten)
+                  ent_coef=args.ent_coef, whiten_advantages=not args.no_whiten, whiten_rewards=args.whiten_rewards,
+                  value_model=args.value_model, value_warmup_steps=args.value_warmup_steps,
+                  group_baseline=args.group_baseline)
     else:
         kw.update(beta=args.beta, scale_rewards=not args.no_scale_rewards, loss_type=args.loss_type)
     return kw

@@ -41,9 +41,9 @@ from llmkit.data.sft import IGNORE, chat_ids
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer.generate import eos_token_ids, generate
 from llmkit.model.attention import AttnMeta
-from llmkit.model.hf import config_from_hf, read_config
+from llmkit.model.hf import config_from_hf, load_model, read_config
 from llmkit.model.linear import set_decode_packing
-from llmkit.model.reward import is_reward_folder, load_reward_model, score_ids
+from llmkit.model.reward import add_score_head, is_reward_folder, load_reward_model, score_ids
 from llmkit.tokenizer import load_tokenizer
 from llmkit.train.align_losses import (
     GRPO_LOSSES,
@@ -64,6 +64,10 @@ from llmkit.train.preference import ListBatches, adapters_off, as_list
 from llmkit.train.trainer import TrainResult
 
 ALGOS = ("ppo", "grpo")
+# PPO's critic: "shared" = a Linear head on the policy's last hidden state (one trunk, value-loss gradients reach
+# the policy); "reward" = a separate copy of the reward model, trunk and score head (trl's PPOTrainer);
+# "policy" = a separate copy of the starting model with a zero-initialised scalar head.
+VALUE_MODELS = ("shared", "reward", "policy")
 RL_PANELS = [
     ("reward", ["reward_mean", "reward_min", "reward_max"]),
     ("held-out reward (greedy)", ["val_reward"]),
@@ -169,6 +173,10 @@ class RLConfig(FinetuneConfig):
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    whiten_rewards: bool = False  # PPO: scale the per-token rewards to unit variance per batch (trl's whiten_rewards)
+    value_model: str = "shared"  # PPO critic: shared | reward | policy (see VALUE_MODELS)
+    value_warmup_steps: int = 0  # PPO: steps that train only the critic (the policy stays put)
+    group_baseline: bool = False  # PPO: subtract each prompt's mean score over its G samples (RLOO-like)
     scale_rewards: bool = True  # GRPO: divide by the group's std
     loss_type: str = "grpo"  # GRPO loss normalisation: grpo | dapo | dr_grpo (trl's names)
     truncation_penalty: float | None = None  # reward given to responses cut at max_new_tokens
@@ -191,6 +199,13 @@ class RLConfig(FinetuneConfig):
             raise ConfigError("--group-size, --max-new-tokens and --num-minibatches must be positive")
         if (self.ppo_epochs or 1) < 1:
             raise ConfigError(f"--ppo-epochs {self.ppo_epochs} must be positive")
+        if self.algo == "ppo" and self.group_baseline and self.group_size < 2:
+            raise ConfigError("--group-baseline compares the samples of a prompt; expected --group-size >= 2")
+        if self.value_model not in VALUE_MODELS:
+            raise ConfigError(f"--value-model {self.value_model!r}: expected one of {', '.join(VALUE_MODELS)}")
+        if self.algo == "ppo" and self.value_model == "reward" and not is_reward_folder(self.reward):
+            raise ConfigError(f"--value-model reward copies the reward model, but --reward {self.reward!r} is not a "
+                              "reward model folder; expected --value-model shared or policy")
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -311,14 +326,23 @@ class RLTrainer(Finetuner):
             # evaluations use it (`val_kl`)
             self.ref_model = set_decode_packing(copy.deepcopy(model).requires_grad_(False).eval())
         self.need_ref = need_ref
-        if ft.algo == "ppo":
+        self.critic = None
+        if ft.algo == "ppo" and ft.value_model == "shared":
             C = model.config.n_embd
             model.v_head = nn.Linear(C, 1)  # a submodule: trained, checkpointed, not exported
-            nn.init.normal_(model.v_head.weight, 0.0, 1.0 / math.sqrt(C + 1))
+            # zero at first: a random head's values bias GAE's advantages toward arbitrary states (docs/log.md)
+            nn.init.zeros_(model.v_head.weight)
             nn.init.zeros_(model.v_head.bias)
             model.v_head.requires_grad_(True)
             self._hidden: list[torch.Tensor] = []
             model.ln_f.register_forward_hook(lambda m, i, o: self._hidden.append(o))
+        elif ft.algo == "ppo":  # a separate critic returning [B, T, 1]: a submodule, trained and checkpointed
+            critic = (load_reward_model(ft.reward) if ft.value_model == "reward"
+                      else add_score_head(load_model(ft.model), std=0.0))
+            if critic.config.vocab_size != model.config.vocab_size:
+                raise ConfigError(f"the reward model's vocabulary ({critic.config.vocab_size}) differs from the "
+                                  f"policy's ({model.config.vocab_size}); the critic needs the same tokenizer")
+            model.critic = self.critic = critic.requires_grad_(True).train()
         return model
 
     def describe(self) -> str:
@@ -362,14 +386,18 @@ class RLTrainer(Finetuner):
         idx = torch.arange(len(ro.group), device=ro.group.device) if idx is None else idx
         uniq, rows = torch.unique(ro.group[idx], return_inverse=True)
         y = ro.targets[idx]  # [n, K]
-        if values:
+        if values and self.critic is None:
             self._hidden.clear()
         with self._autocast():
             logits = answer_logits(model, ro.prompt_ids[uniq], ro.prompt_mask[uniq], rows, y, self.pad_id)
         if self.ft.temperature not in (0, 1):  # the sampling distribution's log-probs (as trl)
             logits = logits / self.ft.temperature
         v = None
-        if values:  # the ln_f outputs of the prompts' last positions and of the answers' passes
+        if values and self.critic is not None:  # the critic's score at each answer position
+            with self._autocast():
+                v = answer_logits(self.critic, ro.prompt_ids[uniq], ro.prompt_mask[uniq], rows, y, self.pad_id)
+            v = v[..., 0].float()  # [n, K]
+        elif values:  # the ln_f outputs of the prompts' last positions and of the answers' passes
             h = torch.cat([self._hidden[0][rows]] + self._hidden[1:], 1)  # [n, K, C]
             v = self.raw_model.v_head(h).squeeze(-1).float()
         logp, ent = token_logps_entropy(logits, y, entropy)
@@ -442,7 +470,12 @@ class RLTrainer(Finetuner):
             kl = (ro.old_logp - ro.ref_logp) * mask  # k1 per token
             rewards = -self.kl_coef * kl
             last = mask.cumsum(1).argmax(1)  # each row's last response position
-            rewards[torch.arange(len(last)), last] += ro.scores
+            scores = ro.scores
+            if ft.group_baseline:  # rank the G answers of a prompt against each other, not against other prompts
+                scores = group_advantages(scores, self.G, scale=False)[0]
+            rewards[torch.arange(len(last)), last] += scores
+            if ft.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False)
             adv, ret = gae(rewards, ro.values, mask, ft.gamma, ft.lam)
             ro.advantages = whiten(adv, mask) if ft.whiten_advantages else adv
             ro.returns = ret
@@ -477,6 +510,8 @@ class RLTrainer(Finetuner):
             pg, clipfrac = ppo_policy_loss(logp, old, adv, mask, ft.clip_range)
             vl, vclip = ppo_value_loss(values, ro.values[idx], ro.returns[idx], mask, ft.clip_range_value)
             loss = pg + ft.vf_coef * vl - (ft.ent_coef * masked_mean(ent, mask) if grad_ent else 0.0)
+            if self.step < ft.value_warmup_steps:  # the critic first: the policy gets no gradient
+                loss = ft.vf_coef * vl
             return loss, {"policy_loss": pg.detach(), "value_loss": vl.detach(), "clipfrac": clipfrac,
                           "value_clipfrac": vclip, "entropy": entropy}
         if old is None:
@@ -602,7 +637,8 @@ def ppo(model: str, reward: str, prompts: str | list[str], out: str, method: str
         **options: Any) -> TrainResult:
     """PPO (RLHF) from SFT `model` with `reward` (a reward-model folder or `module:function`) on prompt JSONL
     `prompts`. Options: RLConfig fields (kl_coef, kl_target, gamma, lam, ppo_epochs, num_minibatches, vf_coef,
-    ent_coef, clip_range, clip_range_value, max_new_tokens, temperature, group_size, lora_*, ...)."""
+    ent_coef, clip_range, clip_range_value, max_new_tokens, temperature, group_size, value_model,
+    value_warmup_steps, whiten_rewards, lora_*, ...). `max_minutes` is a time budget."""
     return _rl("ppo", model, reward, prompts, out, method, val_prompts, max_steps, lr, batch_size, resume,
                overwrite, stop_after, eval_interval, warmup_steps, weight_decay, seed, device, dtype, num_threads,
                progress, max_minutes, options)
