@@ -11,12 +11,16 @@ Needs the teacher first (configs/shakespeare-char-llmkit.yaml, here 1500 steps):
 1. distillation: a half-size student (2 of 4 blocks) distilled from it (alpha 0.5, T 2) against the same
    student trained from scratch (alpha 0: cross-entropy only) on the same windows and steps; both
    held-out curves in one plot.
-2. pruning: perplexity against sparsity (0-70%) for magnitude, Wanda, SparseGPT, and 2:4.
+2. pruning: perplexity against sparsity (0-70%) for magnitude, Wanda, SparseGPT, and 2:4. The docs' figures
+   use a wider, longer-trained model (on the 0.8M one Wanda loses to magnitude, see docs/compress.md):
+       llmkit pretrain --config configs/shakespeare-char-192.yaml --out_dir out/shk192
+       nice -n 10 python benchmarks/bench_compress.py --model out/shk192 --out out/prune-bench-192 \
+           --only prune prune-diag
 3. structured: heads and channels at 25% / 50%, perplexity before and after recovery
    (`--recover-steps 100`: `llmkit finetune --method full` on the text); `--only structured-speed`
    (timed: run it under chrt) adds decode tok/s of each folder.
-   `--only prune-diag`: why Wanda does or does not beat magnitude (comparison groups, per-layer mixes,
-   the spread of the input-channel norms ||X_j||).
+   `--only prune-diag`: why Wanda does or does not beat magnitude (comparison groups, sequential vs one
+   shot, calibration size, per-layer mixes, the spread of the input-channel norms ||X_j||).
 4. low-rank: perplexity and parameters against rank, plain SVD and ASVD.
 5. `llmkit compress report` over a set of the folders.
 Held-out = the first --held tokens of the teacher's validation split (the last 10% of the text,
@@ -117,27 +121,42 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def calib_windows(data: Path, n: int, T: int = 64) -> torch.Tensor:
+    """`n` windows of `T` tokens evenly spaced over a prepared folder's train split: [n, T]."""
+    train = np.fromfile(data / "train.bin", dtype=np.uint16)
+    starts = np.linspace(0, len(train) - T - 1, n).astype(int)
+    return torch.from_numpy(np.stack([train[s : s + T] for s in starts]).astype(np.int64))
+
+
 def prune_diag(base_dir: Path, calib: torch.Tensor, held: np.ndarray, s: float = 0.5) -> dict:
-    """Held-out perplexity at sparsity `s` for magnitude / Wanda scores, each compared per output row or
-    per layer, and Wanda on one kind of projection with magnitude (per layer) on the others; and, per
-    layer, the spread max/median of the input-channel norms ||X_j|| (Wanda's weighting)."""
+    """Why Wanda does or does not beat magnitude, at sparsity `s` (held-out perplexity):
+    - each score (|W|, Wanda's |W|*||X||) with each comparison group: per output row (Wanda's), per
+      Hugging Face Linear (magnitude's: q, k, v, gate, up separately) and per fused llmkit layer;
+    - Wanda with its statistics from the dense model (one shot) instead of block by block on the
+      already-pruned model (sequential, the paper's code), and with more calibration windows;
+    - Wanda on one kind of projection, magnitude on the rest;
+    and, per layer, the spread max/median of the input-channel norms ||X_j|| (Wanda's weighting)."""
+    from llmkit.model.prune import hf_parts, parts_mask
     from llmkit.model.quant import sequential_groups  # the block order of prune_model
 
-    def run(score_of, group_of) -> float:
+    T = calib.shape[1]
+
+    def run(score_of, group_of, cal: torch.Tensor = calib, sequential: bool = True) -> float:
         m = llmkit.load_model(base_dir)
         m.eval()
+        names = prune_targets(m)
         with torch.no_grad():
-            for group in sequential_groups(m, prune_targets(m)):
-                stats = _collect(m, group, list(calib[:, None]), "wanda")
+            dense = None if sequential else _collect(m, names, list(cal[:, None]), "wanda")
+            for group in sequential_groups(m, names):
+                stats = _collect(m, group, list(cal[:, None]), "wanda") if sequential else dense
                 for name in group:
                     lin = m.get_submodule(name)
                     w = lin.weight.detach().float()
-                    score = score_of(name, w, stats[name]["x_norm"])
-                    k_row = int(round(s * w.shape[1]))
-                    mask = (lowest_mask(score, k_row, dim=1) if group_of(name) == "row"
-                            else lowest_mask(score, int(round(s * w.numel()))))
+                    score, g = score_of(name, w, stats[name]["x_norm"]), group_of(name)
+                    mask = (lowest_mask(score, int(round(s * w.shape[1])), dim=1) if g == "row"
+                            else parts_mask(score, s, hf_parts(m, name) if g == "linear" else None))
                     lin.weight.copy_(w.masked_fill(mask, 0))
-        return ppl(m, held)
+        return ppl(m, held, T)
 
     def mag(_n, w, _x):
         return w.abs()
@@ -145,14 +164,22 @@ def prune_diag(base_dir: Path, calib: torch.Tensor, held: np.ndarray, s: float =
     def wanda(_n, w, x):
         return wanda_score(w, x)
 
-    out = {"magnitude, one threshold per fused layer ([q;k;v], [gate;up])": run(mag, lambda n: "layer"),
-           "magnitude per output row": run(mag, lambda n: "row"),
-           "Wanda per output row (the paper's, llmkit's wanda)": run(wanda, lambda n: "row"),
-           "Wanda, one threshold per fused layer": run(wanda, lambda n: "layer")}
+    groups = {"row": "per output row", "linear": "per Hugging Face Linear", "fused": "per fused llmkit layer"}
+    out = {}
+    for label, score in (("magnitude", mag), ("Wanda", wanda)):
+        for g, words in groups.items():
+            out[f"{label} {words}"] = run(score, lambda n, g=g: g)
+            print(json.dumps({k: round(v, 4) for k, v in out.items()}), flush=True)
+    out["Wanda per output row, statistics from the dense model (one shot)"] = run(wanda, lambda n: "row",
+                                                                                  sequential=False)
+    for n in (128, 512):  # more windows, evenly spaced over the train split like `calib`
+        more = calib_windows(base_dir / "data", n, T)
+        out[f"Wanda per output row, {n} x {T} calibration tokens"] = run(wanda, lambda n: "row", cal=more)
     for kind in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"):
-        out[f"Wanda (per row) on {kind} only, magnitude on the rest"] = run(
+        out[f"Wanda (per row) on {kind} only, magnitude (per Linear) on the rest"] = run(
             lambda n, w, x, k=kind: wanda_score(w, x) if n.endswith(k) else w.abs(),
-            lambda n, k=kind: "row" if n.endswith(k) else "layer")
+            lambda n, k=kind: "row" if n.endswith(k) else "linear")
+    print(json.dumps({k: round(v, 4) for k, v in out.items()}), flush=True)
     spread = {}
     m = llmkit.load_model(base_dir)
     stats = _collect(m, prune_targets(m), list(calib[:, None]), "wanda")
@@ -171,6 +198,7 @@ def main() -> None:
     ap.add_argument("--recover-steps", type=int, default=100)
     ap.add_argument("--speed-rounds", type=int, default=5)
     ap.add_argument("--recover-lr", type=float, default=3e-4)
+    ap.add_argument("--calib-windows", type=int, default=32, help="calibration windows of 64 train tokens")
     ap.add_argument("--only", nargs="*", default=["distill", "prune", "structured", "lowrank", "variants", "report"])
     ap.add_argument("--markdown", action="store_true", help="print the tables of --out/results.json and exit")
     args = ap.parse_args()
@@ -182,9 +210,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base_dir, data = Path(args.model), Path(args.model) / "data"
     held = np.fromfile(data / "val.bin", dtype=np.uint16)[: args.held]
-    train = np.fromfile(data / "train.bin", dtype=np.uint16)
-    starts = np.linspace(0, len(train) - 65, 32).astype(int)
-    calib = torch.from_numpy(np.stack([train[s : s + 64] for s in starts]).astype(np.int64))
+    calib = calib_windows(data, args.calib_windows)
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     base = llmkit.load_model(base_dir)
     results["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -255,7 +281,7 @@ def main() -> None:
         ax.set_yscale("log")
         ax.set_xlabel("sparsity of the block projections")
         ax.set_ylabel("held-out perplexity")
-        ax.set_title("Pruning a 4-block Shakespeare model (char)")
+        ax.set_title(f"Pruning a Shakespeare char model ({results['dense']['params'] / 1e6:.1f}M parameters)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "prune.png", dpi=110)
