@@ -30,6 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmkit.model import kernels
+
+KERNEL_ROWS = 2  # up to this many rows llmkit's fp32 kernel beats oneDNN's packed one (docs/benchmarks.md)
+
 
 @functools.cache
 def _onednn_ok() -> bool:
@@ -113,6 +117,10 @@ class PackedLinear(nn.Linear):
                 return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, w, bias)
         rows = x.reshape(-1, self.in_features)  # [M, in]
+        if rows.shape[0] <= KERNEL_ROWS and x.dtype is torch.float32 and w.is_contiguous():
+            lib = kernels._lib()
+            if lib is not None:  # llmkit's fp32 kernel on the weight as it is (no copy)
+                return kernels.f32_mm(rows, w, bias, lib).view(*x.shape[:-1], self.out_features)
         if rows.shape[0] == 1:
             if torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:
                 blocks = self._copy("blocks")  # [nb, in, out/nb]
