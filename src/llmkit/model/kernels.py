@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import platform
 import shutil
@@ -473,3 +474,23 @@ def f32_mm(x: Tensor, w: Tensor, bias: Tensor | None = None, lib: ctypes.CDLL | 
     lib.llmkit_f32_mm(x.data_ptr(), w.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), M,
                       w.shape[0], K, torch.get_num_threads())
     return y
+
+
+HUGE = 2 << 20  # a transparent huge page
+
+
+def huge_copy(t: Tensor) -> Tensor:
+    """A contiguous copy of CPU tensor `t` in memory backed by 2 MB pages where the OS allows (Linux transparent
+    huge pages: an anonymous mapping advised MADV_HUGEPAGE before it is touched; elsewhere the pages stay
+    small and the copy works the same). Streaming a weight from 2 MB pages is ~15% faster at 2 threads: fewer
+    TLB misses, and the hardware prefetcher does not stop at every 4 KB page (docs/benchmarks.md)."""
+    n = t.numel() * t.element_size()
+    size = -(-n // HUGE) * HUGE + HUGE  # room to align the start to 2 MB
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    buf = (ctypes.c_char * size).from_buffer(m)  # the tensor keeps `buf` (and so the mapping) alive
+    start = ctypes.addressof(buf)
+    off = -(-start // HUGE) * HUGE - start
+    out = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=off).view(t.shape)
+    return out.copy_(t)

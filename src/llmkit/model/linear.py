@@ -91,7 +91,9 @@ class PackedLinear(nn.Linear):
         c = self._copies.get(kind)
         if c is None:
             w = w.detach()
-            if kind == "input_major":  # [out, in] values in [in, out]-contiguous storage
+            if kind == "huge":  # row-major as it is, in memory backed by 2 MB pages
+                c = kernels.huge_copy(w)
+            elif kind == "input_major":  # [out, in] values in [in, out]-contiguous storage
                 c = w.t().contiguous().t()
             elif kind == "blocks":  # [nb, in, out/nb]: column blocks for one batched matmul
                 nb = self._n_blocks()
@@ -119,8 +121,8 @@ class PackedLinear(nn.Linear):
         rows = x.reshape(-1, self.in_features)  # [M, in]
         if rows.shape[0] <= KERNEL_ROWS and x.dtype is torch.float32 and w.is_contiguous():
             lib = kernels._lib()
-            if lib is not None:  # llmkit's fp32 kernel on the weight as it is (no copy)
-                return kernels.f32_mm(rows, w, bias, lib).view(*x.shape[:-1], self.out_features)
+            if lib is not None:  # llmkit's fp32 kernel, on a copy of the weight in 2 MB pages
+                return kernels.f32_mm(rows, self._copy("huge"), bias, lib).view(*x.shape[:-1], self.out_features)
         if rows.shape[0] == 1:
             if torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:
                 blocks = self._copy("blocks")  # [nb, in, out/nb]
