@@ -41,6 +41,10 @@ C_SOURCE = r"""
 #define INLINE static inline __attribute__((always_inline))
 #define Z512 _mm512_setzero_si512()
 #define Z256 _mm256_setzero_si256()
+#ifndef F32_NTA
+#define F32_NTA 2048   /* fp32 kernel: the weights are prefetched non-temporally this far ahead (~5% faster decode
+                          steps: less of the cache the rest of the step uses is evicted) */
+#endif
 #define PF_BYTES 8192  /* software prefetch distance: rows are short (K bytes), too short for the hardware to ramp up */
 #define XMAX 16383.0f  /* int16 activations within +-2^14 */
 #define CHUNK 8192     /* inputs summed in int32 lanes before fp32: 8 or more lanes, each summing at most
@@ -287,6 +291,9 @@ INLINE void f32_row(const float* w, const float* x, int64_t K, int m, float* out
     if (m == 1) {  /* four independent sums: one row streams at memory speed */
         FV a0 = FZERO, a1 = FZERO, a2 = FZERO, a3 = FZERO;
         for (; k + 4 * FW <= K; k += 4 * FW) {
+#if F32_NTA
+            for (int j = 0; j < 4 * FW; j += 16) _mm_prefetch((const char*)(w + k + j) + F32_NTA, _MM_HINT_NTA);
+#endif
             a0 = FMA(FLOAD(w + k), FLOAD(x + k), a0);
             a1 = FMA(FLOAD(w + k + FW), FLOAD(x + k + FW), a1);
             a2 = FMA(FLOAD(w + k + 2 * FW), FLOAD(x + k + 2 * FW), a2);
@@ -328,6 +335,28 @@ void llmkit_f32_mm(const float* x, const float* w, const float* b, float* y, int
             else f32_row(w + n * K, x + m0 * K, K, m, out, N);
             if (b) for (int i = 0; i < m; i++) out[i * N] += b[n];
         }
+    }
+}
+
+/* y [M, D] = x * (1 / sqrt(mean(x^2) + eps)) * (offset + w): RMSNorm of a few rows, one thread (decode) */
+void llmkit_rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t D, float eps, float offset) {
+    for (int64_t m = 0; m < M; m++) {
+        const float* r = x + m * D;
+        float* o = y + m * D;
+        int64_t k = 0;
+        float ss = 0.f;
+#if defined(FV)
+        FV a0 = FZERO, a1 = FZERO;
+        for (; k + 2 * FW <= D; k += 2 * FW) {
+            FV v0 = FLOAD(r + k), v1 = FLOAD(r + k + FW);
+            a0 = FMA(v0, v0, a0);
+            a1 = FMA(v1, v1, a1);
+        }
+        ss = FSUM(FADD(a0, a1));
+#endif
+        for (; k < D; k++) ss += r[k] * r[k];
+        const float inv = 1.f / sqrtf(ss / (float)D + eps);
+        for (k = 0; k < D; k++) o[k] = (r[k] * inv) * (offset + w[k]);
     }
 }
 
@@ -419,6 +448,8 @@ def build(march: str = "native") -> ctypes.CDLL | None:
     lib.llmkit_int4_mm.restype = None
     lib.llmkit_f32_mm.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
     lib.llmkit_f32_mm.restype = None
+    lib.llmkit_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
+    lib.llmkit_rms_norm.restype = None
     lib.llmkit_int8_linear.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, ctypes.c_int]
     lib.llmkit_int8_linear.restype = ctypes.c_int
     lib.llmkit_int4_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
@@ -473,6 +504,17 @@ def f32_mm(x: Tensor, w: Tensor, bias: Tensor | None = None, lib: ctypes.CDLL | 
     y = torch.empty(M, w.shape[0], dtype=torch.float32)
     lib.llmkit_f32_mm(x.data_ptr(), w.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), M,
                       w.shape[0], K, torch.get_num_threads())
+    return y
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float, offset: float = 0.0, lib: ctypes.CDLL | None = None) -> Tensor:
+    """RMSNorm of fp32 x [..., D] with fp32 weight w [D]: x / sqrt(mean(x^2) + eps) * (offset + w), one thread
+    (for decode's few rows, where one small torch op costs more than the arithmetic)."""
+    lib = lib or _lib()
+    x, w = x.contiguous(), w.contiguous()
+    y = torch.empty_like(x)
+    D = x.shape[-1]
+    lib.llmkit_rms_norm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // D, D, eps, offset)
     return y
 
 

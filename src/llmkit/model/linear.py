@@ -83,16 +83,17 @@ class PackedLinear(nn.Linear):
         self._copies: dict[str, Tensor] = {}
         self._version: tuple = ()
 
-    def _copy(self, kind: str) -> Tensor:
+    def _copy(self, kind: str):
         w = self._parameters["weight"]
         version = (w._version, w.data_ptr())
         if version != self._version:
             self._copies, self._version = {}, version
-        c = self._copies.get(kind)
-        if c is None:
+        c = self._copies.get(kind, False)
+        if c is False:
             w = w.detach()
-            if kind == "huge":  # row-major as it is, in memory backed by 2 MB pages
-                c = kernels.huge_copy(w)
+            if kind == "kernel":  # llmkit's fp32 kernel (LLMKIT_NO_KERNELS is read here) and the weight, row-major
+                lib = kernels._lib()  # as it is, in memory backed by 2 MB pages
+                c = (lib, kernels.huge_copy(w)) if lib is not None else None
             elif kind == "input_major":  # [out, in] values in [in, out]-contiguous storage
                 c = w.t().contiguous().t()
             elif kind == "blocks":  # [nb, in, out/nb]: column blocks for one batched matmul
@@ -119,10 +120,10 @@ class PackedLinear(nn.Linear):
                 return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, w, bias)
         rows = x.reshape(-1, self.in_features)  # [M, in]
-        if rows.shape[0] <= KERNEL_ROWS and x.dtype is torch.float32 and w.is_contiguous():
-            lib = kernels._lib()
-            if lib is not None:  # llmkit's fp32 kernel, on a copy of the weight in 2 MB pages
-                return kernels.f32_mm(rows, self._copy("huge"), bias, lib).view(*x.shape[:-1], self.out_features)
+        if rows.shape[0] <= KERNEL_ROWS and x.dtype is torch.float32:
+            wk = self._copy("kernel")  # (library, weight in 2 MB pages), or None without llmkit's kernels
+            if wk is not None:
+                return kernels.f32_mm(rows, wk[1], bias, wk[0]).view(*x.shape[:-1], self.out_features)
         if rows.shape[0] == 1:
             if torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:
                 blocks = self._copy("blocks")  # [nb, in, out/nb]
