@@ -360,6 +360,47 @@ void llmkit_rms_norm(const float* x, const float* w, float* y, int64_t M, int64_
     }
 }
 
+/* ---- attention of one new query per head over S cached keys (decode, no mask): y [B, H, D] =
+   softmax(q k^T * scale) v. q [B, H, D] contiguous; k, v [B, Hkv, S, D] with batch / head strides sb, sh
+   (each head's S x D keys contiguous: a view of a static cache); head h reads kv head h / (H / Hkv). */
+static float* attn_scratch(int64_t n);
+void llmkit_decode_attention(const float* q, const float* k, const float* v, float* y, int64_t B, int64_t H,
+                             int64_t Hkv, int64_t S, int64_t D, int64_t sb, int64_t sh, float scale, int nthreads) {
+    const int64_t rep = H / Hkv;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H;
+        const float* qh = q + bh * D;
+        const float* kh = k + b * sb + (h / rep) * sh;
+        const float* vh = v + b * sb + (h / rep) * sh;
+        float* yh = y + bh * D;
+        float* sc = attn_scratch(S);
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < S; j++) {
+            const float* kj = kh + j * D;
+            int64_t d = 0;
+            float t = 0.f;
+#if defined(FV)
+            FV a = FZERO;
+            for (; d + FW <= D; d += FW) a = FMA(FLOAD(qh + d), FLOAD(kj + d), a);
+            t = FSUM(a);
+#endif
+            for (; d < D; d++) t += qh[d] * kj[d];
+            sc[j] = t * scale;
+            mx = sc[j] > mx ? sc[j] : mx;
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < S; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+        const float inv = 1.f / sum;
+        for (int64_t d = 0; d < D; d++) yh[d] = 0.f;
+        for (int64_t j = 0; j < S; j++) {
+            const float p = sc[j] * inv;
+            const float* vj = vh + j * D;
+            for (int64_t d = 0; d < D; d++) yh[d] += p * vj[d];
+        }
+    }
+}
+
 /* ---- one call per layer: quantize x [M, K] into per-thread scratch, then multiply (y [M, N]) */
 #include <stdlib.h>
 static __thread void* scratch_buf = 0;
@@ -371,6 +412,16 @@ static void* scratch(int64_t bytes) {
         scratch_cap = scratch_buf ? bytes : 0;
     }
     return scratch_buf;
+}
+static float* attn_scratch(int64_t n) {  /* a second per-thread buffer: attention scores */
+    static __thread float* buf = 0;
+    static __thread int64_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        cap = (n + 1023) / 1024 * 1024;
+        buf = (float*)aligned_alloc(64, cap * 4);
+    }
+    return buf;
 }
 
 int llmkit_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float* ws, float* y,
@@ -450,6 +501,9 @@ def build(march: str = "native") -> ctypes.CDLL | None:
     lib.llmkit_f32_mm.restype = None
     lib.llmkit_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
     lib.llmkit_rms_norm.restype = None
+    lib.llmkit_decode_attention.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+                                            ctypes.c_int]
+    lib.llmkit_decode_attention.restype = None
     lib.llmkit_int8_linear.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, ctypes.c_int]
     lib.llmkit_int8_linear.restype = ctypes.c_int
     lib.llmkit_int4_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
@@ -515,6 +569,24 @@ def rms_norm(x: Tensor, w: Tensor, eps: float, offset: float = 0.0, lib: ctypes.
     y = torch.empty_like(x)
     D = x.shape[-1]
     lib.llmkit_rms_norm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // D, D, eps, offset)
+    return y
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                     lib: ctypes.CDLL | None = None) -> Tensor | None:
+    """softmax(q k^T * scale) v for ONE query per head attending to all S keys (a decode step without a mask):
+    q [B, H, 1, D], k/v [B, Hkv, S, D] fp32 (views of a static cache are fine: each head's S x D block must be
+    contiguous) -> [B, H, 1, D]; scale defaults to 1/sqrt(D). None when the layouts do not allow it."""
+    B, H, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if k.stride() != v.stride() or k.stride()[2:] != (D, 1) or H % Hkv:
+        return None
+    lib = lib or _lib()
+    q = q.contiguous()
+    y = torch.empty_like(q)
+    n = torch.get_num_threads() if B * H * S * D >= 1 << 15 else 1
+    lib.llmkit_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, H, Hkv, S, D,
+                                k.stride(0), k.stride(1), D**-0.5 if scale is None else scale, n)
     return y
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import InputError
-from llmkit.model import hf
+from llmkit.model import hf, kernels
 from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
 from llmkit.model.layers import ACTIVATIONS, check_token_ids, embedding, make_norm
@@ -74,9 +74,13 @@ class CausalSelfAttention(nn.Module):
         q, k = qk[:, :nh], qk[:, nh:]  # [B, nh, T, hd], [B, nkv, T, hd]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, nkv, S, hd]
-        if self.softcap is not None:
+        y = None
+        if T == 1 and mask is None and self.softcap is None and q.dtype is torch.float32 and q.is_cpu \
+                and not torch.is_grad_enabled() and kernels.available():  # a decode step: llmkit's C kernel
+            y = kernels.decode_attention(q, k, v, self.scale)  # (None for a layout it does not take)
+        if y is None and self.softcap is not None:
             y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
-        else:
+        elif y is None:
             y = F.scaled_dot_product_attention(
                 q, k, v,
                 attn_mask=mask,
