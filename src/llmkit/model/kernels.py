@@ -555,9 +555,10 @@ def f32_mm(x: Tensor, w: Tensor, bias: Tensor | None = None, lib: ctypes.CDLL | 
     lib = lib or _lib()
     M, K = x.shape
     x = x.contiguous()
-    y = torch.empty(M, w.shape[0], dtype=torch.float32)
-    lib.llmkit_f32_mm(x.data_ptr(), w.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), M,
-                      w.shape[0], K, torch.get_num_threads())
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    n = torch.get_num_threads() if N * K >= 1 << 15 else 1  # a small matrix is not worth waking threads
+    lib.llmkit_f32_mm(x.data_ptr(), w.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K, n)
     return y
 
 
