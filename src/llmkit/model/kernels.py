@@ -1,4 +1,9 @@
-"""llmkit's own CPU matmul kernels for int8 and int4 weights: y = x W^T, W = (q - zero) * scale per group.
+"""llmkit's own CPU kernels: matmuls for int8 and int4 weights (y = x W^T, W = (q - zero) * scale per group),
+and the fp32 pieces of a decode step (`f32_mm` for a few rows, `rms_norm`, one-query `decode_attention`).
+
+fp32 (decode, batch 1): one weight row at a time, a single contiguous stream per thread, reads the weights
+at the memory-read floor where PyTorch's single-row products did not (docs/benchmarks.md); RMSNorm and
+the one-query attention are one C call each instead of several small torch ops.
 
 Why (measured on the dev box's AMD EPYC, 1 thread, batch 1): PyTorch's `_weight_int8pack_mm` runs its
 vectorised path only with bf16 activations and scales (a rounding step on each) and still reads the
@@ -10,9 +15,10 @@ speed as per-channel ones.
 
 The C source is compiled with the system C compiler (`cc`, `-O3 -march=native -fopenmp`, ~5 s) on first
 use and cached under `~/.cache/llmkit/kernels` (or `$LLMKIT_KERNEL_DIR`); without a compiler, or with
-`LLMKIT_NO_KERNELS=1`, `available()` is False (a warning says why once) and the quantized kinds run
-PyTorch's kernels. Weights are prefetched 8 KB ahead in software: a row is only K bytes (512 on the
-benchmark model), too short for the hardware prefetcher to ramp up (~1.4x on the int8 decode).
+`LLMKIT_NO_KERNELS=1`, `available()` is False (a warning says why once) and the quantized kinds, the
+packed-for-decode Linear, RMSNorm and attention run PyTorch's kernels. int8/int4 weights are prefetched
+8 KB ahead in software: a row is only K bytes (512 on the benchmark model), too short for the hardware
+prefetcher to ramp up (~1.4x on the int8 decode).
 """
 
 from __future__ import annotations
@@ -595,10 +601,11 @@ HUGE = 2 << 20  # a transparent huge page
 
 
 def huge_copy(t: Tensor) -> Tensor:
-    """A contiguous copy of CPU tensor `t` (of 1 MB or more; a smaller one is returned as it is) in memory backed by 2 MB pages where the OS allows (Linux transparent
-    huge pages: an anonymous mapping advised MADV_HUGEPAGE before it is touched; elsewhere the pages stay
-    small and the copy works the same). Streaming a weight from 2 MB pages is ~15% faster at 2 threads: fewer
-    TLB misses, and the hardware prefetcher does not stop at every 4 KB page (docs/benchmarks.md)."""
+    """A contiguous copy of CPU tensor `t` (of 1 MB or more; a smaller one is returned as it is) in memory
+    backed by 2 MB pages where the OS allows (Linux transparent huge pages: an anonymous mapping advised
+    MADV_HUGEPAGE before it is touched; elsewhere the pages stay small and the copy works the same).
+    Streaming a weight from 2 MB pages is ~15% faster at 2 threads: fewer TLB misses, and the hardware
+    prefetcher does not stop at every 4 KB page (docs/benchmarks.md)."""
     n = t.numel() * t.element_size()
     if n < HUGE // 2 or not hasattr(mmap, "MAP_ANONYMOUS"):  # a small tensor would waste most of a 2 MB page
         return t.contiguous()

@@ -7,7 +7,11 @@
 
 Why packed copies (fp32 CPU, measured on the shared 2-core AMD EPYC dev box, 8 layers of weights,
 101 MB, streamed from memory as in a real decode step):
-- batch 1: `F.linear` on the row-major [out, in] weight runs at ~6 GB/s (MKL), the same weight
+- up to `KERNEL_ROWS` rows (a batch-1 decode step): llmkit's own kernel (`kernels.f32_mm`, one weight
+  row at a time, a single stream per thread) on a copy of the row-major weight in 2 MB pages reads the
+  weights at the memory-read floor: 1.5x faster than the input-major / blocked MKL paths below, which
+  remain for when the kernel library cannot be built (`LLMKIT_NO_KERNELS=1`, no C compiler);
+- batch 1 without it: `F.linear` on the row-major [out, in] weight runs at ~6 GB/s (MKL), the same weight
   stored input-major ([in, out] contiguous) at 11-13 GB/s, oneDNN packed at ~8 GB/s; so batch 1 uses
   input-major copies. With more than one thread a single row goes through one `bmm` over column
   blocks of W^T instead: MKL runs a single-row product on one core, `bmm` spreads the blocks over
@@ -74,7 +78,8 @@ class FrozenLinearFunction(torch.autograd.Function):
 
 class PackedLinear(nn.Linear):
     """Dense y = x W^T + b (same `weight`/`bias` parameters, same state_dict) with the faster CPU
-    kernel for the batch size: input-major or column-blocked copies for batch 1, oneDNN-packed for more."""
+    kernel for the batch size: llmkit's fp32 kernel on a 2 MB-page copy for <= KERNEL_ROWS rows (input-major
+    or column-blocked MKL copies without the kernel library), oneDNN-packed for more."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
