@@ -73,3 +73,19 @@ def test_huge_copy_is_an_equal_aligned_copy():
         assert c.data_ptr() % kernels.HUGE == 0
     small = torch.randn(10, 10)
     assert kernels.huge_copy(small) is small  # under 1 MB: as it is
+
+
+@needs_cc
+def test_rope_and_swiglu_kernels_match_the_torch_forms():
+    from llmkit.model.positions import apply_rope
+
+    lib = kernels.build()
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 1, 12, 16, generator=g).transpose(1, 2)  # [B, heads, T=1, hd] as the forward slices it
+    qk = qkv[:, :8]
+    cos, sin = torch.randn(2, 2, 1, 1, 16, generator=g)
+    torch.testing.assert_close(kernels.rope1(qk, cos, sin, lib), apply_rope(qk, cos, sin))
+    assert kernels.rope1(qk, cos[:1], sin[:1], lib) is None  # one table row broadcast over rows: not its layout
+    h = torch.randn(3, 1, 2 * 37, generator=g)
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(h, lib), F.silu(gate) * up)

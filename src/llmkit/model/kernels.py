@@ -407,6 +407,31 @@ void llmkit_decode_attention(const float* q, const float* k, const float* v, flo
     }
 }
 
+/* RoPE (halves layout) of one position per row: x [B, R, D] (strides sb, D, 1) -> y [B, R, D] contiguous,
+   y = x * cos + roll(x, D/2) * sin_signed with cos, sin_signed [B, D] (as positions.apply_rope) */
+void llmkit_rope1(const float* x, const float* cs, const float* sn, float* y, int64_t B, int64_t R, int64_t D,
+                  int64_t sb) {
+    const int64_t h = D / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t r = 0; r < R; r++) {
+            const float* xr = x + b * sb + r * D;
+            const float* c = cs + b * D;
+            const float* s = sn + b * D;
+            float* o = y + (b * R + r) * D;
+            for (int64_t d = 0; d < h; d++) o[d] = xr[d] * c[d] + xr[d + h] * s[d];
+            for (int64_t d = h; d < D; d++) o[d] = xr[d] * c[d] + xr[d - h] * s[d];
+        }
+}
+
+/* SwiGLU's silu(gate) * up of rows [gate; up]: h [M, 2I] -> y [M, I] */
+void llmkit_silu_mul(const float* hb, float* y, int64_t M, int64_t I) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < I; i++) {
+            const float g = hb[m * 2 * I + i];
+            y[m * I + i] = g / (1.f + expf(-g)) * hb[m * 2 * I + I + i];
+        }
+}
+
 /* ---- one call per layer: quantize x [M, K] into per-thread scratch, then multiply (y [M, N]) */
 #include <stdlib.h>
 static __thread void* scratch_buf = 0;
@@ -510,6 +535,10 @@ def build(march: str = "native") -> ctypes.CDLL | None:
     lib.llmkit_decode_attention.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                             ctypes.c_int]
     lib.llmkit_decode_attention.restype = None
+    lib.llmkit_rope1.argtypes = [p, p, p, p, i64, i64, i64, i64]
+    lib.llmkit_rope1.restype = None
+    lib.llmkit_silu_mul.argtypes = [p, p, i64, i64]
+    lib.llmkit_silu_mul.restype = None
     lib.llmkit_int8_linear.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, ctypes.c_int]
     lib.llmkit_int8_linear.restype = ctypes.c_int
     lib.llmkit_int4_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
@@ -576,6 +605,41 @@ def rms_norm(x: Tensor, w: Tensor, eps: float, offset: float = 0.0, lib: ctypes.
     y = torch.empty_like(x)
     D = x.shape[-1]
     lib.llmkit_rms_norm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // D, D, eps, offset)
+    return y
+
+
+def decode_lib() -> ctypes.CDLL | None:
+    """The library for a decode step's fp32 fast paths (attention, RoPE, SwiGLU), or None; unlike
+    `available()`, LLMKIT_NO_KERNELS is read once per process (these run a few times per layer)."""
+    if _DECODE[0] is None:
+        _DECODE[0] = (_lib(),)
+    return _DECODE[0][0]
+
+
+_DECODE: list = [None]
+
+
+def rope1(x: Tensor, cos: Tensor, sin_signed: Tensor, lib: ctypes.CDLL | None = None) -> Tensor | None:
+    """`positions.apply_rope` for ONE position per row: x [B, R, 1, D] fp32 (each row's R x D block with
+    strides (D, 1), e.g. q and k heads sliced from the fused projection), cos / sin_signed [B, 1, 1, D]
+    -> [B, R, 1, D] contiguous; None when the layout does not allow it."""
+    B, R, _, D = x.shape
+    if x.stride(1) != D or x.stride(3) != 1 or D % 2 or cos.numel() != B * D or sin_signed.numel() != B * D:
+        return None
+    lib = lib or _lib()
+    cos, sin_signed = cos.contiguous(), sin_signed.contiguous()
+    y = torch.empty(B, R, 1, D)
+    lib.llmkit_rope1(x.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), y.data_ptr(), B, R, D, x.stride(0))
+    return y
+
+
+def silu_mul(h: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
+    """SwiGLU's silu(gate) * up of fp32 h [..., 2I] = [gate; up] -> [..., I]."""
+    lib = lib or _lib()
+    h = h.contiguous()
+    inter = h.shape[-1] // 2
+    y = torch.empty(*h.shape[:-1], inter)
+    lib.llmkit_silu_mul(h.data_ptr(), y.data_ptr(), h.numel() // (2 * inter), inter)
     return y
 
 
