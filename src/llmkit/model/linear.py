@@ -125,7 +125,7 @@ class PackedLinear(nn.Linear):
                 return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, w, bias)
         rows = x.reshape(-1, self.in_features)  # [M, in]
-        if rows.shape[0] <= KERNEL_ROWS and x.dtype is torch.float32:
+        if rows.shape[0] <= KERNEL_ROWS and x.dtype is torch.float32 and not torch._C._get_tracing_state():
             wk = self._copy("kernel")  # (library, weight in 2 MB pages), or None without llmkit's kernels
             if wk is not None:
                 return kernels.f32_mm(rows, wk[1], bias, wk[0]).view(*x.shape[:-1], self.out_features)

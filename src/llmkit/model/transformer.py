@@ -69,8 +69,11 @@ class CausalSelfAttention(nn.Module):
         qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
-        decode = T == 1 and not torch.is_grad_enabled() and x.is_cpu and x.dtype is torch.float32
-        lib = kernels.decode_lib() if decode else None  # a decode step: llmkit's C kernels (model/kernels.py)
+        # a decode step: llmkit's C kernels (model/kernels.py); not while tracing (ONNX export): the tracer
+        # cannot see inside a C call
+        decode = T == 1 and not torch.is_grad_enabled() and x.is_cpu and x.dtype is torch.float32 \
+            and not torch._C._get_tracing_state()
+        lib = kernels.decode_lib() if decode else None
         if cos_sin is not None:
             rotated = kernels.rope1(qk, *cos_sin, lib) if lib is not None else None
             qk = rotated if rotated is not None else apply_rope(qk, *cos_sin)  # q and k heads rotated together
@@ -120,7 +123,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if self.swiglu and self.act is F.silu and not torch.is_grad_enabled() and h.is_cpu \
-                and h.dtype is torch.float32 and h.numel() <= 1 << 16 and kernels.decode_lib() is not None:
+                and h.dtype is torch.float32 and h.numel() <= 1 << 16 and not torch._C._get_tracing_state() \
+                and kernels.decode_lib() is not None:
             return self.proj(kernels.silu_mul(h, kernels.decode_lib()))  # a decode step's few rows: one C call
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
