@@ -7,7 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import InputError
+from llmkit.model import kernels
 from llmkit.model.config import ModelConfig
+
+KERNEL_ELEMS = 8192  # RMSNorm inputs up to this size (a few rows) run llmkit's C kernel on the CPU
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -51,12 +54,19 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight + self.offset if self.offset else self.weight
-        fused = x.dtype == torch.float32 and w.dtype == torch.float32
+        w = self._parameters["weight"]
         # one op; not while tracing (ONNX export: no rms_norm before opset 23). The tracing state is a C
         # flag (`torch.jit.is_tracing` reads it; `torch.onnx.is_in_onnx_export()` is an import per call)
-        if fused and not torch._C._get_tracing_state():
-            return torch.rms_norm(x, w.shape, w, self.eps)
+        if x.dtype is torch.float32 and w.dtype is torch.float32 and not torch._C._get_tracing_state():
+            grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+            if x.is_cpu and x.numel() <= KERNEL_ELEMS and not grad:
+                use = self.__dict__.get("_kernel")
+                if use is None:  # LLMKIT_NO_KERNELS is read once per module
+                    use = self.__dict__["_kernel"] = kernels.available()
+                if use:  # a decode step's few rows: llmkit's kernel (one C call, a third of torch.rms_norm's cost)
+                    return kernels.rms_norm(x, w, self.eps, self.offset, kernels.build())
+            return torch.rms_norm(x, w.shape, w + self.offset if self.offset else w, self.eps)
+        w = w + self.offset if self.offset else w
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:

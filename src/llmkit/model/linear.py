@@ -7,7 +7,11 @@
 
 Why packed copies (fp32 CPU, measured on the shared 2-core AMD EPYC dev box, 8 layers of weights,
 101 MB, streamed from memory as in a real decode step):
-- batch 1: `F.linear` on the row-major [out, in] weight runs at ~6 GB/s (MKL), the same weight
+- up to `KERNEL_ROWS` rows (a batch-1 decode step): llmkit's own kernel (`kernels.f32_mm`, one weight
+  row at a time, a single stream per thread) on a copy of the row-major weight in 2 MB pages reads the
+  weights at the memory-read floor: 1.5x faster than the input-major / blocked MKL paths below, which
+  remain for when the kernel library cannot be built (`LLMKIT_NO_KERNELS=1`, no C compiler);
+- batch 1 without it: `F.linear` on the row-major [out, in] weight runs at ~6 GB/s (MKL), the same weight
   stored input-major ([in, out] contiguous) at 11-13 GB/s, oneDNN packed at ~8 GB/s; so batch 1 uses
   input-major copies. With more than one thread a single row goes through one `bmm` over column
   blocks of W^T instead: MKL runs a single-row product on one core, `bmm` spreads the blocks over
@@ -29,6 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from llmkit.model import kernels
+
+KERNEL_ROWS = 2  # up to this many rows llmkit's fp32 kernel beats oneDNN's packed one (docs/benchmarks.md)
 
 
 @functools.cache
@@ -75,7 +83,8 @@ class DenseLinearFunction(torch.autograd.Function):
 
 class PackedLinear(nn.Linear):
     """Dense y = x W^T + b (same `weight`/`bias` parameters, same state_dict) with the faster CPU
-    kernel for the batch size: input-major or column-blocked copies for batch 1, oneDNN-packed for more."""
+    kernel for the batch size: llmkit's fp32 kernel on a 2 MB-page copy for <= KERNEL_ROWS rows (input-major
+    or column-blocked MKL copies without the kernel library), oneDNN-packed for more."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
@@ -84,15 +93,18 @@ class PackedLinear(nn.Linear):
         self._copies: dict[str, Tensor] = {}
         self._version: tuple = ()
 
-    def _copy(self, kind: str) -> Tensor:
+    def _copy(self, kind: str):
         w = self._parameters["weight"]
         version = (w._version, w.data_ptr())
         if version != self._version:
             self._copies, self._version = {}, version
-        c = self._copies.get(kind)
-        if c is None:
+        c = self._copies.get(kind, False)
+        if c is False:
             w = w.detach()
-            if kind == "input_major":  # [out, in] values in [in, out]-contiguous storage
+            if kind == "kernel":  # llmkit's fp32 kernel (LLMKIT_NO_KERNELS is read here) and the weight, row-major
+                lib = kernels._lib()  # as it is, in memory backed by 2 MB pages
+                c = (lib, kernels.huge_copy(w)) if lib is not None else None
+            elif kind == "input_major":  # [out, in] values in [in, out]-contiguous storage
                 c = w.t().contiguous().t()
             elif kind == "blocks":  # [nb, in, out/nb]: column blocks for one batched matmul
                 nb = self._n_blocks()
@@ -119,6 +131,10 @@ class PackedLinear(nn.Linear):
                 return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, w, bias)
         rows = x.reshape(-1, self.in_features)  # [M, in]
+        if rows.shape[0] <= KERNEL_ROWS and x.dtype is torch.float32 and not torch._C._get_tracing_state():
+            wk = self._copy("kernel")  # (library, weight in 2 MB pages), or None without llmkit's kernels
+            if wk is not None:
+                return kernels.f32_mm(rows, wk[1], bias, wk[0]).view(*x.shape[:-1], self.out_features)
         if rows.shape[0] == 1:
             if torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:
                 blocks = self._copy("blocks")  # [nb, in, out/nb]

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import InputError
-from llmkit.model import hf
+from llmkit.model import hf, kernels
 from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
 from llmkit.model.layers import ACTIVATIONS, check_token_ids, embedding, make_norm
@@ -69,14 +69,23 @@ class CausalSelfAttention(nn.Module):
         qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
+        # a decode step: llmkit's C kernels (model/kernels.py); not while tracing (ONNX export): the tracer
+        # cannot see inside a C call
+        decode = T == 1 and not torch.is_grad_enabled() and x.is_cpu and x.dtype is torch.float32 \
+            and not torch._C._get_tracing_state()
+        lib = kernels.decode_lib() if decode else None
         if cos_sin is not None:
-            qk = apply_rope(qk, *cos_sin)  # q and k heads rotated together
+            rotated = kernels.rope1(qk, *cos_sin, lib) if lib is not None else None
+            qk = rotated if rotated is not None else apply_rope(qk, *cos_sin)  # q and k heads rotated together
         q, k = qk[:, :nh], qk[:, nh:]  # [B, nh, T, hd], [B, nkv, T, hd]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, nkv, S, hd]
-        if self.softcap is not None:
+        y = None
+        if lib is not None and mask is None and self.softcap is None:  # (None for a layout it does not take)
+            y = kernels.decode_attention(q, k, v, self.scale, lib)
+        if y is None and self.softcap is not None:
             y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
-        else:
+        elif y is None:
             y = F.scaled_dot_product_attention(
                 q, k, v,
                 attn_mask=mask,
@@ -113,6 +122,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
+        if self.swiglu and self.act is F.silu and not torch.is_grad_enabled() and h.is_cpu \
+                and h.dtype is torch.float32 and h.numel() <= 1 << 16 and not torch._C._get_tracing_state() \
+                and kernels.decode_lib() is not None:
+            return self.proj(kernels.silu_mul(h, kernels.decode_lib()))  # a decode step's few rows: one C call
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             return self.proj(self.act(gate) * up)

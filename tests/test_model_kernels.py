@@ -1,0 +1,91 @@
+"""llmkit's fp32 CPU kernels for a decode step (model/kernels.py) against fp64 references: the few-row
+matmul PackedLinear runs, RMSNorm and one-query attention, on every vector path (AVX-512, AVX2, plain C)."""
+
+import platform
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmkit.model import kernels
+from llmkit.model.layers import RMSNorm
+from llmkit.model.linear import PackedLinear
+
+MARCHES = ["native", "x86-64-v3", "x86-64"] if platform.machine() in ("x86_64", "AMD64") else ["native"]
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                              reason="no C compiler: llmkit's kernels cannot be built")
+
+
+@needs_cc
+@pytest.mark.parametrize("march", MARCHES)
+def test_fp32_kernels_match_fp64(march):
+    lib = kernels.build(march)
+    assert lib is not None
+    g = torch.Generator().manual_seed(0)
+    for M, N, K in [(1, 37, 19), (2, 64, 100), (3, 5, 1376), (1, 300, 512)]:  # K tails of every vector width
+        x, w, b = (torch.randn(*s, generator=g) for s in ((M, K), (N, K), (N,)))
+        for bias in (None, b):
+            ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+            torch.testing.assert_close(kernels.f32_mm(x, w, bias, lib), ref.float(), rtol=1e-4, atol=1e-4)
+    x, w = torch.randn(3, 1, 70, generator=g), torch.rand(70, generator=g)
+    for offset in (0.0, 1.0):  # Gemma's (1 + w)
+        h = x.double()
+        ref = h / (h.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * (offset + w.double())
+        torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6, offset, lib), ref.float(), rtol=1e-5, atol=1e-5)
+    for B, H, Hkv, S, D in [(1, 8, 8, 100, 64), (2, 6, 2, 37, 24), (1, 4, 1, 1, 8)]:  # MHA, GQA, MQA
+        cache_k, cache_v = torch.randn(2, B, Hkv, 128, D, generator=g)
+        k, v = cache_k.narrow(2, 0, S), cache_v.narrow(2, 0, S)  # static-cache views
+        q = torch.randn(B, H, 1, D, generator=g)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True, scale=0.3)
+        torch.testing.assert_close(kernels.decode_attention(q, k, v, 0.3, lib), ref.float(), rtol=1e-4, atol=1e-5)
+
+
+@needs_cc
+def test_decode_layers_take_the_kernels_and_fall_back_without_them(monkeypatch):
+    """PackedLinear (<= KERNEL_ROWS rows) and RMSNorm run the kernels in inference and give F.linear's /
+    the formula's values; with LLMKIT_NO_KERNELS=1 (no compiler) they run PyTorch and agree."""
+    torch.manual_seed(0)
+    dense = nn.Linear(300, 130)
+    lin, norm = PackedLinear(dense), RMSNorm(300, 1e-5)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(1, 2, 300)
+    with torch.inference_mode():
+        y = lin(x)
+        assert lin._copy("kernel") is not None  # the kernel's copy: 156 KB, so the weight as it is
+        torch.testing.assert_close(y, F.linear(x.double(), dense.weight.double(), dense.bias.double()).float())
+        ref = x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.weight
+        torch.testing.assert_close(norm(x), ref)
+        monkeypatch.setenv("LLMKIT_NO_KERNELS", "1")
+        lin2, norm2 = PackedLinear(dense), RMSNorm(300, 1e-5)
+        norm2.weight = norm.weight
+        assert lin2._copy("kernel") is None
+        torch.testing.assert_close(lin2(x), y)
+        torch.testing.assert_close(norm2(x), ref)
+
+
+def test_huge_copy_is_an_equal_aligned_copy():
+    big = torch.randn(600, 512)  # 1.2 MB: copied into 2 MB pages
+    c = kernels.huge_copy(big)
+    assert torch.equal(c, big) and c.data_ptr() != big.data_ptr()
+    if platform.system() == "Linux":
+        assert c.data_ptr() % kernels.HUGE == 0
+    small = torch.randn(10, 10)
+    assert kernels.huge_copy(small) is small  # under 1 MB: as it is
+
+
+@needs_cc
+def test_rope_and_swiglu_kernels_match_the_torch_forms():
+    from llmkit.model.positions import apply_rope
+
+    lib = kernels.build()
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 1, 12, 16, generator=g).transpose(1, 2)  # [B, heads, T=1, hd] as the forward slices it
+    qk = qkv[:, :8]
+    cos, sin = torch.randn(2, 2, 1, 1, 16, generator=g)
+    torch.testing.assert_close(kernels.rope1(qk, cos, sin, lib), apply_rope(qk, cos, sin))
+    assert kernels.rope1(qk, cos[:1], sin[:1], lib) is None  # one table row broadcast over rows: not its layout
+    h = torch.randn(3, 1, 2 * 37, generator=g)
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(h, lib), F.silu(gate) * up)
