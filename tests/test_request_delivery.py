@@ -7,6 +7,7 @@ import threading
 from llmkit.infer.request import _END, LoopWaker, RequestHandle
 from llmkit.infer.sampling import SamplingParams
 from llmkit.infer.sequence import TokenEvent
+from llmkit.serve.protocol import ChatMessage, TextPart
 from llmkit.serve.state import INLINE_CHARS, off_loop, text_size
 
 
@@ -95,3 +96,5 @@ def test_off_loop_by_size():
     here, small, large = asyncio.run(main())
     assert small == here and large != here
     assert text_size(["ab", [1, 2, 3]]) == 5 and text_size({"a": "xyz", "b": None}) == 3
+    part = TextPart(type="text", text="x" * 5000)  # a chat message's content parts count by their text
+    assert text_size(ChatMessage(role="user", content=[part]).content) >= 5000

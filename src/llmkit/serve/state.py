@@ -26,14 +26,17 @@ async def off_loop(size: int, fn: Any, *args: Any) -> Any:
 
 
 def text_size(value: Any) -> int:
-    """Characters (or token ids) of a request field: a string, token ids, or lists/dicts of them."""
+    """Characters (or token ids) of a request field: a string, token ids, or lists/dicts/request models
+    (a chat message's text parts) of them."""
     if isinstance(value, str):
         return len(value)
+    if hasattr(value, "model_dump"):
+        return text_size(value.model_dump())
     if isinstance(value, dict):
         return sum(text_size(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return sum(text_size(v) if isinstance(v, (str, list, tuple, dict)) else 1 for v in value)
-    return 0
+        return sum(text_size(v) for v in value)
+    return 1 if isinstance(value, int) else 0  # a token id
 
 
 @dataclass
