@@ -12,7 +12,8 @@ printed. Model: the `bench_decode.py` one (Llama-shaped, hidden 512, 8 layers, v
 
 `--serve` also starts `llmkit serve` from each tree (the `bench_serve.py` model: random-init
 llama-6m with a byte-level BPE) and drives it with 8 concurrent streaming clients, 2 requests each
-of 32 tokens: throughput and TTFT p50 per tree, alternating as above.
+of 32 tokens, `--serve-loads` times per server start (median): throughput and TTFT p50 per tree,
+alternating as above.
 """
 
 from __future__ import annotations
@@ -72,18 +73,20 @@ def run(tree: Path, folder: str, threads: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def serve_round(tree: Path, model: Path, threads: int, port: int) -> dict:
-    """`llmkit serve` of `tree` under 8 concurrent streaming clients (bench_serve.py's load)."""
+def serve_round(tree: Path, model: Path, threads: int, port: int, loads: int) -> dict:
+    """`llmkit serve` of `tree` under 8 concurrent streaming clients (bench_serve.py's load), `loads`
+    times on one server (a load takes ~0.3 s, so one alone varies +-20%): the medians."""
     import asyncio
 
     from bench_serve import Server, run_load
 
     srv = Server(model, port, 8, threads, env={**os.environ, "PYTHONPATH": str(tree / "src")})
     try:
-        r = asyncio.run(run_load(srv.url, model.name, 8, 2, 32))
+        rs = [asyncio.run(run_load(srv.url, model.name, 8, 2, 32)) for _ in range(loads)]
     finally:
         srv.close()
-    return {"serve_tok_s": r["throughput"], "serve_ttft_ms": r["ttft_p50"] * 1e3}
+    return {"serve_tok_s": statistics.median(r["throughput"] for r in rs),
+            "serve_ttft_ms": statistics.median(r["ttft_p50"] for r in rs) * 1e3}
 
 
 def build(folder: str) -> None:
@@ -105,6 +108,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--serve", action="store_true", help="also compare `llmkit serve` over loopback")
+    ap.add_argument("--serve-loads", type=int, default=3, help="--serve: loads per server start (median)")
     ap.add_argument("--port", type=int, default=8766)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -126,7 +130,7 @@ def main() -> None:
                 for name, tree in (("old", old), ("new", ROOT)) if r % 2 == 0 else (("new", ROOT), ("old", old)):
                     res = run(tree, folder, args.threads)
                     if serve_model is not None:
-                        res.update(serve_round(tree, serve_model, args.threads, args.port))
+                        res.update(serve_round(tree, serve_model, args.threads, args.port, args.serve_loads))
                     results[name].append(res)
             assert results["old"][0]["tokens"] == results["new"][0]["tokens"], "greedy tokens differ"
             load = os.getloadavg()

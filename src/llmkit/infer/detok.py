@@ -9,10 +9,14 @@ what the new token added, holding back while the text ends in an incomplete char
 
 from __future__ import annotations
 
-from typing import Protocol
+import weakref
+from typing import Any, Protocol
 
 REPLACEMENT = "\ufffd"
 PROMPT_CONTEXT = 5  # prompt tokens kept as left context for the first deltas
+# the text of one token decoded alone, per tokenizer: the window before each new token is usually
+# the single token emitted last step (half of the decodes of a stream)
+_ONE_TOKEN: weakref.WeakKeyDictionary[Any, dict[tuple[int, bool], str]] = weakref.WeakKeyDictionary()
 
 
 class Decoder(Protocol):
@@ -36,7 +40,19 @@ class IncrementalDetokenizer:
         self.text = ""  # everything emitted so far
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+        if len(ids) != 1:
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+        try:
+            cache = _ONE_TOKEN[self.tokenizer]
+        except KeyError:
+            cache = _ONE_TOKEN.setdefault(self.tokenizer, {})
+        except TypeError:  # a tokenizer without weak references: no cache
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        key = (ids[0], self.skip_special_tokens)
+        text = cache.get(key)
+        if text is None:
+            text = cache[key] = self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return text
 
     def add(self, token_id: int) -> str:
         """Append one token; return the new complete text (maybe "")."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,45 @@ class GenerationResult:
 
 
 _END = object()  # end-of-stream marker in a handle's queue
+
+
+class LoopWaker:
+    """Runs callbacks on an event loop from other threads, many per wake-up: the first `wake` of a
+    batch schedules one `call_soon_threadsafe` (a self-pipe write, a loop iteration); the ones that
+    come before the loop has run it (every row of an engine step) only append to the batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[Callable[[], None]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> LoopWaker:
+        """The loop's one waker (created on first use; lives as long as the loop)."""
+        waker = _WAKERS.get(loop)
+        if waker is None:
+            waker = _WAKERS.setdefault(loop, cls(loop))
+        return waker
+
+    def wake(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._pending.append(callback)
+            if len(self._pending) > 1:
+                return  # a wake-up is already on its way
+        try:
+            self.loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # the loop is closed: nobody is listening
+            with self._lock:
+                self._pending.clear()
+
+    def _run(self) -> None:
+        with self._lock:
+            callbacks, self._pending = self._pending, []
+        for callback in callbacks:
+            callback()
+
+
+_WAKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = weakref.WeakKeyDictionary()
 
 
 class RequestHandle:
@@ -50,10 +90,9 @@ class RequestHandle:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._lock = threading.Lock()
-        self._queue: deque[Any] = deque()  # events until someone iterates
+        self._queue: deque[Any] = deque()  # events not yet taken by the consumer
         self._ready = threading.Condition(self._lock)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._aqueue: asyncio.Queue | None = None
+        self._listener: tuple[LoopWaker, Callable[[], None]] | None = None  # an event loop's consumer
         self._done = False
         self._cancelled = False
 
@@ -67,16 +106,39 @@ class RequestHandle:
                 self.finished_at = time.monotonic()
             elif self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-            if self._loop is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
-                except RuntimeError:  # the consumer's event loop is closed: nobody is listening
-                    pass
-            else:
-                self._queue.append(item)
+            self._queue.append(item)
+            listener = self._listener
+            if listener is None:
                 self._ready.notify_all()
+        if listener is not None:
+            listener[0].wake(listener[1])
 
     # ---- consumer side ------------------------------------------------------------------------
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the running event loop whenever items arrive (for `take`); once now if
+        some are already waiting. One listener per handle."""
+        waker = LoopWaker.of(asyncio.get_running_loop())
+        with self._lock:
+            self._listener = (waker, callback)
+            waiting = bool(self._queue)
+        if waiting:
+            waker.wake(callback)
+
+    def take(self) -> tuple[list[TokenEvent], bool | BaseException]:
+        """(the events delivered and not yet taken, end): end is False while more may come, True once
+        the stream is over (finished, cancelled or aborted: nothing is delivered after `cancel()`),
+        or the exception the engine failed with (raise it)."""
+        with self._lock:
+            items = list(self._queue)
+            self._queue.clear()
+        if self._cancelled:
+            return [], True
+        end: bool | BaseException = False
+        if items and (items[-1] is _END or isinstance(items[-1], BaseException)):
+            end = True if items[-1] is _END else items[-1]
+            items.pop()
+        return items, end
+
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
             with self._lock:
@@ -93,19 +155,27 @@ class RequestHandle:
         return self._aiter()
 
     async def _aiter(self) -> AsyncIterator[TokenEvent]:
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-                self._aqueue = asyncio.Queue()
-                while self._queue:
-                    self._aqueue.put_nowait(self._queue.popleft())
+        loop = asyncio.get_running_loop()
+        arrived = loop.create_future()
+
+        def wake() -> None:
+            if not arrived.done():
+                arrived.set_result(None)
+
+        self.listen(wake)
         while True:
-            item = await self._aqueue.get()
-            if item is _END or self._cancelled:
+            events, end = self.take()
+            for event in events:
+                yield event
+                if self._cancelled:
+                    return
+            if isinstance(end, BaseException):
+                raise end
+            if end:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            if not events:
+                await arrived
+                arrived = loop.create_future()
 
     def result(self) -> GenerationResult:
         """Block until the request finishes; return its tokens, text and finish reason."""

@@ -195,8 +195,9 @@ def sample_next(
     n_top = max((p.logprobs or 0) for p in params)
 
     greedy = [p.temperature == 0 for p in params]
+    chosen = None  # the chosen tokens' logits, when the argmax already gave them
     if all(greedy):
-        token_ids = logits.argmax(-1)
+        chosen, token_ids = logits.max(-1)  # the first maximal index, as argmax
     else:
         temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
         scaled = logits / temp[:, None]
@@ -216,7 +217,9 @@ def sample_next(
         token_ids = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(-1), sampled)
 
     log_z = torch.logsumexp(logits, dim=-1)  # [B]
-    chosen_lp = logits.gather(1, token_ids[:, None]).squeeze(1) - log_z
+    if chosen is None:
+        chosen = logits.gather(1, token_ids[:, None]).squeeze(1)
+    chosen_lp = chosen - log_z
     top_ids = top_lp = None
     if n_top > 0:
         top_logits, top_ids = logits.topk(n_top, dim=-1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -26,7 +25,15 @@ from llmkit.serve.sequences import (
     submit_all,
 )
 from llmkit.serve.sse import sse
-from llmkit.serve.state import ServerState, check_logit_bias, new_id, sampling_params
+from llmkit.serve.state import (
+    INLINE_CHARS,
+    ServerState,
+    check_logit_bias,
+    new_id,
+    off_loop,
+    sampling_params,
+    text_size,
+)
 from llmkit.serve.tools import finish_reason, tool_plan
 from llmkit.tokenizer.tool_calls import prepare_chat
 
@@ -42,6 +49,23 @@ def render_messages(state: ServerState, body: ChatCompletionRequest, tools: list
     """
     messages, extra = prepare_chat([m.as_dict() for m in body.messages], tools, state.tokenizer.chat_template)
     return state.tokenizer.encode_chat(messages, add_generation_prompt=True, **extra)
+
+
+def _prepare(state: ServerState, body: ChatCompletionRequest) -> tuple[Any, list[int], Grammar | None]:
+    """The request's tool plan (None without tools), prompt ids and output grammar."""
+    plan = tool_plan(state, body)
+    prompt_ids = render_messages(state, body, plan and plan.tools)
+    grammar = request_grammar(state, body)  # compiled (a bad schema is a 400) even when tools override it
+    return plan, prompt_ids, plan.grammar if plan is not None and plan.grammar is not None else grammar
+
+
+def _prep_size(body: ChatCompletionRequest) -> int:
+    """How much work `_prepare` is: the messages' text; never inline with tools or an output grammar
+    (compiling one may take long)."""
+    if body.tools or body.response_format is not None or body.guided_choice or body.guided_regex:
+        return INLINE_CHARS + 1
+    return sum(text_size(m.content) + text_size(m.tool_calls and [c.function.arguments for c in m.tool_calls])
+               for m in body.messages)
 
 
 def _check_response_format(body: ChatCompletionRequest) -> None:
@@ -111,11 +135,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     t_start = time.monotonic()
     n = body.n
     state.admit(n)
-    plan = await asyncio.to_thread(tool_plan, state, body)  # None without tools
-    prompt_ids = await asyncio.to_thread(render_messages, state, body, plan and plan.tools)  # off the event loop
-    grammar = await asyncio.to_thread(request_grammar, state, body)
-    if plan is not None and plan.grammar is not None:
-        grammar = plan.grammar
+    plan, prompt_ids, grammar = await off_loop(_prep_size(body), _prepare, state, body)  # large: off the loop
     parsers = [plan.parser() if plan is not None else None for _ in range(n)]
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = state.check_context(len(prompt_ids), requested)

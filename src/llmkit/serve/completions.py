@@ -8,7 +8,6 @@ prefix: null), followed by the generated tokens; `max_tokens=0` scores the promp
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -31,7 +30,15 @@ from llmkit.serve.sequences import (
     submit_scoring_all,
 )
 from llmkit.serve.sse import sse
-from llmkit.serve.state import ServerState, check_logit_bias, check_token_ids, new_id, sampling_params
+from llmkit.serve.state import (
+    ServerState,
+    check_logit_bias,
+    check_token_ids,
+    new_id,
+    off_loop,
+    sampling_params,
+    text_size,
+)
 
 router = APIRouter()
 
@@ -127,7 +134,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     echo_only = body.echo and body.max_tokens == 0
     if not echo_only:  # admitted before tokenizing: a request that can never run costs nothing
         state.admit(n_prompts * body.n, param="n" if body.n > 1 else "prompt")
-    prompt_ids, prompt_texts = await asyncio.to_thread(normalize_prompts, state, body.prompt)  # off the event loop
+    prompt_ids, prompt_texts = await off_loop(text_size(p), normalize_prompts, state, p)  # large: off the loop
     allowed = [state.check_context(len(ids), body.max_tokens, echo_only=echo_only) for ids in prompt_ids]
     max_tokens = min(allowed) if body.max_tokens is None else body.max_tokens
     want_lp = body.logprobs is not None

@@ -97,54 +97,56 @@ async def merged_events(
     (`server.check_shutdown()`, a 503). Handles are always cancelled on exit, which is a no-op
     for finished ones, so an abandoned request never keeps its batch slot.
     """
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
+    loop = asyncio.get_running_loop()
+    arrived = loop.create_future()  # set when a handle has new items (one wake-up per engine step)
 
-    async def pump(i: int, handle: RequestHandle) -> None:
-        try:
-            async for ev in handle:
-                queue.put_nowait((i, ev))
-        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
-            queue.put_nowait((i, e))
-            return
-        queue.put_nowait((i, done))
+    def wake() -> None:
+        if not arrived.done():
+            arrived.set_result(None)
 
-    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    def tick() -> None:  # every POLL_S: look at the deadline and the connection even without events
+        nonlocal timer, ticked
+        ticked = True
+        wake()
+        timer = loop.call_later(POLL_S, tick)
+
+    for h in handles:
+        h.listen(wake)
+    ticked = False
+    timer = loop.call_later(POLL_S, tick)
+    is_open = [True] * len(handles)
     open_count = len(handles)
     last_check = time.monotonic()
     try:
         while open_count:
-            try:
-                i, item = queue.get_nowait()  # fast path: no timer task when events are waiting
-            except asyncio.QueueEmpty:
-                try:
-                    i, item = await asyncio.wait_for(queue.get(), timeout=POLL_S)
-                except asyncio.TimeoutError:
-                    i, item = -1, None
+            await arrived
+            arrived = loop.create_future()
             now = time.monotonic()
             if deadline is not None and now > deadline:
                 raise APIError("the request timed out before generation finished", 504, code="timeout")
             if server is not None:
                 server.check_shutdown()  # 503 once the graceful timeout is about to run out
-            if item is None or now - last_check >= POLL_S:
-                last_check = now
+            if ticked or now - last_check >= POLL_S:
+                ticked, last_check = False, now
                 if request is not None and await request.is_disconnected():
                     return
-            if item is None:
-                continue
-            if item is done:
-                open_count -= 1
-            elif isinstance(item, BaseException):
-                if isinstance(item, asyncio.CancelledError):
-                    raise item
-                raise APIError(f"generation failed: {item}", 500, code="engine_error")
-            else:
-                yield i, item
+            for i, h in enumerate(handles):
+                if not is_open[i]:
+                    continue
+                events, end = h.take()
+                for event in events:
+                    yield i, event
+                if isinstance(end, asyncio.CancelledError):
+                    raise end
+                if isinstance(end, BaseException):
+                    raise APIError(f"generation failed: {end}", 500, code="engine_error")
+                if end:
+                    is_open[i] = False
+                    open_count -= 1
     finally:
+        timer.cancel()
         for h in handles:
             h.cancel()
-        for t in tasks:
-            t.cancel()
 
 
 class EventStreamResponse(StreamingResponse):

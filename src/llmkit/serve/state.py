@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,6 +13,30 @@ from llmkit.serve.errors import APIError
 from llmkit.serve.metrics import ServerMetrics
 
 PROMPT_CHARS_PER_TOKEN = 32  # a text prompt longer than (context + 2) * this is checked on a prefix first
+INLINE_CHARS = 4096  # request text up to this size is tokenized on the event loop (tens of microseconds)
+
+
+async def off_loop(size: int, fn: Any, *args: Any) -> Any:
+    """`fn(*args)` for a request with `size` characters of text: right here when that is small (a
+    thread hop costs more than tokenizing a short prompt), else in a worker thread so a large or
+    hostile request never blocks the event loop."""
+    if size <= INLINE_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def text_size(value: Any) -> int:
+    """Characters (or token ids) of a request field: a string, token ids, or lists/dicts/request models
+    (a chat message's text parts) of them."""
+    if isinstance(value, str):
+        return len(value)
+    if hasattr(value, "model_dump"):
+        return text_size(value.model_dump())
+    if isinstance(value, dict):
+        return sum(text_size(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(text_size(v) for v in value)
+    return 1 if isinstance(value, int) else 0  # a token id
 
 
 @dataclass
