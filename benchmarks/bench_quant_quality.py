@@ -54,6 +54,8 @@ def variants():
 def run(name: str, base, held: torch.Tensor, calib: torch.Tensor, window: int, max_windows: int) -> list[dict]:
     rows = []
     for label, kw in variants():
+        if kw is not None and ONLY and not any(o in label for o in ONLY):
+            continue
         model = copy.deepcopy(base)
         t = time.perf_counter()
         if kw is not None:
@@ -70,7 +72,7 @@ def run(name: str, base, held: torch.Tensor, calib: torch.Tensor, window: int, m
         line = f"  {r['variant']:<28} {r['ppl']:8.4f}  {100 * (r['ppl'] / fp - 1):+7.2f}%"
         if r["variant"].startswith("int4") and "RTN" not in r["variant"]:
             g = r["variant"].split("(")[1]
-            gap = rtn[g] - fp
+            gap = rtn.get(g, fp) - fp
             line += f"   closes {100 * (rtn[g] - r['ppl']) / gap:5.1f}% of the RTN gap" if gap > 0 else ""
         print(line)
     return rows
@@ -102,6 +104,7 @@ def stories(path: str, n_calib: int, max_windows: int) -> list[dict]:
 
 
 TEXT = "../shared/data/tinyshakespeare/input.txt"
+ONLY: list[str] = []
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,9 +114,10 @@ if __name__ == "__main__":
     ap.add_argument("--calib", type=int, default=64, help="calibration windows")
     ap.add_argument("--windows", type=int, default=400, help="max held-out windows")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", nargs="*", default=[], help="run only the variants whose label contains one of these")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    TEXT = args.text
+    TEXT, ONLY = args.text, args.only
     if args.shakespeare:
         shakespeare(args.shakespeare, args.calib, args.windows)
     if args.stories:
