@@ -30,7 +30,7 @@ import llmkit
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, window: int, max_windows: int) -> float:
     """exp(mean NLL) over non-overlapping windows of `tokens` (each predicts window-1 next tokens)."""
-    n = min(max_windows, (len(tokens) - 1) // window)
+    n = min(max_windows, len(tokens) // window)  # each window holds its own targets
     x = tokens[: n * window].view(n, window)
     nll, count = 0.0, 0
     for i in range(0, n, 16):
@@ -45,6 +45,10 @@ def variants():
     yield "fp32", None
     yield "int8 RTN (per channel)", dict(dtype="int8", group_size=0, method="rtn")
     yield "int8 RTN (g64)", dict(dtype="int8", group_size=64, method="rtn")
+    yield "int8 RTN (g32)", dict(dtype="int8", group_size=32, method="rtn")
+    if INT8_SKIP:
+        yield f"int8 RTN (g32, float {'+'.join(INT8_SKIP)})", dict(dtype="int8", group_size=32, method="rtn",
+                                                                   skip=tuple(INT8_SKIP))
     yield "W8A8 SmoothQuant (dynamic)", dict(dtype="int8", method="w8a8")
     for g in (64, 128):
         for m in ("rtn", "gptq", "awq"):
@@ -60,7 +64,7 @@ def run(name: str, base, held: torch.Tensor, calib: torch.Tensor, window: int, m
         t = time.perf_counter()
         if kw is not None:
             model.quantize(kw["dtype"], kw.get("group_size", 64), kw["method"], calibration=calib,
-                           skip=("embeddings",))
+                           skip=("embeddings",) + kw.get("skip", ()))
         dt = time.perf_counter() - t
         ppl = perplexity(model, held, window, max_windows)
         rows.append(dict(model=name, variant=label, ppl=ppl, quantize_s=dt))
@@ -105,6 +109,7 @@ def stories(path: str, n_calib: int, max_windows: int) -> list[dict]:
 
 TEXT = "../shared/data/tinyshakespeare/input.txt"
 ONLY: list[str] = []
+INT8_SKIP: list[str] = []
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -114,10 +119,12 @@ if __name__ == "__main__":
     ap.add_argument("--calib", type=int, default=64, help="calibration windows")
     ap.add_argument("--windows", type=int, default=400, help="max held-out windows")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--int8-skip", nargs="*", default=[],
+                    help="also int8 RTN g32 keeping these modules float (e.g. blocks.0 blocks.1.attn.qkv)")
     ap.add_argument("--only", nargs="*", default=[], help="run only the variants whose label contains one of these")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    TEXT, ONLY = args.text, args.only
+    TEXT, ONLY, INT8_SKIP = args.text, args.only, args.int8_skip
     if args.shakespeare:
         shakespeare(args.shakespeare, args.calib, args.windows)
     if args.stories:

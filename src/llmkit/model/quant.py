@@ -529,13 +529,12 @@ def awq_scale(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20,
 
 
 def awq_clip(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20, min_ratio: float = 0.5,
-             rows: Tensor | None = None, max_tokens: int = 4096) -> Tensor:
+             max_tokens: int = 4096) -> Tensor:
     """AWQ's clipping search: per (output row, group) a range shrink factor in [min_ratio, 1] for the
     grid. Coordinate descent on the layer's real output error ||x W^T - x Q(W)^T||^2 per row (inputs x
     [M, in], at most `max_tokens` of them): group by group, each takes the factor that minimises the
     row's whole error given the others' current factors. Starting from 1 (RTN), every step keeps or
-    lowers the error, so the result is never worse than RTN on x. `rows` [N] bool: only these rows are
-    searched (AutoAWQ leaves q and k alone: their output error is not what attention sees). Returns [N, G]."""
+    lowers the error, so the result is never worse than RTN on x. Returns [N, G]."""
     w = w.detach().float()
     x = x.float()[:: max(1, -(-x.shape[0] // max_tokens))]
     N, K = w.shape
@@ -545,7 +544,6 @@ def awq_clip(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20, min_ratio: f
     xg = F.pad(x, (0, Kp - K)).view(-1, G, g)  # [M, G, g]
     ratios = torch.tensor([1 - (1 - min_ratio) * i / grid for i in range(grid + 1)])
     best = torch.zeros(N, G, dtype=torch.long)  # index into ratios (0 = no clipping)
-    search = torch.ones(N, dtype=torch.bool) if rows is None else rows.bool()
     for n0 in range(0, N, 256):  # rows are independent: bounded memory
         wc = w[n0 : n0 + 256]
         n = wc.shape[0]
@@ -558,7 +556,7 @@ def awq_clip(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20, min_ratio: f
             rest = total - contrib[gi]
             cand = torch.einsum("mk,rnk->rmn", xg[:, gi], d[:, :, gi])  # [R, M, n]
             err = (rest[None] + cand).pow(2).sum(1)  # [R, n]
-            new = torch.where(search[n0 : n0 + n], err.argmin(0), pick[:, gi])
+            new = err.argmin(0)  # the current factor is a candidate: never worse
             pick[:, gi] = new
             contrib[gi] = cand.gather(0, new[None, None].expand(1, cand.shape[1], n))[0]
             total = rest + contrib[gi]
@@ -774,10 +772,7 @@ def _quantize_linear(lin: nn.Linear, spec: QuantSpec, method: str, stats: dict |
         loss = _output_loss(parent, lin, calls) if parent is not None else None
         s_in = awq_scale(w, stats["x"], spec, loss=loss)
         w = w * s_in
-        rows = None
-        if parent is not None and getattr(parent, "qkv", None) is lin:  # only v: q/k errors are not outputs
-            rows = torch.arange(w.shape[0]) >= (parent.n_head + parent.n_kv_head) * parent.head_dim
-        clip = awq_clip(w, stats["x"] / s_in, spec, rows=rows)
+        clip = awq_clip(w, stats["x"] / s_in, spec)  # q/k rows too (AutoAWQ skips them: worse here)
     if method == "gptq" and "H" in stats:
         q, scale, zero = gptq(w, stats["H"], spec, act_order=act_order, damp=damp)
     else:  # RTN (also experts no calibration token reached), AWQ with its clipping
