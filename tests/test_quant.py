@@ -214,6 +214,20 @@ def test_awq_scale_search_scores_the_module_the_layer_feeds():
         assert loss(spec.fake(w * s) / s) <= loss(spec.fake(w))  # s = 1 (RTN) is a candidate
 
 
+def test_skip_keeps_named_blocks_float_and_rejects_unknown_names(tmp_path):
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=128)).eval()
+    ids = torch.randint(0, 128, (1, 10))
+    model.quantize("int8", 32, skip=("embeddings", "blocks.0", "blocks.1.attn.qkv"))
+    assert type(model.blocks[0].mlp.fc) is torch.nn.Linear and type(model.blocks[1].attn.qkv) is torch.nn.Linear
+    assert isinstance(model.blocks[1].attn.proj, Int8Linear) and isinstance(model.lm_head, Int8Linear)
+    model.save_pretrained(tmp_path)
+    again = llmkit.load_model(tmp_path)
+    assert type(again.blocks[0].attn.qkv) is torch.nn.Linear and isinstance(again.blocks[1].mlp.fc, Int8Linear)
+    assert torch.allclose(again(ids), model(ids), atol=1e-5)
+    with pytest.raises(InputError, match="blocks.9"):
+        Transformer(ModelConfig.from_preset("tiny", vocab_size=128)).quantize("int8", skip=("blocks.9",))
+
+
 def test_kl_threshold_clips_a_long_tail():
     torch.manual_seed(0)
     a = torch.cat([torch.randn(100_000).abs(), torch.tensor([40.0])])  # one outlier

@@ -620,6 +620,12 @@ def quantize_model(
         raise InputError("the model is already quantized")
     model.eval()
     split_moe_experts(model)
+    skip = tuple(skip)
+    modules = [n for n, _ in model.named_modules()]
+    for s in skip:
+        if s not in ("embeddings", "lm_head") and not any(n == s or n.startswith(s + ".") for n in modules):
+            raise InputError(f"skip={s!r}: expected 'embeddings', 'lm_head' or a module name or prefix of the model "
+                             f"(e.g. {modules[1]!r})")
     names = linear_targets(model, skip)
     entries: dict[str, dict] = {}
     order = sequential_groups(model, names) if method in ("gptq", "awq") else [names]
