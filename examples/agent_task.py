@@ -91,14 +91,14 @@ def copy_text(out: str, n_lines: int = 40000, seed: int = 0) -> Path:
     chars = string.ascii_letters + string.digits + string.punctuation + " "
 
     def span() -> str:
-        if rng.random() < 0.5:  # arithmetic-looking: numbers, operators, parentheses
-            nums = [str(rng.randint(0, 10 ** rng.randint(1, 5))) for _ in range(rng.randint(1, 5))]
+        if rng.random() < 0.7:  # arithmetic-looking: numbers (up to 8 digits, as results are), operators
+            nums = [str(rng.randint(0, 10 ** rng.randint(1, 8))) for _ in range(rng.randint(1, 4))]
             text = nums[0] + "".join(f" {rng.choice('+-*/')} {x}" for x in nums[1:])
             return f"({text})" if rng.random() < 0.2 else text
         return "".join(rng.choice(chars) for _ in range(rng.randint(2, 30)))
 
     def filler() -> str:
-        return "".join(rng.choice(chars) for _ in range(rng.randint(0, 12)))
+        return "".join(rng.choice(chars) for _ in range(rng.randint(0, 8)))
 
     lines = []
     for _ in range(n_lines):  # the span, then 2-3 copies after short fillers: most characters are copies
@@ -108,6 +108,28 @@ def copy_text(out: str, n_lines: int = 40000, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(lines))
     return path
+
+
+def copy_probe(model_dir: str, n: int = 20, seed: int = 123) -> float:
+    """The copy probe: greedy continuation of `"4285 * 5974 xq! 4285 * 5974 Bz "` style prompts (a span of
+    digits and operators, then a copy after a random filler, then a filler); a hit is the span copied exactly.
+    A base model that passes (~all n) has the induction heads the tool-call task needs."""
+    import string
+
+    import llmkit
+
+    rng = random.Random(seed)
+    model, tokenizer = llmkit.load_model(model_dir), llmkit.load_tokenizer(model_dir)
+    fill = lambda: "".join(rng.choice(string.ascii_letters + "!#?") for _ in range(rng.randint(2, 6)))  # noqa: E731
+    hits = 0
+    for i in range(n):
+        span = make_question(rng)
+        out = llmkit.generate_text(model, tokenizer, f"{span} {fill()} {span} {fill()} ", max_new_tokens=len(span))
+        hits += out == span
+        if i < 3:
+            print(f"  {span!r} -> {out!r}")
+    print(f"copy probe: {hits}/{n} spans copied exactly")
+    return hits / n
 
 
 def load(path: str, limit: int | None = None) -> list[tuple[str, str]]:
@@ -166,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", required=True)
     c.add_argument("--lines", type=int, default=40000)
     c.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("probe", help="the copy probe: can the base model copy a span of digits it saw before?")
+    p.add_argument("--model", required=True)
+    p.add_argument("--n", type=int, default=20)
     e = sub.add_parser("eval", help="held-out exact match of the model alone or of the agent with the calculator")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True)
@@ -182,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "copytext":
         path = copy_text(args.out, args.lines, args.seed)
         print(f"wrote {path} ({args.lines} lines, {path.stat().st_size} characters)")
+        return 0
+    if args.cmd == "probe":
+        copy_probe(args.model, args.n)
         return 0
     evaluate(args.model, args.data, args.mode, args.limit, args.max_steps, args.traces, max_tokens=args.max_tokens)
     return 0

@@ -367,3 +367,32 @@ def test_long_term_memory_in_a_rag_store(tmp_path):
     assert model.prompts[0][0]["content"].endswith("- Alice's favourite number is 42.")
     assert len(mem) == 3  # the answer was stored
     mem.close()
+
+
+def _agent_task():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "agent_task.py"
+    spec = importlib.util.spec_from_file_location("agent_task", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_agent_task_data(tmp_path):
+    """The demo's data: answers are the arithmetic's value (Python's, hand-independent of the calculator),
+    held-out expressions never occur in training; copytext lines hold their span 3-4 times."""
+    task = _agent_task()
+    train, val = task.make(str(tmp_path / "calc"), n_train=60, n_val=20, seed=3, per_chat=1)
+    recs = {p: [json.loads(line) for line in p.read_text().splitlines()] for p in (train, val)}
+    exprs = {p: [json.loads(r["messages"][1]["tool_calls"][0]["function"]["arguments"])["expression"]
+                 for r in recs[p]] for p in (train, val)}
+    assert len(recs[train]) == 60 and len(recs[val]) == 20 and not set(exprs[train]) & set(exprs[val])
+    for r, expr in zip(recs[val], exprs[val]):
+        assert r["messages"][0]["content"] == f"What is {expr}?"
+        assert r["messages"][2]["content"] == r["messages"][3]["content"] == str(eval(expr))
+    lines = task.copy_text(str(tmp_path / "copy.txt"), n_lines=50, seed=1).read_text().splitlines()
+    assert len(lines) == 50
+    for line in lines:  # span + (filler + span) x 2-3: the line starts and ends with its span
+        k = max(k for k in range(1, len(line) // 3 + 1) if line.startswith(line[-k:]))
+        assert line.count(line[:k]) >= 3, line
