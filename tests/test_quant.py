@@ -23,6 +23,9 @@ from llmkit.model.quant import (
     Int8Linear,
     QuantSpec,
     W8A8Linear,
+    _collect,
+    _output_loss,
+    awq_clip,
     awq_scale,
     gptq,
     kl_threshold,
@@ -166,6 +169,63 @@ def test_awq_scales_beat_rtn_on_outlier_channels():
     rtn = (x @ (spec.fake(w) - w).T).pow(2).mean()
     awq = ((x / s) @ spec.fake(w * s).T - x @ w.T).pow(2).mean()
     assert awq < 0.9 * rtn and not torch.allclose(s, torch.ones_like(s))
+
+
+def test_awq_clip_never_raises_the_layer_output_error_over_rtn():
+    torch.manual_seed(0)
+    w, x = torch.randn(40, 128), _correlated(300, 128)
+    w[:, 5] *= 8  # a few large weights: the grid is stretched by them, clipping pays
+    spec = QuantSpec(4, 32)
+
+    def err(clip):  # per row: ||x (W - Q(W))^T||^2, written out
+        return (x @ (w - spec.fake(w, clip)).T).pow(2).sum(0)
+
+    rtn = err(None)
+    clip = awq_clip(w, x, spec)
+    assert clip.shape == (40, 4) and bool(((clip >= 0.5) & (clip <= 1)).all())
+    assert bool((err(clip) <= rtn * (1 + 1e-5)).all())  # row by row, never worse than RTN
+    assert err(clip).sum() < 0.97 * rtn.sum() and bool((clip < 1).any())
+
+
+def test_awq_scale_search_scores_the_module_the_layer_feeds():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=128)).eval()
+    names = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj"]
+    stats = _collect(model, names, list(torch.randint(0, 128, (3, 1, 16))), "awq", "dynamic")
+    # q/k/v feed the attention output, gate/up the MLP output; the projections only themselves
+    assert stats[names[0]]["parent"][0] is model.blocks[0].attn
+    assert stats[names[2]]["parent"][0] is model.blocks[0].mlp
+    assert "parent" not in stats[names[1]] and "parent" not in stats[names[3]]
+    spec = QuantSpec(4, 32)
+    for name in (names[0], names[2]):
+        lin = model.get_submodule(name)
+        w = lin.weight.detach().clone()
+        parent, calls = stats[name]["parent"]
+        loss = _output_loss(parent, lin, calls)
+        with torch.no_grad():  # the loss is the module's output error, summed by hand here
+            a, k = calls[0]
+            ref = parent(*a, **k)
+            lin.weight.data = spec.fake(w)
+            by_hand = (parent(*a, **k) - ref).pow(2).sum().item()
+            lin.weight.data = w
+        assert loss(w) == 0.0 and torch.equal(lin.weight, w)  # restores the weight
+        assert by_hand < loss(spec.fake(w))  # three calls sum more than one
+        s = awq_scale(w, stats[name]["x"], spec, loss=loss)
+        assert loss(spec.fake(w * s) / s) <= loss(spec.fake(w))  # s = 1 (RTN) is a candidate
+
+
+def test_skip_keeps_named_blocks_float_and_rejects_unknown_names(tmp_path):
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=128)).eval()
+    ids = torch.randint(0, 128, (1, 10))
+    model.quantize("int8", 32, skip=("embeddings", "blocks.0", "blocks.1.attn.qkv"))
+    assert type(model.blocks[0].mlp.fc) is torch.nn.Linear and type(model.blocks[1].attn.qkv) is torch.nn.Linear
+    assert isinstance(model.blocks[1].attn.proj, Int8Linear) and isinstance(model.lm_head, Int8Linear)
+    model.save_pretrained(tmp_path)
+    again = llmkit.load_model(tmp_path)
+    assert type(again.blocks[0].attn.qkv) is torch.nn.Linear and isinstance(again.blocks[1].mlp.fc, Int8Linear)
+    assert torch.allclose(again(ids), model(ids), atol=1e-5)
+    with pytest.raises(InputError, match="blocks.9"):
+        Transformer(ModelConfig.from_preset("tiny", vocab_size=128)).quantize("int8", skip=("blocks.9",))
 
 
 def test_kl_threshold_clips_a_long_tail():

@@ -19,8 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", help="calibration text file or prepared data folder (gptq, awq, w8a8)")
     p.add_argument("--calib-samples", type=int, default=32, help="number of calibration windows")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
-    p.add_argument("--skip", action="append", default=[], choices=["lm_head", "embeddings"],
-                   help="keep these float (repeatable)")
+    p.add_argument("--skip", action="append", default=[],
+                   help="keep float (repeatable): lm_head, embeddings, or a module name or prefix (blocks.0, "
+                        "blocks.1.attn.qkv)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their natural order")
     p.add_argument("--act-calib", choices=["dynamic", "kl"], default="dynamic",
                    help="w8a8 activation scales: per token at run time, or static from a KL-divergence search")

@@ -21,7 +21,7 @@ loading calibration text and writing folders happen above this layer.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -493,43 +493,74 @@ def gptq(w: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, damp: flo
 
 
 # ============================================================================ AWQ
-def awq_scale(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20) -> Tensor:
-    """AWQ (Lin et al., 2024): per-input-channel scale s = mean|x|^alpha, alpha searched on a grid to
-    minimise ||x W^T - (x/s) Q(W diag(s))^T||^2 on the calibration inputs x [M, in]."""
+def awq_scale(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20,
+              loss: Callable[[Tensor], float] | None = None, duo: bool = True) -> Tensor:
+    """AWQ (Lin et al., 2024): a per-input-channel scale s, quantizing Q(W diag(s)) (x / s). Candidates:
+    the paper's s = mean|x|^a and (`duo`, AutoAWQ's) s = mean|x|^a / mean|W_hat|^(1-a), W_hat = |W| over
+    its group's max, a on a grid in [0, 1); the one with the lowest `loss(W_eff)` wins, W_eff =
+    Q(W diag(s)) / s the weight the quantized layer applies. `loss` defaults to this layer's output
+    error ||x W^T - x W_eff^T||^2 on the calibration inputs x [M, in]; `quantize_model` passes the
+    error of the module the layer feeds (attention or MLP output). Returns s [in] (a = 0: all ones)."""
     w = w.detach().float()
     x = x.float()
-    ref = x @ w.t()
+    if loss is None:
+        ref = x @ w.t()
+
+        def loss(w_eff: Tensor) -> float:
+            return (x @ w_eff.t() - ref).pow(2).mean().item()
+
     act = x.abs().mean(0).clamp(min=1e-8)  # [in]
-    best, best_s = float("inf"), torch.ones_like(act)
-    for i in range(grid + 1):
-        alpha = i / grid
-        s = act.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        err = ((x / s) @ spec.fake(w * s).t() - ref).pow(2).mean().item()
-        if err < best:
-            best, best_s = err, s
-    return best_s
-
-
-def awq_clip(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 10, min_ratio: float = 0.5) -> Tensor:
-    """AWQ's clipping search: per (output row, group), the range shrink factor in [min_ratio, 1] that
-    minimises that group's contribution to the output error on inputs x [M, in]. Returns [N, G]."""
     N, K = w.shape
     Kp = spec.padded_in(K)
     g = spec.group_size or Kp
-    xg = F.pad(x.float(), (0, Kp - K)).view(-1, Kp // g, g)  # [M, G, g]
-    best_err, best = None, torch.ones(N, Kp // g)
-    for i in range(grid + 1):
-        r = 1 - (1 - min_ratio) * i / grid
-        d = F.pad(w.float() - spec.fake(w, torch.tensor(r)), (0, Kp - K)).view(N, Kp // g, g)  # [N, G, g]
-        err = torch.einsum("mgk,ngk->mng", xg, d).pow(2).mean(0)  # [N, G]
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, r), best)
-    return best
+    wg = F.pad(w.abs(), (0, Kp - K)).view(N, Kp // g, g)
+    w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).view(N, Kp)[:, :K].mean(0)  # [in]
+    best, best_s = float("inf"), torch.ones_like(act)
+    for family in ("paper", "duo") if duo else ("paper",):
+        for i in range(grid):
+            alpha = i / grid
+            s = act.pow(alpha) if family == "paper" else act.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            err = loss(spec.fake(w * s) / s)
+            if err < best:
+                best, best_s = err, s
+    return best_s
+
+
+def awq_clip(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20, min_ratio: float = 0.5,
+             max_tokens: int = 4096) -> Tensor:
+    """AWQ's clipping search: per (output row, group) a range shrink factor in [min_ratio, 1] for the
+    grid. Coordinate descent on the layer's real output error ||x W^T - x Q(W)^T||^2 per row (inputs x
+    [M, in], at most `max_tokens` of them): group by group, each takes the factor that minimises the
+    row's whole error given the others' current factors. Starting from 1 (RTN), every step keeps or
+    lowers the error, so the result is never worse than RTN on x. Returns [N, G]."""
+    w = w.detach().float()
+    x = x.float()[:: max(1, -(-x.shape[0] // max_tokens))]
+    N, K = w.shape
+    Kp = spec.padded_in(K)
+    g = spec.group_size or Kp
+    G = Kp // g
+    xg = F.pad(x, (0, Kp - K)).view(-1, G, g)  # [M, G, g]
+    ratios = torch.tensor([1 - (1 - min_ratio) * i / grid for i in range(grid + 1)])
+    best = torch.zeros(N, G, dtype=torch.long)  # index into ratios (0 = no clipping)
+    for n0 in range(0, N, 256):  # rows are independent: bounded memory
+        wc = w[n0 : n0 + 256]
+        n = wc.shape[0]
+        # d [R, n, G, g]: every group's rounding error at every shrink ratio
+        d = torch.stack([F.pad(wc - spec.fake(wc, r), (0, Kp - K)).view(n, G, g) for r in ratios])
+        contrib = torch.einsum("mgk,ngk->gmn", xg, d[0])  # [G, M, n]: each group's part of the output error
+        total = contrib.sum(0)  # [M, n]
+        pick = best[n0 : n0 + n]
+        for gi in range(G):
+            rest = total - contrib[gi]
+            cand = torch.einsum("mk,rnk->rmn", xg[:, gi], d[:, :, gi])  # [R, M, n]
+            err = (rest[None] + cand).pow(2).sum(1)  # [R, n]
+            new = err.argmin(0)  # the current factor is a candidate: never worse
+            pick[:, gi] = new
+            contrib[gi] = cand.gather(0, new[None, None].expand(1, cand.shape[1], n))[0]
+            total = rest + contrib[gi]
+    return ratios[best]
 
 
 # ============================================================================ SmoothQuant + KL
@@ -589,6 +620,12 @@ def quantize_model(
         raise InputError("the model is already quantized")
     model.eval()
     split_moe_experts(model)
+    skip = tuple(skip)
+    modules = [n for n, _ in model.named_modules()]
+    for s in skip:
+        if s not in ("embeddings", "lm_head") and not any(n == s or n.startswith(s + ".") for n in modules):
+            raise InputError(f"skip={s!r}: expected 'embeddings', 'lm_head' or a module name or prefix of the model "
+                             f"(e.g. {modules[1]!r})")
     names = linear_targets(model, skip)
     entries: dict[str, dict] = {}
     order = sequential_groups(model, names) if method in ("gptq", "awq") else [names]
@@ -647,7 +684,8 @@ def sequential_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
 
 
 def _collect(model: nn.Module, names: list[str], batches: list[Tensor], method: str, act_calib: str) -> dict:
-    """Per target: GPTQ Hessian, AWQ input sample, SmoothQuant abs-max and KL histogram."""
+    """Per target: GPTQ Hessian, AWQ input sample (and the inputs of the module it feeds), SmoothQuant
+    abs-max and KL histogram."""
     stats: dict[str, dict] = {n: {} for n in names}
 
     def see(name: str, x: Tensor) -> None:
@@ -666,7 +704,7 @@ def _collect(model: nn.Module, names: list[str], batches: list[Tensor], method: 
             if act_calib == "kl":
                 s.setdefault("x", []).append(x)
 
-    with capture_inputs(model, names, see):
+    with capture_inputs(model, names, see), _capture_parents(model, names if method == "awq" else [], stats):
         run_calibration(model, batches)
     for s in stats.values():
         if "H" in s:
@@ -674,6 +712,55 @@ def _collect(model: nn.Module, names: list[str], batches: list[Tensor], method: 
         if "x" in s:
             s["x"] = torch.cat(s["x"])
     return stats
+
+
+@contextmanager
+def _capture_parents(model: nn.Module, names: list[str], stats: dict) -> Iterable[None]:
+    """For AWQ: when a target's input is also the input of its parent module (q/k/v -> attention,
+    gate/up -> MLP), record the parent's calls (stats[name]["parent"] = (module, [(args, kwargs)]))
+    so that the scale search can score the parent's output, as AutoAWQ does."""
+    hooks, calls, last = [], {}, {}
+    for name in names:
+        pname = name.rpartition(".")[0]
+        parent = model.get_submodule(pname) if pname else None
+        if parent is None or isinstance(parent, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        if pname not in calls:
+            calls[pname] = []
+
+            def on_parent(_m, args, kwargs, p=pname):
+                last[p] = args[0] if args else None
+                calls[p].append((args, kwargs))
+
+            hooks.append(parent.register_forward_pre_hook(on_parent, with_kwargs=True))
+
+        def on_target(_m, args, n=name, p=pname):
+            if args and last.get(p) is args[0]:
+                stats[n]["parent"] = (model.get_submodule(p), calls[p])
+
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(on_target))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _output_loss(parent: nn.Module, lin: nn.Linear, calls: list) -> Callable[[Tensor], float]:
+    """loss(W) = squared error of `parent`'s outputs on its recorded calls with `lin`'s weight set to W."""
+    with torch.no_grad():
+        refs = [parent(*a, **k) for a, k in calls]
+
+    def loss(w: Tensor) -> float:
+        saved = lin.weight.data
+        lin.weight.data = w.to(saved.dtype)
+        try:
+            with torch.no_grad():
+                return sum((parent(*a, **k) - r).float().pow(2).sum().item() for (a, k), r in zip(calls, refs))
+        finally:
+            lin.weight.data = saved
+
+    return loss
 
 
 def _quantize_linear(lin: nn.Linear, spec: QuantSpec, method: str, stats: dict | None, act_order: bool,
@@ -687,9 +774,11 @@ def _quantize_linear(lin: nn.Linear, spec: QuantSpec, method: str, stats: dict |
         return m, {"kind": "w8a8", "static": m.act_scale is not None}
     s_in = clip = None
     if method == "awq" and "x" in stats:
-        s_in = awq_scale(w, stats["x"], spec)
+        parent, calls = stats.get("parent", (None, None))
+        loss = _output_loss(parent, lin, calls) if parent is not None else None
+        s_in = awq_scale(w, stats["x"], spec, loss=loss)
         w = w * s_in
-        clip = awq_clip(w, stats["x"] / s_in, spec)
+        clip = awq_clip(w, stats["x"] / s_in, spec)  # q/k rows too (AutoAWQ skips them: worse here)
     if method == "gptq" and "H" in stats:
         q, scale, zero = gptq(w, stats["H"], spec, act_order=act_order, damp=damp)
     else:  # RTN (also experts no calibration token reached), AWQ with its clipping
