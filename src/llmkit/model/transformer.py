@@ -71,7 +71,8 @@ class CausalSelfAttention(nn.Module):
             qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
         # a decode step: llmkit's C kernels (model/kernels.py); not while tracing (ONNX export): the tracer
         # cannot see inside a C call
-        decode = T == 1 and not torch.is_grad_enabled() and x.is_cpu and x.dtype is torch.float32 \
+        decode = T == 1 and not torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu \
+            and x.dtype is torch.float32 \
             and not torch._C._get_tracing_state()
         lib = kernels.decode_lib() if decode else None
         if cos_sin is not None:
@@ -122,7 +123,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
-        if self.swiglu and self.act is F.silu and not torch.is_grad_enabled() and h.is_cpu \
+        if self.swiglu and self.act is F.silu and not torch.is_grad_enabled() and type(h) is torch.Tensor and h.is_cpu \
                 and h.dtype is torch.float32 and h.numel() <= 1 << 16 and not torch._C._get_tracing_state() \
                 and kernels.decode_lib() is not None:
             return self.proj(kernels.silu_mul(h, kernels.decode_lib()))  # a decode step's few rows: one C call
