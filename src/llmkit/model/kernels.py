@@ -608,6 +608,15 @@ def rms_norm(x: Tensor, w: Tensor, eps: float, offset: float = 0.0, lib: ctypes.
     return y
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a DTensor / FakeTensor, whose data_ptr() is not the data
+
+
+def readable(x: Tensor) -> bool:
+    """True when the C kernels may read `x`: a plain fp32 CPU tensor, outside tracing (ONNX export: the
+    tracer cannot see inside a C call)."""
+    return type(x) in _PLAIN and x.is_cpu and x.dtype is torch.float32 and not torch._C._get_tracing_state()
+
+
 def decode_lib() -> ctypes.CDLL | None:
     """The library for a decode step's fp32 fast paths (attention, RoPE, SwiGLU), or None; unlike
     `available()`, LLMKIT_NO_KERNELS is read once per process (these run a few times per layer)."""

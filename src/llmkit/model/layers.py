@@ -59,7 +59,7 @@ class RMSNorm(nn.Module):
         # flag (`torch.jit.is_tracing` reads it; `torch.onnx.is_in_onnx_export()` is an import per call)
         if x.dtype is torch.float32 and w.dtype is torch.float32 and not torch._C._get_tracing_state():
             grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-            if type(x) is torch.Tensor and x.is_cpu and x.numel() <= KERNEL_ELEMS and not grad:  # (not DTensor / fake)
+            if x.numel() <= KERNEL_ELEMS and not grad and kernels.readable(x):
                 use = self.__dict__.get("_kernel")
                 if use is None:  # LLMKIT_NO_KERNELS is read once per module
                     use = self.__dict__["_kernel"] = kernels.available()

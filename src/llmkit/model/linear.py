@@ -36,7 +36,6 @@ from torch import Tensor
 
 from llmkit.model import kernels
 
-_PLAIN = (torch.nn.Parameter, torch.Tensor)  # tensor types the C kernel may read (not DTensor / FakeTensor)
 KERNEL_ROWS = 2  # up to this many rows llmkit's fp32 kernel beats oneDNN's packed one (docs/benchmarks.md)
 
 
@@ -132,8 +131,7 @@ class PackedLinear(nn.Linear):
                 return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, w, bias)
         rows = x.reshape(-1, self.in_features)  # [M, in]
-        if rows.shape[0] <= KERNEL_ROWS and x.dtype is torch.float32 and type(rows) is torch.Tensor \
-                and type(w) in _PLAIN and not torch._C._get_tracing_state():  # (not DTensor / fake)
+        if rows.shape[0] <= KERNEL_ROWS and kernels.readable(rows) and kernels.readable(w):
             wk = self._copy("kernel")  # (library, weight in 2 MB pages), or None without llmkit's kernels
             if wk is not None:
                 return kernels.f32_mm(rows, wk[1], bias, wk[0]).view(*x.shape[:-1], self.out_features)

@@ -69,12 +69,8 @@ class CausalSelfAttention(nn.Module):
         qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
-        # a decode step: llmkit's C kernels (model/kernels.py); not while tracing (ONNX export): the tracer
-        # cannot see inside a C call
-        decode = T == 1 and not torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu \
-            and x.dtype is torch.float32 \
-            and not torch._C._get_tracing_state()
-        lib = kernels.decode_lib() if decode else None
+        # a decode step: llmkit's C kernels (model/kernels.py)
+        lib = kernels.decode_lib() if T == 1 and not torch.is_grad_enabled() and kernels.readable(x) else None
         if cos_sin is not None:
             rotated = kernels.rope1(qk, *cos_sin, lib) if lib is not None else None
             qk = rotated if rotated is not None else apply_rope(qk, *cos_sin)  # q and k heads rotated together
@@ -123,10 +119,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
-        if self.swiglu and self.act is F.silu and not torch.is_grad_enabled() and type(h) is torch.Tensor and h.is_cpu \
-                and h.dtype is torch.float32 and h.numel() <= 1 << 16 and not torch._C._get_tracing_state() \
-                and kernels.decode_lib() is not None:
-            return self.proj(kernels.silu_mul(h, kernels.decode_lib()))  # a decode step's few rows: one C call
+        if self.swiglu and self.act is F.silu and not torch.is_grad_enabled() and h.numel() <= 1 << 16 \
+                and kernels.readable(h) and (lib := kernels.decode_lib()) is not None:
+            return self.proj(kernels.silu_mul(h, lib))  # a decode step's few rows: one C call
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             return self.proj(self.act(gate) * up)
