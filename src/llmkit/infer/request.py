@@ -155,14 +155,8 @@ class RequestHandle:
         return self._aiter()
 
     async def _aiter(self) -> AsyncIterator[TokenEvent]:
-        loop = asyncio.get_running_loop()
-        arrived = loop.create_future()
-
-        def wake() -> None:
-            if not arrived.done():
-                arrived.set_result(None)
-
-        self.listen(wake)
+        arrived = asyncio.Event()  # set when items arrive
+        self.listen(arrived.set)
         while True:
             events, end = self.take()
             for event in events:
@@ -174,8 +168,8 @@ class RequestHandle:
             if end:
                 return
             if not events:
-                await arrived
-                arrived = loop.create_future()
+                await arrived.wait()
+                arrived.clear()
 
     def result(self) -> GenerationResult:
         """Block until the request finishes; return its tokens, text and finish reason."""

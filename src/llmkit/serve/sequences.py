@@ -98,20 +98,16 @@ async def merged_events(
     for finished ones, so an abandoned request never keeps its batch slot.
     """
     loop = asyncio.get_running_loop()
-    arrived = loop.create_future()  # set when a handle has new items (one wake-up per engine step)
-
-    def wake() -> None:
-        if not arrived.done():
-            arrived.set_result(None)
+    arrived = asyncio.Event()  # set when a handle has new items (one wake-up per engine step)
 
     def tick() -> None:  # every POLL_S: look at the deadline and the connection even without events
         nonlocal timer, ticked
         ticked = True
-        wake()
+        arrived.set()
         timer = loop.call_later(POLL_S, tick)
 
     for h in handles:
-        h.listen(wake)
+        h.listen(arrived.set)
     ticked = False
     timer = loop.call_later(POLL_S, tick)
     is_open = [True] * len(handles)
@@ -119,8 +115,8 @@ async def merged_events(
     last_check = time.monotonic()
     try:
         while open_count:
-            await arrived
-            arrived = loop.create_future()
+            await arrived.wait()
+            arrived.clear()
             now = time.monotonic()
             if deadline is not None and now > deadline:
                 raise APIError("the request timed out before generation finished", 504, code="timeout")
