@@ -59,22 +59,207 @@ C_SOURCE = r"""
 #define W512 1
 #endif
 
-/* x [M, K] fp32 -> xq [M, Kp] int16 (zero padded), xs [M] fp32: x ~= xq * xs */
-void llmkit_quant_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int16_t* xq, float* xs) {
-    for (int64_t m = 0; m < M; m++) {
-        const float* r = x + m * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) { float a = fabsf(r[k]); amax = a > amax ? a : amax; }
-        float s = amax > 0.f ? amax / XMAX : 1.f, inv = 1.f / s;
-        int16_t* q = xq + m * Kp;
-        for (int64_t k = 0; k < K; k++) q[k] = (int16_t)lrintf(r[k] * inv);
-        for (int64_t k = K; k < Kp; k++) q[k] = 0;
-        xs[m] = s;
+/* ---- int8 / int4 weights. Activations: each row x [K] -> int16 q [Kp] (zero padded) with one fp32 scale,
+   x ~= q * s, |q| <= 16383 (15 bits: 256x finer than llama.cpp's int8 activations). Rounded to nearest even
+   (lrintf's default), the same with or without vectors. Returns s. */
+INLINE float quant_row(const float* r, int64_t K, int64_t Kp, int16_t* q) {
+    float amax = 0.f;
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    __m512 mx = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(r + k)), mx);  /* NaN: ignored */
+    amax = _mm512_reduce_max_ps(mx);
+#endif
+    for (; k < K; k++) { float a = fabsf(r[k]); amax = a > amax ? a : amax; }
+    const float s = amax > 0.f ? amax / XMAX : 1.f, inv = 1.f / s;
+    k = 0;
+#if defined(__AVX512F__)
+    const __m512 vi = _mm512_set1_ps(inv);
+    for (; k + 16 <= K; k += 16)
+        _mm256_storeu_si256((__m256i*)(q + k),
+                            _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(r + k), vi))));
+#elif defined(__AVX2__)
+    const __m256 vi = _mm256_set1_ps(inv);
+    for (; k + 8 <= K; k += 8) {
+        __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k), vi));
+        _mm_storeu_si128((__m128i*)(q + k), _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+    }
+#endif
+    for (; k < K; k++) q[k] = (int16_t)lrintf(r[k] * inv);
+    for (; k < Kp; k++) q[k] = 0;
+    return s;
+}
+
+#if defined(__AVX512VNNI__) && defined(W512)
+/* AVX-512 VNNI: q is split into two bytes, q = 256 h + l, and `vpdpbusd` multiplies 64 weight bytes by 64
+   activation bytes (four unsigned x signed products per int32 lane): twice the products per instruction of
+   int16 `vpdpwssd`, and the weights are used as loaded (no widening). Sums stay exact integers. Four weight
+   rows at a time, each with its own accumulators (named registers: no spills between iterations). */
+#define BYTE_ACT 1
+
+/* [sum a, sum b, sum c, sum d] of the 16 int32 lanes of each */
+INLINE __m128i hsum4(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+    const __m256i t = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+}
+
+/* int8 (weights signed): h' = (q >> 8) + 64 in 0..127 and l = q & 255 are the unsigned operands, so
+   sum w q = 256 sum w h' + sum w l - 16384 sum w, with sum w per row and group precomputed (wsum).
+   Activations per row: h' [Kx] then l [Kx], Kx = Kp rounded up to 64. */
+static void split8(const int16_t* q, int64_t Kp, int64_t Kx, uint8_t* h, uint8_t* l) {
+    for (int64_t k = 0; k < Kx; k += 32) {
+        __m512i v = k < Kp ? _mm512_loadu_si512((const void*)(q + k)) : Z512;
+        _mm256_storeu_si256((__m256i*)(h + k),
+                            _mm512_cvtepi16_epi8(_mm512_add_epi16(_mm512_srai_epi16(v, 8), _mm512_set1_epi16(64))));
+        _mm256_storeu_si256((__m256i*)(l + k), _mm512_cvtepi16_epi8(v));  /* the low byte */
     }
 }
 
+#define SEG8 512  /* inputs per int32 sum: 512 * (256 * 127 * 128 + 255 * 128) < 2^31, so the sums are exact */
+
+/* [4] int32: sum_{k < len} w_r[k] (256 h'[k] + l[k]) for the rows w0..w3, len <= SEG8 a multiple of 32 */
+INLINE __m128i dot8x4(const int8_t* w0, const int8_t* w1, const int8_t* w2, const int8_t* w3, const uint8_t* h,
+                      const uint8_t* l, int64_t len) {
+    __m512i h0 = Z512, h1 = Z512, h2 = Z512, h3 = Z512, l0 = Z512, l1 = Z512, l2 = Z512, l3 = Z512;
+    for (int64_t k = 0; k < len; k += 64) {
+        const __mmask64 mk = len - k >= 64 ? ~0ull : 0xffffffffull;  /* a 32-wide tail */
+        const __m512i hv = _mm512_maskz_loadu_epi8(mk, h + k), lv = _mm512_maskz_loadu_epi8(mk, l + k);
+#define ROW8(r) { _mm_prefetch((const char*)(w##r + k) + PF_BYTES, _MM_HINT_T0); \
+                  const __m512i v = _mm512_maskz_loadu_epi8(mk, w##r + k); \
+                  h##r = _mm512_dpbusd_epi32(h##r, hv, v); l##r = _mm512_dpbusd_epi32(l##r, lv, v); }
+        ROW8(0) ROW8(1) ROW8(2) ROW8(3)
+#undef ROW8
+    }
+    return hsum4(_mm512_add_epi32(_mm512_slli_epi32(h0, 8), l0), _mm512_add_epi32(_mm512_slli_epi32(h1, 8), l1),
+                 _mm512_add_epi32(_mm512_slli_epi32(h2, 8), l2), _mm512_add_epi32(_mm512_slli_epi32(h3, 8), l3));
+}
+
+/* y [M, N] = (q * xs) W^T, W = w [N, Kp] int8 * ws [N, G]; xb: M rows of [h' Kx | l Kx]; wsum [N, G] */
+static void int8_mm(const uint8_t* xb, int64_t Kx, const float* xs, const int8_t* w, const float* ws,
+                    const int32_t* wsum, float* y, int64_t M, int64_t N, int64_t Kp, int64_t G, int nthreads) {
+    const int64_t g = Kp / G, nb = (N + 3) / 4;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t n0 = b * 4;
+        const int n = (int)(N - n0 < 4 ? N - n0 : 4);
+        const int8_t* wr[4];  /* past the last row: the last row again (computed, not stored) */
+        for (int r = 0; r < 4; r++) wr[r] = w + (n0 + (r < n ? r : n - 1)) * Kp;
+        for (int64_t m = 0; m < M; m++) {
+            const uint8_t* h = xb + m * 2 * Kx;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int64_t gi = 0; gi < G; gi++) {
+                __m256i t = _mm256_setzero_si256();  /* int64 per row */
+                for (int64_t c = gi * g; c < (gi + 1) * g; c += SEG8) {
+                    const int64_t len = (gi + 1) * g - c < SEG8 ? (gi + 1) * g - c : SEG8;
+                    t = _mm256_add_epi64(t, _mm256_cvtepi32_epi64(dot8x4(wr[0] + c, wr[1] + c, wr[2] + c, wr[3] + c,
+                                                                          h + c, h + Kx + c, len)));
+                }
+                int64_t s[4];
+                _mm256_storeu_si256((__m256i*)s, t);
+                for (int r = 0; r < n; r++)
+                    acc[r] += (float)(s[r] - 16384 * (int64_t)wsum[(n0 + r) * G + gi]) * ws[(n0 + r) * G + gi];
+            }
+            for (int r = 0; r < n; r++) y[m * N + n0 + r] = acc[r] * xs[m];
+        }
+    }
+}
+
+/* int4 (codes unsigned 0..15): l = (int8) q and h = (q - l) / 256 in -64..64 are the signed operands. Inputs
+   go in blocks of 128 = one 64-byte load of codes: the low nibbles are the even inputs, the high nibbles the
+   odd ones, so a block's activations are stored [even h | even l | odd h | odd l], 64 bytes each. Lane j of
+   a block sums inputs 8j..8j+7, all in one group (groups are multiples of 32), whose scale it picks. */
+#define I4B 128
+static void split4(const int16_t* q, int64_t Kp, uint8_t* xb) {
+    const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,
+                                          30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int64_t k0 = 0; k0 < Kp; k0 += I4B, xb += 4 * 64) {
+        for (int half = 0; half < 2; half++) {  /* inputs k0 + 64 half .. + 63 -> 32 even and 32 odd */
+            const int64_t k = k0 + 64 * half;  /* Kp is a multiple of 32: whole vectors or none */
+            const __m512i a = k < Kp ? _mm512_loadu_si512((const void*)(q + k)) : Z512;
+            const __m512i b = k + 32 < Kp ? _mm512_loadu_si512((const void*)(q + k + 32)) : Z512;
+            for (int par = 0; par < 2; par++) {
+                const __m512i v = _mm512_permutex2var_epi16(a, par ? odd : even, b);
+                const __m512i lo = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8);  /* the low byte, signed */
+                const __m512i hi = _mm512_srai_epi16(_mm512_sub_epi16(v, lo), 8);
+                _mm256_storeu_si256((__m256i*)(xb + par * 128 + half * 32), _mm512_cvtepi16_epi8(hi));
+                _mm256_storeu_si256((__m256i*)(xb + par * 128 + 64 + half * 32), _mm512_cvtepi16_epi8(lo));
+            }
+        }
+    }
+}
+
+/* per block of 128 inputs: its first group, a mask of the groups it touches and each lane's group in it */
+typedef struct { int32_t lane[16]; int64_t gi; __mmask16 ms; } blk4_t;
+
+/* out[r] = sum_g ws[r, g] (sum_{k in g} c[r, k] q[k] - wz[r, g] xsum[g]) for 4 rows r (row pointers: codes w_r,
+   scales s_r, zeros z_r); xsum [G] fp32 (exact: |xsum| < 2^24) */
+INLINE __m128 dot4x4(const uint8_t* const* wr, const float* const* sr, const uint8_t* const* zr, const uint8_t* xb,
+                     const float* xsum, const blk4_t* blk, int64_t Kp, int64_t G) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    for (int64_t k0 = 0, b = 0; k0 < Kp; k0 += I4B, b++, xb += 4 * 64) {
+        const __mmask64 mk = Kp - k0 >= I4B ? ~0ull : (1ull << ((Kp - k0) / 2)) - 1;
+        const __m512i eh = _mm512_loadu_si512(xb), el = _mm512_loadu_si512(xb + 64);
+        const __m512i oh = _mm512_loadu_si512(xb + 128), ol = _mm512_loadu_si512(xb + 192);
+        const __m512i sidx = _mm512_loadu_si512((const void*)blk[b].lane);
+        const int64_t gi = blk[b].gi;
+        const __mmask16 ms = blk[b].ms;
+#define ROW4(r) { const uint8_t* p = wr[r] + k0 / 2; \
+                  _mm_prefetch((const char*)p + PF_BYTES, _MM_HINT_T0); \
+                  const __m512i v = _mm512_maskz_loadu_epi8(mk, p); \
+                  const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
+                  const __m512i ah = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(Z512, lo, eh), hi, oh); \
+                  const __m512i al = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(Z512, lo, el), hi, ol); \
+                  const __m512 sc = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps(ms, sr[r] + gi)); \
+                  f##r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah, 8), al)), sc, f##r); }
+        ROW4(0) ROW4(1) ROW4(2) ROW4(3)
+#undef ROW4
+    }
+    for (int64_t gi = 0; gi < G; gi += 16) {  /* zero points, 16 groups per step */
+        const __mmask16 m = G - gi >= 16 ? 0xffff : (__mmask16)((1u << (G - gi)) - 1);
+        const __m512 xg = _mm512_maskz_loadu_ps(m, xsum + gi);
+#define ZP(r) f##r = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr[r] + gi), \
+                  _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zr[r] + gi)))), xg, f##r);
+        ZP(0) ZP(1) ZP(2) ZP(3)
+#undef ZP
+    }
+    return _mm_setr_ps(_mm512_reduce_add_ps(f0), _mm512_reduce_add_ps(f1), _mm512_reduce_add_ps(f2),
+                       _mm512_reduce_add_ps(f3));
+}
+
+/* y [M, N] = (q * xs) W^T with W = (c - zero) * scale per group of Kp / G inputs: w [N, Kp / 2] codes,
+   ws [N, G] fp32, wz [N, G] uint8; xb: M rows of nblk blocks (split4), xsum [M, G]; blk [nblk] */
+static void int4_mm(const uint8_t* xb, int64_t nblk, const float* xs, const float* xsum, const blk4_t* blk,
+                    const uint8_t* w, const float* ws, const uint8_t* wz, float* y, int64_t M, int64_t N, int64_t Kp,
+                    int64_t G, int nthreads) {
+    const int64_t nb = (N + 3) / 4;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t n0 = b * 4;
+        const int n = (int)(N - n0 < 4 ? N - n0 : 4);
+        const uint8_t* wr[4];
+        const float* sr[4];
+        const uint8_t* zr[4];
+        for (int r = 0; r < 4; r++) {  /* past the last row: the last row again (computed, not stored) */
+            const int64_t i = n0 + (r < n ? r : n - 1);
+            wr[r] = w + i * (Kp / 2), sr[r] = ws + i * G, zr[r] = wz + i * G;
+        }
+        for (int64_t m = 0; m < M; m++) {
+            float out[4];
+            _mm_storeu_ps(out, _mm_mul_ps(dot4x4(wr, sr, zr, xb + m * nblk * 4 * 64, xsum + m * G, blk, Kp, G),
+                                          _mm_set1_ps(xs[m])));
+            for (int r = 0; r < n; r++) y[m * N + n0 + r] = out[r];
+        }
+    }
+}
+#else
+/* without VNNI: int16 activations, weights widened to int16 (`vpmaddwd` / plain C) */
 /* sum_k w[k] * x[k] for n rows of w (row stride ldw) at once, len a multiple of 32: int32 */
-static inline void dot4(const int8_t* w, int64_t ldw, const int16_t* x, int64_t len, int n, int32_t* out) {
+INLINE void dot4(const int8_t* w, int64_t ldw, const int16_t* x, int64_t len, int n, int32_t* out) {
 #if defined(__AVX512BW__)
     __m512i acc[4] = {Z512, Z512, Z512, Z512};
     for (int64_t k = 0; k < len; k += 32) {
@@ -116,7 +301,7 @@ static inline void dot4(const int8_t* w, int64_t ldw, const int16_t* x, int64_t 
 }
 
 /* y [M, N] = (xq [M, Kp] * xs) W^T, W = w [N, Kp] int8 * ws [N, G] (groups of Kp / G inputs) */
-void llmkit_int8_mm(const int16_t* xq, const float* xs, const int8_t* w, const float* ws, float* y,
+static void int8_mm(const int16_t* xq, const float* xs, const int8_t* w, const float* ws, float* y,
                     int64_t M, int64_t N, int64_t Kp, int64_t G, int nthreads) {
     const int64_t g = Kp / G, nb = (N + 3) / 4;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
@@ -141,7 +326,7 @@ void llmkit_int8_mm(const int16_t* xq, const float* xs, const int8_t* w, const f
 /* ---- int4: codes two per byte (low nibble = even input). Inputs are reordered per block of PB inputs as
    [PB/2 even, PB/2 odd] so that one widened load of PB/2 bytes meets them: PB = 64 with 512-bit vectors
    and groups a multiple of 64, else 32. */
-int llmkit_int4_block(int64_t g) {
+static int int4_block(int64_t g) {
 #if defined(W512)
     return g % 64 == 0 ? 64 : 32;
 #else
@@ -149,12 +334,12 @@ int llmkit_int4_block(int64_t g) {
 #endif
 }
 
-/* as llmkit_quant_rows, reordered for int4, plus each group's input sum xsum [M, Kp / g] int32 */
-void llmkit_quant_rows_i4(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t g, int16_t* xq, float* xs,
+/* as quant_row, reordered for int4, plus each group's input sum xsum [M, Kp / g] int32 */
+static void quant_rows_i4(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t g, int16_t* xq, float* xs,
                           int32_t* xsum) {
-    const int pb = llmkit_int4_block(g);
+    const int pb = int4_block(g);
     int16_t tmp[64];
-    llmkit_quant_rows(x, M, K, Kp, xq, xs);
+    for (int64_t m = 0; m < M; m++) xs[m] = quant_row(x + m * K, K, Kp, xq + m * Kp);
     for (int64_t m = 0; m < M; m++) {
         int16_t* q = xq + m * Kp;
         for (int64_t gi = 0; gi < Kp / g; gi++) {
@@ -245,8 +430,8 @@ INLINE void rows4(const uint8_t* w, int64_t Kp, const int16_t* x, const int32_t*
 }
 
 /* y [M, N] = (xq * xs) W^T with W = (q - zero) * scale per group of Kp / G inputs: w [N, Kp / 2] codes,
-   ws [N, G] fp32 scales, wz [N, G] uint8 zero points; xq, xs, xsum from llmkit_quant_rows_i4 */
-void llmkit_int4_mm(const int16_t* xq, const float* xs, const int32_t* xsum, const uint8_t* w, const float* ws,
+   ws [N, G] fp32 scales, wz [N, G] uint8 zero points; xq, xs, xsum from quant_rows_i4 */
+static void int4_mm(const int16_t* xq, const float* xs, const int32_t* xsum, const uint8_t* w, const float* ws,
                     const uint8_t* wz, float* y, int64_t M, int64_t N, int64_t Kp, int64_t G, int nthreads) {
     const int64_t nb = (N + 3) / 4;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
@@ -262,6 +447,7 @@ void llmkit_int4_mm(const int16_t* xq, const float* xs, const int32_t* xsum, con
         }
     }
 }
+#endif
 
 /* ---- fp32, few rows (decode): y [M, N] = x [M, K] W^T (+ b), W = w [N, K] row-major as nn.Linear keeps it.
    One weight row at a time against up to 4 rows of x (L1-resident): each thread reads one contiguous run of
@@ -455,24 +641,64 @@ static float* attn_scratch(int64_t n) {  /* a second per-thread buffer: attentio
     return buf;
 }
 
-int llmkit_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float* ws, float* y,
-                       int64_t N, int64_t Kp, int64_t G, int nthreads) {
+int llmkit_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float* ws,
+                       const int32_t* wsum, float* y, int64_t N, int64_t Kp, int64_t G, int nthreads) {
+#if defined(BYTE_ACT)
+    const int64_t Kx = (Kp + 63) / 64 * 64;
+    uint8_t* xb = (uint8_t*)scratch(M * 2 * Kx + M * 4 + Kp * 2);
+    if (!xb) return 1;
+    float* xs = (float*)(xb + M * 2 * Kx);
+    int16_t* q = (int16_t*)(xs + M);
+    for (int64_t m = 0; m < M; m++) {
+        xs[m] = quant_row(x + m * K, K, Kp, q);
+        split8(q, Kp, Kx, xb + m * 2 * Kx, xb + m * 2 * Kx + Kx);
+    }
+    int8_mm(xb, Kx, xs, w, ws, wsum, y, M, N, Kp, G, nthreads);
+#else
+    (void)wsum;
     int16_t* xq = (int16_t*)scratch(M * Kp * 2 + M * 4);
     if (!xq) return 1;
     float* xs = (float*)(xq + M * Kp);  /* Kp % 32 == 0: aligned */
-    llmkit_quant_rows(x, M, K, Kp, xq, xs);
-    llmkit_int8_mm(xq, xs, w, ws, y, M, N, Kp, G, nthreads);
+    for (int64_t m = 0; m < M; m++) xs[m] = quant_row(x + m * K, K, Kp, xq + m * Kp);
+    int8_mm(xq, xs, w, ws, y, M, N, Kp, G, nthreads);
+#endif
     return 0;
 }
 
 int llmkit_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* ws, const uint8_t* wz,
                        float* y, int64_t N, int64_t Kp, int64_t G, int nthreads) {
+#if defined(BYTE_ACT)
+    const int64_t nblk = (Kp + I4B - 1) / I4B, g = Kp / G;
+    uint8_t* xb = (uint8_t*)scratch(M * nblk * 256 + nblk * (int64_t)sizeof(blk4_t) + M * 4 + M * G * 4 + Kp * 2);
+    if (!xb) return 1;
+    blk4_t* blk = (blk4_t*)(xb + M * nblk * 256);
+    float* xs = (float*)(blk + nblk);
+    float* xsum = xs + M;
+    int16_t* q = (int16_t*)(xsum + M * G);
+    for (int64_t b = 0; b < nblk; b++) {
+        const int64_t k0 = b * I4B, last = (k0 + I4B < Kp ? k0 + I4B : Kp) - 1;
+        blk[b].gi = k0 / g;
+        blk[b].ms = (__mmask16)((1u << (last / g - k0 / g + 1)) - 1);
+        for (int j = 0; j < 16; j++) blk[b].lane[j] = (int32_t)((k0 + 8 * j) / g - k0 / g);
+    }
+    for (int64_t m = 0; m < M; m++) {
+        xs[m] = quant_row(x + m * K, K, Kp, q);
+        for (int64_t gi = 0; gi < G; gi++) {
+            int32_t t = 0;
+            for (int64_t k = gi * g; k < (gi + 1) * g; k++) t += q[k];
+            xsum[m * G + gi] = (float)t;
+        }
+        split4(q, Kp, xb + m * nblk * 256);
+    }
+    int4_mm(xb, nblk, xs, xsum, blk, w, ws, wz, y, M, N, Kp, G, nthreads);
+#else
     int16_t* xq = (int16_t*)scratch(M * Kp * 2 + M * 4 + M * G * 4);
     if (!xq) return 1;
     float* xs = (float*)(xq + M * Kp);
     int32_t* xsum = (int32_t*)(xs + M);
-    llmkit_quant_rows_i4(x, M, K, Kp, Kp / G, xq, xs, xsum);
-    llmkit_int4_mm(xq, xs, xsum, w, ws, wz, y, M, N, Kp, G, nthreads);
+    quant_rows_i4(x, M, K, Kp, Kp / G, xq, xs, xsum);
+    int4_mm(xq, xs, xsum, w, ws, wz, y, M, N, Kp, G, nthreads);
+#endif
     return 0;
 }
 """
@@ -520,14 +746,6 @@ def build(march: str = "native") -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     p = ctypes.c_void_p
     i64 = ctypes.c_int64
-    lib.llmkit_quant_rows.argtypes = [p, i64, i64, i64, p, p]
-    lib.llmkit_quant_rows.restype = None
-    lib.llmkit_int8_mm.argtypes = [p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
-    lib.llmkit_int8_mm.restype = None
-    lib.llmkit_quant_rows_i4.argtypes = [p, i64, i64, i64, i64, p, p, p]
-    lib.llmkit_quant_rows_i4.restype = None
-    lib.llmkit_int4_mm.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
-    lib.llmkit_int4_mm.restype = None
     lib.llmkit_f32_mm.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
     lib.llmkit_f32_mm.restype = None
     lib.llmkit_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
@@ -539,7 +757,7 @@ def build(march: str = "native") -> ctypes.CDLL | None:
     lib.llmkit_rope1.restype = None
     lib.llmkit_silu_mul.argtypes = [p, p, i64, i64]
     lib.llmkit_silu_mul.restype = None
-    lib.llmkit_int8_linear.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, ctypes.c_int]
+    lib.llmkit_int8_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
     lib.llmkit_int8_linear.restype = ctypes.c_int
     lib.llmkit_int4_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
     lib.llmkit_int4_linear.restype = ctypes.c_int
@@ -555,29 +773,43 @@ def available() -> bool:
     return _lib() is not None
 
 
-def int8_mm(x: Tensor, w: Tensor, scales: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
-    """y [M, N] = x [M, K] (fp32) times W^T, W = w [N, Kp] int8 (Kp a multiple of 32, zero columns past K)
-    * scales [N, G] (fp32, groups of Kp / G inputs). Requires `available()` (or a `build()`)."""
+def int8_mm(x: Tensor, w: Tensor, scales: Tensor, wsum: Tensor | None = None,
+            lib: ctypes.CDLL | None = None) -> Tensor:
+    """y [..., N] = x [..., K] (fp32) times W^T, W = w [N, Kp] int8 (Kp a multiple of 32, zero columns past K)
+    * scales [N, G] (fp32, groups of Kp / G inputs). `wsum` [N, G] int32 = each group's sum of w
+    (`int8_wsum`; computed here when not given). Requires `available()` (or a `build()`)."""
     lib = lib or _lib()
-    M, K = x.shape
+    K = x.shape[-1]
     N, Kp = w.shape
-    x = x.float().contiguous()
-    y = torch.empty(M, N, dtype=torch.float32)
-    if lib.llmkit_int8_linear(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), y.data_ptr(), N, Kp,
-                              scales.shape[1], torch.get_num_threads()):
+    if x.dtype is not torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    if wsum is None:
+        wsum = int8_wsum(w, scales.shape[1])
+    y = torch.empty(*x.shape[:-1], N)  # (x.shape[:-1] + (N,) costs a microsecond more)
+    M = y.numel() // N
+    if lib.llmkit_int8_linear(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), wsum.data_ptr(), y.data_ptr(),
+                              N, Kp, scales.shape[1], torch.get_num_threads()):
         raise MemoryError(f"int8_mm: no memory for the {M}x{Kp} activation scratch")
     return y
 
 
+def int8_wsum(w: Tensor, groups: int) -> Tensor:
+    """Each group's sum of the int8 weights w [N, Kp] -> [N, groups] int32 (the AVX-512 VNNI kernel's
+    correction for its unsigned activation bytes)."""
+    return w.view(w.shape[0], groups, -1).sum(-1, dtype=torch.int32).contiguous()
+
+
 def int4_mm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
-    """y [M, N] = x [M, K] (fp32) times W^T, W = (q - zero) * scale per group: w [N, Kp / 2] uint8 codes (two
+    """y [..., N] = x [..., K] (fp32) times W^T, W = (q - zero) * scale per group: w [N, Kp / 2] uint8 codes (two
     per byte, low nibble first; Kp a multiple of the group), scales [N, G] fp32, zeros [N, G] uint8 (group
     Kp / G, a multiple of 32 up to 256). Requires `available()` (or a `build()`)."""
     lib = lib or _lib()
-    M, K = x.shape
+    K = x.shape[-1]
     N, Kp = w.shape[0], w.shape[1] * 2
-    x = x.float().contiguous()
-    y = torch.empty(M, N, dtype=torch.float32)
+    if x.dtype is not torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    y = torch.empty(*x.shape[:-1], N)
+    M = y.numel() // N
     if lib.llmkit_int4_linear(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(),
                               N, Kp, scales.shape[1], torch.get_num_threads()):
         raise MemoryError(f"int4_mm: no memory for the {M}x{Kp} activation scratch")

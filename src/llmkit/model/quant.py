@@ -20,6 +20,7 @@ loading calibration text and writing folders happen above this layer.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -175,38 +176,44 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
         if x.requires_grad and torch.is_grad_enabled():  # adapters train on top (QLoRA)
             return FrozenQuantMatmul.apply(x, self)
-        shape = x.shape[:-1]
-        if self.input_scale is not None:
-            x = x / self.input_scale
-        x2 = x.reshape(-1, self.in_features)
-        kw = self._kernel_weight() if x2.device.type == "cpu" else None
+        buffers = self._buffers  # the decode hot path: no nn.Module.__getattr__, no reshapes
+        if buffers["input_scale"] is not None:
+            x = x / buffers["input_scale"]
+        kw = self._kernel_weight() if x.is_cpu else None
         if kw is not None:  # llmkit's kernel (kernels.py)
-            y = kernels.int8_mm(x2, *kw)
-        elif self.group_size == 0:  # PyTorch's weight-only int8 kernel (its vectorised path takes bf16 inputs)
-            if self.Kp > self.in_features:
-                x2 = F.pad(x2, (0, self.Kp - self.in_features))
+            y = kernels.int8_mm(x, *kw)
+        else:
+            y = self._pytorch_mm(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        if buffers["bias"] is not None:
+            y = y + buffers["bias"]
+        return y if y.dtype is x.dtype else y.to(x.dtype)
+
+    def _pytorch_mm(self, x2: Tensor) -> Tensor:  # [M, in] -> [M, out] fp32, without llmkit's kernels
+        if self.Kp > self.in_features:
+            x2 = F.pad(x2, (0, self.Kp - self.in_features))
+        if self.group_size == 0:  # PyTorch's weight-only int8 kernel (its vectorised path takes bf16 inputs)
             if self._scales_bf16 is None or self._scales_bf16.device != x2.device:
                 self._scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16).float()
-        else:
-            if self.Kp > self.in_features:
-                x2 = F.pad(x2, (0, self.Kp - self.in_features))
-            y = F.linear(x2.float(), dequantize(self.qweight, self.scales, torch.zeros_like(self.scales)))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).view(*shape, self.out_features)
+            return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16).float()
+        return F.linear(x2.float(), dequantize(self.qweight, self.scales, torch.zeros_like(self.scales)))
 
-    def _kernel_weight(self) -> tuple[Tensor, Tensor] | None:
-        """(weights, fp32 scales) as llmkit's kernel reads them (K padded to its 32-wide step: `qweight`
-        itself when it already is), or None when that kernel is unavailable or groups are not a multiple of 32."""
-        w = self.qweight
-        key = (_tensor_key(w), _tensor_key(self.scales))
+    def _kernel_weight(self) -> tuple | None:
+        """(weights, fp32 scales, group sums of the weights, library) as llmkit's kernel takes them (K padded
+        to its 32-wide step: `qweight` itself when it already is), made once and again when a buffer changes;
+        None when that kernel is unavailable or groups are not a multiple of 32."""
+        w, s = self._buffers["qweight"], self._buffers["scales"]
+        try:
+            key = (w._version, w.data_ptr(), s._version, s.data_ptr())
+        except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
+            key = (w.data_ptr(), s.data_ptr())
         if self._kernel_w is None or self._kernel_src != key:
-            ok = kernels.available() and w.device.type == "cpu" and self.group_size % kernels.ALIGN == 0
+            lib = kernels._lib()
+            ok = lib is not None and w.device.type == "cpu" and self.group_size % kernels.ALIGN == 0
             self._kernel_src = key
             Kp = -(-self.Kp // kernels.ALIGN) * kernels.ALIGN
             w = w if Kp == self.Kp else F.pad(w, (0, Kp - self.Kp)).contiguous()
-            self._kernel_w = (w, self.scales.float().contiguous()) if ok else False
+            s = s.float().contiguous()
+            self._kernel_w = (w, s, kernels.int8_wsum(w, s.shape[1]), lib) if ok else False
         return self._kernel_w if self._kernel_w is not False else None
 
     def weight_float(self) -> Tensor:
@@ -241,6 +248,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device)
                              if input_scale else None)
         self._pt: tuple = ()  # PyTorch's packed copy (fallback): (source version, packed, scales_and_zeros)
+        self._kernel_lib: ctypes.CDLL | bool | None = None  # llmkit's kernels (False: unavailable), on first use
 
     @classmethod
     def from_codes(cls, q: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, in_features: int,
@@ -283,22 +291,24 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
         if x.requires_grad and torch.is_grad_enabled():  # adapters train on top (QLoRA)
             return FrozenQuantMatmul.apply(x, self)
-        shape = x.shape[:-1]
-        if self.input_scale is not None:
-            x = x / self.input_scale
-        x2 = x.reshape(-1, self.in_features)
-        if x2.device.type == "cpu" and kernels.available():  # llmkit's kernel (kernels.py)
-            y = kernels.int4_mm(x2, self.qweight, self.scales, self.zeros)
+        buffers = self._buffers  # the decode hot path: no nn.Module.__getattr__, no reshapes
+        if buffers["input_scale"] is not None:
+            x = x / buffers["input_scale"]
+        lib = self._kernel_lib
+        if lib is None:  # llmkit's kernels (LLMKIT_NO_KERNELS is read here, once per module)
+            lib = self._kernel_lib = kernels._lib() or False
+        if lib and x.is_cpu:  # llmkit's kernel (kernels.py)
+            y = kernels.int4_mm(x, buffers["qweight"], buffers["scales"], buffers["zeros"], lib)
         else:
-            x2 = x2.to(torch.bfloat16)
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
             if self.Kp > self.in_features:
                 x2 = F.pad(x2, (0, self.Kp - self.in_features))
             packed, sz = self._packed()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
-            y = y[:, : self.out_features].float()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*shape, self.out_features)
+            y = y[:, : self.out_features].float().view(*x.shape[:-1], self.out_features)
+        if buffers["bias"] is not None:
+            y = y + buffers["bias"]
+        return y if y.dtype is x.dtype else y.to(x.dtype)
 
     def weight_float(self) -> Tensor:
         q, s, z = self.codes()
