@@ -51,7 +51,8 @@ C_SOURCE = r"""
 #define F32_NTA 2048   /* fp32 kernel: the weights are prefetched non-temporally this far ahead (~5% faster decode
                           steps: less of the cache the rest of the step uses is evicted) */
 #endif
-#define PF_BYTES 8192  /* software prefetch distance: rows are short (K bytes), too short for the hardware to ramp up */
+#define PF_BYTES 8192  /* software prefetch distance: rows are short (K bytes), too short for the hardware to ramp up;
+                          non-temporal with VNNI (measured: 10-20% faster than into all levels) */
 #define XMAX 16383.0f  /* int16 activations within +-2^14 */
 #define CHUNK 8192     /* inputs summed in int32 lanes before fp32: 8 or more lanes, each summing at most
                           1024 products of |127 * 16383|, stays below 2^31 */
@@ -127,7 +128,7 @@ INLINE __m128i dot8x4(const int8_t* w0, const int8_t* w1, const int8_t* w2, cons
     for (int64_t k = 0; k < len; k += 64) {
         const __mmask64 mk = len - k >= 64 ? ~0ull : 0xffffffffull;  /* a 32-wide tail */
         const __m512i hv = _mm512_maskz_loadu_epi8(mk, h + k), lv = _mm512_maskz_loadu_epi8(mk, l + k);
-#define ROW8(r) { _mm_prefetch((const char*)(w##r + k) + PF_BYTES, _MM_HINT_T0); \
+#define ROW8(r) { _mm_prefetch((const char*)(w##r + k) + PF_BYTES, _MM_HINT_NTA); \
                   const __m512i v = _mm512_maskz_loadu_epi8(mk, w##r + k); \
                   h##r = _mm512_dpbusd_epi32(h##r, hv, v); l##r = _mm512_dpbusd_epi32(l##r, lv, v); }
         ROW8(0) ROW8(1) ROW8(2) ROW8(3)
@@ -209,13 +210,14 @@ INLINE __m128 dot4x4(const uint8_t* const* wr, const float* const* sr, const uin
         const int64_t gi = blk[b].gi;
         const __mmask16 ms = blk[b].ms;
 #define ROW4(r) { const uint8_t* p = wr[r] + k0 / 2; \
-                  _mm_prefetch((const char*)p + PF_BYTES, _MM_HINT_T0); \
+                  _mm_prefetch((const char*)p + PF_BYTES, _MM_HINT_NTA); \
                   const __m512i v = _mm512_maskz_loadu_epi8(mk, p); \
                   const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
                   const __m512i ah = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(Z512, lo, eh), hi, oh); \
                   const __m512i al = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(Z512, lo, el), hi, ol); \
                   const __m512 sc = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps(ms, sr[r] + gi)); \
-                  f##r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah, 8), al)), sc, f##r); }
+                  const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(ah, 8), al); \
+                  f##r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, f##r); }
         ROW4(0) ROW4(1) ROW4(2) ROW4(3)
 #undef ROW4
     }
