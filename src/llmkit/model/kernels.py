@@ -211,8 +211,13 @@ INLINE __m128 dot4x4(const uint8_t* const* wr, const float* const* sr, const uin
                      const float* xsum, const blk4_t* blk, int64_t Kp, int64_t G) {
     const __m512i m4 = _mm512_set1_epi8(15);
     __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    for (int r = 0; r < 4; r++) {  /* the scales and zeros of the rows ahead */
+        _mm_prefetch((const char*)(sr[r] + 16 * G), _MM_HINT_NTA);
+        _mm_prefetch((const char*)(zr[r] + 16 * G), _MM_HINT_NTA);
+    }
     for (int64_t k0 = 0, b = 0; k0 < Kp; k0 += I4B, b++, xb += 4 * 64) {
-        const __mmask64 mk = Kp - k0 >= I4B ? ~0ull : (1ull << ((Kp - k0) / 2)) - 1;
+        const int full = Kp - k0 >= I4B;  /* plain loads for whole blocks (see dot8row) */
+        const __mmask64 mk = full ? ~0ull : (1ull << ((Kp - k0) / 2)) - 1;
         const __m512i eh = _mm512_loadu_si512(xb), el = _mm512_loadu_si512(xb + 64);
         const __m512i oh = _mm512_loadu_si512(xb + 128), ol = _mm512_loadu_si512(xb + 192);
         const __m512i sidx = _mm512_loadu_si512((const void*)blk[b].lane);
@@ -220,7 +225,7 @@ INLINE __m128 dot4x4(const uint8_t* const* wr, const float* const* sr, const uin
         const __mmask16 ms = blk[b].ms;
 #define ROW4(r) { const uint8_t* p = wr[r] + k0 / 2; \
                   _mm_prefetch((const char*)p + PF_BYTES, _MM_HINT_NTA); \
-                  const __m512i v = _mm512_maskz_loadu_epi8(mk, p); \
+                  const __m512i v = full ? _mm512_loadu_si512((const void*)p) : _mm512_maskz_loadu_epi8(mk, p); \
                   const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
                   const __m512i ah = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(Z512, lo, eh), hi, oh); \
                   const __m512i al = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(Z512, lo, el), hi, ol); \
