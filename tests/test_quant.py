@@ -118,6 +118,55 @@ def test_llmkit_kernels_match_dequantized_fp64_matmul(march, monkeypatch):
             monkeypatch.delenv("LLMKIT_NO_KERNELS")
 
 
+def _int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activations by hand: per row s = max|x| / 16383 (fp32), q = round-half-even(x / s) exact."""
+    amax = x.abs().amax(1, keepdim=True)
+    s = torch.where(amax > 0, amax / 16383, torch.ones_like(amax))
+    return torch.round(x * (1 / s)).long(), s
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64"])  # VNNI bytes here, AVX2 int16, plain C
+def test_llmkit_kernels_sum_the_integer_products_exactly(march):
+    """The integer part of llmkit's kernels is exact, whatever the instruction set: int8 per channel gives
+    bit for bit the float32 of a longhand int64 sum of its int16 activations times the codes; int8 groups and
+    int4 (scales and zero points per group) agree with the same integer sums to float32 rounding. Shapes cover
+    row tails (N % 4), half vectors (K % 64 == 32, K % 128 != 0), sums longer than one int32 segment, several
+    groups and several rows of x (prefill)."""
+    import platform
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: llmkit's kernels cannot be built")
+    if march != "native" and platform.machine() != "x86_64":
+        pytest.skip("-march variants are x86-64 only")
+    if march == "x86-64-v3" and " avx2 " not in open("/proc/cpuinfo").read().replace("\n", " "):
+        pytest.skip("this CPU has no AVX2")
+    lib = kernels.build(march)
+    torch.manual_seed(0)
+    for K, N, M in [(160, 7, 3), (1376, 9, 1), (2080, 5, 2)]:  # int8 per channel
+        w, x = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.randn(M, K) * 3
+        scales = torch.rand(N, 1) + 0.5
+        q, s = _int16_rows(x)
+        ref = (q @ w.long().T).float() * scales[:, 0] * s
+        y = kernels.int8_mm(x, F.pad(w, (0, -K % 32)), scales, lib=lib)
+        assert torch.equal(y, ref), (march, K)
+    for bits, K, N, g, M in [(8, 256, 6, 32, 2), (8, 320, 5, 64, 1), (4, 160, 7, 32, 2), (4, 192, 5, 64, 1),
+                             (4, 384, 6, 128, 3), (4, 512, 4, 256, 1)]:
+        G, x = K // g, torch.randn(M, K)
+        q, s = _int16_rows(x)
+        scales = torch.rand(N, G) + 0.5
+        if bits == 8:
+            c, zero = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.zeros(N, G, dtype=torch.uint8)
+            y = kernels.int8_mm(x, c, scales, lib=lib)
+        else:
+            c, zero = torch.randint(0, 16, (N, K), dtype=torch.uint8), torch.randint(0, 16, (N, G), dtype=torch.uint8)
+            y = kernels.int4_mm(x, (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous(), scales, zero, lib=lib)
+        w = c.long().view(N, G, g) - zero.long().unsqueeze(-1)  # exact integers per group
+        sums = torch.einsum("mgk,ngk->mng", q.view(M, G, g), w)  # [M, N, G] int64
+        ref = (sums.double() * scales.double()).sum(-1) * s.double()
+        assert ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6, (march, bits, K, g)
+
+
 def test_pytorch_fallback_without_llmkit_kernels(monkeypatch):
     """LLMKIT_NO_KERNELS=1 (as without a C compiler): the kinds run PyTorch's kernels, same results."""
     monkeypatch.setenv("LLMKIT_NO_KERNELS", "1")
