@@ -9,16 +9,18 @@ Why (measured on the dev box's AMD EPYC, 1 thread, batch 1): PyTorch's `_weight_
 vectorised path only with bf16 activations and scales (a rounding step on each) and still reads the
 weights at about half llama.cpp q8_0's speed. This kernel quantizes each activation row to int16
 (one fp32 scale per row, 15 bits: 256x finer than llama.cpp's int8 activations) and multiplies with
-integer dot products (AVX-512 VNNI `vpdpwssd`, AVX-512BW / AVX2 `vpmaddwd`, or plain C), exact int32
-sums per weight group, fp32 scales. Group-wise weights (`G` groups of K / G inputs) run at the same
-speed as per-channel ones.
+integer dot products, exact integer sums per weight group, fp32 scales. With AVX-512 VNNI each int16
+activation is split into two bytes (q = 256 h + l) so that `vpdpbusd` multiplies 64 weight bytes as
+loaded by 64 activation bytes: twice the products per instruction of int16 x int16 and no widening of
+the weights (the same sums, bit for bit); without it, AVX-512BW / AVX2 `vpmaddwd` on widened weights, or
+plain C. Group-wise weights (`G` groups of K / G inputs) run at the same speed as per-channel ones.
 
 The C source is compiled with the system C compiler (`cc`, `-O3 -march=native -fopenmp`, ~5 s) on first
 use and cached under `~/.cache/llmkit/kernels` (or `$LLMKIT_KERNEL_DIR`); without a compiler, or with
 `LLMKIT_NO_KERNELS=1`, `available()` is False (a warning says why once) and the quantized kinds, the
 packed-for-decode Linear, RMSNorm and attention run PyTorch's kernels. int8/int4 weights are prefetched
-8 KB ahead in software: a row is only K bytes (512 on the benchmark model), too short for the hardware
-prefetcher to ramp up (~1.4x on the int8 decode).
+8 KB ahead in software (non-temporally with VNNI): rows are only K bytes (512 on the benchmark model), four
+rows are read at once, and the hardware prefetcher does not keep up (streaming 4x slower without it).
 """
 
 from __future__ import annotations
@@ -274,7 +276,7 @@ static void int4_mm(const uint8_t* xb, int64_t nblk, const float* xs, const floa
     }
 }
 #else
-/* without VNNI: int16 activations, weights widened to int16 (`vpmaddwd` / plain C) */
+/* without AVX-512 VNNI: int16 activations, weights widened to int16 (AVX-512BW / AVX2 `vpmaddwd`, or C) */
 /* sum_k w[k] * x[k] for n rows of w (row stride ldw) at once, len a multiple of 32: int32 */
 INLINE void dot4(const int8_t* w, int64_t ldw, const int16_t* x, int64_t len, int n, int32_t* out) {
 #if defined(__AVX512BW__)
@@ -284,11 +286,7 @@ INLINE void dot4(const int8_t* w, int64_t ldw, const int16_t* x, int64_t len, in
         for (int r = 0; r < n; r++) {
             if ((k & 63) == 0) _mm_prefetch((const char*)(w + r * ldw + k + PF_BYTES), _MM_HINT_T0);
             __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * ldw + k)));
-#if defined(__AVX512VNNI__)
-            acc[r] = _mm512_dpwssd_epi32(acc[r], wv, xv);
-#else
             acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(wv, xv));
-#endif
         }
     }
     for (int r = 0; r < n; r++) out[r] = _mm512_reduce_add_epi32(acc[r]);
@@ -391,12 +389,8 @@ INLINE void rows4(const uint8_t* w, int64_t Kp, const int16_t* x, const int32_t*
                     if ((k & 127) == 0) _mm_prefetch((const char*)(w + r * ldw + k / 2 + PF_BYTES), _MM_HINT_T0);
                     __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * ldw + k / 2)));
                     __m512i lo = _mm512_and_si512(v, lo4), hi = _mm512_srli_epi16(v, 4);
-#if defined(__AVX512VNNI__)
-                    a[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(a[r], lo, xe), hi, xo);
-#else
                     a[r] = _mm512_add_epi32(a[r], _mm512_add_epi32(_mm512_madd_epi16(lo, xe),
                                                                    _mm512_madd_epi16(hi, xo)));
-#endif
                 }
             }
             for (int r = 0; r < n; r++)
