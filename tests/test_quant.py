@@ -3,6 +3,7 @@ own objective, quantized folders, W8A8/KL, QAT, the `llmkit quantize` CLI and `-
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -112,6 +113,7 @@ def test_llmkit_kernels_match_dequantized_fp64_matmul(march, monkeypatch):
         assert torch.equal(y[1], torch.zeros(N))
         if march == "native":
             assert _close(lin(x), ref.float(), 2e-4)  # the module takes the kernel path
+            assert torch.equal(copy.deepcopy(lin)(x), lin(x))  # its kernel binding (raw pointers) is rebuilt
             monkeypatch.setenv("LLMKIT_NO_KERNELS", "1")  # PyTorch's kernels (bf16 activations)
             again = Int8Linear.from_codes(q, s, None, K, g) if bits == 8 else Int4Linear.from_codes(q, s, z, None, K, g)
             assert not kernels.available() and _close(again(x), ref.float())

@@ -712,6 +712,17 @@ int llmkit_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, c
 #endif
     return 0;
 }
+
+/* one quantized layer's fixed arguments, bound once from Python (`QuantMatmul`): int8 (aux = wsum [N, G]) or
+   int4 (aux = zeros [N, G]) */
+typedef struct { const void* w; const float* ws; const void* aux; int64_t N, Kp, G, bits; } llmkit_qlayer;
+int llmkit_qlinear(const llmkit_qlayer* p, const float* x, float* y, int64_t M, int64_t K, int nthreads) {
+    if (p->bits == 8)
+        return llmkit_int8_linear(x, M, K, (const int8_t*)p->w, p->ws, (const int32_t*)p->aux, y, p->N, p->Kp, p->G,
+                                  nthreads);
+    return llmkit_int4_linear(x, M, K, (const uint8_t*)p->w, p->ws, (const uint8_t*)p->aux, y, p->N, p->Kp, p->G,
+                              nthreads);
+}
 """
 
 ALIGN = 32  # K is padded to a multiple of this (the widest vector step)
@@ -768,10 +779,8 @@ def build(march: str = "native") -> ctypes.CDLL | None:
     lib.llmkit_rope1.restype = None
     lib.llmkit_silu_mul.argtypes = [p, p, i64, i64]
     lib.llmkit_silu_mul.restype = None
-    lib.llmkit_int8_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
-    lib.llmkit_int8_linear.restype = ctypes.c_int
-    lib.llmkit_int4_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
-    lib.llmkit_int4_linear.restype = ctypes.c_int
+    lib.llmkit_qlinear.argtypes = [p, p, p, i64, i64, ctypes.c_int]
+    lib.llmkit_qlinear.restype = ctypes.c_int
     return lib
 
 
@@ -784,24 +793,35 @@ def available() -> bool:
     return _lib() is not None
 
 
+class QuantMatmul:
+    """y [..., N] = x [..., K] (fp32) times W^T for one int8 or int4 weight, its fixed arguments bound once (a
+    decode step makes ~30 of these calls: the ctypes call converts 6 arguments instead of 11). Keeps the
+    tensors alive; a caller whose weights change builds a new one. See `int8_mm` / `int4_mm` for the layouts."""
+
+    def __init__(self, bits: int, w: Tensor, scales: Tensor, aux: Tensor, lib: ctypes.CDLL) -> None:
+        self.tensors = (w, scales, aux)
+        self.N, Kp = w.shape[0], w.shape[1] * (2 if bits == 4 else 1)
+        self._plan = (ctypes.c_int64 * 7)(w.data_ptr(), scales.data_ptr(), aux.data_ptr(), self.N, Kp,
+                                          scales.shape[1], bits)
+        self._addr, self._call = ctypes.addressof(self._plan), lib.llmkit_qlinear
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        N = self.N
+        y = torch.empty(*x.shape[:-1], N)  # (x.shape[:-1] + (N,) costs a microsecond more)
+        if self._call(self._addr, x.data_ptr(), y.data_ptr(), y.numel() // N, x.shape[-1], torch.get_num_threads()):
+            raise MemoryError(f"QuantMatmul: no memory for the activation scratch of {tuple(x.shape)}")
+        return y
+
+
 def int8_mm(x: Tensor, w: Tensor, scales: Tensor, wsum: Tensor | None = None,
             lib: ctypes.CDLL | None = None) -> Tensor:
     """y [..., N] = x [..., K] (fp32) times W^T, W = w [N, Kp] int8 (Kp a multiple of 32, zero columns past K)
     * scales [N, G] (fp32, groups of Kp / G inputs). `wsum` [N, G] int32 = each group's sum of w
     (`int8_wsum`; computed here when not given). Requires `available()` (or a `build()`)."""
-    lib = lib or _lib()
-    K = x.shape[-1]
-    N, Kp = w.shape
-    if x.dtype is not torch.float32 or not x.is_contiguous():
-        x = x.float().contiguous()
-    if wsum is None:
-        wsum = int8_wsum(w, scales.shape[1])
-    y = torch.empty(*x.shape[:-1], N)  # (x.shape[:-1] + (N,) costs a microsecond more)
-    M = y.numel() // N
-    if lib.llmkit_int8_linear(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), wsum.data_ptr(), y.data_ptr(),
-                              N, Kp, scales.shape[1], torch.get_num_threads()):
-        raise MemoryError(f"int8_mm: no memory for the {M}x{Kp} activation scratch")
-    return y
+    wsum = int8_wsum(w, scales.shape[1]) if wsum is None else wsum
+    return QuantMatmul(8, w, scales, wsum, lib or _lib())(x)
 
 
 def int8_wsum(w: Tensor, groups: int) -> Tensor:
@@ -814,17 +834,7 @@ def int4_mm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, lib: ctypes.CDL
     """y [..., N] = x [..., K] (fp32) times W^T, W = (q - zero) * scale per group: w [N, Kp / 2] uint8 codes (two
     per byte, low nibble first; Kp a multiple of the group), scales [N, G] fp32, zeros [N, G] uint8 (group
     Kp / G, a multiple of 32 up to 256). Requires `available()` (or a `build()`)."""
-    lib = lib or _lib()
-    K = x.shape[-1]
-    N, Kp = w.shape[0], w.shape[1] * 2
-    if x.dtype is not torch.float32 or not x.is_contiguous():
-        x = x.float().contiguous()
-    y = torch.empty(*x.shape[:-1], N)
-    M = y.numel() // N
-    if lib.llmkit_int4_linear(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(),
-                              N, Kp, scales.shape[1], torch.get_num_threads()):
-        raise MemoryError(f"int4_mm: no memory for the {M}x{Kp} activation scratch")
-    return y
+    return QuantMatmul(4, w, scales, zeros, lib or _lib())(x)
 
 
 def f32_mm(x: Tensor, w: Tensor, bias: Tensor | None = None, lib: ctypes.CDLL | None = None) -> Tensor:

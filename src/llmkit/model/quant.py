@@ -20,7 +20,6 @@ loading calibration text and writing folders happen above this layer.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -179,9 +178,9 @@ class Int8Linear(nn.Module):
         buffers = self._buffers  # the decode hot path: no nn.Module.__getattr__, no reshapes
         if buffers["input_scale"] is not None:
             x = x / buffers["input_scale"]
-        kw = self._kernel_weight() if x.is_cpu else None
-        if kw is not None:  # llmkit's kernel (kernels.py)
-            y = kernels.int8_mm(x, *kw)
+        mm = self._kernel_weight() if x.is_cpu else None
+        if mm is not None:  # llmkit's kernel (kernels.py)
+            y = mm(x)
         else:
             y = self._pytorch_mm(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         if buffers["bias"] is not None:
@@ -197,9 +196,9 @@ class Int8Linear(nn.Module):
             return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16).float()
         return F.linear(x2.float(), dequantize(self.qweight, self.scales, torch.zeros_like(self.scales)))
 
-    def _kernel_weight(self) -> tuple | None:
-        """(weights, fp32 scales, group sums of the weights, library) as llmkit's kernel takes them (K padded
-        to its 32-wide step: `qweight` itself when it already is), made once and again when a buffer changes;
+    def _kernel_weight(self) -> kernels.QuantMatmul | None:
+        """llmkit's kernel bound to this layer's weights (K padded to its 32-wide step: `qweight` itself when it
+        already is), fp32 scales and group sums of the weights; made once and again when a buffer changes;
         None when that kernel is unavailable or groups are not a multiple of 32."""
         w, s = self._buffers["qweight"], self._buffers["scales"]
         try:
@@ -213,8 +212,11 @@ class Int8Linear(nn.Module):
             Kp = -(-self.Kp // kernels.ALIGN) * kernels.ALIGN
             w = w if Kp == self.Kp else F.pad(w, (0, Kp - self.Kp)).contiguous()
             s = s.float().contiguous()
-            self._kernel_w = (w, s, kernels.int8_wsum(w, s.shape[1]), lib) if ok else False
+            self._kernel_w = kernels.QuantMatmul(8, w, s, kernels.int8_wsum(w, s.shape[1]), lib) if ok else False
         return self._kernel_w if self._kernel_w is not False else None
+
+    def __getstate__(self) -> dict:  # copies and pickles: the kernel binding holds raw pointers, rebuilt on use
+        return {**super().__getstate__(), "_kernel_w": None, "_kernel_src": ()}
 
     def weight_float(self) -> Tensor:
         """The dequantized weight [out, in] (what the kernel multiplies by)."""
@@ -248,7 +250,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device)
                              if input_scale else None)
         self._pt: tuple = ()  # PyTorch's packed copy (fallback): (source version, packed, scales_and_zeros)
-        self._kernel_lib: ctypes.CDLL | bool | None = None  # llmkit's kernels (False: unavailable), on first use
+        self._kernel_w: kernels.QuantMatmul | bool | None = None  # llmkit's kernel for these buffers (or False)
+        self._kernel_src: tuple = ()
 
     @classmethod
     def from_codes(cls, q: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, in_features: int,
@@ -294,11 +297,9 @@ class Int4Linear(nn.Module):
         buffers = self._buffers  # the decode hot path: no nn.Module.__getattr__, no reshapes
         if buffers["input_scale"] is not None:
             x = x / buffers["input_scale"]
-        lib = self._kernel_lib
-        if lib is None:  # llmkit's kernels (LLMKIT_NO_KERNELS is read here, once per module)
-            lib = self._kernel_lib = kernels._lib() or False
-        if lib and x.is_cpu:  # llmkit's kernel (kernels.py)
-            y = kernels.int4_mm(x, buffers["qweight"], buffers["scales"], buffers["zeros"], lib)
+        mm = self._kernel_weight() if x.is_cpu else None
+        if mm is not None:  # llmkit's kernel (kernels.py)
+            y = mm(x)
         else:
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
             if self.Kp > self.in_features:
@@ -309,6 +310,25 @@ class Int4Linear(nn.Module):
         if buffers["bias"] is not None:
             y = y + buffers["bias"]
         return y if y.dtype is x.dtype else y.to(x.dtype)
+
+    def __getstate__(self) -> dict:  # copies and pickles: the kernel binding holds raw pointers, rebuilt on use
+        return {**super().__getstate__(), "_kernel_w": None, "_kernel_src": ()}
+
+    def _kernel_weight(self) -> kernels.QuantMatmul | None:
+        """llmkit's kernel bound to this layer's buffers as they are, made once and again when one changes (or
+        is replaced); None when the kernel is unavailable (LLMKIT_NO_KERNELS is read here)."""
+        b = self._buffers
+        w, s, z = b["qweight"], b["scales"], b["zeros"]
+        try:
+            key = (w._version, w.data_ptr(), s._version, s.data_ptr(), z._version, z.data_ptr())
+        except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
+            key = (w.data_ptr(), s.data_ptr(), z.data_ptr())
+        if self._kernel_w is None or self._kernel_src != key:
+            lib = kernels._lib()
+            self._kernel_src = key
+            ok = lib is not None and w.device.type == "cpu"
+            self._kernel_w = kernels.QuantMatmul(4, w, s.float().contiguous(), z.contiguous(), lib) if ok else False
+        return self._kernel_w if self._kernel_w is not False else None
 
     def weight_float(self) -> Tensor:
         q, s, z = self.codes()
