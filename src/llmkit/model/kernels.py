@@ -827,7 +827,11 @@ def int8_mm(x: Tensor, w: Tensor, scales: Tensor, wsum: Tensor | None = None,
 def int8_wsum(w: Tensor, groups: int) -> Tensor:
     """Each group's sum of the int8 weights w [N, Kp] -> [N, groups] int32 (the AVX-512 VNNI kernel's
     correction for its unsigned activation bytes)."""
-    return w.view(w.shape[0], groups, -1).sum(-1, dtype=torch.int32).contiguous()
+    out = torch.empty(w.shape[0], groups, dtype=torch.int32)
+    v = w.view(w.shape[0], groups, -1)
+    for i in range(0, w.shape[0], 2048):  # in blocks of rows: the sum widens them (an LM head would take 64 MB)
+        torch.sum(v[i : i + 2048], -1, dtype=torch.int32, out=out[i : i + 2048])
+    return out
 
 
 def int4_mm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
