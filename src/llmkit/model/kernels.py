@@ -109,6 +109,17 @@ INLINE __m128i hsum4(__m512i a, __m512i b, __m512i c, __m512i d) {
     return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
 }
 
+/* the same for fp32 lanes */
+INLINE __m128 hsum4ps(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+    const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+    const __m256 t = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
 /* int8 (weights signed): h' = (q >> 8) + 64 in 0..127 and l = q & 255 are the unsigned operands, so
    sum w q = 256 sum w h' + sum w l - 16384 sum w, with sum w per row and group precomputed (wsum).
    Activations per row: h' [Kx] then l [Kx], Kx = Kp rounded up to 64. */
@@ -246,8 +257,7 @@ INLINE __m128 dot4x4(const uint8_t* const* wr, const float* const* sr, const uin
         ZP(0) ZP(1) ZP(2) ZP(3)
 #undef ZP
     }
-    return _mm_setr_ps(_mm512_reduce_add_ps(f0), _mm512_reduce_add_ps(f1), _mm512_reduce_add_ps(f2),
-                       _mm512_reduce_add_ps(f3));
+    return hsum4ps(f0, f1, f2, f3);
 }
 
 /* y [M, N] = (q * xs) W^T with W = (c - zero) * scale per group of Kp / G inputs: w [N, Kp / 2] codes,
