@@ -114,6 +114,8 @@ def test_llmkit_kernels_match_dequantized_fp64_matmul(march, monkeypatch):
         if march == "native":
             assert _close(lin(x), ref.float(), 2e-4)  # the module takes the kernel path
             assert torch.equal(copy.deepcopy(lin)(x), lin(x))  # its kernel binding (raw pointers) is rebuilt
+            with pytest.raises(InputError, match="features"):  # not a read past the C kernel's buffers
+                lin(torch.randn(2, K + 32))
             monkeypatch.setenv("LLMKIT_NO_KERNELS", "1")  # PyTorch's kernels (bf16 activations)
             again = Int8Linear.from_codes(q, s, None, K, g) if bits == 8 else Int4Linear.from_codes(q, s, z, None, K, g)
             assert not kernels.available() and _close(again(x), ref.float())

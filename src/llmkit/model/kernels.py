@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from llmkit.errors import InputError
+
 C_SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
@@ -806,21 +808,26 @@ def available() -> bool:
 class QuantMatmul:
     """y [..., N] = x [..., K] (fp32) times W^T for one int8 or int4 weight, its fixed arguments bound once (a
     decode step makes ~30 of these calls: the ctypes call converts 6 arguments instead of 11). Keeps the
-    tensors alive; a caller whose weights change builds a new one. See `int8_mm` / `int4_mm` for the layouts."""
+    tensors alive; a caller whose weights change builds a new one. `in_features`: the K every x must have
+    (default: any K up to the padded Kp). See `int8_mm` / `int4_mm` for the layouts."""
 
-    def __init__(self, bits: int, w: Tensor, scales: Tensor, aux: Tensor, lib: ctypes.CDLL) -> None:
+    def __init__(self, bits: int, w: Tensor, scales: Tensor, aux: Tensor, lib: ctypes.CDLL,
+                 in_features: int | None = None) -> None:
         self.tensors = (w, scales, aux)
-        self.N, Kp = w.shape[0], w.shape[1] * (2 if bits == 4 else 1)
-        self._plan = (ctypes.c_int64 * 7)(w.data_ptr(), scales.data_ptr(), aux.data_ptr(), self.N, Kp,
+        self.N, self.Kp = w.shape[0], w.shape[1] * (2 if bits == 4 else 1)
+        self.K = in_features
+        self._plan = (ctypes.c_int64 * 7)(w.data_ptr(), scales.data_ptr(), aux.data_ptr(), self.N, self.Kp,
                                           scales.shape[1], bits)
         self._addr, self._call = ctypes.addressof(self._plan), lib.llmkit_qlinear
 
     def __call__(self, x: Tensor) -> Tensor:
+        K, N = x.shape[-1], self.N
+        if K != self.K and (self.K is not None or K > self.Kp):
+            raise InputError(f"the input has {K} features, the quantized layer takes {self.K or f'up to {self.Kp}'}")
         if x.dtype is not torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
-        N = self.N
         y = torch.empty(*x.shape[:-1], N)  # (x.shape[:-1] + (N,) costs a microsecond more)
-        if self._call(self._addr, x.data_ptr(), y.data_ptr(), y.numel() // N, x.shape[-1], torch.get_num_threads()):
+        if self._call(self._addr, x.data_ptr(), y.data_ptr(), y.numel() // N, K, torch.get_num_threads()):
             raise MemoryError(f"QuantMatmul: no memory for the activation scratch of {tuple(x.shape)}")
         return y
 

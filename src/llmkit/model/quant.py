@@ -212,7 +212,8 @@ class Int8Linear(nn.Module):
             Kp = -(-self.Kp // kernels.ALIGN) * kernels.ALIGN
             w = w if Kp == self.Kp else F.pad(w, (0, Kp - self.Kp)).contiguous()
             s = s.float().contiguous()
-            self._kernel_w = kernels.QuantMatmul(8, w, s, kernels.int8_wsum(w, s.shape[1]), lib) if ok else False
+            self._kernel_w = kernels.QuantMatmul(8, w, s, kernels.int8_wsum(w, s.shape[1]), lib,
+                                                  self.in_features) if ok else False
         return self._kernel_w if self._kernel_w is not False else None
 
     def __getstate__(self) -> dict:  # copies and pickles: the kernel binding holds raw pointers, rebuilt on use
@@ -327,7 +328,8 @@ class Int4Linear(nn.Module):
             lib = kernels._lib()
             self._kernel_src = key
             ok = lib is not None and w.device.type == "cpu"
-            self._kernel_w = kernels.QuantMatmul(4, w, s.float().contiguous(), z.contiguous(), lib) if ok else False
+            self._kernel_w = kernels.QuantMatmul(4, w, s.float().contiguous(), z.contiguous(), lib,
+                                                  self.in_features) if ok else False
         return self._kernel_w if self._kernel_w is not False else None
 
     def weight_float(self) -> Tensor:
