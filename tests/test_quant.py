@@ -134,7 +134,7 @@ def test_llmkit_kernels_sum_the_integer_products_exactly(march):
     """The integer part of llmkit's kernels is exact, whatever the instruction set: int8 per channel gives
     bit for bit the float32 of a longhand int64 sum of its int16 activations times the codes; int8 groups and
     int4 (scales and zero points per group) agree with the same integer sums to float32 rounding. Shapes cover
-    row tails (N % 4), half vectors (K % 64 == 32, K % 128 != 0), sums longer than one int32 segment, several
+    row tails (N % 4), half vectors (K % 64 == 32, K % 128 != 0), sums longer than one int32 segment, 1 to 34
     groups and several rows of x (prefill)."""
     import platform
     import shutil
@@ -155,7 +155,7 @@ def test_llmkit_kernels_sum_the_integer_products_exactly(march):
         y = kernels.int8_mm(x, F.pad(w, (0, -K % 32)), scales, lib=lib)
         assert torch.equal(y, ref), (march, K)
     for bits, K, N, g, M in [(8, 256, 6, 32, 2), (8, 320, 5, 64, 1), (4, 160, 7, 32, 2), (4, 192, 5, 64, 1),
-                             (4, 384, 6, 128, 3), (4, 512, 4, 256, 1)]:
+                             (4, 384, 6, 128, 3), (4, 512, 4, 256, 1), (4, 1088, 3, 32, 2)]:  # G = 34 > 16
         G, x = K // g, torch.randn(M, K)
         q, s = _int16_rows(x)
         scales = torch.rand(N, G) + 0.5
