@@ -95,7 +95,7 @@ INLINE float quant_row(const float* r, int64_t K, int64_t Kp, int16_t* q) {
     return s;
 }
 
-#if defined(__AVX512VNNI__) && defined(W512)
+#if defined(__AVX512VNNI__) && defined(W512) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 /* AVX-512 VNNI: q is split into two bytes, q = 256 h + l, and `vpdpbusd` multiplies 64 weight bytes by 64
    activation bytes (four unsigned x signed products per int32 lane): twice the products per instruction of
    int16 `vpdpwssd`, and the weights are used as loaded (no widening). Sums stay exact integers. Four weight
