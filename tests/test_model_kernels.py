@@ -89,3 +89,17 @@ def test_rope_and_swiglu_kernels_match_the_torch_forms():
     h = torch.randn(3, 1, 2 * 37, generator=g)
     gate, up = h.chunk(2, dim=-1)
     torch.testing.assert_close(kernels.silu_mul(h, lib), F.silu(gate) * up)
+
+
+def test_packed_linear_follows_weights_swapped_through_data():
+    """A weight replaced through `.data` (as AWQ's scale search does) is what the next call multiplies by,
+    even when the allocator hands the new weight the freed one's address (the cache key's data pointer)."""
+    torch.manual_seed(0)
+    for rows in (1, 3):  # llmkit's kernel / oneDNN's packed copy
+        lin = PackedLinear(nn.Linear(64, 96, bias=False)).eval()
+        x = torch.randn(rows, 64)
+        with torch.no_grad():
+            for _ in range(8):
+                lin.weight.data = torch.empty(0)  # the previous candidate is freed before the next is made
+                lin.weight.data = torch.randn(96, 64)
+                torch.testing.assert_close(lin(x), x @ lin.weight.t(), rtol=1e-5, atol=1e-5)
