@@ -92,7 +92,7 @@ class SamplingParams:
 @dataclass
 class SampleOutput:
     token_ids: Tensor  # [B] long
-    logprobs: Tensor  # [B] float: log p(chosen token)
+    logprobs: Tensor | None  # [B] float: log p(chosen token); None when no row asked for it
     top_ids: Tensor | None = None  # [B, N] long, N = max logprobs over the batch
     top_logprobs: Tensor | None = None  # [B, N] float
 
@@ -171,6 +171,7 @@ def sample_next(
     history: list[list[int]],
     generators: list[torch.Generator | None],
     prompt_lens: list[int] | None = None,
+    need_logprobs: list[bool] | None = None,
 ) -> SampleOutput:
     """Pick one token per row from next-token `logits` [B, V] (float32).
 
@@ -181,7 +182,9 @@ def sample_next(
 
     The returned logprobs (chosen and top-N) are log-softmax of the logits *after* bias and
     penalties but *before* temperature and truncation, i.e. the model's distribution (like
-    vLLM's default). `logits` is not modified.
+    vLLM's default). `logits` is not modified. The chosen tokens' logprobs are computed when a row
+    of `need_logprobs` (default: all) or of `params.logprobs` asks for them, else they are None: the
+    log-sum-exp over the vocabulary is a sizeable part of a small model's decode step.
     """
     B, V = logits.shape
     if len(params) != B or len(history) != B or len(generators) != B:
@@ -216,6 +219,9 @@ def sample_next(
             sampled = sorted_idx.gather(1, pos[:, None]).squeeze(1)
         token_ids = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(-1), sampled)
 
+    if n_top == 0 and need_logprobs is not None and not any(need_logprobs) and \
+            all(p.logprobs is None for p in params):
+        return SampleOutput(token_ids=token_ids, logprobs=None)
     log_z = torch.logsumexp(logits, dim=-1)  # [B]
     if chosen is None:
         chosen = logits.gather(1, token_ids[:, None]).squeeze(1)
