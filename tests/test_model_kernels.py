@@ -89,3 +89,31 @@ def test_rope_and_swiglu_kernels_match_the_torch_forms():
     h = torch.randn(3, 1, 2 * 37, generator=g)
     gate, up = h.chunk(2, dim=-1)
     torch.testing.assert_close(kernels.silu_mul(h, lib), F.silu(gate) * up)
+
+
+@needs_cc
+def test_decode_attention_step_writes_the_cache_and_attends_like_torch():
+    """One C call from the fused projection to the attention output on a static cache: the rotated k and the v
+    land in the cache's next column, and y equals apply_rope + SDPA over the cached keys (MHA and GQA, B = 2)."""
+    from llmkit.infer.kv_cache import StaticKVCache
+    from llmkit.model.positions import apply_rope
+
+    lib = kernels.build()
+    g = torch.Generator().manual_seed(2)
+    for H, Hkv, D in [(4, 4, 16), (6, 2, 8)]:
+        B, past = 2, 5
+        cache = StaticKVCache(1, B, Hkv, D, 16)
+        cache.update(0, *torch.randn(2, B, Hkv, past, D, generator=g))  # 5 cached positions
+        qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, generator=g)
+        cos, sin = torch.randn(2, B, 1, 1, D, generator=g)
+        old_k, old_v = cache.k[0][:, :, :past].clone(), cache.v[0][:, :, :past].clone()
+        y = kernels.decode_attention_step(qkv, cos, sin, cache, 0, H, Hkv, 0.3, lib)
+        heads = qkv.view(B, 1, H + 2 * Hkv, D).transpose(1, 2)
+        qk = apply_rope(heads[:, : H + Hkv], cos, sin)
+        k = torch.cat([old_k, qk[:, H:]], 2)
+        v = torch.cat([old_v, heads[:, H + Hkv :]], 2)
+        assert cache.length == past + 1
+        torch.testing.assert_close(cache.k[0][:, :, : past + 1], k)
+        torch.testing.assert_close(cache.v[0][:, :, : past + 1], v)
+        ref = F.scaled_dot_product_attention(qk[:, :H].double(), k.double(), v.double(), enable_gqa=True, scale=0.3)
+        torch.testing.assert_close(y, ref.transpose(1, 2).reshape(B, 1, H * D).float(), rtol=1e-4, atol=1e-5)
