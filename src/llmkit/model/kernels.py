@@ -613,13 +613,13 @@ def int4_mm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, lib: ctypes.CDL
 
 
 def f32_mm(x: Tensor, w: Tensor, bias: Tensor | None = None, lib: ctypes.CDLL | None = None) -> Tensor:
-    """y [M, N] = x [M, K] W^T (+ bias), W = w [N, K] fp32 contiguous (an nn.Linear weight as it is), for few
+    """y [..., N] = x [..., K] W^T (+ bias), W = w [N, K] fp32 contiguous (an nn.Linear weight as it is), for few
     rows M (decode: it reads W at memory speed). Requires `available()` (or a `build()`)."""
     lib = lib or _lib()
-    M, K = x.shape
     x = x.contiguous()
-    N = w.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
+    N, K = w.shape
+    M = x.numel() // K
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
     n = torch.get_num_threads() if N * K >= 1 << 15 else 1  # a small matrix is not worth waking threads
     lib.llmkit_f32_mm(x.data_ptr(), w.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K, n)
     return y
