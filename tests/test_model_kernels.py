@@ -117,3 +117,26 @@ def test_decode_attention_step_writes_the_cache_and_attends_like_torch():
         torch.testing.assert_close(cache.v[0][:, :, : past + 1], v)
         ref = F.scaled_dot_product_attention(qk[:, :H].double(), k.double(), v.double(), enable_gqa=True, scale=0.3)
         torch.testing.assert_close(y, ref.transpose(1, 2).reshape(B, 1, H * D).float(), rtol=1e-4, atol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("march", MARCHES)
+def test_add_rms_norm_and_argmax_match_torch(march):
+    """The residual add + RMSNorm in one call equals the add then the norm; the greedy pass equals
+    torch.max (values and first maximal indices, ties included) and declines rows with a NaN."""
+    lib = kernels.build(march)
+    g = torch.Generator().manual_seed(3)
+    x, h = torch.randn(2, 1, 70, generator=g), torch.randn(2, 1, 70, generator=g)
+    w = torch.rand(70, generator=g)
+    xo, y = kernels.add_rms_norm(x, h, w, 1e-6, 1.0, lib)
+    torch.testing.assert_close(xo, x + h, rtol=0, atol=0)
+    torch.testing.assert_close(y, kernels.rms_norm(x + h, w, 1e-6, 1.0, lib), rtol=0, atol=0)
+    logits = torch.randn(3, 1000, generator=g)
+    logits[1, 17] = logits[1, 900] = 50.0  # a tie: the first index wins
+    logits[2, 999] = 60.0  # in the scalar tail
+    val, idx = kernels.argmax_rows(logits, lib)
+    ref = logits.max(-1)
+    assert idx.tolist() == ref.indices.tolist() == [int(logits[0].argmax()), 17, 999]
+    assert torch.equal(val, ref.values)
+    logits[0, 5] = float("nan")
+    assert kernels.argmax_rows(logits, lib) is None

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from llmkit.errors import InputError
 from llmkit.infer.grammar import Grammar
+from llmkit.model import kernels
 
 NEG_INF = float("-inf")
 
@@ -199,8 +200,9 @@ def sample_next(
 
     greedy = [p.temperature == 0 for p in params]
     chosen = None  # the chosen tokens' logits, when the argmax already gave them
-    if all(greedy):
-        chosen, token_ids = logits.max(-1)  # the first maximal index, as argmax
+    if all(greedy):  # the first maximal index, as argmax (llmkit's C pass for fp32 CPU logits)
+        top = kernels.argmax_rows(logits, lib) if kernels.readable(logits) and (lib := kernels.decode_lib()) else None
+        chosen, token_ids = top if top is not None else logits.max(-1)
     else:
         temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
         scaled = logits / temp[:, None]

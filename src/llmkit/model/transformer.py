@@ -19,7 +19,7 @@ from llmkit.errors import InputError
 from llmkit.model import hf, kernels
 from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
-from llmkit.model.layers import ACTIVATIONS, call, check_token_ids, embedding, make_norm
+from llmkit.model.layers import ACTIVATIONS, add_norm, call, check_token_ids, embedding, make_norm
 from llmkit.model.positions import (
     alibi_bias,
     alibi_slopes,
@@ -218,8 +218,8 @@ class Block(nn.Module):
         h = call(mods["attn"], call(mods["ln_1"], x), cos_sin, mask, kv_cache)
         if self.post_norms:
             h = self.ln_attn_post(h)
-        x = x + (self.drop(h) if self.dropout and self.training else h)
-        h = call(mods["mlp"], call(mods["ln_2"], x))
+        x, h = add_norm(mods["ln_2"], x, self.drop(h) if self.dropout and self.training else h)  # x + h, ln_2(x + h)
+        h = call(mods["mlp"], h)
         if self.post_norms:
             h = self.ln_mlp_post(h)
         return x + (self.drop(h) if self.dropout and self.training else h)
