@@ -51,6 +51,9 @@ C_SOURCE = r"""
 #define F32_NTA 2048   /* fp32 kernel: the weights are prefetched non-temporally this far ahead (~5% faster decode
                           steps: less of the cache the rest of the step uses is evicted) */
 #endif
+#ifndef ATT_PF
+#define ATT_PF 8       /* decode attention: keys prefetched this many rows ahead (0: none) */
+#endif
 #define PF_BYTES 8192  /* software prefetch distance: rows are short (K bytes), too short for the hardware to ramp up */
 #define XMAX 16383.0f  /* int16 activations within +-2^14 */
 #define CHUNK 8192     /* inputs summed in int32 lanes before fp32: 8 or more lanes, each summing at most
@@ -414,6 +417,13 @@ INLINE void attend_head(const float* qh, const float* kh, const float* vh, float
         const float* kj = kh + j * D;
         int64_t d = 0;
         float t = 0.f;
+#if ATT_PF
+        /* the cache is cold after the weights streamed through: fetch keys ahead, and the values for the second pass */
+        for (int64_t e = 0; e < D; e += 16) {
+            _mm_prefetch((const char*)(kj + ATT_PF * D + e), _MM_HINT_T0);
+            _mm_prefetch((const char*)(vh + j * D + e), _MM_HINT_T0);
+        }
+#endif
 #if defined(FV)
         FV a = FZERO;
         for (; d + FW <= D; d += FW) a = FMA(FLOAD(qh + d), FLOAD(kj + d), a);
