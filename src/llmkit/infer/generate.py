@@ -94,8 +94,8 @@ class Generator:
     """Step-by-step batched generation for one batch of prompts over a static KV cache.
 
     Iterating yields, per decode step, one `TokenEvent` per row (None once a row has finished).
-    Token -> text and stop handling is the `Sequence`'s, shared with the `Engine`. With
-    `return_logprobs=False` the events carry log-probabilities only for rows whose params ask for them.
+    Token -> text and stop handling is the `Sequence`'s, shared with the `Engine`. The events carry
+    log-probabilities with `return_logprobs=True` or for rows whose params ask for them (`logprobs`), else None.
     """
 
     def __init__(
@@ -108,7 +108,7 @@ class Generator:
         fast: bool = True,
         tokenizer: Any = None,
         speculative: SpeculativeConfig | None = None,
-        return_logprobs: bool = True,
+        return_logprobs: bool = False,
     ):
         self.model = model
         self.B = B = len(prompts)
@@ -372,7 +372,7 @@ def stream_text(
         prompt_ids = list(prompt)
     p = make_params(params, max_new_tokens=max_new_tokens, **sampling).validate(model.config.vocab_size)
     gen = Generator(model, [prompt_ids], [p], eos_token_ids(model, tokenizer), tokenizer=tokenizer,
-                    speculative=spec, return_logprobs=False)
+                    speculative=spec)
     for (event,) in gen:
         if event is None:
             return
