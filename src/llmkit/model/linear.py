@@ -137,11 +137,12 @@ class PackedLinear(nn.Linear):
                 y = DenseLinearFunction.apply(x.reshape(-1, self.in_features), w, bias)
                 return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, w, bias)
-        rows = x.reshape(-1, self.in_features)  # [M, in]
-        if rows.shape[0] <= KERNEL_ROWS and kernels.readable(rows) and kernels.readable(w):
+        if x.numel() <= KERNEL_ROWS * self.in_features and x.shape[-1] == self.in_features and kernels.readable(x) \
+                and kernels.readable(w):
             wk = self._copy("kernel")  # (library, weight in 2 MB pages), or None without llmkit's kernels
             if wk is not None:
-                return kernels.f32_mm(rows, wk[1], bias, wk[0]).view(*x.shape[:-1], self.out_features)
+                return kernels.f32_mm(x, wk[1], bias, wk[0])  # [..., in] -> [..., out]
+        rows = x.reshape(-1, self.in_features)  # [M, in]
         if rows.shape[0] == 1:
             if torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:
                 blocks = self._copy("blocks")  # [nb, in, out/nb]
