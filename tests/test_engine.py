@@ -569,3 +569,19 @@ def test_long_prompt_prefill_is_mixed_into_the_running_streams_steps(pair):
             assert short.result().token_ids == want_short
     # mixed: a decode step for the short stream rides along every prefill chunk; otherwise it waits
     assert during[True] >= 12 and during[False] <= 2, during
+
+
+def test_return_logprobs_false_skips_them_unless_params_ask(pair):
+    """Engine.submit(return_logprobs=False) (what the server does for requests without `logprobs`): the same
+    tokens, no log-probabilities; params.logprobs still gets exact ones."""
+    hf, model = pair
+    prompt = PROMPTS[0]
+    with Engine(model) as engine:
+        plain = engine.submit(prompt, _greedy(6), return_logprobs=False).result()
+        asked = engine.submit(prompt, _greedy(6, logprobs=0), return_logprobs=False).result()
+    assert plain.token_ids == asked.token_ids == _hf_greedy(hf, prompt, 6)
+    assert plain.logprobs == [None] * 6
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + asked.token_ids])).logits[0].float(), dim=-1)
+    want = [ref[len(prompt) - 1 + j, t].item() for j, t in enumerate(asked.token_ids)]
+    assert asked.logprobs == pytest.approx(want, abs=1e-4)

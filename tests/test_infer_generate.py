@@ -158,3 +158,30 @@ def test_generate_returns_logprobs_of_a_plain_forward():
         top = row.topk(3)
         assert [i for i, _ in out.top_logprobs[j]] == top.indices.tolist()
         assert [v for _, v in out.top_logprobs[j]] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_logprobs_are_computed_only_for_consumers_that_ask():
+    """Without return_logprobs / params.logprobs the step skips the log-sum-exp: events carry None and the
+    tokens are unchanged; asking (return_logprobs, or logprobs=0 on a row) gives the exact values."""
+    import llmkit
+    from llmkit.infer.generate import Generator
+    from llmkit.infer.sampling import SamplingParams
+
+    cfg = llmkit.ModelConfig(model_type="llama", vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                             block_size=64)
+    model = llmkit.Transformer(cfg).eval()
+    prompts = [[3, 9, 27, 5], [7, 1]]
+    params = [SamplingParams(max_new_tokens=5, temperature=0.0), SamplingParams(max_new_tokens=5, temperature=0.0,
+                                                                               logprobs=0)]
+    steps = list(Generator(model, prompts, params, set(), return_logprobs=False))
+    assert all(ev.logprob is None for ev, _ in steps)  # row 0 asked for nothing
+    full = llmkit.generate(model, prompts, 5, return_logprobs=True)
+    assert [[ev.token_id for ev, _ in steps], [ev.token_id for _, ev in steps]] == [g.token_ids for g in full]
+    with torch.no_grad():
+        for r, p in enumerate(prompts):
+            ref = torch.log_softmax(model(torch.tensor([p + full[r].token_ids]))[0].float(), -1)
+            want = [ref[len(p) - 1 + j, t].item() for j, t in enumerate(full[r].token_ids)]
+            assert full[r].logprobs == pytest.approx(want, abs=1e-4)
+            if r == 1:  # params.logprobs=0: the chosen token's log-prob, no alternatives
+                assert [ev.logprob for _, ev in steps] == pytest.approx(want, abs=1e-4)
+                assert all(ev.top_logprobs is None for _, ev in steps)

@@ -89,3 +89,66 @@ def test_rope_and_swiglu_kernels_match_the_torch_forms():
     h = torch.randn(3, 1, 2 * 37, generator=g)
     gate, up = h.chunk(2, dim=-1)
     torch.testing.assert_close(kernels.silu_mul(h, lib), F.silu(gate) * up)
+
+
+def test_packed_linear_follows_weights_swapped_through_data():
+    """A weight replaced through `.data` (as AWQ's scale search does) is what the next call multiplies by,
+    even when the allocator hands the new weight the freed one's address (the cache key's data pointer)."""
+    torch.manual_seed(0)
+    for rows in (1, 3):  # llmkit's kernel / oneDNN's packed copy
+        lin = PackedLinear(nn.Linear(64, 96, bias=False)).eval()
+        x = torch.randn(rows, 64)
+        with torch.no_grad():
+            for _ in range(8):
+                lin.weight.data = torch.empty(0)  # the previous candidate is freed before the next is made
+                lin.weight.data = torch.randn(96, 64)
+                torch.testing.assert_close(lin(x), x @ lin.weight.t(), rtol=1e-5, atol=1e-5)
+@needs_cc
+def test_decode_attention_step_writes_the_cache_and_attends_like_torch():
+    """One C call from the fused projection to the attention output on a static cache: the rotated k and the v
+    land in the cache's next column, and y equals apply_rope + SDPA over the cached keys (MHA and GQA, B = 2)."""
+    from llmkit.infer.kv_cache import StaticKVCache
+    from llmkit.model.positions import apply_rope
+
+    lib = kernels.build()
+    g = torch.Generator().manual_seed(2)
+    for H, Hkv, D in [(4, 4, 16), (6, 2, 8)]:
+        B, past = 2, 5
+        cache = StaticKVCache(1, B, Hkv, D, 16)
+        cache.update(0, *torch.randn(2, B, Hkv, past, D, generator=g))  # 5 cached positions
+        qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, generator=g)
+        cos, sin = torch.randn(2, B, 1, 1, D, generator=g)
+        old_k, old_v = cache.k[0][:, :, :past].clone(), cache.v[0][:, :, :past].clone()
+        y = kernels.decode_attention_step(qkv, cos, sin, cache, 0, H, Hkv, 0.3, lib)
+        heads = qkv.view(B, 1, H + 2 * Hkv, D).transpose(1, 2)
+        qk = apply_rope(heads[:, : H + Hkv], cos, sin)
+        k = torch.cat([old_k, qk[:, H:]], 2)
+        v = torch.cat([old_v, heads[:, H + Hkv :]], 2)
+        assert cache.length == past + 1
+        torch.testing.assert_close(cache.k[0][:, :, : past + 1], k)
+        torch.testing.assert_close(cache.v[0][:, :, : past + 1], v)
+        ref = F.scaled_dot_product_attention(qk[:, :H].double(), k.double(), v.double(), enable_gqa=True, scale=0.3)
+        torch.testing.assert_close(y, ref.transpose(1, 2).reshape(B, 1, H * D).float(), rtol=1e-4, atol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("march", MARCHES)
+def test_add_rms_norm_and_argmax_match_torch(march):
+    """The residual add + RMSNorm in one call equals the add then the norm; the greedy pass equals
+    torch.max (values and first maximal indices, ties included) and declines rows with a NaN."""
+    lib = kernels.build(march)
+    g = torch.Generator().manual_seed(3)
+    x, h = torch.randn(2, 1, 70, generator=g), torch.randn(2, 1, 70, generator=g)
+    w = torch.rand(70, generator=g)
+    xo, y = kernels.add_rms_norm(x, h, w, 1e-6, 1.0, lib)
+    torch.testing.assert_close(xo, x + h, rtol=0, atol=0)
+    torch.testing.assert_close(y, kernels.rms_norm(x + h, w, 1e-6, 1.0, lib), rtol=0, atol=0)
+    logits = torch.randn(3, 1000, generator=g)
+    logits[1, 17] = logits[1, 900] = 50.0  # a tie: the first index wins
+    logits[2, 999] = 60.0  # in the scalar tail
+    val, idx = kernels.argmax_rows(logits, lib)
+    ref = logits.max(-1)
+    assert idx.tolist() == ref.indices.tolist() == [int(logits[0].argmax()), 17, 999]
+    assert torch.equal(val, ref.values)
+    logits[0, 5] = float("nan")
+    assert kernels.argmax_rows(logits, lib) is None

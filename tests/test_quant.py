@@ -17,6 +17,7 @@ from llmkit.cli import main
 from llmkit.errors import ConfigError, InputError
 from llmkit.model import kernels
 from llmkit.model.config import ModelConfig
+from llmkit.model.linear import set_decode_packing
 from llmkit.model.quant import (
     FakeQuantLinear,
     Int4Linear,
@@ -265,6 +266,20 @@ def test_awq_scale_search_scores_the_module_the_layer_feeds():
         assert by_hand < loss(spec.fake(w))  # three calls sum more than one
         s = awq_scale(w, stats[name]["x"], spec, loss=loss)
         assert loss(spec.fake(w * s) / s) <= loss(spec.fake(w))  # s = 1 (RTN) is a candidate
+
+
+def test_awq_is_the_same_on_a_model_packed_for_decode():
+    # generate() swaps in PackedLinear (packed copies keyed on the weight's version and address); AWQ
+    # scores candidate weights by swapping them in, so a stale copy once decided the search at random
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=128)).eval()
+    calib = torch.randint(0, 128, (4, 32))
+    plain = copy.deepcopy(model).quantize("int4", 32, "awq", calibration=calib)
+    packed = set_decode_packing(copy.deepcopy(model))
+    packed(calib[:1])  # the packed copies exist before quantizing, as after a generate() call
+    packed.quantize("int4", 32, "awq", calibration=calib)
+    for (name, a), b in zip(plain.state_dict().items(), packed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_skip_keeps_named_blocks_float_and_rejects_unknown_names(tmp_path):

@@ -256,11 +256,13 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         adapter: str | None = None,
+        return_logprobs: bool = True,
     ) -> RequestHandle:
         """Queue a request; raises `QueueFullError` when `max_queue` requests already wait and
         `InputError` for bad ids or when prompt + max_new_tokens exceed `max_seq_len`.
         `adapter` names a LoRA adapter or a soft prompt of the model (None: the base model); requests
-        for different adapters share the running batch."""
+        for different adapters share the running batch. `return_logprobs=False`: the events carry no
+        log-probability unless `params.logprobs` asks for them (None; the step skips a log-sum-exp)."""
         ids = self._check_ids(prompt_ids)
         virtual = self._virtual_prefix(adapter)
         params = dataclasses.replace(params) if params is not None else SamplingParams()
@@ -271,7 +273,8 @@ class Engine:
             if len(ids) > self.max_seq_len:
                 raise InputError(f"prompt has {len(ids)} tokens but the encoder's context is {self.max_seq_len}; "
                                  "shorten the prompt")
-            return self._enqueue(ids, params, request_id, adapter, 1 + params.max_new_tokens, None, virtual)
+            return self._enqueue(ids, params, request_id, adapter, 1 + params.max_new_tokens, None, virtual,
+                                 return_logprobs)
         need = len(virtual) + len(ids) + params.max_new_tokens
         if need > self.max_seq_len:
             raise InputError(
@@ -279,7 +282,7 @@ class Engine:
                 f"exceeds the "
                 f"context of {self.max_seq_len} tokens; shorten the prompt or lower max_new_tokens"
             )
-        return self._enqueue(ids, params, request_id, adapter, need, None, virtual)
+        return self._enqueue(ids, params, request_id, adapter, need, None, virtual, return_logprobs)
 
     def submit_scoring(
         self, prompt_ids: list[int], top_n: int = 0, request_id: str | None = None, adapter: str | None = None
@@ -298,7 +301,8 @@ class Engine:
                              int(top_n), virtual)
 
     def _enqueue(self, ids: list[int], params: SamplingParams, request_id: str | None, adapter: str | None,
-                 need: int, score_top: int | None, virtual: list[int]) -> RequestHandle:
+                 need: int, score_top: int | None, virtual: list[int], return_logprobs: bool = True
+                 ) -> RequestHandle:
         if self.max_blocks_held(need) > self.cache.num_blocks:
             raise InputError(
                 f"a request of {need} tokens needs more KV blocks than the pool has ({self.cache.num_blocks})"
@@ -308,6 +312,7 @@ class Engine:
         seq = _Sequence(handle, seq_id, self.eos_token_ids, self.tokenizer, virtual,
                         decoder_start=self._decoder_start() if self.seq2seq else None)
         seq.adapter, seq.score_top = adapter, score_top
+        seq.return_logprobs = return_logprobs or params.logprobs is not None
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is shutting down and accepts no new requests")

@@ -94,7 +94,8 @@ class Generator:
     """Step-by-step batched generation for one batch of prompts over a static KV cache.
 
     Iterating yields, per decode step, one `TokenEvent` per row (None once a row has finished).
-    Token -> text and stop handling is the `Sequence`'s, shared with the `Engine`.
+    Token -> text and stop handling is the `Sequence`'s, shared with the `Engine`. The events carry
+    log-probabilities with `return_logprobs=True` or for rows whose params ask for them (`logprobs`), else None.
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class Generator:
         fast: bool = True,
         tokenizer: Any = None,
         speculative: SpeculativeConfig | None = None,
+        return_logprobs: bool = False,
     ):
         self.model = model
         self.B = B = len(prompts)
@@ -135,7 +137,8 @@ class Generator:
         self.key_mask = mask.to(self.device) if padded else None  # [B, L + max_new]
         if self.cache is not None and padded:
             self.cache.set_padding(self.key_mask)
-        self.seqs = [Sequence(p, sp, eos_ids, tokenizer, self.device) for p, sp in zip(prompts, params)]
+        self.seqs = [Sequence(p, sp, eos_ids, tokenizer, self.device, return_logprobs)
+                     for p, sp in zip(prompts, params)]
         # rows that repeat a prompt (n samples of one prompt: GRPO's groups, OpenAI's n) prefill it once
         distinct: dict[tuple[int, ...], int] = {}
         inverse = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
@@ -309,16 +312,18 @@ def generate(
         p0 = next(model.parameters())
         spec.draft_model = load_model(spec.draft_model, dtype=p0.dtype, device=p0.device)
     # speculative decoding verifies one row at a time here (the Engine batches it)
-    groups = [([i], Generator(model, [prompts[i]], [plist[i]], eos, use_cache=use_cache, fast=fast,
-                              speculative=spec)) for i in range(len(prompts))] if spec is not None else \
-        [(list(range(len(prompts))), Generator(model, prompts, plist, eos, use_cache=use_cache, fast=fast))]
+    kw = {"use_cache": use_cache, "fast": fast, "return_logprobs": return_logprobs}
+    groups = [([i], Generator(model, [prompts[i]], [plist[i]], eos, speculative=spec, **kw))
+              for i in range(len(prompts))] if spec is not None else \
+        [(list(range(len(prompts))), Generator(model, prompts, plist, eos, **kw))]
     rows = [Generation([], [], [] if p.logprobs else None) for p in plist]
     for idx, gen in groups:
         for events in gen:
             for i, ev in zip(idx, events):
                 if ev is not None:
                     rows[i].token_ids.append(ev.token_id)
-                    rows[i].logprobs.append(ev.logprob)
+                    if return_logprobs:
+                        rows[i].logprobs.append(ev.logprob)
                     if rows[i].top_logprobs is not None:
                         rows[i].top_logprobs.append(ev.top_logprobs or [])
     outs = rows if return_logprobs else [r.token_ids for r in rows]

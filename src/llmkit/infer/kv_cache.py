@@ -42,6 +42,8 @@ class StaticKVCache:
         self.key_mask: Tensor | None = None  # [B, max_len] 0 = left padding (None: no padding)
         self.positions: Tensor | None = None  # [B, max_len] position of each column (None: the column)
         self.prefix = 0  # leading columns a prompt-tuned model fills itself (its virtual tokens)
+        # plain fp32 CPU buffers: a decode step's C attention writes its keys/values itself (`slot`)
+        self.fused_decode = dtype == torch.float32 and torch.device(device).type == "cpu"
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> StaticKVCache:
@@ -58,18 +60,24 @@ class StaticKVCache:
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, Hkv, T, D] at the current length; return all keys/values [B, Hkv, S, D]."""
         T = k.shape[2]
+        K, V, start = self.slot(layer_idx, T)
+        K.narrow(2, start, T).copy_(k)  # narrow: one cheap op, where [:, :, a:b] indexing is several
+        V.narrow(2, start, T).copy_(v)
+        return K.narrow(2, 0, start + T), V.narrow(2, 0, start + T)
+
+    def slot(self, layer_idx: int, T: int) -> tuple[Tensor, Tensor, int]:
+        """The layer's whole key and value buffers [B, Hkv, max_len, D] and the column where its T new
+        tokens go, for a caller that writes them itself (`update`, a decode step's C attention); the
+        cache advances by T after the last layer."""
         start, end = self.length, self.length + T
         if end > self.max_len:
             raise InputError(
                 f"KV cache holds {self.max_len} positions but {end} are needed; "
                 "allocate a longer cache (max_len) or generate fewer tokens"
             )
-        K, V = self.k[layer_idx], self.v[layer_idx]
-        K.narrow(2, start, T).copy_(k)  # narrow: one cheap op, where [:, :, a:b] indexing is several
-        V.narrow(2, start, T).copy_(v)
         if layer_idx == self.n_layer - 1:
             self.length = end
-        return K.narrow(2, 0, end), V.narrow(2, 0, end)
+        return self.k[layer_idx], self.v[layer_idx], start
 
     def set_padding(self, key_mask: Tensor) -> None:
         """Rows are left-padded: `key_mask` [B, max_len] marks real columns; positions start at 0 at

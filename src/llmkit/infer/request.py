@@ -23,7 +23,7 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     finish_reason: str | None
-    logprobs: list[float]
+    logprobs: list[float | None]  # None per token for a request submitted with return_logprobs=False
 
 
 _END = object()  # end-of-stream marker in a handle's queue

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from llmkit.errors import InputError
 from llmkit.infer.grammar import Grammar
+from llmkit.model import kernels
 
 NEG_INF = float("-inf")
 
@@ -92,7 +93,7 @@ class SamplingParams:
 @dataclass
 class SampleOutput:
     token_ids: Tensor  # [B] long
-    logprobs: Tensor  # [B] float: log p(chosen token)
+    logprobs: Tensor | None  # [B] float: log p(chosen token); None when no row asked for it
     top_ids: Tensor | None = None  # [B, N] long, N = max logprobs over the batch
     top_logprobs: Tensor | None = None  # [B, N] float
 
@@ -171,6 +172,7 @@ def sample_next(
     history: list[list[int]],
     generators: list[torch.Generator | None],
     prompt_lens: list[int] | None = None,
+    need_logprobs: list[bool] | None = None,
 ) -> SampleOutput:
     """Pick one token per row from next-token `logits` [B, V] (float32).
 
@@ -181,7 +183,9 @@ def sample_next(
 
     The returned logprobs (chosen and top-N) are log-softmax of the logits *after* bias and
     penalties but *before* temperature and truncation, i.e. the model's distribution (like
-    vLLM's default). `logits` is not modified.
+    vLLM's default). `logits` is not modified. The chosen tokens' logprobs are computed when a row
+    of `need_logprobs` (default: all) or of `params.logprobs` asks for them, else they are None: the
+    log-sum-exp over the vocabulary is a sizeable part of a small model's decode step.
     """
     B, V = logits.shape
     if len(params) != B or len(history) != B or len(generators) != B:
@@ -196,8 +200,9 @@ def sample_next(
 
     greedy = [p.temperature == 0 for p in params]
     chosen = None  # the chosen tokens' logits, when the argmax already gave them
-    if all(greedy):
-        chosen, token_ids = logits.max(-1)  # the first maximal index, as argmax
+    if all(greedy):  # the first maximal index, as argmax (llmkit's C pass for fp32 CPU logits)
+        top = kernels.argmax_rows(logits, lib) if kernels.readable(logits) and (lib := kernels.decode_lib()) else None
+        chosen, token_ids = top if top is not None else logits.max(-1)
     else:
         temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
         scaled = logits / temp[:, None]
@@ -216,6 +221,9 @@ def sample_next(
             sampled = sorted_idx.gather(1, pos[:, None]).squeeze(1)
         token_ids = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(-1), sampled)
 
+    if n_top == 0 and need_logprobs is not None and not any(need_logprobs) and \
+            all(p.logprobs is None for p in params):
+        return SampleOutput(token_ids=token_ids, logprobs=None)
     log_z = torch.logsumexp(logits, dim=-1)  # [B]
     if chosen is None:
         chosen = logits.gather(1, token_ids[:, None]).squeeze(1)

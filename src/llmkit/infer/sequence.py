@@ -26,20 +26,25 @@ class TokenEvent:
     """One generated token as it is streamed to the caller.
 
     `text` is the new text this token made visible (UTF-8 safe, stop strings removed; may be "").
-    `logprob` is log p(token) under the model's distribution (after logit bias/penalties);
+    `logprob` is log p(token) under the model's distribution (after logit bias/penalties), None
+    when the request asked for no log-probabilities (`Sequence.return_logprobs`);
     `top_logprobs` lists (token_id, logprob) of the top-N alternatives when `params.logprobs` is set.
     `finish_reason` is set on the last event: "stop" (EOS, stop token or stop string) or "length".
     """
 
     token_id: int
     text: str
-    logprob: float
+    logprob: float | None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None
 
 
 class Sequence:
-    """One row being generated: prompt + generated tokens, sampler state, detokenizer and stop checks."""
+    """One row being generated: prompt + generated tokens, sampler state, detokenizer and stop checks.
+
+    `return_logprobs=False` (and no `params.logprobs`): its events carry no log-probability (None),
+    which saves the step a log-sum-exp over the vocabulary.
+    """
 
     def __init__(
         self,
@@ -48,8 +53,10 @@ class Sequence:
         eos_token_ids: set[int],
         tokenizer: Any = None,
         device: torch.device | str = "cpu",
+        return_logprobs: bool = True,
     ):
         self.params = params
+        self.return_logprobs = return_logprobs or params.logprobs is not None
         self.tokens = list(prompt_ids)  # prompt + generated
         self.prompt_len = len(prompt_ids)
         self.generator = params.make_generator(device)
@@ -104,9 +111,10 @@ def sample_step(
         mask_logits(logits, constrained, [seqs[b].constraint for b in constrained])
     out = sample_next(
         logits, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs],
-        prompt_lens=[s.prompt_len for s in seqs],
+        prompt_lens=[s.prompt_len for s in seqs], need_logprobs=[s.return_logprobs for s in seqs],
     )
-    token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
+    token_ids = out.token_ids.tolist()
+    logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(seqs)
     top_ids = out.top_ids.tolist() if out.top_ids is not None else None
     top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
     events: list[TokenEvent | None] = []
@@ -117,7 +125,7 @@ def sample_step(
         n_top = seq.params.logprobs
         top = list(zip(top_ids[b][:n_top], top_lps[b][:n_top])) if n_top and top_ids is not None else None
         text, finish = seq.add(token_ids[b])
-        events.append(TokenEvent(token_ids[b], text, logprobs[b], top, finish))
+        events.append(TokenEvent(token_ids[b], text, logprobs[b] if seq.return_logprobs else None, top, finish))
     return events
 
 
@@ -167,7 +175,7 @@ def speculative_step(
                 v, ids = row.topk(n_top)
                 top = list(zip(ids.tolist(), v.tolist()))
             text, finish = s.add(t)
-            events[b].append(TokenEvent(t, text, float(row[t]), top, finish))
+            events[b].append(TokenEvent(t, text, float(row[t]) if s.return_logprobs else None, top, finish))
             if finish is not None:
                 break
         off += len(d) + 1

@@ -92,12 +92,15 @@ class PackedLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias  # shared with the dense module
         self._copies: dict[str, Tensor] = {}
         self._version: tuple = ()
+        self._source: Tensor | None = None
 
     def _copy(self, kind: str):
         w = self._parameters["weight"]
         version = (w._version, w.data_ptr())
-        if version != self._version:
-            self._copies, self._version = {}, version
+        if version != self._version or self._source is None:
+            # `_source` holds the weight's storage: a weight replaced through `.data` cannot free it, so a new
+            # weight never reuses its address (AWQ swaps candidate weights in; a reused address read stale copies)
+            self._copies, self._version, self._source = {}, version, w.detach()
         c = self._copies.get(kind, False)
         if c is False:
             w = w.detach()
@@ -113,6 +116,10 @@ class PackedLinear(nn.Linear):
                 c = torch.ops.mkldnn._reorder_linear_weight(w, 8)
             self._copies[kind] = c
         return c
+
+    def _apply(self, fn, recurse: bool = True):  # .to() / .half() / ...: the copies (and the old storage) go
+        self._copies, self._version, self._source = {}, (), None
+        return super()._apply(fn, recurse)
 
     def _n_blocks(self) -> int:
         return 8 if self.out_features >= 8192 else 2
@@ -130,11 +137,12 @@ class PackedLinear(nn.Linear):
                 y = DenseLinearFunction.apply(x.reshape(-1, self.in_features), w, bias)
                 return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, w, bias)
-        rows = x.reshape(-1, self.in_features)  # [M, in]
-        if rows.shape[0] <= KERNEL_ROWS and kernels.readable(rows) and kernels.readable(w):
+        if x.numel() <= KERNEL_ROWS * self.in_features and x.shape[-1] == self.in_features and kernels.readable(x) \
+                and kernels.readable(w):
             wk = self._copy("kernel")  # (library, weight in 2 MB pages), or None without llmkit's kernels
             if wk is not None:
-                return kernels.f32_mm(rows, wk[1], bias, wk[0]).view(*x.shape[:-1], self.out_features)
+                return kernels.f32_mm(x, wk[1], bias, wk[0])  # [..., in] -> [..., out]
+        rows = x.reshape(-1, self.in_features)  # [M, in]
         if rows.shape[0] == 1:
             if torch.get_num_threads() > 1 and self.out_features % self._n_blocks() == 0:
                 blocks = self._copy("blocks")  # [nb, in, out/nb]
@@ -154,7 +162,7 @@ class PackedLinear(nn.Linear):
         """Copies and pickles carry the parameters, not the packed copies (oneDNN's are opaque tensors
         that cannot be copied); they are rebuilt on first use."""
         state = self.__dict__.copy()
-        state["_copies"], state["_version"] = {}, ()
+        state["_copies"], state["_version"], state["_source"] = {}, (), None
         return state
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from llmkit.errors import ConfigError, InputError
 from llmkit.model import kernels
+from llmkit.model.linear import set_decode_packing
 
 INT4_GROUPS = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
 
@@ -651,6 +652,9 @@ def quantize_model(
     if any(isinstance(m, QUANT_KINDS) for m in model.modules()):
         raise InputError("the model is already quantized")
     model.eval()
+    # plain nn.Linear while calibrating: AWQ scores candidate weights by swapping them in (`_output_loss`),
+    # and a PackedLinear's packed copy (keyed on the weight's version and address) could outlive them
+    set_decode_packing(model, False)
     split_moe_experts(model)
     skip = tuple(skip)
     modules = [n for n, _ in model.named_modules()]

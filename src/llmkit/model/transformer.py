@@ -19,7 +19,7 @@ from llmkit.errors import InputError
 from llmkit.model import hf, kernels
 from llmkit.model.attention import AttnMeta
 from llmkit.model.config import ModelConfig
-from llmkit.model.layers import ACTIVATIONS, check_token_ids, embedding, make_norm
+from llmkit.model.layers import ACTIVATIONS, add_norm, call, check_token_ids, embedding, make_norm
 from llmkit.model.positions import (
     alibi_bias,
     alibi_slopes,
@@ -65,12 +65,19 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.qkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # [B, nh + 2 nkv, T, hd]
+        mods = self._modules  # (not nn.Module.__getattr__; `call`: not __call__ unless a hook needs it)
+        h = call(mods["qkv"], x)  # [B, T, (nh + 2 nkv) hd]
+        # a decode step: llmkit's C kernels (model/kernels.py)
+        lib = kernels.decode_lib() if T == 1 and not torch.is_grad_enabled() and kernels.readable(h) else None
+        if lib is not None and cos_sin is not None and mask is None and self.softcap is None and not self.qk_norm \
+                and getattr(kv_cache, "fused_decode", False):  # on a static cache: one C call from qkv to y
+            y = kernels.decode_attention_step(h, *cos_sin, kv_cache, self.layer_idx, nh, nkv, self.scale, lib)
+            if y is not None:
+                return call(mods["proj"], y)
+        qkv = h.view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # [B, nh + 2 nkv, T, hd]
         qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
-        # a decode step: llmkit's C kernels (model/kernels.py)
-        lib = kernels.decode_lib() if T == 1 and not torch.is_grad_enabled() and kernels.readable(x) else None
         if cos_sin is not None:
             rotated = kernels.rope1(qk, *cos_sin, lib) if lib is not None else None
             qk = rotated if rotated is not None else apply_rope(qk, *cos_sin)  # q and k heads rotated together
@@ -91,7 +98,7 @@ class CausalSelfAttention(nn.Module):
                 enable_gqa=int(k.shape[1]) != nh,  # a cache may hand back keys already repeated per query head
                 scale=self.scale,
             )  # [B, nh, T, hd]
-        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+        return call(mods["proj"], y.transpose(1, 2).reshape(B, T, nh * hd))
 
 
 def softcapped_attention(q, k, v, mask, scale: float | None, cap: float) -> torch.Tensor:
@@ -118,14 +125,15 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
+        mods = self._modules  # (as in attention)
+        h = call(mods["fc"], x)
         if self.swiglu and self.act is F.silu and not torch.is_grad_enabled() and h.numel() <= 1 << 16 \
                 and kernels.readable(h) and (lib := kernels.decode_lib()) is not None:
-            return self.proj(kernels.silu_mul(h, lib))  # a decode step's few rows: one C call
+            return call(mods["proj"], kernels.silu_mul(h, lib))  # a decode step's few rows: one C call
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
-            return self.proj(self.act(gate) * up)
-        return self.proj(self.act(h))
+            return call(mods["proj"], self.act(gate) * up)
+        return call(mods["proj"], self.act(h))
 
 
 class MoE(nn.Module):
@@ -204,13 +212,14 @@ class Block(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, cos_sin, mask, kv_cache=None) -> torch.Tensor:
+        mods = self._modules  # (as in attention)
         if isinstance(cos_sin, list):  # [global, local] RoPE
-            cos_sin = cos_sin[1] if self.attn.local_rope else cos_sin[0]
-        h = self.attn(self.ln_1(x), cos_sin, mask, kv_cache)
+            cos_sin = cos_sin[1] if mods["attn"].local_rope else cos_sin[0]
+        h = call(mods["attn"], call(mods["ln_1"], x), cos_sin, mask, kv_cache)
         if self.post_norms:
             h = self.ln_attn_post(h)
-        x = x + (self.drop(h) if self.dropout and self.training else h)
-        h = self.mlp(self.ln_2(x))
+        x, h = add_norm(mods["ln_2"], x, self.drop(h) if self.dropout and self.training else h)  # x + h, ln_2(x + h)
+        h = call(mods["mlp"], h)
         if self.post_norms:
             h = self.ln_mlp_post(h)
         return x + (self.drop(h) if self.dropout and self.training else h)
@@ -346,7 +355,7 @@ class Transformer(nn.Module):
 
         masks = {w: self._mask(meta, w, x.dtype) for w in self.windows}
         for block in self.blocks:
-            x = block(x, cos_sin, masks[block.attn.window], kv_cache)
+            x = call(block, x, cos_sin, masks[block._modules["attn"].window], kv_cache)
         if isinstance(num_logits_to_keep, torch.Tensor):
             x = x[:, num_logits_to_keep]
         elif num_logits_to_keep:

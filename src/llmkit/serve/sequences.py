@@ -36,7 +36,7 @@ class SequenceState:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)  # None when the request shows none
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     finish_reason: str | None = None
     t_first: float | None = None
@@ -50,8 +50,8 @@ def submit_all(
     queued, so no choice of a refused request keeps running without a client.
     `adapter`: the LoRA adapter the request's `model` named (None: the base model)."""
     extra = {"adapter": adapter} if adapter is not None else {}
-    return _submit_atomically([
-        functools.partial(engine.submit, ids, params, request_id=f"{request_id}-{i}", **extra)
+    return _submit_atomically([  # log-probabilities only for requests that show them (params.logprobs)
+        functools.partial(engine.submit, ids, params, request_id=f"{request_id}-{i}", return_logprobs=False, **extra)
         for i, (ids, params) in enumerate(jobs)
     ])
 
