@@ -84,20 +84,25 @@ def test_int4_kernel_matches_longhand_grid_and_state_dict_round_trip(K, N, g):
         assert lin.qweight.numel() * 2 == w.numel()
 
 
-@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64"])  # AVX-512 here, AVX2, plain C
-def test_llmkit_kernels_match_dequantized_fp64_matmul(march, monkeypatch):
-    """llmkit's own int8/int4 kernels (int16 activations, exact int32 sums) against x @ W_deq^T in fp64,
-    for each instruction set it compiles for; and the PyTorch fallback when they are off."""
+def _kernels_for(march: str):
+    """llmkit's kernel library built for `march`, or a skip where this machine cannot build or run it."""
     import platform
     import shutil
 
     if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler: llmkit's kernels cannot be built (the PyTorch fallback is tested below)")
+        pytest.skip("no C compiler: llmkit's kernels cannot be built (the PyTorch fallback is tested elsewhere)")
     if march != "native" and platform.machine() != "x86_64":
         pytest.skip("-march variants are x86-64 only")
     if march == "x86-64-v3" and " avx2 " not in open("/proc/cpuinfo").read().replace("\n", " "):
         pytest.skip("this CPU has no AVX2")
-    lib = kernels.build(march)
+    return kernels.build(march)
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64"])  # AVX-512 here, AVX2, plain C
+def test_llmkit_kernels_match_dequantized_fp64_matmul(march, monkeypatch):
+    """llmkit's own int8/int4 kernels (int16 activations, exact int32 sums) against x @ W_deq^T in fp64,
+    for each instruction set it compiles for; and the PyTorch fallback when they are off."""
+    lib = _kernels_for(march)
     assert lib is not None
     torch.manual_seed(0)
     for bits, K, N, g in [(8, 172, 37, 0), (8, 256, 20, 64), (4, 192, 37, 32), (4, 256, 9, 64), (4, 512, 5, 256)]:
@@ -137,16 +142,7 @@ def test_llmkit_kernels_sum_the_integer_products_exactly(march):
     int4 (scales and zero points per group) agree with the same integer sums to float32 rounding. Shapes cover
     row tails (N % 4), half vectors (K % 64 == 32, K % 128 != 0), sums longer than one int32 segment, 1 to 34
     groups and several rows of x (prefill)."""
-    import platform
-    import shutil
-
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler: llmkit's kernels cannot be built")
-    if march != "native" and platform.machine() != "x86_64":
-        pytest.skip("-march variants are x86-64 only")
-    if march == "x86-64-v3" and " avx2 " not in open("/proc/cpuinfo").read().replace("\n", " "):
-        pytest.skip("this CPU has no AVX2")
-    lib = kernels.build(march)
+    lib = _kernels_for(march)
     torch.manual_seed(0)
     for K, N, M in [(160, 7, 3), (1376, 9, 1), (2080, 5, 2)]:  # int8 per channel
         w, x = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.randn(M, K) * 3

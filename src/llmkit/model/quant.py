@@ -143,7 +143,36 @@ class FrozenQuantMatmul(torch.autograd.Function):
         return dy @ ctx.m.weight_float().to(dy.dtype), None
 
 
-class Int8Linear(nn.Module):
+class WeightOnlyLinear(nn.Module):
+    """The forward of Int8Linear and Int4Linear: llmkit's kernel bound to the buffers (`_kernel_weight`) on
+    CPU, else the kind's PyTorch path (`_pytorch_mm`); differentiable in x for adapters trained on top."""
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        if x.requires_grad and torch.is_grad_enabled():  # adapters train on top (QLoRA)
+            return FrozenQuantMatmul.apply(x, self)
+        buffers = self._buffers  # the decode hot path: no nn.Module.__getattr__, no reshapes
+        if buffers["input_scale"] is not None:
+            x = x / buffers["input_scale"]
+        mm = self._kernel_weight() if x.is_cpu else None
+        if mm is not None:  # llmkit's kernel (kernels.py)
+            y = mm(x)
+        else:
+            y = self._pytorch_mm(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        if buffers["bias"] is not None:
+            y = y + buffers["bias"]
+        return y if y.dtype is x.dtype else y.to(x.dtype)
+
+    def _kernel_weight(self) -> kernels.QuantMatmul | None:
+        raise NotImplementedError
+
+    def _pytorch_mm(self, x2: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict:  # copies and pickles: the kernel binding holds raw pointers, rebuilt on use
+        return {**super().__getstate__(), "_kernel_w": None, "_kernel_src": ()}
+
+
+class Int8Linear(WeightOnlyLinear):
     """y = x W^T + b with W int8 [out, in]: per-channel scales [out] or group-wise scales [out, G]."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 0,
@@ -173,21 +202,6 @@ class Int8Linear(nn.Module):
         m.input_scale = None if input_scale is None else input_scale.float().contiguous()
         return m
 
-    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
-        if x.requires_grad and torch.is_grad_enabled():  # adapters train on top (QLoRA)
-            return FrozenQuantMatmul.apply(x, self)
-        buffers = self._buffers  # the decode hot path: no nn.Module.__getattr__, no reshapes
-        if buffers["input_scale"] is not None:
-            x = x / buffers["input_scale"]
-        mm = self._kernel_weight() if x.is_cpu else None
-        if mm is not None:  # llmkit's kernel (kernels.py)
-            y = mm(x)
-        else:
-            y = self._pytorch_mm(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        if buffers["bias"] is not None:
-            y = y + buffers["bias"]
-        return y if y.dtype is x.dtype else y.to(x.dtype)
-
     def _pytorch_mm(self, x2: Tensor) -> Tensor:  # [M, in] -> [M, out] fp32, without llmkit's kernels
         if self.Kp > self.in_features:
             x2 = F.pad(x2, (0, self.Kp - self.in_features))
@@ -202,10 +216,7 @@ class Int8Linear(nn.Module):
         already is), fp32 scales and group sums of the weights; made once and again when a buffer changes;
         None when that kernel is unavailable or groups are not a multiple of 32."""
         w, s = self._buffers["qweight"], self._buffers["scales"]
-        try:
-            key = (w._version, w.data_ptr(), s._version, s.data_ptr())
-        except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
-            key = (w.data_ptr(), s.data_ptr())
+        key = (_tensor_key(w), _tensor_key(s))
         if self._kernel_w is None or self._kernel_src != key:
             lib = kernels._lib()
             ok = lib is not None and w.device.type == "cpu" and self.group_size % kernels.ALIGN == 0
@@ -217,9 +228,6 @@ class Int8Linear(nn.Module):
                                                   self.in_features) if ok else False
         return self._kernel_w if self._kernel_w is not False else None
 
-    def __getstate__(self) -> dict:  # copies and pickles: the kernel binding holds raw pointers, rebuilt on use
-        return {**super().__getstate__(), "_kernel_w": None, "_kernel_src": ()}
-
     def weight_float(self) -> Tensor:
         """The dequantized weight [out, in] (what the kernel multiplies by)."""
         w = dequantize(self.qweight, self.scales, torch.zeros_like(self.scales))[:, : self.in_features]
@@ -229,7 +237,7 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size or 'channel'}"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(WeightOnlyLinear):
     """y = x W^T + b with W int4 (asymmetric, per-group scale and zero point): w = (q - zero) * scale.
 
     Buffers (= the state dict): `qweight` [out, Kp/2] uint8 (two codes per byte, low nibble first; K
@@ -293,38 +301,20 @@ class Int4Linear(nn.Module):
             self._pt = (src, packed, sz)
         return self._pt[1], self._pt[2]
 
-    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
-        if x.requires_grad and torch.is_grad_enabled():  # adapters train on top (QLoRA)
-            return FrozenQuantMatmul.apply(x, self)
-        buffers = self._buffers  # the decode hot path: no nn.Module.__getattr__, no reshapes
-        if buffers["input_scale"] is not None:
-            x = x / buffers["input_scale"]
-        mm = self._kernel_weight() if x.is_cpu else None
-        if mm is not None:  # llmkit's kernel (kernels.py)
-            y = mm(x)
-        else:
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            if self.Kp > self.in_features:
-                x2 = F.pad(x2, (0, self.Kp - self.in_features))
-            packed, sz = self._packed()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
-            y = y[:, : self.out_features].float().view(*x.shape[:-1], self.out_features)
-        if buffers["bias"] is not None:
-            y = y + buffers["bias"]
-        return y if y.dtype is x.dtype else y.to(x.dtype)
-
-    def __getstate__(self) -> dict:  # copies and pickles: the kernel binding holds raw pointers, rebuilt on use
-        return {**super().__getstate__(), "_kernel_w": None, "_kernel_src": ()}
+    def _pytorch_mm(self, x2: Tensor) -> Tensor:  # [M, in] -> [M, out] fp32, without llmkit's kernels
+        x2 = x2.to(torch.bfloat16)
+        if self.Kp > self.in_features:
+            x2 = F.pad(x2, (0, self.Kp - self.in_features))
+        packed, sz = self._packed()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
+        return y[:, : self.out_features].float()
 
     def _kernel_weight(self) -> kernels.QuantMatmul | None:
         """llmkit's kernel bound to this layer's buffers as they are, made once and again when one changes (or
         is replaced); None when the kernel is unavailable (LLMKIT_NO_KERNELS is read here)."""
         b = self._buffers
         w, s, z = b["qweight"], b["scales"], b["zeros"]
-        try:
-            key = (w._version, w.data_ptr(), s._version, s.data_ptr(), z._version, z.data_ptr())
-        except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
-            key = (w.data_ptr(), s.data_ptr(), z.data_ptr())
+        key = (_tensor_key(w), _tensor_key(s), _tensor_key(z))
         if self._kernel_w is None or self._kernel_src != key:
             lib = kernels._lib()
             self._kernel_src = key
