@@ -32,13 +32,7 @@ def call(m: nn.Module, *args: Any) -> Any:
     """`m(*args)`, calling `m.forward` directly when `nn.Module.__call__` would do nothing else: no hook on
     `m` or global, not compiled (`m.compile()`), not tracing. A decode step makes ~75 module calls, and
     `__call__`'s two Python frames cost ~0.9 us each (a few % of a small model's step)."""
-    d = m.__dict__  # (plain_call's test, inlined: this runs ~75 times per decode step)
-    if (d["_forward_pre_hooks"] or d["_forward_hooks"] or d["_backward_pre_hooks"] or d["_backward_hooks"]
-            or d.get("_compiled_call_impl") is not None or type(m).__call__ is not _MODULE_CALL
-            or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3]
-            or torch._C._get_tracing_state()):
-        return m(*args)
-    return m.forward(*args)
+    return m.forward(*args) if plain_call(m) else m(*args)
 
 
 def plain_call(m: nn.Module) -> bool:
