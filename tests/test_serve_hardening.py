@@ -367,11 +367,19 @@ def test_shutdown_past_grace_answers_with_errors(tiny_dir):
             srv.url + "/v1/completions", json={"model": MODEL, "prompt": "y", "max_tokens": 50}, timeout=60
         )
 
+    step = engine._step
+
+    def slow_step(scheduled):  # >= 2 s for the stream's 200 tokens: it is still running when the engine stalls
+        time.sleep(0.01)  # (a fast step could finish it before this thread gets the CPU back)
+        return step(scheduled)
+
+    engine._step = slow_step
     t1 = threading.Thread(target=stream)
     t1.start()
     assert first.wait(30)
     engine._model_lock.acquire()  # the engine stalls: nothing finishes within the grace period
     try:
+        assert engine.stats()["running"] == 1, "the stream finished before the engine stalled"
         t2 = threading.Thread(target=plain)
         t2.start()
         t0 = time.monotonic()
